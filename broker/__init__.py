@@ -1,0 +1,1 @@
+"""Canvas Token Broker: short-lived, endpoint-scoped, audited proxy credentials for Canvas."""

@@ -1,0 +1,125 @@
+"""Service settings, read from ``BROKER_*`` environment variables (SPEC §9).
+
+Every setting has a default that works for the embedded single-process setup (SQLite file and a
+key file in the working directory). ``Settings.validated()`` refuses unusable values with the
+name of the offending setting, so a misconfigured service never starts half-working.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from functools import cached_property
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from broker.errors import ConfigurationError
+
+DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///broker.sqlite3"
+MIB = 1024 * 1024
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def normalise_database_url(url: str) -> str:
+    """Map plain ``postgresql://`` and ``sqlite://`` URLs to the async drivers the broker uses."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise ConfigurationError("BROKER_DATABASE_URL", "must be a URL such as sqlite:///broker.db")
+    drivers = {
+        "postgres": "postgresql+asyncpg",
+        "postgresql": "postgresql+asyncpg",
+        "postgresql+asyncpg": "postgresql+asyncpg",
+        "sqlite": "sqlite+aiosqlite",
+        "sqlite+aiosqlite": "sqlite+aiosqlite",
+    }
+    if scheme not in drivers:
+        raise ConfigurationError(
+            "BROKER_DATABASE_URL", f"unsupported database {scheme!r}; use sqlite or postgresql"
+        )
+    return f"{drivers[scheme]}://{rest}"
+
+
+class Settings(BaseSettings):
+    """Configuration of one broker process."""
+
+    model_config = SettingsConfigDict(env_prefix="BROKER_", extra="ignore")
+
+    database_url: str = Field(
+        default=DEFAULT_DATABASE_URL, description="SQLAlchemy URL; sqlite or postgresql"
+    )
+    keys: str | None = Field(
+        default=None,
+        description="Keyring as 'id:base64key,...' (first is primary); overrides key_file",
+        repr=False,
+    )
+    key_file: Path = Field(default=Path("broker.key"), description="JSON keyring file (0600)")
+    public_url: str | None = Field(
+        default=None,
+        description="Public base URL of the broker, used in rewritten Link/Location headers",
+    )
+    trusted_proxies: str = Field(
+        default="", description="Comma-separated CIDRs whose X-Forwarded-For is believed"
+    )
+    max_body_bytes: int = Field(default=10 * MIB, description="Largest proxied request body")
+    upstream_timeout: float = Field(default=60.0, description="Upstream read timeout, seconds")
+    upstream_connect_timeout: float = Field(default=5.0, description="Upstream connect timeout")
+    upstream_pool_size: int = Field(default=100, description="Upstream keep-alive connections")
+    max_token_ttl: int = Field(default=12 * 3600, description="Ceiling for any proxy token TTL")
+    host: str = Field(default="127.0.0.1", description="Address `broker serve` binds")
+    port: int = Field(default=8000, description="Port `broker serve` binds")
+
+    def validated(self) -> Settings:
+        """Return self after checking every value, or raise naming the bad setting."""
+        normalise_database_url(self.database_url)
+        if self.public_url is not None:
+            parts = urlsplit(self.public_url)
+            if parts.scheme not in {"http", "https"} or not parts.netloc:
+                raise ConfigurationError(
+                    "BROKER_PUBLIC_URL", "must be an absolute http(s) URL"
+                )
+            if parts.path not in {"", "/"} or parts.query or parts.fragment:
+                raise ConfigurationError(
+                    "BROKER_PUBLIC_URL", "must not have a path, query or fragment"
+                )
+        _ = self.trusted_networks
+        checks = {
+            "BROKER_MAX_BODY_BYTES": self.max_body_bytes > 0,
+            "BROKER_UPSTREAM_TIMEOUT": self.upstream_timeout > 0,
+            "BROKER_UPSTREAM_CONNECT_TIMEOUT": self.upstream_connect_timeout > 0,
+            "BROKER_UPSTREAM_POOL_SIZE": self.upstream_pool_size > 0,
+            "BROKER_MAX_TOKEN_TTL": 0 < self.max_token_ttl <= 12 * 3600,
+            "BROKER_PORT": 0 <= self.port < 65536,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ConfigurationError(name, "is out of range")
+        return self
+
+    @property
+    def async_database_url(self) -> str:
+        """The database URL with the async driver the broker uses."""
+        return normalise_database_url(self.database_url)
+
+    @cached_property
+    def trusted_networks(self) -> tuple[IPNetwork, ...]:
+        """Parsed ``BROKER_TRUSTED_PROXIES``."""
+        networks: list[IPNetwork] = []
+        for item in self.trusted_proxies.split(","):
+            text = item.strip()
+            if not text:
+                continue
+            try:
+                networks.append(ipaddress.ip_network(text, strict=False))
+            except ValueError as exc:
+                raise ConfigurationError(
+                    "BROKER_TRUSTED_PROXIES", f"{text!r} is not an IP address or CIDR"
+                ) from exc
+        return tuple(networks)
+
+    @property
+    def public_base(self) -> str | None:
+        """``public_url`` without a trailing slash."""
+        return self.public_url.rstrip("/") if self.public_url else None

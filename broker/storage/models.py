@@ -1,0 +1,195 @@
+"""SQLAlchemy 2.0 models. Alembic migrations in ``migrations/`` must match these exactly."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite drops the offset)."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        """Store naive UTC."""
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        """Return aware UTC."""
+        return None if value is None else value.replace(tzinfo=UTC)
+
+
+def utcnow() -> datetime:
+    """The current time, aware UTC."""
+    return datetime.now(UTC)
+
+
+# SQLite only auto-increments a column declared exactly INTEGER PRIMARY KEY.
+SeqType = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class Base(DeclarativeBase):
+    """Declarative base with a naming convention Alembic can reproduce."""
+
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map: dict[Any, Any] = {datetime: UTCDateTime()}  # noqa: RUF012
+
+
+class Upstream(Base):
+    """A Canvas instance the broker forwards to."""
+
+    __tablename__ = "upstreams"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    base_url: Mapped[str] = mapped_column(String(500))
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+
+class WorkerCredential(Base):
+    """A Canvas access token of a restricted worker user, encrypted at rest."""
+
+    __tablename__ = "credentials"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    upstream_id: Mapped[str] = mapped_column(ForeignKey("upstreams.id"), index=True)
+    token_ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
+    token_key_id: Mapped[str] = mapped_column(String(40))
+    token_last4: Mapped[str] = mapped_column(String(4))
+    canvas_user_id: Mapped[str | None] = mapped_column(String(100))
+    notes: Mapped[str | None] = mapped_column(Text)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    expires_at: Mapped[datetime | None]
+    created_at: Mapped[datetime]
+    rotated_at: Mapped[datetime | None]
+    updated_at: Mapped[datetime]
+
+
+class Client(Base):
+    """One automation job's identity and grant."""
+
+    __tablename__ = "clients"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    credential_id: Mapped[str] = mapped_column(ForeignKey("credentials.id"), index=True)
+    secret_hash: Mapped[str] = mapped_column(String(64))
+    scopes: Mapped[list[str]] = mapped_column(JSON)
+    constraints: Mapped[dict[str, list[str]]] = mapped_column(JSON)
+    token_ttl: Mapped[int] = mapped_column(Integer)
+    max_token_ttl: Mapped[int] = mapped_column(Integer)
+    allow_masquerade: Mapped[bool] = mapped_column(Boolean, default=False)
+    allowed_cidrs: Mapped[list[str]] = mapped_column(JSON)
+    description: Mapped[str | None] = mapped_column(Text)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    grant_version: Mapped[int] = mapped_column(Integer, default=1)
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+    secret_rotated_at: Mapped[datetime | None]
+
+
+class ProxyToken(Base):
+    """A short-lived bearer token minted for a client; only its keyed hash is stored."""
+
+    __tablename__ = "proxy_tokens"
+    __table_args__ = (Index("ix_proxy_tokens_client_live", "client_id", "expires_at"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    client_id: Mapped[str] = mapped_column(ForeignKey("clients.id"))
+    scopes: Mapped[list[str]] = mapped_column(JSON)
+    created_at: Mapped[datetime]
+    expires_at: Mapped[datetime]
+    revoked_at: Mapped[datetime | None]
+    revoked_by: Mapped[str | None] = mapped_column(String(100))
+    source_ip: Mapped[str | None] = mapped_column(String(64))
+
+
+class AdminKey(Base):
+    """A management API key with role ``admin`` or ``auditor``."""
+
+    __tablename__ = "admin_keys"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100))
+    role: Mapped[str] = mapped_column(String(20))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime]
+    revoked_at: Mapped[datetime | None]
+    created_by: Mapped[str | None] = mapped_column(String(40))
+
+
+class AuditEvent(Base):
+    """One record per proxied call, refusal, token event or admin action (SPEC §6).
+
+    A forwarded call is written ``pending`` and committed before it is sent upstream, then
+    completed with its outcome; a pending event left behind marks a call whose outcome was
+    never recorded (for example a crash), never a silent gap.
+    """
+
+    __tablename__ = "audit_events"
+    __table_args__ = (
+        Index("ix_audit_events_time", "time"),
+        Index("ix_audit_events_client_seq", "client_id", "seq"),
+    )
+
+    seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
+    time: Mapped[datetime]
+    request_id: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(16))
+    action: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16))
+    decision: Mapped[str] = mapped_column(String(8))
+    reason: Mapped[str | None] = mapped_column(String(64))
+    client_id: Mapped[str | None] = mapped_column(String(40))
+    token_id: Mapped[str | None] = mapped_column(String(40))
+    credential_id: Mapped[str | None] = mapped_column(String(40))
+    upstream: Mapped[str | None] = mapped_column(String(100))
+    actor_key_id: Mapped[str | None] = mapped_column(String(40))
+    source_ip: Mapped[str | None] = mapped_column(String(64))
+    user_agent: Mapped[str | None] = mapped_column(String(500))
+    method: Mapped[str | None] = mapped_column(String(16))
+    path: Mapped[str | None] = mapped_column(Text)
+    query: Mapped[str | None] = mapped_column(Text)
+    scope: Mapped[str | None] = mapped_column(Text)
+    status: Mapped[int | None] = mapped_column(Integer)
+    upstream_status: Mapped[int | None] = mapped_column(Integer)
+    response_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    duration_ms: Mapped[float | None]
+    canvas_context_id: Mapped[str | None] = mapped_column(String(100))
+    details: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    completed_at: Mapped[datetime | None]
