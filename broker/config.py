@@ -77,9 +77,7 @@ class Settings(BaseSettings):
         if self.public_url is not None:
             parts = urlsplit(self.public_url)
             if parts.scheme not in {"http", "https"} or not parts.netloc:
-                raise ConfigurationError(
-                    "BROKER_PUBLIC_URL", "must be an absolute http(s) URL"
-                )
+                raise ConfigurationError("BROKER_PUBLIC_URL", "must be an absolute http(s) URL")
             if parts.path not in {"", "/"} or parts.query or parts.fragment:
                 raise ConfigurationError(
                     "BROKER_PUBLIC_URL", "must not have a path, query or fragment"

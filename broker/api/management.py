@@ -1,0 +1,341 @@
+"""Management API routers (SPEC §3.3): thin — parse, call a service, shape the response."""
+
+from __future__ import annotations
+
+from datetime import datetime  # noqa: TC003 - FastAPI reads annotations at runtime
+from typing import Annotated
+
+from fastapi import APIRouter, Query, status
+
+from broker.api.deps import Admin, Reader, ServicesDep
+from broker.api.schemas import (
+    AdminKeyCreate,
+    AdminKeyCreated,
+    AdminKeyOut,
+    AuditEventOut,
+    AuditPage,
+    ClientCreate,
+    ClientOut,
+    ClientUpdate,
+    ClientWithSecret,
+    CredentialCreate,
+    CredentialOut,
+    CredentialRotate,
+    CredentialUpdate,
+    ErrorOut,
+    PolicyCheck,
+    PolicyDecision,
+    RevokedCount,
+    SecretRotate,
+    TokenOut,
+    UpstreamCreate,
+    UpstreamOut,
+    UpstreamUpdate,
+)
+from broker.storage.models import Client, WorkerCredential
+from broker.storage.queries import AuditFilter
+
+ERRORS: dict[int | str, dict[str, object]] = {
+    code: {"model": ErrorOut} for code in (400, 401, 403, 404, 409, 422)
+}
+router = APIRouter(prefix="/broker/v1", responses=ERRORS)
+
+
+def _client_out(client: Client) -> ClientOut:
+    return ClientOut.model_validate({**_columns(client), "client_id": client.id})
+
+
+def _credential_out(credential: WorkerCredential, upstreams: dict[str, str]) -> CredentialOut:
+    return CredentialOut.model_validate(
+        {**_columns(credential), "upstream": upstreams.get(credential.upstream_id)}
+    )
+
+
+def _columns(row: Client | WorkerCredential) -> dict[str, object]:
+    return {column.key: getattr(row, column.key) for column in row.__table__.columns}
+
+
+# Upstreams ----------------------------------------------------------------------------------
+
+
+@router.post("/upstreams", status_code=status.HTTP_201_CREATED, tags=["upstreams"])
+async def create_upstream(body: UpstreamCreate, actor: Admin, services: ServicesDep) -> UpstreamOut:
+    """Register a Canvas instance."""
+    upstream = await services.management.create_upstream(
+        actor, name=body.name, base_url=body.base_url
+    )
+    return UpstreamOut.model_validate(upstream)
+
+
+@router.get("/upstreams", tags=["upstreams"])
+async def list_upstreams(_: Reader, services: ServicesDep) -> list[UpstreamOut]:
+    """All upstreams."""
+    return [UpstreamOut.model_validate(u) for u in await services.management.list_upstreams()]
+
+
+@router.get("/upstreams/{ref}", tags=["upstreams"])
+async def get_upstream(ref: str, _: Reader, services: ServicesDep) -> UpstreamOut:
+    """One upstream by id or name."""
+    return UpstreamOut.model_validate(await services.management.get_upstream(ref))
+
+
+@router.patch("/upstreams/{ref}", tags=["upstreams"])
+async def update_upstream(
+    ref: str, body: UpstreamUpdate, actor: Admin, services: ServicesDep
+) -> UpstreamOut:
+    """Change an upstream."""
+    upstream = await services.management.update_upstream(
+        actor, ref, name=body.name, base_url=body.base_url, enabled=body.enabled
+    )
+    return UpstreamOut.model_validate(upstream)
+
+
+@router.post("/upstreams/{ref}/disable", tags=["upstreams"])
+async def disable_upstream(ref: str, actor: Admin, services: ServicesDep) -> UpstreamOut:
+    """Disable an upstream: every token bound to it stops working at once."""
+    upstream = await services.management.update_upstream(actor, ref, enabled=False)
+    return UpstreamOut.model_validate(upstream)
+
+
+@router.post("/upstreams/{ref}/enable", tags=["upstreams"])
+async def enable_upstream(ref: str, actor: Admin, services: ServicesDep) -> UpstreamOut:
+    """Re-enable an upstream."""
+    upstream = await services.management.update_upstream(actor, ref, enabled=True)
+    return UpstreamOut.model_validate(upstream)
+
+
+# Worker credentials -------------------------------------------------------------------------
+
+
+@router.post("/credentials", status_code=status.HTTP_201_CREATED, tags=["credentials"])
+async def create_credential(
+    body: CredentialCreate, actor: Admin, services: ServicesDep
+) -> CredentialOut:
+    """Store a worker user's Canvas token, encrypted. It is never returned."""
+    credential = await services.management.create_credential(
+        actor,
+        upstream=body.upstream,
+        name=body.name,
+        token=body.token.get_secret_value(),
+        canvas_user_id=body.canvas_user_id,
+        expires_at=body.expires_at,
+        notes=body.notes,
+    )
+    return _credential_out(credential, await services.management.upstream_names())
+
+
+@router.get("/credentials", tags=["credentials"])
+async def list_credentials(_: Reader, services: ServicesDep) -> list[CredentialOut]:
+    """All worker credentials (metadata only)."""
+    names = await services.management.upstream_names()
+    return [_credential_out(c, names) for c in await services.management.list_credentials()]
+
+
+@router.get("/credentials/{ref}", tags=["credentials"])
+async def get_credential(ref: str, _: Reader, services: ServicesDep) -> CredentialOut:
+    """One credential's metadata by id or name."""
+    credential = await services.management.get_credential(ref)
+    return _credential_out(credential, await services.management.upstream_names())
+
+
+@router.patch("/credentials/{ref}", tags=["credentials"])
+async def update_credential(
+    ref: str, body: CredentialUpdate, actor: Admin, services: ServicesDep
+) -> CredentialOut:
+    """Change a credential's metadata (fields left out are unchanged)."""
+    credential = await services.management.update_credential(
+        actor, ref, **body.model_dump(exclude_unset=True)
+    )
+    return _credential_out(credential, await services.management.upstream_names())
+
+
+@router.post("/credentials/{ref}/rotate", tags=["credentials"])
+async def rotate_credential(
+    ref: str, body: CredentialRotate, actor: Admin, services: ServicesDep
+) -> CredentialOut:
+    """Replace the stored Canvas token."""
+    credential = await services.management.rotate_credential(
+        actor, ref, token=body.token.get_secret_value()
+    )
+    return _credential_out(credential, await services.management.upstream_names())
+
+
+@router.post("/credentials/{ref}/disable", tags=["credentials"])
+async def disable_credential(ref: str, actor: Admin, services: ServicesDep) -> CredentialOut:
+    """Disable a credential: every proxy token minted through it fails at once."""
+    credential = await services.management.update_credential(actor, ref, enabled=False)
+    return _credential_out(credential, await services.management.upstream_names())
+
+
+@router.post("/credentials/{ref}/enable", tags=["credentials"])
+async def enable_credential(ref: str, actor: Admin, services: ServicesDep) -> CredentialOut:
+    """Re-enable a credential."""
+    credential = await services.management.update_credential(actor, ref, enabled=True)
+    return _credential_out(credential, await services.management.upstream_names())
+
+
+# Clients ------------------------------------------------------------------------------------
+
+
+@router.post("/clients", status_code=status.HTTP_201_CREATED, tags=["clients"])
+async def create_client(
+    body: ClientCreate, actor: Admin, services: ServicesDep
+) -> ClientWithSecret:
+    """Create a client. The response carries ``client_secret``, shown this once."""
+    client, secret = await services.management.create_client(actor, **body.model_dump())
+    return ClientWithSecret(**_client_out(client).model_dump(), client_secret=secret)
+
+
+@router.get("/clients", tags=["clients"])
+async def list_clients(_: Reader, services: ServicesDep) -> list[ClientOut]:
+    """All clients."""
+    return [_client_out(c) for c in await services.management.list_clients()]
+
+
+@router.get("/clients/{ref}", tags=["clients"])
+async def get_client(ref: str, _: Reader, services: ServicesDep) -> ClientOut:
+    """One client by id or name."""
+    return _client_out(await services.management.get_client(ref))
+
+
+@router.patch("/clients/{ref}", tags=["clients"])
+async def update_client(
+    ref: str, body: ClientUpdate, actor: Admin, services: ServicesDep
+) -> ClientOut:
+    """Change a client's grant or settings; live tokens follow the new grant at once."""
+    client = await services.management.update_client(
+        actor, ref, **body.model_dump(exclude_unset=True)
+    )
+    return _client_out(client)
+
+
+@router.post("/clients/{ref}/rotate-secret", tags=["clients"])
+async def rotate_client_secret(
+    ref: str, body: SecretRotate, actor: Admin, services: ServicesDep
+) -> ClientWithSecret:
+    """Issue a new client secret (shown once), optionally revoking every live token."""
+    client, secret = await services.management.rotate_client_secret(
+        actor, ref, revoke_tokens=body.revoke_tokens
+    )
+    return ClientWithSecret(**_client_out(client).model_dump(), client_secret=secret)
+
+
+@router.post("/clients/{ref}/disable", tags=["clients"])
+async def disable_client(ref: str, actor: Admin, services: ServicesDep) -> ClientOut:
+    """Disable a client: its tokens fail at once and it cannot mint new ones."""
+    return _client_out(await services.management.update_client(actor, ref, enabled=False))
+
+
+@router.post("/clients/{ref}/enable", tags=["clients"])
+async def enable_client(ref: str, actor: Admin, services: ServicesDep) -> ClientOut:
+    """Re-enable a client."""
+    return _client_out(await services.management.update_client(actor, ref, enabled=True))
+
+
+@router.post("/clients/{ref}/revoke-tokens", tags=["clients", "tokens"])
+async def revoke_client_tokens(ref: str, actor: Admin, services: ServicesDep) -> RevokedCount:
+    """Revoke every live token of a client."""
+    return RevokedCount(revoked=await services.management.revoke_client_tokens(actor, ref))
+
+
+@router.post("/clients/{ref}/check", tags=["clients"])
+async def check_policy(
+    ref: str, body: PolicyCheck, _: Reader, services: ServicesDep
+) -> PolicyDecision:
+    """Would this call be allowed? Test a vendor's endpoint list before go-live."""
+    _client, decision = await services.management.check_policy(ref, body.method, body.path)
+    return PolicyDecision(
+        allowed=decision.allowed,
+        rule=decision.scope if decision.allowed else (decision.reason or "scope_not_granted"),
+        scope=decision.scope,
+        reason=decision.reason,
+        detail=decision.detail,
+    )
+
+
+# Tokens -------------------------------------------------------------------------------------
+
+
+@router.get("/tokens", tags=["tokens"])
+async def list_tokens(
+    _: Reader,
+    services: ServicesDep,
+    client: Annotated[str | None, Query(description="client id or name")] = None,
+    include_inactive: bool = False,
+) -> list[TokenOut]:
+    """Live proxy tokens (ids and metadata, never values)."""
+    tokens = await services.management.list_tokens(client=client, include_inactive=include_inactive)
+    return [TokenOut.model_validate(t) for t in tokens]
+
+
+@router.post("/tokens/{token_id}/revoke", tags=["tokens"])
+async def revoke_token(token_id: str, actor: Admin, services: ServicesDep) -> TokenOut:
+    """Revoke one proxy token; it fails on its very next use."""
+    return TokenOut.model_validate(await services.management.revoke_token(actor, token_id))
+
+
+# Admin keys ---------------------------------------------------------------------------------
+
+
+@router.post("/admin-keys", status_code=status.HTTP_201_CREATED, tags=["admin-keys"])
+async def create_admin_key(
+    body: AdminKeyCreate, actor: Admin, services: ServicesDep
+) -> AdminKeyCreated:
+    """Create a management key; ``key`` is shown this once."""
+    key, value = await services.management.create_admin_key(actor, name=body.name, role=body.role)
+    return AdminKeyCreated(**AdminKeyOut.model_validate(key).model_dump(), key=value)
+
+
+@router.get("/admin-keys", tags=["admin-keys"])
+async def list_admin_keys(_: Reader, services: ServicesDep) -> list[AdminKeyOut]:
+    """All management keys (never their values)."""
+    return [AdminKeyOut.model_validate(k) for k in await services.management.list_admin_keys()]
+
+
+@router.post("/admin-keys/{key_id}/revoke", tags=["admin-keys"])
+async def revoke_admin_key(key_id: str, actor: Admin, services: ServicesDep) -> AdminKeyOut:
+    """Revoke a management key."""
+    return AdminKeyOut.model_validate(await services.management.revoke_admin_key(actor, key_id))
+
+
+# Audit --------------------------------------------------------------------------------------
+
+
+@router.get("/audit", tags=["audit"])
+async def query_audit(  # noqa: PLR0913 - one parameter per documented filter
+    _: Reader,
+    services: ServicesDep,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    client: str | None = None,
+    token: Annotated[str | None, Query(description="token id")] = None,
+    credential: str | None = None,
+    upstream: str | None = None,
+    kind: str | None = None,
+    decision: str | None = None,
+    status_code: Annotated[int | None, Query(alias="status")] = None,
+    method: str | None = None,
+    path_prefix: str | None = None,
+    state: str | None = None,
+    cursor: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> AuditPage:
+    """Audit events, newest first, filtered and cursor-paginated."""
+    selection = AuditFilter(
+        since=since,
+        until=until,
+        client_id=client,
+        token_id=token,
+        credential_id=credential,
+        upstream=upstream,
+        kind=kind,
+        decision=decision,
+        status=status_code,
+        method=method,
+        path_prefix=path_prefix,
+        state=state,
+    )
+    events, next_cursor = await services.audit.query(selection, cursor=cursor, limit=limit)
+    return AuditPage(
+        events=[AuditEventOut.model_validate(e) for e in events], next_cursor=next_cursor
+    )

@@ -1,0 +1,146 @@
+"""OAuth 2.0 endpoints for scripts: client credentials (RFC 6749 §4.4), revocation (RFC 7009)
+and introspection (RFC 7662, for admin keys)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote_plus
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from broker.api.deps import Reader, ServicesDep
+from broker.core.net import client_address
+from broker.errors import OAuthError
+from broker.requestid import current_request_id
+
+if TYPE_CHECKING:
+    from starlette.datastructures import FormData
+
+    from broker.storage.models import Client
+
+router = APIRouter(prefix="/broker/v1/oauth", tags=["oauth"])
+NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+FORM = "application/x-www-form-urlencoded"
+
+
+def audit_base(request: Request) -> dict[str, Any]:
+    """Request facts every token event records."""
+    settings = request.app.state.context.settings
+    peer = request.client.host if request.client else None
+    return {
+        "request_id": current_request_id(),
+        "method": request.method,
+        "path": request.url.path,
+        "source_ip": client_address(
+            peer, request.headers.getlist("x-forwarded-for"), settings.trusted_networks
+        ),
+        "user_agent": (request.headers.get("user-agent") or "")[:500] or None,
+    }
+
+
+async def _form(request: Request) -> FormData:
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != FORM:
+        raise OAuthError("invalid_request", f"send the parameters as {FORM}")
+    form = await request.form()
+    for name, _value in form.multi_items():
+        if len(form.getlist(name)) > 1:
+            raise OAuthError("invalid_request", f"parameter {name!r} is repeated")
+    return form
+
+
+def _field(form: FormData, name: str) -> str | None:
+    value = form.get(name)
+    return value if isinstance(value, str) else None
+
+
+def _client_credentials(request: Request, form: FormData) -> tuple[str, str]:
+    """``client_secret_basic`` or ``client_secret_post``, never both (RFC 6749 §2.3)."""
+    header = request.headers.get("authorization")
+    posted_id, posted_secret = _field(form, "client_id"), _field(form, "client_secret")
+    if header is not None:
+        if posted_secret is not None:
+            raise OAuthError("invalid_request", "use one client authentication method, not two")
+        scheme, _, encoded = header.partition(" ")
+        if scheme.lower() != "basic":
+            raise OAuthError("invalid_client", "use HTTP Basic client authentication", status=401)
+        try:
+            decoded = base64.b64decode(encoded.strip(), validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError) as exc:
+            raise OAuthError("invalid_client", "malformed Basic credentials", status=401) from exc
+        client_id, sep, secret = decoded.partition(":")
+        if not sep:
+            raise OAuthError("invalid_client", "malformed Basic credentials", status=401)
+        return unquote_plus(client_id), unquote_plus(secret)
+    if posted_id is None or posted_secret is None:
+        raise OAuthError("invalid_client", "client authentication required", status=401)
+    return posted_id, posted_secret
+
+
+async def _authenticated_client(request: Request, services: ServicesDep, form: FormData) -> Client:
+    audit = audit_base(request)
+    try:
+        client_id, secret = _client_credentials(request, form)
+    except OAuthError as exc:
+        await services.audit.record(
+            **audit,
+            kind="token",
+            action="token.mint",
+            decision="deny",
+            reason=exc.error,
+            status=exc.status,
+        )
+        raise
+    return await services.tokens.authenticate_client(client_id, secret, audit=audit)
+
+
+@router.post("/token")
+async def token(request: Request, services: ServicesDep) -> JSONResponse:
+    """Exchange client credentials for a short-lived proxy token."""
+    form = await _form(request)
+    grant_type = _field(form, "grant_type")
+    client = await _authenticated_client(request, services, form)
+    if grant_type is None:
+        raise OAuthError("invalid_request", "grant_type is required")
+    if grant_type != "client_credentials":
+        raise OAuthError("unsupported_grant_type", "only client_credentials is supported")
+    minted = await services.tokens.mint(
+        client,
+        scope=_field(form, "scope"),
+        expires_in=_field(form, "expires_in"),
+        audit=audit_base(request),
+    )
+    return JSONResponse(
+        {
+            "access_token": minted.access_token,
+            "token_type": "Bearer",
+            "expires_in": minted.expires_in,
+            "scope": minted.scope,
+        },
+        headers=NO_STORE,
+    )
+
+
+@router.post("/revoke")
+async def revoke(request: Request, services: ServicesDep) -> JSONResponse:
+    """RFC 7009: a client revokes one of its own tokens. Always 200 for a known client."""
+    form = await _form(request)
+    client = await _authenticated_client(request, services, form)
+    value = _field(form, "token")
+    if not value:
+        raise OAuthError("invalid_request", "token is required")
+    await services.tokens.revoke_own(client, value, audit=audit_base(request))
+    return JSONResponse({}, headers=NO_STORE)
+
+
+@router.post("/introspect")
+async def introspect(request: Request, _: Reader, services: ServicesDep) -> JSONResponse:
+    """RFC 7662 introspection, for admin and auditor keys."""
+    form = await _form(request)
+    value = _field(form, "token")
+    if not value:
+        raise OAuthError("invalid_request", "token is required")
+    return JSONResponse(await services.tokens.introspect(value), headers=NO_STORE)

@@ -1,0 +1,346 @@
+"""The proxy: a raw ASGI app serving Canvas paths at the root (SPEC §3.2 and §5).
+
+It is deliberately not a FastAPI route: the hot path avoids routing and request-object
+overhead. Order of checks, each refused before anything is sent upstream and each audited:
+canonical path (400) → bearer token (401) → headers and query (403) → grant (403) → body
+(413/415/400/403) → pending audit event committed (503 if not) → forward.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from broker.core import rules
+from broker.core.net import client_address
+from broker.core.rewrite import Rewriter
+from broker.errors import AuditUnavailableError
+from broker.requestid import new_request_id
+from broker.services.tokens import Authorized, TokenRejectedError
+from broker.upstream import UpstreamError
+
+if TYPE_CHECKING:
+    from starlette.types import Message, Receive, Scope, Send
+
+    from broker.context import ProcessContext
+    from broker.services.audit import AuditService
+    from broker.services.tokens import TokenService
+
+logger = logging.getLogger(__name__)
+
+PROXIED_PREFIXES = ("/api/v1/", "/api/quiz/v1/")
+REALM = 'Bearer realm="canvas-token-broker", error="invalid_token"'
+_MAX_AUDIT_PATH = 2048
+_REWRITE_LIMIT = 8 * 1024 * 1024
+
+
+class Refusal(Exception):  # noqa: N818 - a refusal is an outcome, not an error of the broker
+    """A request the proxy will not forward."""
+
+    def __init__(self, status: int, error: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error = error
+        self.message = message
+
+
+@dataclass
+class Call:
+    """What the proxy knows about one request as it goes through the checks."""
+
+    request_id: str
+    started: float
+    method: str
+    raw_path: bytes
+    query: bytes
+    headers: list[tuple[bytes, bytes]]
+    audit: dict[str, Any] = field(default_factory=dict)
+    authorized: Authorized | None = None
+
+    def header(self, name: bytes) -> bytes | None:
+        """First value of header ``name`` (lower case)."""
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+    def elapsed_ms(self) -> float:
+        """Milliseconds since the request arrived."""
+        return round((time.perf_counter() - self.started) * 1000, 3)
+
+
+class ProxyApp:
+    """ASGI app forwarding granted Canvas calls with the worker token."""
+
+    def __init__(self, context: ProcessContext, tokens: TokenService, audit: AuditService) -> None:
+        self._context = context
+        self._tokens = tokens
+        self._audit = audit
+        self._max_body = context.settings.max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Handle one HTTP request."""
+        call = Call(
+            request_id=new_request_id(),
+            started=time.perf_counter(),
+            method=scope["method"],
+            raw_path=scope.get("raw_path") or scope["path"].encode(),
+            query=scope.get("query_string", b""),
+            headers=list(scope["headers"]),
+        )
+        call.audit = self._audit_base(call, scope)
+        try:
+            body = await self._admit(call, receive)
+            seq = await self._audit.begin(**call.audit, decision="allow")
+        except Refusal as refusal:
+            await self._refuse(call, send, refusal)
+            return
+        except AuditUnavailableError as exc:
+            await _send_error(send, call, 503, exc.error, exc.message)
+            return
+        await self._forward(call, scope, body, seq, send)
+
+    def _audit_base(self, call: Call, scope: Scope) -> dict[str, Any]:
+        peer = scope.get("client")
+        forwarded = [v.decode("latin-1") for k, v in call.headers if k == b"x-forwarded-for"]
+        user_agent = call.header(b"user-agent")
+        return {
+            "request_id": call.request_id,
+            "kind": "proxy",
+            "action": "proxy",
+            "method": call.method[:16],
+            "path": call.raw_path.decode("latin-1")[:_MAX_AUDIT_PATH],
+            "query": rules.redact_query(call.query, self._context.keyring.audit_hmac) or None,
+            "source_ip": client_address(
+                peer[0] if peer else None, forwarded, self._context.settings.trusted_networks
+            ),
+            "user_agent": user_agent.decode("latin-1")[:500] if user_agent else None,
+        }
+
+    async def _admit(self, call: Call, receive: Receive) -> bytes:
+        """Run every check; return the request body to forward or raise ``Refusal``."""
+        try:
+            path = rules.check_path(call.raw_path)
+        except rules.RuleViolation as exc:
+            raise Refusal(exc.status, exc.error, exc.message) from exc
+        call.authorized = authorized = await self._authenticate(call)
+        call.audit.update(
+            client_id=authorized.client_id,
+            token_id=authorized.token_id,
+            credential_id=authorized.credential_id,
+            upstream=authorized.upstream_name,
+        )
+        try:
+            rules.check_headers(call.headers)
+            rules.check_query(call.query, allow_masquerade=authorized.allow_masquerade)
+        except rules.RuleViolation as exc:
+            raise Refusal(exc.status, exc.error, exc.message) from exc
+        decision = authorized.grant.check(call.method, path)
+        call.audit["scope"] = decision.scope
+        if not decision.allowed:
+            proxied = path.startswith(PROXIED_PREFIXES)
+            reason = decision.reason or "scope_not_granted"
+            if not proxied and reason == "scope_not_granted":
+                raise Refusal(403, "path_not_proxied", f"{call.method} {path} is not proxied")
+            raise Refusal(403, reason, decision.detail)
+        body = await self._read_body(call, receive)
+        content_type = call.header(b"content-type")
+        try:
+            rules.check_body(
+                content_type.decode("latin-1") if content_type else None,
+                body,
+                allow_masquerade=authorized.allow_masquerade,
+            )
+        except rules.RuleViolation as exc:
+            raise Refusal(exc.status, exc.error, exc.message) from exc
+        return body
+
+    async def _authenticate(self, call: Call) -> Authorized:
+        values = [v for k, v in call.headers if k == b"authorization"]
+        if not values:
+            raise Refusal(401, "missing_token", "send Authorization: Bearer <proxy token>")
+        scheme, _, token = values[0].decode("latin-1").strip().partition(" ")
+        if len(values) > 1 or scheme.lower() != "bearer" or not token.strip():
+            raise Refusal(401, "malformed_token", "send exactly one Authorization: Bearer header")
+        try:
+            return await self._tokens.resolve(token.strip())
+        except TokenRejectedError as exc:
+            if exc.record is not None:
+                call.audit.update(
+                    client_id=exc.record.client.id,
+                    token_id=exc.record.token.id,
+                    credential_id=exc.record.credential.id,
+                    upstream=exc.record.upstream.name,
+                )
+            raise Refusal(401, exc.reason, exc.message) from exc
+
+    async def _read_body(self, call: Call, receive: Receive) -> bytes:
+        declared = call.header(b"content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                raise Refusal(400, "malformed_request", "Content-Length is not a number")
+            if int(declared) > self._max_body:
+                raise Refusal(
+                    413, "body_too_large", f"bodies are limited to {self._max_body} bytes"
+                )
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise Refusal(400, "client_disconnected", "the client went away")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self._max_body:
+                raise Refusal(
+                    413, "body_too_large", f"bodies are limited to {self._max_body} bytes"
+                )
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def _refuse(self, call: Call, send: Send, refusal: Refusal) -> None:
+        try:
+            await self._audit.record(
+                **call.audit,
+                decision="deny",
+                reason=refusal.error,
+                status=refusal.status,
+                duration_ms=call.elapsed_ms(),
+            )
+        except AuditUnavailableError as exc:
+            await _send_error(send, call, 503, exc.error, exc.message)
+            return
+        await _send_error(send, call, refusal.status, refusal.error, refusal.message)
+
+    async def _forward(self, call: Call, scope: Scope, body: bytes, seq: int, send: Send) -> None:
+        authorized = call.authorized
+        if authorized is None:  # pragma: no cover - _admit always sets it
+            raise RuntimeError("forwarding an unauthenticated call")
+        target = authorized.upstream_url + call.raw_path.decode("ascii")
+        if call.query:
+            target += "?" + call.query.decode("latin-1")
+        headers = rules.forward_request_headers(call.headers)
+        headers.append((b"authorization", b"Bearer " + authorized.worker_token.encode()))
+        outcome: dict[str, Any] = {}
+        try:
+            response = await self._context.forwarder.send(call.method, target, headers, body)
+        except UpstreamError as exc:
+            status, error = (
+                (504, "upstream_timeout") if exc.timeout else (502, "upstream_unreachable")
+            )
+            await self._audit.complete(
+                seq, status=status, reason=error, duration_ms=call.elapsed_ms()
+            )
+            await _send_error(send, call, status, error, str(exc))
+            return
+        try:
+            outcome = await self._relay(call, scope, response, send)
+        finally:
+            response.release()
+            context_id = _find(response.headers, b"x-request-context-id")
+            await self._audit.complete(
+                seq,
+                status=outcome.get("status", 499),
+                upstream_status=response.status,
+                response_bytes=outcome.get("bytes"),
+                reason=outcome.get("reason"),
+                canvas_context_id=context_id.decode("latin-1")[:100] if context_id else None,
+                duration_ms=call.elapsed_ms(),
+            )
+
+    async def _relay(
+        self,
+        call: Call,
+        scope: Scope,
+        response: Any,
+        send: Send,  # noqa: ANN401
+    ) -> dict[str, Any]:
+        """Send the upstream response on, rewriting only URLs that point back at Canvas."""
+        rewriter = Rewriter(
+            upstream_origin=call.authorized.upstream_url if call.authorized else "",
+            public_base=self._public_base(scope, call),
+        )
+        headers: list[tuple[bytes, bytes]] = []
+        for name, value in rules.forward_response_headers(response.headers):
+            if name == b"link":
+                value = rewriter.link_header(value.decode("latin-1")).encode("latin-1")  # noqa: PLW2901
+            elif name == b"location":
+                value = rewriter.location(value.decode("latin-1")).encode("latin-1")  # noqa: PLW2901
+            headers.append((name, value))
+        headers.append((b"x-request-id", call.request_id.encode()))
+        sent = 0
+        if _rewritable_json(response.headers):
+            payload = await response.read()
+            rewritten = rewriter.json_body(payload) if b'"pagination"' in payload else None
+            if rewritten is not None:
+                payload = rewritten
+                headers = [(k, v) for k, v in headers if k != b"content-length"]
+                headers.append((b"content-length", str(len(payload)).encode()))
+            await send(
+                {"type": "http.response.start", "status": response.status, "headers": headers}
+            )
+            await send({"type": "http.response.body", "body": payload})
+            sent = len(payload)
+        else:
+            await send(
+                {"type": "http.response.start", "status": response.status, "headers": headers}
+            )
+            try:
+                async for chunk in response.body():
+                    sent += len(chunk)
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            except UpstreamError:
+                logger.warning("upstream failed mid-body for request %s", call.request_id)
+                return {"status": response.status, "bytes": sent, "reason": "upstream_body_failed"}
+            await send({"type": "http.response.body", "body": b""})
+        return {"status": response.status, "bytes": sent}
+
+    def _public_base(self, scope: Scope, call: Call) -> str:
+        configured = self._context.settings.public_base
+        if configured:
+            return configured
+        # Without BROKER_PUBLIC_URL, links point back at the address the client used; this
+        # only shapes the response to that same client.
+        host = call.header(b"host")
+        host_text = host.decode("latin-1") if host else ""
+        if not host_text or not all(c.isalnum() or c in ".-:[]" for c in host_text):
+            server = scope.get("server") or ("localhost", None)
+            host_text = f"{server[0]}:{server[1]}" if server[1] else str(server[0])
+        return f"{scope.get('scheme', 'http')}://{host_text}"
+
+
+def _find(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    for key, value in headers:
+        if key == name:
+            return value
+    return None
+
+
+def _rewritable_json(headers: list[tuple[bytes, bytes]]) -> bool:
+    content_type = _find(headers, b"content-type") or b""
+    if b"json" not in content_type.lower() or _find(headers, b"content-encoding"):
+        return False
+    length = _find(headers, b"content-length")
+    return length is not None and length.isdigit() and int(length) <= _REWRITE_LIMIT
+
+
+async def _send_error(send: Send, call: Call, status: int, error: str, message: str) -> None:
+    """A Canvas-shaped error so Canvas clients raise their usual exceptions."""
+    body = json.dumps(
+        {"errors": [{"message": message}], "error": error, "request_id": call.request_id}
+    ).encode()
+    headers = [
+        (b"content-type", b"application/json; charset=utf-8"),
+        (b"content-length", str(len(body)).encode()),
+        (b"x-request-id", call.request_id.encode()),
+        (b"cache-control", b"no-store"),
+    ]
+    if status == 401:  # noqa: PLR2004
+        headers.append((b"www-authenticate", REALM.encode()))
+    message_start: Message = {"type": "http.response.start", "status": status, "headers": headers}
+    await send(message_start)
+    await send({"type": "http.response.body", "body": body})

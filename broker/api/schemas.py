@@ -1,0 +1,257 @@
+"""Request and response bodies of the management API (the OpenAPI schema is built from these)."""
+
+from __future__ import annotations
+
+from datetime import datetime  # noqa: TC003 - pydantic needs it at runtime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+
+class Input(BaseModel):
+    """Request bodies reject unknown fields so typos are not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Output(BaseModel):
+    """Response bodies read attributes from ORM rows."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+
+class ErrorOut(BaseModel):
+    """Every error of the management API."""
+
+    error: str = Field(description="machine-readable code")
+    message: str
+    request_id: str | None = None
+
+
+class UpstreamCreate(Input):
+    """Register a Canvas instance."""
+
+    name: str = Field(examples=["production"])
+    base_url: str = Field(examples=["https://school.instructure.com"])
+
+
+class UpstreamUpdate(Input):
+    """Change an upstream."""
+
+    name: str | None = None
+    base_url: str | None = None
+    enabled: bool | None = None
+
+
+class UpstreamOut(Output):
+    """An upstream."""
+
+    id: str
+    name: str
+    base_url: str
+    enabled: bool
+    created_at: datetime
+    updated_at: datetime
+
+
+class CredentialCreate(Input):
+    """Store a worker user's Canvas token (write-only)."""
+
+    upstream: str = Field(description="upstream id or name")
+    name: str
+    token: SecretStr = Field(description="the worker user's Canvas access token; never returned")
+    canvas_user_id: str | None = None
+    expires_at: datetime | None = None
+    notes: str | None = Field(default=None, max_length=2000)
+
+
+class CredentialUpdate(Input):
+    """Change a credential's metadata."""
+
+    canvas_user_id: str | None = None
+    expires_at: datetime | None = None
+    notes: str | None = Field(default=None, max_length=2000)
+
+
+class CredentialRotate(Input):
+    """Replace the stored Canvas token."""
+
+    token: SecretStr
+
+
+class CredentialOut(Output):
+    """A credential's metadata; the token itself is never returned."""
+
+    id: str
+    name: str
+    upstream_id: str
+    upstream: str | None = None
+    token_last4: str
+    canvas_user_id: str | None
+    notes: str | None
+    enabled: bool
+    expires_at: datetime | None
+    created_at: datetime
+    rotated_at: datetime | None
+
+
+class ClientCreate(Input):
+    """Create a client with a grant."""
+
+    name: str
+    credential: str = Field(description="credential id or name")
+    scopes: list[str] = Field(
+        examples=[["url:GET|/api/v1/courses/:course_id/assignments"]],
+        description="Canvas scope strings, exactly as on a developer key",
+    )
+    constraints: dict[str, list[str]] = Field(
+        default_factory=dict, examples=[{"course_id": ["1201"]}]
+    )
+    token_ttl: int = 900
+    max_token_ttl: int = 3600
+    allow_masquerade: bool = False
+    allowed_cidrs: list[str] = Field(default_factory=list)
+    description: str | None = Field(default=None, max_length=2000)
+
+
+class ClientUpdate(Input):
+    """Change a client's grant or settings."""
+
+    name: str | None = None
+    scopes: list[str] | None = None
+    constraints: dict[str, list[str]] | None = None
+    token_ttl: int | None = None
+    max_token_ttl: int | None = None
+    allow_masquerade: bool | None = None
+    allowed_cidrs: list[str] | None = None
+    description: str | None = Field(default=None, max_length=2000)
+
+
+class ClientOut(Output):
+    """A client (never its secret)."""
+
+    id: str
+    client_id: str
+    name: str
+    credential_id: str
+    scopes: list[str]
+    constraints: dict[str, list[str]]
+    token_ttl: int
+    max_token_ttl: int
+    allow_masquerade: bool
+    allowed_cidrs: list[str]
+    description: str | None
+    enabled: bool
+    created_at: datetime
+    updated_at: datetime
+    secret_rotated_at: datetime | None
+
+
+class ClientWithSecret(ClientOut):
+    """A client with its secret: returned once, at creation or rotation."""
+
+    client_secret: str
+
+
+class SecretRotate(Input):
+    """Rotate a client secret."""
+
+    revoke_tokens: bool = Field(default=False, description="also revoke every live token")
+
+
+class PolicyCheck(Input):
+    """A call to test against a client's grant."""
+
+    method: str = Field(examples=["GET"])
+    path: str = Field(examples=["/api/v1/courses/1201/assignments"])
+
+
+class PolicyDecision(BaseModel):
+    """Whether the call would be allowed, and the rule that decided."""
+
+    allowed: bool
+    rule: str = Field(description="the matching scope, or the refusal reason")
+    scope: str | None
+    reason: str | None
+    detail: str
+
+
+class TokenOut(Output):
+    """A proxy token's metadata (never its value)."""
+
+    id: str
+    client_id: str
+    scopes: list[str]
+    created_at: datetime
+    expires_at: datetime
+    revoked_at: datetime | None
+    revoked_by: str | None
+    source_ip: str | None
+
+
+class RevokedCount(BaseModel):
+    """How many tokens a bulk revocation revoked."""
+
+    revoked: int
+
+
+class AdminKeyCreate(Input):
+    """Create a management key."""
+
+    name: str
+    role: Literal["admin", "auditor"]
+
+
+class AdminKeyOut(Output):
+    """A management key's metadata (never its value)."""
+
+    id: str
+    name: str
+    role: str
+    created_at: datetime
+    revoked_at: datetime | None
+    created_by: str | None
+
+
+class AdminKeyCreated(AdminKeyOut):
+    """A new management key with its value: shown once."""
+
+    key: str
+
+
+class AuditEventOut(Output):
+    """One audit event."""
+
+    seq: int
+    time: datetime
+    request_id: str
+    kind: str
+    action: str
+    state: str
+    decision: str
+    reason: str | None
+    client_id: str | None
+    token_id: str | None
+    credential_id: str | None
+    upstream: str | None
+    actor_key_id: str | None
+    source_ip: str | None
+    user_agent: str | None
+    method: str | None
+    path: str | None
+    query: str | None
+    scope: str | None
+    status: int | None
+    upstream_status: int | None
+    response_bytes: int | None
+    duration_ms: float | None
+    canvas_context_id: str | None
+    details: dict[str, Any] | None
+    completed_at: datetime | None
+
+
+class AuditPage(BaseModel):
+    """A newest-first page of audit events."""
+
+    events: list[AuditEventOut]
+    next_cursor: str | None

@@ -1,0 +1,211 @@
+"""The ASGI application: management API, OAuth endpoints, operations endpoints and the proxy."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from sqlalchemy import func, select, text
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from broker.api import management, oauth
+from broker.api.deps import Services
+from broker.api.proxy import ProxyApp
+from broker.config import Settings
+from broker.context import ProcessContext
+from broker.errors import BrokerError, OAuthError
+from broker.metrics import Metrics
+from broker.requestid import current_request_id, new_request_id
+from broker.services.audit import AuditService
+from broker.services.management import ManagementService
+from broker.services.tokens import TokenService
+from broker.storage.models import ProxyToken, utcnow
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+logger = logging.getLogger(__name__)
+
+BROKER_PREFIX = "/broker/"
+OPS_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+class Dispatch:
+    """Pure ASGI middleware: Canvas paths go straight to the proxy, the rest to FastAPI.
+
+    Every non-broker path reaches the proxy, which refuses what no scope names (SPEC §5
+    rule 2), so unknown paths are audited refusals rather than anonymous 404s.
+    """
+
+    def __init__(self, app: ASGIApp, fastapi_app: FastAPI) -> None:
+        self._app = app
+        self._fastapi = fastapi_app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        if not path.startswith(BROKER_PREFIX) and path not in OPS_PATHS:
+            proxy: ProxyApp = self._fastapi.state.proxy
+            await proxy(scope, receive, send)
+            return
+        request_id = new_request_id()
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (b"x-request-id", request_id.encode()),
+                ]
+            await send(message)
+
+        await self._app(scope, receive, send_with_id)
+
+
+def create_app(
+    settings: Settings | None = None, *, context: ProcessContext | None = None
+) -> FastAPI:
+    """Build the application. Nothing happens at import time; resources open in the lifespan.
+
+    Pass ``context`` to share one already built (tests, the demo); otherwise it is built from
+    ``settings`` (or the environment) when the app starts and closed when it stops.
+    """
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        owned = context is None
+        process = context or ProcessContext.from_settings(settings or Settings())
+        install(app, process)
+        try:
+            yield
+        finally:
+            if owned:
+                await process.aclose()
+
+    app = FastAPI(
+        title="Canvas Token Broker",
+        version="0.1.0",
+        summary="Short-lived, endpoint-scoped, audited proxy credentials for Canvas LMS",
+        openapi_url="/broker/v1/openapi.json",
+        docs_url="/broker/v1/docs",
+        redoc_url=None,
+        lifespan=lifespan,
+    )
+    app.include_router(oauth.router)
+    app.include_router(management.router)
+    _add_ops_routes(app)
+    _add_error_handlers(app)
+    app.add_middleware(Dispatch, fastapi_app=app)
+    if context is not None:
+        install(app, context)
+    return app
+
+
+def install(app: FastAPI, context: ProcessContext) -> None:
+    """Attach the process context and the services built on it."""
+    audit = AuditService(context.sessions)
+    tokens = TokenService(context.sessions, context.keyring, context.settings)
+    app.state.context = context
+    app.state.metrics = Metrics()
+    app.state.services = Services(
+        management=ManagementService(context.sessions, context.keyring, context.settings),
+        tokens=tokens,
+        audit=audit,
+    )
+    app.state.proxy = ProxyApp(context, tokens, audit)
+
+
+def _add_ops_routes(app: FastAPI) -> None:
+    @app.get("/healthz", tags=["operations"], include_in_schema=True)
+    async def healthz() -> dict[str, str]:
+        """The process is up."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["operations"])
+    async def readyz(request: Request) -> JSONResponse:
+        """The database answers and the keyring can encrypt and decrypt."""
+        context: ProcessContext = request.app.state.context
+        checks: dict[str, str] = {}
+        try:
+            async with context.sessions() as session:
+                await session.execute(text("SELECT 1"))
+            checks["database"] = "ok"
+        except Exception:  # noqa: BLE001 - any failure means not ready
+            checks["database"] = "unavailable"
+        key_id, blob = context.keyring.encrypt(b"ready", purpose="readyz", record_id="-")
+        ok = context.keyring.decrypt(key_id, blob, purpose="readyz", record_id="-") == b"ready"
+        checks["keyring"] = "ok" if ok else "unusable"
+        ready = all(v == "ok" for v in checks.values())
+        return JSONResponse(
+            {"status": "ready" if ready else "not ready", **checks},
+            status_code=200 if ready else 503,
+        )
+
+    @app.get("/metrics", tags=["operations"], response_class=PlainTextResponse)
+    async def metrics(request: Request) -> PlainTextResponse:
+        """Prometheus text format."""
+        context: ProcessContext = request.app.state.context
+        registry: Metrics = request.app.state.metrics
+        async with context.sessions() as session:
+            live = await session.scalar(
+                select(func.count())
+                .select_from(ProxyToken)
+                .where(ProxyToken.revoked_at.is_(None), ProxyToken.expires_at > utcnow())
+            )
+        registry.live_tokens.set(live or 0)
+        return PlainTextResponse(generate_latest(registry.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _error_body(error: str, message: str, **extra: Any) -> dict[str, Any]:  # noqa: ANN401
+    return {"error": error, "message": message, "request_id": current_request_id(), **extra}
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(OAuthError)
+    async def oauth_error(_request: Request, exc: OAuthError) -> JSONResponse:
+        return JSONResponse(
+            {"error": exc.error, "error_description": exc.message},
+            status_code=exc.status,
+            headers=oauth.NO_STORE,
+        )
+
+    @app.exception_handler(BrokerError)
+    async def broker_error(_request: Request, exc: BrokerError) -> JSONResponse:
+        headers = (
+            {"WWW-Authenticate": 'Bearer realm="canvas-token-broker"'}
+            if exc.status == 401
+            else None
+        )  # noqa: PLR2004
+        return JSONResponse(
+            _error_body(exc.error, exc.message), status_code=exc.status, headers=headers
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        # Only locations and messages: the offending input may be a secret.
+        problems = [
+            {
+                "field": ".".join(str(p) for p in err.get("loc", ()) if p != "body"),
+                "problem": err.get("msg", ""),
+            }
+            for err in exc.errors()
+        ]
+        summary = "; ".join(f"{p['field']}: {p['problem']}" for p in problems)
+        return JSONResponse(
+            _error_body("invalid_request", summary or "invalid request", problems=problems),
+            status_code=422,
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return JSONResponse(_error_body(code, str(exc.detail)), status_code=exc.status_code)

@@ -1,0 +1,58 @@
+"""Local set-up shared by ``broker init``, ``broker admin-key create`` and ``broker demo``."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from typing import TYPE_CHECKING
+
+from sqlalchemy import func, select
+
+from broker.keyring import Keyring, load_keyring, write_key_file
+from broker.services.management import Actor, ManagementService
+from broker.storage.database import create_engine, session_factory, upgrade_schema
+from broker.storage.models import AdminKey
+
+if TYPE_CHECKING:
+    from broker.config import Settings
+
+LOCAL = Actor(key_id=None, role="admin")
+
+
+def ensure_keyring(settings: Settings) -> Keyring:
+    """The configured keyring; creates the key file (0600) if none is configured yet."""
+    if not settings.keys and not settings.key_file.exists():
+        write_key_file(settings.key_file, Keyring.generate())
+        print(f"created key file {settings.key_file} (mode 0600); back it up", file=sys.stderr)  # noqa: T201
+    return load_keyring(settings)
+
+
+def migrate(settings: Settings) -> None:
+    """Create or upgrade the schema."""
+    upgrade_schema(settings.async_database_url)
+
+
+async def _create_admin_key(
+    settings: Settings, keyring: Keyring, *, name: str, role: str, only_if_none: bool
+) -> str | None:
+    engine = create_engine(settings.async_database_url, pool=False)
+    try:
+        sessions = session_factory(engine)
+        if only_if_none:
+            async with sessions() as session:
+                if await session.scalar(select(func.count()).select_from(AdminKey)):
+                    return None
+        service = ManagementService(sessions, keyring, settings)
+        _key, value = await service.create_admin_key(LOCAL, name=name, role=role)
+        return value
+    finally:
+        await engine.dispose()
+
+
+def create_admin_key(
+    settings: Settings, keyring: Keyring, *, name: str, role: str, only_if_none: bool = False
+) -> str | None:
+    """Create an admin key directly in the database (bootstrap and recovery)."""
+    return asyncio.run(
+        _create_admin_key(settings, keyring, name=name, role=role, only_if_none=only_if_none)
+    )

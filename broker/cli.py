@@ -1,0 +1,445 @@
+"""The ``broker`` command line (SPEC §3.5).
+
+Commands that create a secret print that secret alone on standard output and everything else
+on standard error, so ``KEY=$(broker admin-key create ...)`` works in scripts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import httpx
+import typer
+
+from broker.config import Settings
+from broker.errors import ConfigurationError
+
+app = typer.Typer(help="Canvas Token Broker", no_args_is_help=True, add_completion=False)
+admin_key_app = typer.Typer(
+    help="Management keys (local bootstrap and recovery).", no_args_is_help=True
+)
+upstreams_app = typer.Typer(help="Canvas instances (over HTTP).", no_args_is_help=True)
+credentials_app = typer.Typer(help="Worker credentials (over HTTP).", no_args_is_help=True)
+clients_app = typer.Typer(help="Clients and their grants (over HTTP).", no_args_is_help=True)
+tokens_app = typer.Typer(help="Live proxy tokens (over HTTP).", no_args_is_help=True)
+audit_app = typer.Typer(help="The audit log (over HTTP).", no_args_is_help=True)
+for sub, name in (
+    (admin_key_app, "admin-key"),
+    (upstreams_app, "upstreams"),
+    (credentials_app, "credentials"),
+    (clients_app, "clients"),
+    (tokens_app, "tokens"),
+    (audit_app, "audit"),
+):
+    app.add_typer(sub, name=name)
+
+
+def say(message: str) -> None:
+    """A message for the human: standard error."""
+    typer.echo(message, err=True)
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """Print an error to standard error and exit non-zero."""
+    say(f"error: {message}")
+    raise typer.Exit(code)
+
+
+def _settings() -> Settings:
+    try:
+        return Settings().validated()
+    except ConfigurationError as exc:
+        fail(str(exc))
+
+
+# Local commands -----------------------------------------------------------------------------
+
+
+@app.command()
+def init() -> None:
+    """Create or upgrade the schema, create the key file if needed, print a first admin key once."""
+    from broker import bootstrap  # noqa: PLC0415 - keep CLI start-up light
+
+    settings = _settings()
+    try:
+        keyring = bootstrap.ensure_keyring(settings)
+    except ConfigurationError as exc:
+        fail(str(exc))
+    bootstrap.migrate(settings)
+    say(f"database schema is up to date ({settings.database_url})")
+    key = bootstrap.create_admin_key(
+        settings, keyring, name="initial-admin", role="admin", only_if_none=True
+    )
+    if key is None:
+        say("admin keys already exist; use `broker admin-key create` for another")
+        return
+    say("first admin key (shown once; store it in your secret manager):")
+    typer.echo(key)
+
+
+@admin_key_app.command("create")
+def admin_key_create(
+    name: Annotated[str, typer.Option(help="a label for the key")],
+    role: Annotated[str, typer.Option(help="admin or auditor")] = "admin",
+) -> None:
+    """Create a management key directly in the database; prints the key alone."""
+    from broker import bootstrap  # noqa: PLC0415
+    from broker.errors import BrokerError  # noqa: PLC0415
+    from broker.keyring import load_keyring  # noqa: PLC0415
+
+    settings = _settings()
+    try:
+        keyring = load_keyring(settings)
+        bootstrap.migrate(settings)
+        key = bootstrap.create_admin_key(settings, keyring, name=name, role=role)
+    except (ConfigurationError, BrokerError) as exc:
+        fail(str(exc))
+    say(f"created {role} key {name!r} (shown once)")
+    typer.echo(key)
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="bind address (BROKER_HOST)")] = None,
+    port: Annotated[int | None, typer.Option(help="port (BROKER_PORT)")] = None,
+    workers: Annotated[int, typer.Option(help="worker processes")] = 1,
+) -> None:
+    """Run the service."""
+    import uvicorn  # noqa: PLC0415
+
+    from broker.keyring import load_keyring  # noqa: PLC0415
+
+    settings = _settings()
+    try:
+        load_keyring(settings)
+    except ConfigurationError as exc:
+        fail(str(exc))
+    uvicorn.run(
+        "broker.app:create_app",
+        factory=True,
+        host=host or settings.host,
+        port=port if port is not None else settings.port,
+        workers=workers,
+        proxy_headers=False,
+        server_header=False,
+        log_level="info",
+    )
+
+
+@app.command("canvas-sim")
+def canvas_sim(
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8900,
+    token: Annotated[
+        list[str] | None, typer.Option(help="a valid Canvas token (repeatable)")
+    ] = None,
+) -> None:
+    """Run the Canvas simulator alone."""
+    from broker.sim.server import run_sim  # noqa: PLC0415
+
+    tokens = set(token or ["sim-token"])
+    say(f"Canvas simulator on http://{host}:{port}; valid tokens: {', '.join(sorted(tokens))}")
+    run_sim(host, port, tokens)
+
+
+@app.command()
+def demo(
+    port: Annotated[int, typer.Option(help="broker port")] = 8000,
+    workdir: Annotated[Path | None, typer.Option(help="where to keep the demo database")] = None,
+    check: Annotated[
+        bool, typer.Option("--check", help="run the printed flow once, report, and exit")
+    ] = False,
+) -> None:
+    """The whole product on this machine: Canvas simulator, broker on SQLite, sample client."""
+    from broker.demo import run_demo  # noqa: PLC0415
+
+    raise typer.Exit(run_demo(port=port, workdir=workdir, check=check))
+
+
+@app.command()
+def token(
+    scope: Annotated[str | None, typer.Option(help="space-separated subset of the grant")] = None,
+    expires_in: Annotated[int | None, typer.Option(help="seconds")] = None,
+) -> None:
+    """For scripts: mint a proxy token from BROKER_URL/BROKER_CLIENT_ID/BROKER_CLIENT_SECRET."""
+    env = {
+        name: os.environ.get(name)
+        for name in ("BROKER_URL", "BROKER_CLIENT_ID", "BROKER_CLIENT_SECRET")
+    }
+    missing = [name for name, value in env.items() if not value]
+    if missing:
+        fail(f"set {', '.join(missing)}")
+    form = {"grant_type": "client_credentials"}
+    if scope:
+        form["scope"] = scope
+    if expires_in is not None:
+        form["expires_in"] = str(expires_in)
+    try:
+        response = httpx.post(
+            f"{env['BROKER_URL'].rstrip('/')}/broker/v1/oauth/token",  # type: ignore[union-attr]
+            data=form,
+            auth=(env["BROKER_CLIENT_ID"] or "", env["BROKER_CLIENT_SECRET"] or ""),
+            timeout=30,
+        )
+    except httpx.HTTPError as exc:
+        fail(f"cannot reach the broker: {exc}")
+    body = _json(response)
+    if response.status_code != 200:  # noqa: PLR2004
+        fail(f"{body.get('error')}: {body.get('error_description')}")
+    say(f"token expires in {body['expires_in']} s; scope: {body['scope']}")
+    typer.echo(body["access_token"])
+
+
+# Management over HTTP -----------------------------------------------------------------------
+
+
+def _json(response: httpx.Response) -> dict[str, Any]:
+    try:
+        body = response.json()
+    except ValueError:
+        return {"error": "unexpected_response", "message": response.text[:200]}
+    return body if isinstance(body, dict) else {"items": body}
+
+
+def api(method: str, path: str, *, body: Any = None, params: dict[str, Any] | None = None) -> Any:  # noqa: ANN401
+    """Call the management API with BROKER_URL and BROKER_ADMIN_KEY; exit on errors."""
+    url, key = os.environ.get("BROKER_URL"), os.environ.get("BROKER_ADMIN_KEY")
+    if not url or not key:
+        fail("set BROKER_URL and BROKER_ADMIN_KEY")
+    try:
+        response = httpx.request(
+            method,
+            f"{url.rstrip('/')}/broker/v1{path}",
+            json=body,
+            params={k: v for k, v in (params or {}).items() if v is not None},
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=30,
+        )
+    except httpx.HTTPError as exc:
+        fail(f"cannot reach the broker: {exc}")
+    if response.status_code >= 400:  # noqa: PLR2004
+        error = _json(response)
+        fail(f"{response.status_code} {error.get('error')}: {error.get('message')}")
+    return response.json()
+
+
+def show(value: Any) -> None:  # noqa: ANN401
+    """Pretty JSON on standard output."""
+    typer.echo(json.dumps(value, indent=2))
+
+
+@upstreams_app.command("create")
+def upstreams_create(name: str, base_url: str) -> None:
+    """Register a Canvas instance."""
+    show(api("POST", "/upstreams", body={"name": name, "base_url": base_url}))
+
+
+@upstreams_app.command("list")
+def upstreams_list() -> None:
+    """List upstreams."""
+    show(api("GET", "/upstreams"))
+
+
+@upstreams_app.command("disable")
+def upstreams_disable(ref: str) -> None:
+    """Disable an upstream."""
+    show(api("POST", f"/upstreams/{ref}/disable"))
+
+
+@credentials_app.command("create")
+def credentials_create(
+    upstream: Annotated[str, typer.Option(help="upstream id or name")],
+    name: Annotated[str, typer.Option()],
+    canvas_user_id: Annotated[str | None, typer.Option()] = None,
+    notes: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """Store a worker token, read from BROKER_WORKER_TOKEN or a hidden prompt (never argv)."""
+    secret = os.environ.get("BROKER_WORKER_TOKEN") or typer.prompt(
+        "Canvas token of the worker user", hide_input=True, err=True
+    )
+    body = {
+        "upstream": upstream,
+        "name": name,
+        "token": secret,
+        "canvas_user_id": canvas_user_id,
+        "notes": notes,
+    }
+    show(api("POST", "/credentials", body=body))
+
+
+@credentials_app.command("list")
+def credentials_list() -> None:
+    """List worker credentials (metadata only)."""
+    show(api("GET", "/credentials"))
+
+
+@credentials_app.command("rotate")
+def credentials_rotate(ref: str) -> None:
+    """Replace a stored worker token (read from BROKER_WORKER_TOKEN or a hidden prompt)."""
+    secret = os.environ.get("BROKER_WORKER_TOKEN") or typer.prompt(
+        "new Canvas token", hide_input=True, err=True
+    )
+    show(api("POST", f"/credentials/{ref}/rotate", body={"token": secret}))
+
+
+@credentials_app.command("disable")
+def credentials_disable(ref: str) -> None:
+    """Disable a credential: every token minted through it fails at once."""
+    show(api("POST", f"/credentials/{ref}/disable"))
+
+
+@credentials_app.command("enable")
+def credentials_enable(ref: str) -> None:
+    """Re-enable a credential."""
+    show(api("POST", f"/credentials/{ref}/enable"))
+
+
+def _constraints(values: list[str] | None) -> dict[str, list[str]]:
+    result: dict[str, list[str]] = {}
+    for item in values or []:
+        name, sep, allowed = item.partition("=")
+        if not sep or not name or not allowed:
+            fail(f"constraint {item!r} must look like course_id=1201,1202")
+        result.setdefault(name, []).extend(v for v in allowed.split(",") if v)
+    return result
+
+
+@clients_app.command("create")
+def clients_create(
+    name: Annotated[str, typer.Option()],
+    credential: Annotated[str, typer.Option(help="credential id or name")],
+    scope: Annotated[list[str], typer.Option(help="Canvas scope string (repeatable)")],
+    constraint: Annotated[
+        list[str] | None, typer.Option(help="param=value1,value2 (repeatable)")
+    ] = None,
+    token_ttl: Annotated[int, typer.Option()] = 900,
+    max_token_ttl: Annotated[int, typer.Option()] = 3600,
+    allow_masquerade: Annotated[bool, typer.Option()] = False,
+) -> None:
+    """Create a client; prints its JSON (with client_id) to stderr and the secret alone to stdout."""
+    created = api(
+        "POST",
+        "/clients",
+        body={
+            "name": name,
+            "credential": credential,
+            "scopes": scope,
+            "constraints": _constraints(constraint),
+            "token_ttl": token_ttl,
+            "max_token_ttl": max_token_ttl,
+            "allow_masquerade": allow_masquerade,
+        },
+    )
+    secret = created.pop("client_secret")
+    say(json.dumps(created, indent=2))
+    say(f"client_id: {created['client_id']}; client secret (shown once) follows on stdout")
+    typer.echo(secret)
+
+
+@clients_app.command("list")
+def clients_list() -> None:
+    """List clients."""
+    show(api("GET", "/clients"))
+
+
+@clients_app.command("get")
+def clients_get(ref: str) -> None:
+    """Show one client."""
+    show(api("GET", f"/clients/{ref}"))
+
+
+@clients_app.command("grant")
+def clients_grant(
+    ref: str,
+    scope: Annotated[list[str], typer.Option(help="Canvas scope string (repeatable)")],
+    constraint: Annotated[list[str] | None, typer.Option(help="param=v1,v2 (repeatable)")] = None,
+) -> None:
+    """Replace a client's grant (scopes and constraints)."""
+    body = {"scopes": scope, "constraints": _constraints(constraint)}
+    show(api("PATCH", f"/clients/{ref}", body=body))
+
+
+@clients_app.command("check")
+def clients_check(ref: str, method: str, path: str) -> None:
+    """Would METHOD PATH be allowed for this client? Exit 0 if allowed, 1 if not."""
+    decision = api("POST", f"/clients/{ref}/check", body={"method": method, "path": path})
+    show(decision)
+    raise typer.Exit(0 if decision["allowed"] else 1)
+
+
+@clients_app.command("disable")
+def clients_disable(ref: str) -> None:
+    """Disable a client: its tokens fail at once."""
+    show(api("POST", f"/clients/{ref}/disable"))
+
+
+@clients_app.command("enable")
+def clients_enable(ref: str) -> None:
+    """Re-enable a client."""
+    show(api("POST", f"/clients/{ref}/enable"))
+
+
+@clients_app.command("rotate-secret")
+def clients_rotate_secret(ref: str, revoke_tokens: Annotated[bool, typer.Option()] = False) -> None:
+    """Issue a new client secret, printed alone on stdout."""
+    rotated = api("POST", f"/clients/{ref}/rotate-secret", body={"revoke_tokens": revoke_tokens})
+    say(f"new secret for {rotated['client_id']} (shown once) follows on stdout")
+    typer.echo(rotated["client_secret"])
+
+
+@clients_app.command("revoke-tokens")
+def clients_revoke_tokens(ref: str) -> None:
+    """Revoke every live token of a client."""
+    show(api("POST", f"/clients/{ref}/revoke-tokens"))
+
+
+@tokens_app.command("list")
+def tokens_list(
+    client: Annotated[str | None, typer.Option()] = None,
+    include_inactive: Annotated[bool, typer.Option()] = False,
+) -> None:
+    """List live proxy tokens (ids only, never values)."""
+    show(api("GET", "/tokens", params={"client": client, "include_inactive": include_inactive}))
+
+
+@tokens_app.command("revoke")
+def tokens_revoke(token_id: str) -> None:
+    """Revoke one proxy token by id."""
+    show(api("POST", f"/tokens/{token_id}/revoke"))
+
+
+@audit_app.command("query")
+def audit_query(  # noqa: PLR0913 - one option per filter
+    client: Annotated[str | None, typer.Option()] = None,
+    token_id: Annotated[str | None, typer.Option("--token")] = None,
+    kind: Annotated[str | None, typer.Option()] = None,
+    decision: Annotated[str | None, typer.Option()] = None,
+    since: Annotated[str | None, typer.Option(help="ISO time")] = None,
+    until: Annotated[str | None, typer.Option(help="ISO time")] = None,
+    path_prefix: Annotated[str | None, typer.Option()] = None,
+    limit: Annotated[int, typer.Option()] = 50,
+) -> None:
+    """Audit events, newest first."""
+    params = {
+        "client": client,
+        "token": token_id,
+        "kind": kind,
+        "decision": decision,
+        "since": since,
+        "until": until,
+        "path_prefix": path_prefix,
+        "limit": limit,
+    }
+    show(api("GET", "/audit", params=params))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,55 @@
+"""Process-wide state, built once in the application's lifespan."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from broker.keyring import Keyring, load_keyring
+from broker.storage.database import create_engine, session_factory
+from broker.upstream import AiohttpForwarder, Forwarder
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+    from broker.config import Settings
+
+
+@dataclass(frozen=True)
+class ProcessContext:
+    """What every request handler shares: settings, database, keys and the upstream pool."""
+
+    settings: Settings
+    engine: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
+    keyring: Keyring
+    forwarder: Forwarder
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings,
+        *,
+        keyring: Keyring | None = None,
+        forwarder: Forwarder | None = None,
+    ) -> ProcessContext:
+        """Build the context; raises ``ConfigurationError`` naming a bad setting."""
+        settings.validated()
+        engine = create_engine(settings.async_database_url)
+        return cls(
+            settings=settings,
+            engine=engine,
+            sessions=session_factory(engine),
+            keyring=keyring or load_keyring(settings),
+            forwarder=forwarder
+            or AiohttpForwarder(
+                connect_timeout=settings.upstream_connect_timeout,
+                read_timeout=settings.upstream_timeout,
+                pool_size=settings.upstream_pool_size,
+            ),
+        )
+
+    async def aclose(self) -> None:
+        """Release the upstream pool and database connections."""
+        await self.forwarder.aclose()
+        await self.engine.dispose()

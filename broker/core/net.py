@@ -1,0 +1,45 @@
+"""Source address of a request, believing ``X-Forwarded-For`` only from trusted proxies."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _parse(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(address.strip())
+    except ValueError:
+        return None
+
+
+def _trusted(address: str, trusted: Sequence[IPNetwork]) -> bool:
+    parsed = _parse(address)
+    return parsed is not None and any(parsed in network for network in trusted)
+
+
+def client_address(
+    peer: str | None, forwarded_for: Sequence[str], trusted: Sequence[IPNetwork]
+) -> str | None:
+    """The caller's address.
+
+    When the TCP peer is a trusted proxy, walk ``X-Forwarded-For`` from the right (the entry
+    the nearest proxy appended) past every trusted hop; the first untrusted entry is the
+    client. Entries a client wrote itself sit to the left of that and are never believed.
+    """
+    if peer is None or not trusted or not _trusted(peer, trusted):
+        return peer
+    hops = [hop.strip() for value in forwarded_for for hop in value.split(",") if hop.strip()]
+    address = peer
+    for hop in reversed(hops):
+        if _parse(hop) is None:
+            break
+        address = hop
+        if not _trusted(hop, trusted):
+            break
+    return address

@@ -1,0 +1,574 @@
+"""Management use cases for admins: upstreams, worker credentials, clients, tokens, admin keys.
+
+Every mutation writes its audit event in the same transaction as the change, naming the actor
+key and what changed, never a secret.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+
+from broker.core.scopes import Grant, ScopeError
+from broker.core.tokens import SecretKind, generate_secret, new_id
+from broker.errors import ConflictError, NotFoundError, ValidationFailedError
+from broker.requestid import current_request_id
+from broker.services.audit import add_admin_event
+from broker.services.tokens import WORKER_TOKEN_PURPOSE
+from broker.storage.models import (
+    AdminKey,
+    Client,
+    ProxyToken,
+    Upstream,
+    WorkerCredential,
+    utcnow,
+)
+from broker.storage.queries import get_by_ref
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+    from datetime import datetime
+
+    from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+    from broker.config import Settings
+    from broker.keyring import Keyring
+
+ROLES = ("admin", "auditor")
+DEFAULT_TOKEN_TTL = 900
+DEFAULT_MAX_TOKEN_TTL = 3600
+MIN_TOKEN_TTL = 60
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+_UNSET: Any = object()
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who performs a management action: an admin key, or the local CLI (``key_id`` None)."""
+
+    key_id: str | None
+    role: str
+
+    @property
+    def label(self) -> str:
+        """How the actor appears in ``revoked_by`` fields."""
+        return f"admin-key:{self.key_id}" if self.key_id else "local-cli"
+
+
+def check_name(name: str) -> str:
+    """Names are short identifiers usable in URLs and CLI arguments."""
+    if not _NAME.match(name):
+        raise ValidationFailedError(
+            "name", "use 1-100 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    return name
+
+
+def check_base_url(url: str) -> str:
+    """An upstream base URL: http(s) origin, no path, query, fragment or credentials."""
+    parts = urlsplit(url.strip())
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise ValidationFailedError("base_url", "must be an absolute http(s) URL")
+    if parts.username or parts.password:
+        raise ValidationFailedError("base_url", "must not contain credentials")
+    if parts.path not in {"", "/"} or parts.query or parts.fragment:
+        raise ValidationFailedError("base_url", "must be the Canvas origin, without a path")
+    return f"{parts.scheme}://{parts.netloc.lower()}"
+
+
+def check_worker_token(token: str) -> str:
+    """A Canvas access token: printable, no whitespace, bounded length."""
+    if not token or len(token) > 4096 or not token.isascii() or not token.isprintable():
+        raise ValidationFailedError("token", "must be a non-empty printable ASCII Canvas token")
+    if any(ch.isspace() for ch in token):
+        raise ValidationFailedError("token", "must not contain whitespace")
+    return token
+
+
+def check_grant(scopes: Sequence[str], constraints: Mapping[str, Sequence[str]]) -> Grant:
+    """Compile the grant, naming the offending scope string if one does not parse."""
+    if not scopes:
+        raise ValidationFailedError("scopes", "grant at least one scope")
+    try:
+        return Grant.compile(scopes, constraints)
+    except ScopeError as exc:
+        raise ValidationFailedError("scopes", str(exc)) from exc
+
+
+def check_cidrs(cidrs: Sequence[str]) -> list[str]:
+    """Normalised CIDR strings."""
+    result = []
+    for cidr in cidrs:
+        try:
+            result.append(str(ipaddress.ip_network(cidr.strip(), strict=False)))
+        except ValueError as exc:
+            raise ValidationFailedError("allowed_cidrs", f"{cidr!r} is not an IP network") from exc
+    return result
+
+
+def check_ttls(token_ttl: int, max_token_ttl: int, ceiling: int) -> None:
+    """``MIN_TOKEN_TTL <= token_ttl <= max_token_ttl <= ceiling``."""
+    if not MIN_TOKEN_TTL <= max_token_ttl <= ceiling:
+        raise ValidationFailedError(
+            "max_token_ttl", f"must be between {MIN_TOKEN_TTL} and {ceiling} seconds"
+        )
+    if not MIN_TOKEN_TTL <= token_ttl <= max_token_ttl:
+        raise ValidationFailedError(
+            "token_ttl", f"must be between {MIN_TOKEN_TTL} seconds and max_token_ttl"
+        )
+
+
+class ManagementService:
+    """The management API's use cases."""
+
+    def __init__(
+        self, sessions: async_sessionmaker[AsyncSession], keyring: Keyring, settings: Settings
+    ) -> None:
+        self._sessions = sessions
+        self._keyring = keyring
+        self._settings = settings
+
+    # Upstreams -----------------------------------------------------------------------------
+
+    async def create_upstream(self, actor: Actor, *, name: str, base_url: str) -> Upstream:
+        """Register a Canvas instance."""
+        now = utcnow()
+        upstream = Upstream(
+            id=new_id("up"),
+            name=check_name(name),
+            base_url=check_base_url(base_url),
+            enabled=True,
+            created_at=now,
+            updated_at=now,
+        )
+        async with self._write("upstream") as session:
+            session.add(upstream)
+            self._event(
+                session,
+                actor,
+                "upstream.create",
+                upstream.id,
+                name=name,
+                base_url=upstream.base_url,
+            )
+        return upstream
+
+    async def list_upstreams(self) -> list[Upstream]:
+        """All upstreams by name."""
+        async with self._sessions() as session:
+            return list(await session.scalars(select(Upstream).order_by(Upstream.name)))
+
+    async def get_upstream(self, ref: str) -> Upstream:
+        """One upstream by id or name."""
+        async with self._sessions() as session:
+            return await get_by_ref(session, Upstream, ref, "upstream")
+
+    async def update_upstream(
+        self,
+        actor: Actor,
+        ref: str,
+        *,
+        name: str | None = None,
+        base_url: str | None = None,
+        enabled: bool | None = None,
+    ) -> Upstream:
+        """Change an upstream's name, URL or enabled flag."""
+        changes: dict[str, Any] = {}
+        if name is not None:
+            changes["name"] = check_name(name)
+        if base_url is not None:
+            changes["base_url"] = check_base_url(base_url)
+        if enabled is not None:
+            changes["enabled"] = enabled
+        async with self._write("upstream") as session:
+            upstream = await get_by_ref(session, Upstream, ref, "upstream")
+            _apply(upstream, changes)
+            self._event(session, actor, "upstream.update", upstream.id, **changes)
+        return upstream
+
+    # Worker credentials --------------------------------------------------------------------
+
+    async def create_credential(
+        self,
+        actor: Actor,
+        *,
+        upstream: str,
+        name: str,
+        token: str,
+        canvas_user_id: str | None = None,
+        expires_at: datetime | None = None,
+        notes: str | None = None,
+    ) -> WorkerCredential:
+        """Store a worker user's Canvas token, encrypted; it is never shown again."""
+        check_name(name)
+        check_worker_token(token)
+        now = utcnow()
+        async with self._write("credential") as session:
+            target = await get_by_ref(session, Upstream, upstream, "upstream")
+            credential_id = new_id("cred")
+            key_id, blob = self._seal(token, credential_id)
+            credential = WorkerCredential(
+                id=credential_id,
+                name=name,
+                upstream_id=target.id,
+                token_ciphertext=blob,
+                token_key_id=key_id,
+                token_last4=token[-4:],
+                canvas_user_id=canvas_user_id,
+                notes=notes,
+                enabled=True,
+                expires_at=expires_at,
+                created_at=now,
+                rotated_at=None,
+                updated_at=now,
+            )
+            session.add(credential)
+            self._event(
+                session,
+                actor,
+                "credential.create",
+                credential_id,
+                name=name,
+                upstream=target.name,
+                token_last4=credential.token_last4,
+                canvas_user_id=canvas_user_id,
+                expires_at=expires_at.isoformat() if expires_at else None,
+            )
+        return credential
+
+    def _seal(self, token: str, credential_id: str) -> tuple[str, bytes]:
+        return self._keyring.encrypt(
+            token.encode(), purpose=WORKER_TOKEN_PURPOSE, record_id=credential_id
+        )
+
+    async def list_credentials(self) -> list[WorkerCredential]:
+        """All worker credentials (metadata only leaves the API)."""
+        async with self._sessions() as session:
+            return list(
+                await session.scalars(select(WorkerCredential).order_by(WorkerCredential.name))
+            )
+
+    async def get_credential(self, ref: str) -> WorkerCredential:
+        """One credential by id or name."""
+        async with self._sessions() as session:
+            return await get_by_ref(session, WorkerCredential, ref, "credential")
+
+    async def upstream_names(self) -> dict[str, str]:
+        """Upstream id → name, for presenting credentials."""
+        return {u.id: u.name for u in await self.list_upstreams()}
+
+    async def rotate_credential(self, actor: Actor, ref: str, *, token: str) -> WorkerCredential:
+        """Replace the stored Canvas token (for example after regenerating it in Canvas)."""
+        check_worker_token(token)
+        async with self._write("credential") as session:
+            credential = await get_by_ref(session, WorkerCredential, ref, "credential")
+            credential.token_key_id, credential.token_ciphertext = self._seal(token, credential.id)
+            credential.token_last4 = token[-4:]
+            credential.rotated_at = credential.updated_at = utcnow()
+            self._event(session, actor, "credential.rotate", credential.id, token_last4=token[-4:])
+        return credential
+
+    async def update_credential(
+        self,
+        actor: Actor,
+        ref: str,
+        *,
+        enabled: bool | None = None,
+        notes: str | None = _UNSET,
+        expires_at: datetime | None = _UNSET,
+        canvas_user_id: str | None = _UNSET,
+    ) -> WorkerCredential:
+        """Enable/disable a credential or change its metadata.
+
+        Disabling makes every proxy token minted through it fail on the next request.
+        """
+        changes: dict[str, Any] = {}
+        if enabled is not None:
+            changes["enabled"] = enabled
+        for field, value in (
+            ("notes", notes),
+            ("expires_at", expires_at),
+            ("canvas_user_id", canvas_user_id),
+        ):
+            if value is not _UNSET:
+                changes[field] = value
+        async with self._write("credential") as session:
+            credential = await get_by_ref(session, WorkerCredential, ref, "credential")
+            _apply(credential, changes)
+            credential.updated_at = utcnow()
+            action = {True: "credential.enable", False: "credential.disable"}.get(
+                enabled if set(changes) == {"enabled"} else None,  # type: ignore[arg-type]
+                "credential.update",
+            )
+            self._event(session, actor, action, credential.id, **_printable(changes))
+        return credential
+
+    # Clients -------------------------------------------------------------------------------
+
+    async def create_client(
+        self,
+        actor: Actor,
+        *,
+        name: str,
+        credential: str,
+        scopes: Sequence[str],
+        constraints: Mapping[str, Sequence[str]] | None = None,
+        token_ttl: int = DEFAULT_TOKEN_TTL,
+        max_token_ttl: int = DEFAULT_MAX_TOKEN_TTL,
+        allow_masquerade: bool = False,
+        allowed_cidrs: Sequence[str] = (),
+        description: str | None = None,
+    ) -> tuple[Client, str]:
+        """Create a client; returns it and its secret, which is never shown again."""
+        check_name(name)
+        grant = check_grant(scopes, constraints or {})
+        check_ttls(token_ttl, max_token_ttl, self._settings.max_token_ttl)
+        cidrs = check_cidrs(allowed_cidrs)
+        secret = generate_secret(SecretKind.CLIENT_SECRET)
+        now = utcnow()
+        async with self._write("client") as session:
+            owner = await get_by_ref(session, WorkerCredential, credential, "credential")
+            client = Client(
+                id=new_id("cli"),
+                name=name,
+                credential_id=owner.id,
+                secret_hash=self._keyring.hash_secret(secret),
+                scopes=grant.scope_strings(),
+                constraints={k: sorted(v) for k, v in grant.constraints.items()},
+                token_ttl=token_ttl,
+                max_token_ttl=max_token_ttl,
+                allow_masquerade=allow_masquerade,
+                allowed_cidrs=cidrs,
+                description=description,
+                enabled=True,
+                grant_version=1,
+                created_at=now,
+                updated_at=now,
+                secret_rotated_at=None,
+            )
+            session.add(client)
+            self._event(
+                session,
+                actor,
+                "client.create",
+                client.id,
+                name=name,
+                credential=owner.name,
+                scopes=client.scopes,
+                constraints=client.constraints,
+                token_ttl=token_ttl,
+                max_token_ttl=max_token_ttl,
+                allow_masquerade=allow_masquerade,
+                allowed_cidrs=cidrs,
+            )
+        return client, secret
+
+    async def list_clients(self) -> list[Client]:
+        """All clients by name."""
+        async with self._sessions() as session:
+            return list(await session.scalars(select(Client).order_by(Client.name)))
+
+    async def get_client(self, ref: str) -> Client:
+        """One client by id or name."""
+        async with self._sessions() as session:
+            return await get_by_ref(session, Client, ref, "client")
+
+    async def update_client(self, actor: Actor, ref: str, **fields: Any) -> Client:  # noqa: ANN401
+        """Change a client's grant or settings; live tokens follow the new grant at once."""
+        async with self._write("client") as session:
+            client = await get_by_ref(session, Client, ref, "client")
+            changes = {k: v for k, v in fields.items() if v is not None}
+            if "scopes" in changes or "constraints" in changes:
+                grant = check_grant(
+                    changes.get("scopes", client.scopes),
+                    changes.get("constraints", client.constraints),
+                )
+                changes["scopes"] = grant.scope_strings()
+                changes["constraints"] = {k: sorted(v) for k, v in grant.constraints.items()}
+            if "token_ttl" in changes or "max_token_ttl" in changes:
+                check_ttls(
+                    changes.get("token_ttl", client.token_ttl),
+                    changes.get("max_token_ttl", client.max_token_ttl),
+                    self._settings.max_token_ttl,
+                )
+            if "allowed_cidrs" in changes:
+                changes["allowed_cidrs"] = check_cidrs(changes["allowed_cidrs"])
+            if "name" in changes:
+                check_name(changes["name"])
+            _apply(client, changes)
+            client.grant_version += 1
+            client.updated_at = utcnow()
+            enabled = changes.get("enabled") if set(changes) == {"enabled"} else None
+            action = {True: "client.enable", False: "client.disable"}.get(
+                enabled,  # type: ignore[arg-type]
+                "client.update",
+            )
+            self._event(session, actor, action, client.id, **changes)
+        return client
+
+    async def rotate_client_secret(
+        self, actor: Actor, ref: str, *, revoke_tokens: bool
+    ) -> tuple[Client, str]:
+        """Issue a new client secret (shown once); optionally revoke every live token."""
+        secret = generate_secret(SecretKind.CLIENT_SECRET)
+        async with self._write("client") as session:
+            client = await get_by_ref(session, Client, ref, "client")
+            client.secret_hash = self._keyring.hash_secret(secret)
+            client.secret_rotated_at = client.updated_at = utcnow()
+            revoked = (
+                await self._revoke_client_tokens(session, actor, client.id) if revoke_tokens else 0
+            )
+            self._event(
+                session,
+                actor,
+                "client.rotate_secret",
+                client.id,
+                revoke_tokens=revoke_tokens,
+                tokens_revoked=revoked,
+            )
+        return client, secret
+
+    async def check_policy(self, ref: str, method: str, path: str) -> tuple[Client, Any]:
+        """Would ``method path`` be allowed for this client? Returns the grant's decision."""
+        client = await self.get_client(ref)
+        grant = Grant.compile(client.scopes, client.constraints)
+        return client, grant.check(method, path)
+
+    # Tokens --------------------------------------------------------------------------------
+
+    async def list_tokens(self, *, client: str | None, include_inactive: bool) -> list[ProxyToken]:
+        """Proxy tokens (metadata only), newest first; live ones unless asked otherwise."""
+        async with self._sessions() as session:
+            query = select(ProxyToken).order_by(ProxyToken.created_at.desc()).limit(1000)
+            if client is not None:
+                owner = await get_by_ref(session, Client, client, "client")
+                query = query.where(ProxyToken.client_id == owner.id)
+            if not include_inactive:
+                query = query.where(
+                    ProxyToken.revoked_at.is_(None), ProxyToken.expires_at > utcnow()
+                )
+            return list(await session.scalars(query))
+
+    async def revoke_token(self, actor: Actor, token_id: str) -> ProxyToken:
+        """Revoke one proxy token by id; it fails on its next use."""
+        async with self._sessions.begin() as session:
+            token = await session.get(ProxyToken, token_id)
+            if token is None:
+                raise NotFoundError(f"no token {token_id!r}")
+            if token.revoked_at is None:
+                token.revoked_at = utcnow()
+                token.revoked_by = actor.label
+            self._event(session, actor, "token.revoke", token.id, client_id=token.client_id)
+        return token
+
+    async def revoke_client_tokens(self, actor: Actor, ref: str) -> int:
+        """Revoke every live token of a client; returns how many."""
+        async with self._sessions.begin() as session:
+            client = await get_by_ref(session, Client, ref, "client")
+            count = await self._revoke_client_tokens(session, actor, client.id)
+            self._event(session, actor, "client.revoke_tokens", client.id, tokens_revoked=count)
+        return count
+
+    async def _revoke_client_tokens(
+        self, session: AsyncSession, actor: Actor, client_id: str
+    ) -> int:
+        result = await session.execute(
+            update(ProxyToken)
+            .where(ProxyToken.client_id == client_id, ProxyToken.revoked_at.is_(None))
+            .values(revoked_at=utcnow(), revoked_by=actor.label)
+        )
+        return int(result.rowcount)  # type: ignore[attr-defined]
+
+    # Admin keys ----------------------------------------------------------------------------
+
+    async def create_admin_key(self, actor: Actor, *, name: str, role: str) -> tuple[AdminKey, str]:
+        """Create a management key; returns it and the key value, shown this once."""
+        check_name(name)
+        if role not in ROLES:
+            raise ValidationFailedError("role", f"must be one of {', '.join(ROLES)}")
+        value = generate_secret(SecretKind.ADMIN_KEY)
+        key = AdminKey(
+            id=new_id("key"),
+            name=name,
+            role=role,
+            key_hash=self._keyring.hash_secret(value),
+            created_at=utcnow(),
+            revoked_at=None,
+            created_by=actor.key_id,
+        )
+        async with self._sessions.begin() as session:
+            session.add(key)
+            self._event(session, actor, "admin_key.create", key.id, name=name, role=role)
+        return key, value
+
+    async def list_admin_keys(self) -> list[AdminKey]:
+        """All admin keys (never their values)."""
+        async with self._sessions() as session:
+            return list(await session.scalars(select(AdminKey).order_by(AdminKey.created_at)))
+
+    async def revoke_admin_key(self, actor: Actor, key_id: str) -> AdminKey:
+        """Revoke a management key."""
+        async with self._sessions.begin() as session:
+            key = await session.get(AdminKey, key_id)
+            if key is None:
+                raise NotFoundError(f"no admin key {key_id!r}")
+            if key.revoked_at is None:
+                key.revoked_at = utcnow()
+            self._event(session, actor, "admin_key.revoke", key.id)
+        return key
+
+    # Helpers -------------------------------------------------------------------------------
+
+    def _write(self, label: str) -> _WriteTransaction:
+        return _WriteTransaction(self._sessions, label)
+
+    @staticmethod
+    def _event(
+        session: AsyncSession,
+        actor: Actor,
+        action: str,
+        target: str,
+        **changes: Any,  # noqa: ANN401
+    ) -> None:
+        add_admin_event(
+            session,
+            request_id=current_request_id(),
+            action=action,
+            actor_key_id=actor.key_id,
+            details={"target": target, "changes": _printable(changes)},
+        )
+
+
+class _WriteTransaction:
+    """A write transaction that turns unique-name violations into ``ConflictError``."""
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], label: str) -> None:
+        self._sessions = sessions
+        self._label = label
+        self._context: Any = None
+
+    async def __aenter__(self) -> AsyncSession:
+        self._context = self._sessions.begin()
+        session: AsyncSession = await self._context.__aenter__()
+        return session
+
+    async def __aexit__(self, *exc_info: Any) -> None:  # noqa: ANN401
+        try:
+            await self._context.__aexit__(*exc_info)
+        except IntegrityError as exc:
+            raise ConflictError(f"a {self._label} with that name already exists") from exc
+
+
+def _apply(row: object, changes: Mapping[str, Any]) -> None:
+    for field, value in changes.items():
+        setattr(row, field, value)
+
+
+def _printable(changes: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in changes.items()}

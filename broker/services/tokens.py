@@ -1,0 +1,301 @@
+"""Proxy tokens: mint for an authenticated client, resolve for the proxy, revoke, introspect."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import select
+
+from broker.core.scopes import Grant, ScopeError
+from broker.core.tokens import (
+    MalformedSecretError,
+    SecretKind,
+    check_secret,
+    generate_secret,
+    new_id,
+)
+from broker.errors import OAuthError
+from broker.keyring import DecryptionError
+from broker.services.audit import AuditService, new_event
+from broker.storage.models import AuditEvent, Client, ProxyToken, WorkerCredential, utcnow
+from broker.storage.queries import TokenRecord, find_token
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+    from broker.config import Settings
+    from broker.keyring import Keyring
+
+WORKER_TOKEN_PURPOSE = "worker-token"
+_GRANT_CACHE_SIZE = 4096
+
+
+class TokenRejectedError(Exception):
+    """The bearer token cannot be used; ``reason`` is the audit reason."""
+
+    def __init__(self, reason: str, message: str, record: TokenRecord | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.record = record
+
+
+@dataclass(frozen=True)
+class Authorized:
+    """A resolved proxy token: who is calling, with what grant, through which credential."""
+
+    token_id: str
+    client_id: str
+    credential_id: str
+    upstream_name: str
+    upstream_url: str
+    worker_token: str
+    grant: Grant
+    allow_masquerade: bool
+
+
+@dataclass(frozen=True)
+class MintedToken:
+    """The one-time response of the token endpoint."""
+
+    access_token: str
+    token_id: str
+    expires_in: int
+    scope: str
+
+
+def credential_usable(credential: WorkerCredential, now: datetime) -> bool:
+    """Enabled and not past its expiry."""
+    return credential.enabled and (credential.expires_at is None or credential.expires_at > now)
+
+
+class TokenService:
+    """Use cases around proxy tokens."""
+
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        keyring: Keyring,
+        settings: Settings,
+    ) -> None:
+        self._sessions = sessions
+        self._keyring = keyring
+        self._settings = settings
+        self._audit = AuditService(sessions)
+        self._grants: dict[tuple[str, int, tuple[str, ...]], Grant] = {}
+        # A fixed hash to compare against when the client id is unknown, so the response time
+        # does not reveal which client ids exist.
+        self._dummy_hash = keyring.hash_secret(generate_secret(SecretKind.CLIENT_SECRET))
+
+    async def authenticate_client(
+        self, client_id: str, secret: str, *, audit: dict[str, Any]
+    ) -> Client:
+        """The client with this id and secret, or ``invalid_client`` (audited)."""
+        async with self._sessions() as session:
+            client = await session.get(Client, client_id) if client_id else None
+        stored = client.secret_hash if client is not None else self._dummy_hash
+        try:
+            well_formed = bool(check_secret(secret, SecretKind.CLIENT_SECRET))
+        except MalformedSecretError:
+            well_formed = False
+        matches = self._keyring.verify_secret(secret, stored) and well_formed
+        if client is None or not matches:
+            await self._refuse(audit, "invalid_client", client_id=client.id if client else None)
+            raise OAuthError("invalid_client", "client authentication failed", status=401)
+        if not client.enabled:
+            await self._refuse(audit, "client_disabled", client_id=client.id)
+            raise OAuthError("invalid_client", "client is disabled", status=401)
+        return client
+
+    async def mint(
+        self,
+        client: Client,
+        *,
+        scope: str | None,
+        expires_in: str | None,
+        audit: dict[str, Any],
+    ) -> MintedToken:
+        """Mint a proxy token for an authenticated client (audited either way)."""
+        try:
+            granted = Grant.compile(client.scopes, client.constraints)
+            wanted = granted.subset(scope.split()) if scope else granted
+        except ScopeError as exc:
+            await self._refuse(audit, "invalid_scope", client_id=client.id)
+            raise OAuthError("invalid_scope", str(exc)) from exc
+        lifetime = await self._lifetime(client, expires_in, audit)
+        now = utcnow()
+        async with self._sessions.begin() as session:
+            credential = await session.get(WorkerCredential, client.credential_id)
+            if credential is None or not credential_usable(credential, now):
+                await self._refuse(audit, "credential_disabled", client_id=client.id)
+                raise OAuthError(
+                    "unauthorized_client", "the client's worker credential is disabled or expired"
+                )
+            value = generate_secret(SecretKind.PROXY_TOKEN)
+            token = ProxyToken(
+                id=new_id("tok"),
+                token_hash=self._keyring.hash_secret(value),
+                client_id=client.id,
+                scopes=wanted.scope_strings(),
+                created_at=now,
+                expires_at=now + timedelta(seconds=lifetime),
+                source_ip=audit.get("source_ip"),
+            )
+            session.add(token)
+            session.add(
+                _token_event(
+                    audit,
+                    action="token.mint",
+                    decision="allow",
+                    client_id=client.id,
+                    token_id=token.id,
+                    credential_id=client.credential_id,
+                    status=200,
+                    details={"expires_in": lifetime, "scopes": token.scopes},
+                )
+            )
+        return MintedToken(value, token.id, lifetime, " ".join(token.scopes))
+
+    async def _lifetime(self, client: Client, requested: str | None, audit: dict[str, Any]) -> int:
+        ceiling = min(client.max_token_ttl, self._settings.max_token_ttl)
+        if requested is None or requested == "":
+            return min(client.token_ttl, ceiling)
+        if not requested.isdigit() or int(requested) <= 0:
+            await self._refuse(audit, "invalid_request", client_id=client.id)
+            raise OAuthError("invalid_request", "expires_in must be a positive whole number")
+        return min(int(requested), ceiling)
+
+    async def _refuse(self, audit: dict[str, Any], reason: str, **fields: Any) -> None:  # noqa: ANN401
+        await self._audit.record(
+            **{
+                **audit,
+                "kind": "token",
+                "action": "token.mint",
+                "decision": "deny",
+                "reason": reason,
+                **fields,
+            }
+        )
+
+    async def resolve(self, value: str) -> Authorized:
+        """What a bearer token may do right now, or ``TokenRejectedError``.
+
+        Every check happens on every call, so revoking a token, disabling a client or a
+        worker credential takes effect on the very next request.
+        """
+        try:
+            check_secret(value, SecretKind.PROXY_TOKEN)
+        except MalformedSecretError as exc:
+            raise TokenRejectedError("malformed_token", "the access token is malformed") from exc
+        async with self._sessions() as session:
+            record = await find_token(session, self._keyring.secret_hash_candidates(value))
+        if record is None:
+            raise TokenRejectedError("unknown_token", "the access token is not valid")
+        now = utcnow()
+        checks = (
+            (record.token.revoked_at is None, "token_revoked", "the access token was revoked"),
+            (record.token.expires_at > now, "token_expired", "the access token has expired"),
+            (record.client.enabled, "client_disabled", "the client is disabled"),
+            (
+                credential_usable(record.credential, now),
+                "credential_disabled",
+                "the worker credential is disabled or expired",
+            ),
+            (record.upstream.enabled, "upstream_disabled", "the upstream is disabled"),
+        )
+        for ok, reason, message in checks:
+            if not ok:
+                raise TokenRejectedError(reason, message, record)
+        try:
+            worker_token = self._keyring.decrypt(
+                record.credential.token_key_id,
+                record.credential.token_ciphertext,
+                purpose=WORKER_TOKEN_PURPOSE,
+                record_id=record.credential.id,
+            ).decode()
+        except DecryptionError as exc:
+            raise TokenRejectedError(
+                "credential_undecryptable", "the worker credential cannot be used", record
+            ) from exc
+        return Authorized(
+            token_id=record.token.id,
+            client_id=record.client.id,
+            credential_id=record.credential.id,
+            upstream_name=record.upstream.name,
+            upstream_url=record.upstream.base_url,
+            worker_token=worker_token,
+            grant=self._effective_grant(record.client, record.token.scopes),
+            allow_masquerade=record.client.allow_masquerade,
+        )
+
+    def _effective_grant(self, client: Client, token_scopes: Sequence[str]) -> Grant:
+        """The token's scopes that the client still holds, with the client's constraints.
+
+        Compiled once per (client, grant version, token scopes), not per request.
+        """
+        key = (client.id, client.grant_version, tuple(token_scopes))
+        grant = self._grants.get(key)
+        if grant is None:
+            held = set(client.scopes)
+            grant = Grant.compile([s for s in token_scopes if s in held], client.constraints)
+            if len(self._grants) >= _GRANT_CACHE_SIZE:
+                self._grants.clear()
+            self._grants[key] = grant
+        return grant
+
+    async def revoke_own(self, client: Client, value: str, *, audit: dict[str, Any]) -> None:
+        """RFC 7009: revoke ``value`` if it belongs to ``client``; silently ignore otherwise."""
+        try:
+            check_secret(value, SecretKind.PROXY_TOKEN)
+        except MalformedSecretError:
+            return
+        hashes = self._keyring.secret_hash_candidates(value)
+        async with self._sessions.begin() as session:
+            token = await session.scalar(
+                select(ProxyToken).where(
+                    ProxyToken.token_hash.in_(hashes), ProxyToken.client_id == client.id
+                )
+            )
+            if token is None or token.revoked_at is not None:
+                return
+            token.revoked_at = utcnow()
+            token.revoked_by = f"client:{client.id}"
+            session.add(
+                _token_event(
+                    audit,
+                    action="token.revoke",
+                    decision="allow",
+                    client_id=client.id,
+                    token_id=token.id,
+                    credential_id=client.credential_id,
+                    status=200,
+                )
+            )
+
+    async def introspect(self, value: str) -> dict[str, Any]:
+        """RFC 7662 response for ``value`` (``{"active": false}`` for anything unusable)."""
+        try:
+            authorized = await self.resolve(value)
+        except TokenRejectedError:
+            return {"active": False}
+        async with self._sessions() as session:
+            token = await session.get(ProxyToken, authorized.token_id)
+        if token is None:
+            return {"active": False}
+        return {
+            "active": True,
+            "token_type": "Bearer",
+            "client_id": authorized.client_id,
+            "scope": " ".join(authorized.grant.scope_strings()),
+            "exp": int(token.expires_at.timestamp()),
+            "iat": int(token.created_at.timestamp()),
+            "jti": token.id,
+        }
+
+
+def _token_event(audit: dict[str, Any], **fields: Any) -> AuditEvent:  # noqa: ANN401
+    return new_event(**{**audit, "kind": "token", **fields})

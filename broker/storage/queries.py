@@ -1,0 +1,140 @@
+"""Queries shared by the services. Functions here flush at most; services own transactions."""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from sqlalchemy import Select, or_, select
+
+from broker.errors import BadRequestError, NotFoundError
+from broker.storage.models import (
+    AdminKey,
+    AuditEvent,
+    Client,
+    ProxyToken,
+    Upstream,
+    WorkerCredential,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+Named = TypeVar("Named", Upstream, WorkerCredential, Client)
+
+
+async def get_by_ref(session: AsyncSession, model: type[Named], ref: str, label: str) -> Named:
+    """Fetch a resource by id or by its unique name, or raise ``NotFoundError``."""
+    row = await session.scalar(select(model).where(or_(model.id == ref, model.name == ref)))
+    if row is None:
+        raise NotFoundError(f"no {label} {ref!r}")
+    return row
+
+
+@dataclass(frozen=True)
+class TokenRecord:
+    """A proxy token with everything the proxy needs to forward a call."""
+
+    token: ProxyToken
+    client: Client
+    credential: WorkerCredential
+    upstream: Upstream
+
+
+async def find_token(session: AsyncSession, hashes: Sequence[str]) -> TokenRecord | None:
+    """The token whose keyed hash is one of ``hashes``, joined to its chain of owners."""
+    row = (
+        await session.execute(
+            select(ProxyToken, Client, WorkerCredential, Upstream)
+            .join(Client, ProxyToken.client_id == Client.id)
+            .join(WorkerCredential, Client.credential_id == WorkerCredential.id)
+            .join(Upstream, WorkerCredential.upstream_id == Upstream.id)
+            .where(ProxyToken.token_hash.in_(list(hashes)))
+        )
+    ).first()
+    if row is None:
+        return None
+    return TokenRecord(*row.tuple())
+
+
+async def find_admin_key(session: AsyncSession, hashes: Sequence[str]) -> AdminKey | None:
+    """The admin key whose keyed hash is one of ``hashes``."""
+    return await session.scalar(select(AdminKey).where(AdminKey.key_hash.in_(list(hashes))))
+
+
+@dataclass(frozen=True)
+class AuditFilter:
+    """Selection of audit events for review and export (SPEC §6)."""
+
+    since: datetime | None = None
+    until: datetime | None = None
+    client_id: str | None = None
+    token_id: str | None = None
+    credential_id: str | None = None
+    upstream: str | None = None
+    kind: str | None = None
+    decision: str | None = None
+    status: int | None = None
+    method: str | None = None
+    path_prefix: str | None = None
+    state: str | None = None
+
+    def apply(self, query: Select[Any]) -> Select[Any]:
+        """Add this filter's conditions to ``query``."""
+        conditions = []
+        if self.since is not None:
+            conditions.append(AuditEvent.time >= self.since)
+        if self.until is not None:
+            conditions.append(AuditEvent.time < self.until)
+        equal = {
+            AuditEvent.client_id: self.client_id,
+            AuditEvent.token_id: self.token_id,
+            AuditEvent.credential_id: self.credential_id,
+            AuditEvent.upstream: self.upstream,
+            AuditEvent.kind: self.kind,
+            AuditEvent.decision: self.decision,
+            AuditEvent.status: self.status,
+            AuditEvent.method: self.method,
+            AuditEvent.state: self.state,
+        }
+        conditions.extend(column == value for column, value in equal.items() if value is not None)
+        if self.path_prefix:
+            escaped = self.path_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            conditions.append(AuditEvent.path.like(f"{escaped}%", escape="\\"))
+        return query.where(*conditions)
+
+
+def encode_cursor(seq: int) -> str:
+    """Opaque cursor naming the last event of a page."""
+    return base64.urlsafe_b64encode(json.dumps({"before": seq}).encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> int:
+    """Reverse :func:`encode_cursor`, or raise ``BadRequestError``."""
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        value = json.loads(base64.urlsafe_b64decode(padded))["before"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BadRequestError("cursor is not one this API returned") from exc
+    if not isinstance(value, int):
+        raise BadRequestError("cursor is not one this API returned")
+    return value
+
+
+async def audit_page(
+    session: AsyncSession, selection: AuditFilter, *, before: int | None, limit: int
+) -> tuple[list[AuditEvent], int | None]:
+    """Newest-first page of events with ``seq < before``; the cursor stays stable as events
+    arrive because it names a position in the append-only sequence, not an offset."""
+    query = selection.apply(select(AuditEvent))
+    if before is not None:
+        query = query.where(AuditEvent.seq < before)
+    rows = list((await session.scalars(query.order_by(AuditEvent.seq.desc()).limit(limit + 1))))
+    if len(rows) > limit:
+        return rows[:limit], rows[limit - 1].seq
+    return rows, None
