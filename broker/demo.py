@@ -7,8 +7,6 @@ import secrets
 import sys
 import tempfile
 import textwrap
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from broker import bootstrap
 from broker.app import create_app
 from broker.config import Settings
 from broker.keyring import Keyring
+from broker.serving import BackgroundServer
 from broker.services.management import ManagementService
 from broker.sim.server import SimServer
 from broker.sim.state import SimState
@@ -189,30 +188,22 @@ def run_demo(*, port: int, workdir: Path | None, check: bool) -> int:
     worker_token = "sim-worker-" + secrets.token_urlsafe(16)
     with SimServer(SimState(tokens={worker_token})) as sim:
         setup = asyncio.run(_provision(settings, keyring, sim.base_url, worker_token))
-        server = uvicorn.Server(
-            uvicorn.Config(
-                create_app(settings),
-                host="127.0.0.1",
-                port=port,
-                log_level="warning",
-                server_header=False,
-            )
-        )
+        app = create_app(settings)
         if not check:
             _err(instructions(setup))
-            server.run()
+            config = uvicorn.Config(
+                app, host="127.0.0.1", port=port, log_level="warning", server_header=False
+            )
+            uvicorn.Server(config).run()
             return 0
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 15
-        while not server.started and time.monotonic() < deadline and thread.is_alive():
-            time.sleep(0.05)
-        if not server.started:
-            _err("the broker did not start (is the port free?)")
+        server = BackgroundServer(app, port=port, name="broker")
+        try:
+            server.start()
+        except (RuntimeError, TimeoutError) as exc:
+            _err(f"the broker did not start (is port {port} free?): {exc}")
             return 1
         try:
             _err(f"demo self-check against {setup.broker_url} (data in {directory}):")
             return _check(setup, sim)
         finally:
-            server.should_exit = True
-            thread.join(timeout=10)
+            server.stop()

@@ -314,7 +314,7 @@ class _CanvasApi:
         return json_response(call.request.headers, payload, status_code)
 
     def _page(self, call: ApiCall, items: list[JSONObject], collection: str) -> Response:
-        page = paginate(items, call.params)
+        page = paginate(items, call.params, self.state.max_per_page)
         query_string = bytes(call.request.scope.get("query_string", b"")).decode("latin-1")
         links = page_links(page, call.base_url, raw_path_of(call.request.scope), query_string)
         headers = call.request.headers

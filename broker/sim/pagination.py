@@ -61,10 +61,11 @@ class Page:
         return max(1, math.ceil(self.count / self.per_page))
 
 
-def paginate(items: list[Any], params: dict[str, Any]) -> Page:
-    """Cut the page that `page` and `per_page` ask for (defaults 1 and 10; at most 100)."""
+def paginate(items: list[Any], params: dict[str, Any], max_per_page: int = MAX_PER_PAGE) -> Page:
+    """Cut the page that `page` and `per_page` ask for (defaults 1 and 10; at most
+    `max_per_page`, which Canvas sets per instance and defaults to 100)."""
     page = _positive_int(params.get("page"), 1)
-    per_page = min(_positive_int(params.get("per_page"), DEFAULT_PER_PAGE), MAX_PER_PAGE)
+    per_page = min(_positive_int(params.get("per_page"), DEFAULT_PER_PAGE), max_per_page)
     start = (page - 1) * per_page
     return Page(items[start : start + per_page], page, per_page, len(items))
 

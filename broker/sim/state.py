@@ -75,6 +75,7 @@ class SimState:
     rate_limit_capacity: float = 700.0
     rate_limit_leak_per_second: float = 10.0
     request_cost: float = 1.0
+    max_per_page: int = 100
     clock: Callable[[], float] = time.monotonic
     received: list[ReceivedRequest] = field(default_factory=list)
     _buckets: dict[str, _Bucket] = field(default_factory=dict, init=False, repr=False)

@@ -59,7 +59,8 @@ async def find_token(session: AsyncSession, hashes: Sequence[str]) -> TokenRecor
     ).first()
     if row is None:
         return None
-    return TokenRecord(*row.tuple())
+    token, client, credential, upstream = row
+    return TokenRecord(token, client, credential, upstream)
 
 
 async def find_admin_key(session: AsyncSession, hashes: Sequence[str]) -> AdminKey | None:

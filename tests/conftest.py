@@ -1,0 +1,108 @@
+"""Fixtures: a real database (SQLite, or PostgreSQL via BROKER_TEST_DATABASE_URL), the Canvas
+simulator on a loopback port, and the broker app driven over HTTP."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import TYPE_CHECKING
+
+import httpx
+import pytest
+from sqlalchemy import create_engine, text
+
+from broker.app import create_app
+from broker.config import Settings, normalise_database_url
+from broker.context import ProcessContext
+from broker.keyring import Keyring
+from broker.sim.data import seed_data
+from broker.sim.server import SimServer
+from broker.sim.state import SimState
+from broker.storage.database import upgrade_schema
+from broker.storage.models import Base
+from tests.support.env import WORKER_TOKEN, BrokerEnv
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Iterator
+    from pathlib import Path
+
+POSTGRES_URL = os.environ.get("BROKER_TEST_DATABASE_URL")
+
+
+def _sync_url(url: str) -> str:
+    return normalise_database_url(url).replace("+asyncpg", "+psycopg").replace("+aiosqlite", "")
+
+
+@pytest.fixture(scope="session")
+def template_db(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A migrated database: a template SQLite file, or the PostgreSQL test database."""
+    if POSTGRES_URL:
+        url = normalise_database_url(POSTGRES_URL)
+        engine = create_engine(_sync_url(url))
+        with engine.begin() as connection:
+            connection.execute(text("DROP SCHEMA public CASCADE"))
+            connection.execute(text("CREATE SCHEMA public"))
+        engine.dispose()
+        upgrade_schema(url)
+        return url
+    path = tmp_path_factory.mktemp("template") / "template.sqlite3"
+    upgrade_schema(f"sqlite+aiosqlite:///{path}")
+    return str(path)
+
+
+@pytest.fixture
+def database_url(template_db: str, tmp_path: Path) -> str:
+    """A clean, migrated database for one test."""
+    if POSTGRES_URL:
+        engine = create_engine(_sync_url(template_db))
+        with engine.begin() as connection:
+            tables = ", ".join(table.name for table in Base.metadata.sorted_tables)
+            connection.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+        engine.dispose()
+        return template_db
+    path = tmp_path / "broker.sqlite3"
+    shutil.copyfile(template_db, path)
+    return f"sqlite+aiosqlite:///{path}"
+
+
+@pytest.fixture(scope="session")
+def sim_server() -> Iterator[SimServer]:
+    """One simulator for the session; ``sim`` resets it per test."""
+    with SimServer(SimState(tokens={WORKER_TOKEN})) as server:
+        yield server
+
+
+@pytest.fixture
+def sim(sim_server: SimServer) -> SimServer:
+    """The simulator with fresh data and nothing received."""
+    state = sim_server.state
+    state.received.clear()
+    state.data = seed_data()
+    state._buckets.clear()
+    state.max_per_page = 100
+    return sim_server
+
+
+@pytest.fixture
+def settings(database_url: str) -> Settings:
+    """Settings for one test's broker."""
+    return Settings(database_url=database_url, keys=None, public_url=None)
+
+
+@pytest.fixture
+async def context(settings: Settings) -> AsyncIterator[ProcessContext]:
+    """A process context with a fresh keyring."""
+    process = ProcessContext.from_settings(settings, keyring=Keyring.generate())
+    yield process
+    await process.aclose()
+
+
+@pytest.fixture
+async def env(context: ProcessContext, sim: SimServer) -> AsyncIterator[BrokerEnv]:
+    """A provisioned broker driven over ASGI, forwarding to the simulator."""
+    app = create_app(context=context)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://broker.test") as http:
+        broker_env = BrokerEnv(context=context, http=http, sim=sim)
+        await broker_env.provision()
+        yield broker_env

@@ -1,0 +1,112 @@
+"""Keyring: AES-256-GCM bound to record and purpose, key rotation, key sources (SPEC §7)."""
+
+from __future__ import annotations
+
+import base64
+import secrets
+import stat
+from typing import TYPE_CHECKING
+
+import pytest
+
+from broker.config import Settings
+from broker.errors import ConfigurationError
+from broker.keyring import (
+    DecryptionError,
+    Keyring,
+    load_key_file,
+    load_keyring,
+    parse_keys_setting,
+    write_key_file,
+)
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+
+def _key() -> str:
+    return base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+def test_encrypted_value_decrypts_for_the_same_record_and_purpose() -> None:
+    keyring = Keyring.generate()
+    key_id, blob = keyring.encrypt(b"canvas-token", purpose="worker-token", record_id="cred_1")
+    assert b"canvas-token" not in blob
+    assert keyring.decrypt(key_id, blob, purpose="worker-token", record_id="cred_1") == b"canvas-token"
+
+
+def test_ciphertext_copied_to_another_record_does_not_decrypt() -> None:
+    keyring = Keyring.generate()
+    key_id, blob = keyring.encrypt(b"canvas-token", purpose="worker-token", record_id="cred_1")
+    with pytest.raises(DecryptionError):
+        keyring.decrypt(key_id, blob, purpose="worker-token", record_id="cred_2")
+    with pytest.raises(DecryptionError):
+        keyring.decrypt(key_id, blob, purpose="other", record_id="cred_1")
+
+
+def test_each_encryption_uses_a_fresh_nonce() -> None:
+    keyring = Keyring.generate()
+    first = keyring.encrypt(b"same", purpose="p", record_id="r")[1]
+    second = keyring.encrypt(b"same", purpose="p", record_id="r")[1]
+    assert first[:12] != second[:12]
+
+
+def test_tampered_ciphertext_is_refused() -> None:
+    keyring = Keyring.generate()
+    key_id, blob = keyring.encrypt(b"secret", purpose="p", record_id="r")
+    tampered = blob[:-1] + bytes([blob[-1] ^ 1])
+    with pytest.raises(DecryptionError):
+        keyring.decrypt(key_id, tampered, purpose="p", record_id="r")
+
+
+def test_rotated_keyring_still_decrypts_and_matches_old_values() -> None:
+    old_key, new_key = _key(), _key()
+    old = parse_keys_setting(f"k1:{old_key}")
+    key_id, blob = old.encrypt(b"secret", purpose="p", record_id="r")
+    stored_hash = old.hash_secret("cbs_value")
+
+    rotated = parse_keys_setting(f"k2:{new_key},k1:{old_key}")
+    assert rotated.primary_id == "k2"
+    assert rotated.decrypt(key_id, blob, purpose="p", record_id="r") == b"secret"
+    assert rotated.verify_secret("cbs_value", stored_hash)
+    assert rotated.encrypt(b"x", purpose="p", record_id="r")[0] == "k2"
+
+
+def test_secret_hash_is_keyed() -> None:
+    assert Keyring.generate().hash_secret("v") != Keyring.generate().hash_secret("v")
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["", "k1", "k1:not-base64!", f"k1:{base64.b64encode(b'short').decode()}", f":{_key()}"],
+)
+def test_bad_keys_setting_names_the_setting(value: str) -> None:
+    with pytest.raises(ConfigurationError, match="BROKER_KEYS"):
+        parse_keys_setting(value)
+
+
+def test_key_file_is_created_owner_only_and_round_trips(tmp_path: Path) -> None:
+    path = tmp_path / "broker.key"
+    keyring = Keyring.generate()
+    write_key_file(path, keyring)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert load_key_file(path) == keyring
+
+
+def test_key_file_readable_by_others_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "broker.key"
+    write_key_file(path, Keyring.generate())
+    path.chmod(0o644)
+    with pytest.raises(ConfigurationError, match="BROKER_KEY_FILE"):
+        load_key_file(path)
+
+
+def test_missing_key_file_says_to_run_init(tmp_path: Path) -> None:
+    settings = Settings(key_file=tmp_path / "absent.key", keys=None)
+    with pytest.raises(ConfigurationError, match="broker init"):
+        load_keyring(settings)
+
+
+def test_keys_setting_wins_over_key_file(tmp_path: Path) -> None:
+    settings = Settings(key_file=tmp_path / "absent.key", keys=f"env:{_key()}")
+    assert load_keyring(settings).primary_id == "env"
