@@ -60,7 +60,15 @@ def _settings() -> Settings:
 
 
 @app.command()
-def init() -> None:
+def init(
+    admin_key: Annotated[
+        bool,
+        typer.Option(
+            "--admin-key/--no-admin-key",
+            help="print a first admin key if none exists (skip in jobs whose output is logged)",
+        ),
+    ] = True,
+) -> None:
     """Create or upgrade the schema, create the key file if needed, print a first admin key once."""
     from broker import bootstrap  # noqa: PLC0415 - keep CLI start-up light
 
@@ -70,7 +78,9 @@ def init() -> None:
     except ConfigurationError as exc:
         fail(str(exc))
     bootstrap.migrate(settings)
-    say(f"database schema is up to date ({settings.database_url})")
+    say("database schema is up to date")
+    if not admin_key:
+        return
     key = bootstrap.create_admin_key(
         settings, keyring, name="initial-admin", role="admin", only_if_none=True
     )

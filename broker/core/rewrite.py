@@ -1,0 +1,240 @@
+"""Rewriting upstream URLs to the broker's public URL (SPEC §5 rules 8 and 9).
+
+Canvas builds ``Location``, ``Link`` and ``meta.pagination`` URLs from its own host. Clients
+that follow them must stay on the broker, so URLs whose origin is the upstream's get the
+broker's public base instead; their path and query are kept byte for byte. URLs to other
+hosts (pre-signed file storage) and relative URLs pass through untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+__all__ = ["Rewriter"]
+
+_DEFAULT_PORTS: Final = {"http": 80, "https": 443}
+_ABSOLUTE: Final = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://([^/?#]*)")
+_JSON_WHITESPACE: Final = re.compile(r"[ \t\n\r]*")
+_HIGH_SURROGATE: Final = range(0xD800, 0xDC00)
+_LOW_SURROGATE: Final = range(0xDC00, 0xE000)
+_UNICODE_ESCAPE_LENGTH: Final = 6
+
+Origin = tuple[str, str, int]
+
+
+def _origin(scheme: str, authority: str) -> Origin | None:
+    """Normalise scheme, host and port; None for userinfo or an unusable authority."""
+    scheme = scheme.lower()
+    if "@" in authority:
+        return None
+    if authority.startswith("["):
+        close = authority.find("]")
+        host, rest = authority[: close + 1], authority[close + 1 :]
+        if close < 0 or (rest and not rest.startswith(":")):
+            return None
+        port_text = rest[1:]
+    else:
+        host, _, port_text = authority.partition(":")
+    if not host:
+        return None
+    if port_text:
+        if not port_text.isascii() or not port_text.isdigit():
+            return None
+        port = int(port_text)
+    elif scheme in _DEFAULT_PORTS:
+        port = _DEFAULT_PORTS[scheme]
+    else:
+        return None
+    return scheme, host.lower(), port
+
+
+@dataclass(frozen=True, slots=True)
+class Rewriter:
+    """Rewrites URLs pointing at ``upstream_origin`` to point at ``public_base``.
+
+    ``upstream_origin`` is ``scheme://host[:port]`` (a trailing slash is tolerated); scheme and
+    host compare case-insensitively and default ports are equivalent to none.
+    ``public_base`` is the broker's public URL without a trailing slash. Both raise
+    ``ValueError`` if they are not absolute URLs of that shape.
+    """
+
+    upstream_origin: str
+    public_base: str
+    _upstream: Origin = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        found = _ABSOLUTE.match(self.upstream_origin)
+        origin = None if found is None else _origin(found.group(1), found.group(2))
+        if found is None or origin is None or self.upstream_origin[found.end() :] not in {"", "/"}:
+            raise ValueError(
+                f"upstream origin {self.upstream_origin!r} is not scheme://host[:port]"
+            )
+        base = _ABSOLUTE.match(self.public_base)
+        if (
+            base is None
+            or _origin(base.group(1), base.group(2)) is None
+            or self.public_base.endswith("/")
+            or any(char in self.public_base[base.end() :] for char in "?#")
+        ):
+            raise ValueError(f"public base {self.public_base!r} is not an absolute URL without '/'")
+        object.__setattr__(self, "_upstream", origin)
+
+    def url(self, value: str) -> str:
+        """Rewrite one URL if it points at the upstream; return anything else unchanged."""
+        rest = self._rest(value)
+        return value if rest is None else self.public_base + rest
+
+    def location(self, value: str) -> str:
+        """Rewrite a ``Location`` header value."""
+        return self.url(value)
+
+    def link_header(self, value: str) -> str:
+        """Rewrite each ``<url>`` of a ``Link`` header, keeping everything else byte for byte.
+
+        A header that does not parse as a list of ``<url>; params`` is returned unchanged.
+        """
+        out: list[str] = []
+        expect_link = True
+        index = 0
+        while index < len(value):
+            char = value[index]
+            if expect_link and char == "<":
+                close = value.find(">", index)
+                if close < 0:
+                    return value
+                out.append(f"<{self.url(value[index + 1 : close])}>")
+                index = close + 1
+                expect_link = False
+                continue
+            if expect_link and char not in " \t,":
+                return value
+            if char == '"':
+                close = _closing_quote(value, index)
+                if close < 0:
+                    return value
+                out.append(value[index : close + 1])
+                index = close + 1
+                continue
+            expect_link = expect_link or char == ","
+            out.append(char)
+            index += 1
+        return "".join(out)
+
+    def json_body(self, body: bytes) -> bytes | None:
+        """Rewrite upstream URLs among the string values of a JSON body's ``meta.pagination``.
+
+        Only those string tokens change, and within them only the origin part: the rest of the
+        body stays byte-identical, escapes included. Returns None when nothing changes or the
+        body is not UTF-8 JSON.
+        """
+        try:
+            text = body.decode("utf-8")
+            json.loads(text)
+        except (ValueError, RecursionError):
+            return None
+        decoder = json.JSONDecoder()
+        replacements: list[tuple[int, int, str]] = []
+        for meta in _member_values(decoder, text, _skip_whitespace(text, 0), "meta"):
+            for pagination in _member_values(decoder, text, meta, "pagination"):
+                for start in _member_values(decoder, text, pagination, None):
+                    replacement = self._rewrite_token(decoder, text, start)
+                    if replacement is not None:
+                        replacements.append(replacement)
+        if not replacements:
+            return None
+        for start, end, token in sorted(replacements, reverse=True):
+            text = text[:start] + token + text[end:]
+        return text.encode("utf-8")
+
+    def _rest(self, value: str) -> str | None:
+        """Return the part after the origin if ``value`` points at the upstream, else None."""
+        found = _ABSOLUTE.match(value)
+        if found is None or _origin(found.group(1), found.group(2)) != self._upstream:
+            return None
+        return value[found.end() :]
+
+    def _rewrite_token(
+        self, decoder: json.JSONDecoder, text: str, start: int
+    ) -> tuple[int, int, str] | None:
+        """Rewrite the JSON string token at ``start`` if it holds an upstream URL."""
+        if text[start] != '"':
+            return None
+        value, end = decoder.raw_decode(text, start)
+        rest = self._rest(value) if isinstance(value, str) else None
+        if rest is None:
+            return None
+        token = text[start:end]
+        split = _raw_offset(token, len(value) - len(rest))
+        base = json.dumps(self.public_base)[1:-1]
+        if "\\/" in token[:split]:
+            base = base.replace("/", "\\/")
+        return start, end, '"' + base + token[split:]
+
+
+def _closing_quote(value: str, start: int) -> int:
+    index = start + 1
+    while index < len(value):
+        if value[index] == "\\":
+            index += 2
+            continue
+        if value[index] == '"':
+            return index
+        index += 1
+    return -1
+
+
+def _skip_whitespace(text: str, index: int) -> int:
+    found = _JSON_WHITESPACE.match(text, index)
+    return index if found is None else found.end()
+
+
+def _member_values(
+    decoder: json.JSONDecoder, text: str, start: int, key: str | None
+) -> Iterator[int]:
+    """Yield where each value of the object at ``start`` begins (only for ``key`` if given).
+
+    ``text`` must already be known to be valid JSON.
+    """
+    if text[start] != "{":
+        return
+    index = _skip_whitespace(text, start + 1)
+    while text[index] != "}":
+        name, index = decoder.raw_decode(text, index)
+        index = _skip_whitespace(text, _skip_whitespace(text, index) + 1)
+        if key is None or name == key:
+            yield index
+        _value, index = decoder.raw_decode(text, index)
+        index = _skip_whitespace(text, index)
+        if text[index] == ",":
+            index = _skip_whitespace(text, index + 1)
+
+
+def _raw_offset(token: str, decoded_length: int) -> int:
+    """Index in a JSON string token after its first ``decoded_length`` decoded characters."""
+    index = 1
+    for _ in range(decoded_length):
+        if token[index] != "\\":
+            index += 1
+        elif token[index + 1] != "u":
+            index += 2
+        elif _is_surrogate_pair(token, index):
+            index += 2 * _UNICODE_ESCAPE_LENGTH
+        else:
+            index += _UNICODE_ESCAPE_LENGTH
+    return index
+
+
+def _is_surrogate_pair(token: str, index: int) -> bool:
+    r"""Tell whether the ``\uXXXX`` escape at ``index`` and the next one decode to one character."""
+    low = index + _UNICODE_ESCAPE_LENGTH
+    return (
+        int(token[index + 2 : index + 6], 16) in _HIGH_SURROGATE
+        and token.startswith("\\u", low)
+        and int(token[low + 2 : low + 6], 16) in _LOW_SURROGATE
+    )

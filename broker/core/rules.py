@@ -1,0 +1,530 @@
+"""The proxy's request rules (SPEC §5) as pure functions on what the client sent.
+
+Every check returns quietly or raises :class:`RuleViolation`, which carries the HTTP status
+and error code to answer with. Parameter names are read the way Canvas's Rack/Rails stack
+would read them, and where Rack versions disagree every reading is checked, so that the broker
+refuses whatever Canvas might act on.
+
+Exceptions::
+
+    Exception
+     └── RuleViolation    a request the broker refuses (status, error, message)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import unquote, unquote_plus
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator, Sequence
+
+__all__ = [
+    "CREDENTIAL_KEYS",
+    "HOP_BY_HOP",
+    "MASQUERADE_KEYS",
+    "OVERRIDE_HEADERS",
+    "OVERRIDE_KEYS",
+    "SENSITIVE_QUERY_KEYS",
+    "RuleViolation",
+    "check_body",
+    "check_headers",
+    "check_path",
+    "check_query",
+    "forward_request_headers",
+    "forward_response_headers",
+    "redact_query",
+]
+
+MASQUERADE_KEYS: Final = frozenset({"as_user_id"})
+"""Parameters that make Canvas act as another user."""
+OVERRIDE_KEYS: Final = frozenset({"_method"})
+"""Parameters Rack reads to override the HTTP method."""
+CREDENTIAL_KEYS: Final = frozenset({"access_token", "api_key"})
+"""Parameters Canvas reads as credentials."""
+OVERRIDE_HEADERS: Final = frozenset(
+    {b"x-http-method-override", b"x-http-method", b"x-method-override"}
+)
+"""Headers that override the HTTP method (lower case)."""
+HOP_BY_HOP: Final = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"trailers",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-connection",
+    }
+)
+"""Hop-by-hop headers, never forwarded in either direction (lower case)."""
+SENSITIVE_QUERY_KEYS: Final = frozenset(
+    {"access_token", "api_key", "password", "client_secret", "token", "code"}
+)
+"""Query parameters whose values the audit log keeps only as keyed hashes."""
+
+# Client-address headers Rails and common front ends trust besides X-Forwarded-*.
+_CLIENT_ADDRESS_HEADERS: Final = frozenset(
+    {b"x-real-ip", b"client-ip", b"true-client-ip", b"x-client-ip", b"x-cluster-client-ip"}
+)
+_REQUEST_DROP: Final = (
+    frozenset({b"authorization", b"cookie", b"host", b"content-length", b"forwarded"})
+    | _CLIENT_ADDRESS_HEADERS
+    | HOP_BY_HOP
+    | OVERRIDE_HEADERS
+)
+_RESPONSE_DROP: Final = frozenset({b"set-cookie", b"set-cookie2"}) | HOP_BY_HOP
+
+_EXCERPT_LIMIT: Final = 100
+
+
+class RuleViolation(Exception):  # noqa: N818 - the name the rest of the broker uses
+    """A request the broker refuses before anything is sent upstream."""
+
+    def __init__(self, status: int, error: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error = error
+        self.message = message
+
+
+# --- Rule 1: canonical paths -------------------------------------------------------------
+
+_PATH_NOT_PRINTABLE: Final = re.compile(rb"[^\x21-\x7e]")
+_PATH_FORBIDDEN: Final = ((b"\\", "a backslash"), (b";", "';'"), (b"#", "'#'"), (b"?", "'?'"))
+_BAD_PERCENT: Final = re.compile(rb"%(?![0-9A-Fa-f]{2})")
+# Encoded '/', '\', '.', '%' and control characters.
+_FORBIDDEN_ESCAPE: Final = re.compile(rb"%(?:2[Ff]|5[Cc]|2[Ee]|25|[01][0-9A-Fa-f]|7[Ff])")
+
+
+def check_path(raw_path: bytes) -> str:
+    """Return the raw request path as text if it is canonical, else raise a 400 violation."""
+    problem = _path_problem(raw_path)
+    if problem is not None:
+        raise RuleViolation(400, "non_canonical_path", f"{problem}: {_excerpt(raw_path)}")
+    return raw_path.decode("ascii")
+
+
+def _path_problem(raw_path: bytes) -> str | None:
+    segments = raw_path[1:].split(b"/") if raw_path != b"/" else []
+    problems = (
+        (not raw_path.startswith(b"/"), "path must start with '/'"),
+        (_PATH_NOT_PRINTABLE.search(raw_path), "path must be printable ASCII without spaces"),
+        *((char in raw_path, f"path must not contain {what}") for char, what in _PATH_FORBIDDEN),
+        (b"" in segments, "path must not contain empty segments"),
+        (b"." in segments or b".." in segments, "path must not contain '.' or '..' segments"),
+        (_BAD_PERCENT.search(raw_path), "path has a '%' not followed by two hex digits"),
+        (
+            _FORBIDDEN_ESCAPE.search(raw_path),
+            "path must not percent-encode '/', '\\', '.', '%' or control characters",
+        ),
+    )
+    return next((message for found, message in problems if found), None)
+
+
+# --- Rules 3 to 5: parameters and headers ------------------------------------------------
+
+
+def _header_key(name: bytes) -> bytes:
+    """Normalise a header name for comparison.
+
+    Servers that pass underscores in names turn both ``X_Forwarded_Host`` and
+    ``X-Forwarded-Host`` into the same Rack variable, so they compare as one.
+    """
+    return name.strip().lower().replace(b"_", b"-")
+
+
+def check_headers(headers: Sequence[tuple[bytes, bytes]]) -> None:
+    """Refuse method-override headers, in any case (403 ``method_override_denied``)."""
+    for name, _value in headers:
+        if _header_key(name) in OVERRIDE_HEADERS:
+            raise RuleViolation(
+                403,
+                "method_override_denied",
+                f"header {name.decode('latin-1')!r} is refused: method override is not allowed",
+            )
+
+
+def check_query(query_string: bytes, *, allow_masquerade: bool) -> None:
+    """Refuse masquerade, method-override and credential parameters in a query string.
+
+    An unparseable query string (bad percent-escape, not UTF-8) is a 400 ``malformed_request``.
+    """
+    try:
+        names = list(_form_names(query_string.decode("utf-8")))
+    except ValueError:
+        raise RuleViolation(
+            400, "malformed_request", "query string is not valid percent-encoded UTF-8"
+        ) from None
+    for name in names:
+        _check_name(name, allow_masquerade=allow_masquerade)
+
+
+def check_body(content_type: str | None, body: bytes, *, allow_masquerade: bool) -> None:
+    """Check a request body's parameters as Canvas would read them.
+
+    JSON (``application/json`` and ``+json`` types), form-urlencoded and multipart bodies are
+    checked for masquerade, method-override and credential keys; a body that does not parse is
+    a 400 ``malformed_body``; any other type with a non-empty body is a 415.
+    """
+    if not body:
+        return
+    parsed = _parse_content_type(content_type) if content_type is not None else None
+    if content_type is None or parsed is None:
+        raise _unsupported("a request body needs a JSON, form-urlencoded or multipart type")
+    media_type, params = parsed
+    if media_type == "multipart/form-data":
+        names = _multipart_names(content_type, params, body)
+    elif params is None:
+        raise _unsupported(f"Content-Type {_excerpt(content_type.encode())} does not parse")
+    elif media_type == "application/json" or media_type.endswith("+json"):
+        names = _json_names(body)
+    elif media_type == "application/x-www-form-urlencoded":
+        names = _form_body_names(body)
+    else:
+        raise _unsupported(f"request bodies of type {_excerpt(media_type.encode())} are refused")
+    for name in names:
+        _check_name(name, allow_masquerade=allow_masquerade)
+
+
+def _unsupported(message: str) -> RuleViolation:
+    return RuleViolation(415, "unsupported_media_type", message)
+
+
+_RACK2_BASE: Final = re.compile(r"[\[\]]*([^\[\]]+)")
+
+
+def _name_readings(name: str) -> set[str]:
+    """Every top-level key a Rack or Rails version could read from a parameter name."""
+    readings = {name, name.split("[", 1)[0]}
+    # Rack 2 drops leading brackets: `[as_user_id]` is read as `as_user_id`.
+    rack2 = _RACK2_BASE.match(name)
+    if rack2 is not None:
+        readings.add(rack2.group(1))
+    # Rack 3 and Rails look for the first '[' after the first character.
+    bracket = name.find("[", 1)
+    readings.add(name if bracket < 0 else name[:bracket])
+    return readings
+
+
+def _check_name(name: str, *, allow_masquerade: bool) -> None:
+    readings = _name_readings(name)
+    shown = _excerpt(name.encode("utf-8", "backslashreplace"))
+    if not allow_masquerade and readings & MASQUERADE_KEYS:
+        raise RuleViolation(
+            403, "masquerade_denied", f"parameter {shown} is refused: masquerading is not allowed"
+        )
+    if readings & OVERRIDE_KEYS:
+        raise RuleViolation(
+            403,
+            "method_override_denied",
+            f"parameter {shown} is refused: method override is not allowed",
+        )
+    if readings & CREDENTIAL_KEYS:
+        raise RuleViolation(
+            403,
+            "credential_param_denied",
+            f"parameter {shown} is refused: credentials come from the broker",
+        )
+
+
+# --- Form and query parsing (as Rack does it) --------------------------------------------
+
+# Rack 2 splits on '&' and ';' and swallows spaces after the separator; Rack 3 only on '&'.
+# Splitting on both reads every key either version could see.
+_SEPARATOR: Final = re.compile(r"[&;] *")
+_BAD_ESCAPE: Final = re.compile(r"%(?![0-9A-Fa-f]{2})")
+
+
+def _form_decode(component: str) -> str:
+    """Decode one form component like Rack; ValueError on a bad escape or non-UTF-8."""
+    if _BAD_ESCAPE.search(component):
+        raise ValueError("invalid percent-escape")
+    return unquote_plus(component, errors="strict")
+
+
+def _form_names(text: str) -> Iterator[str]:
+    for pair in _SEPARATOR.split(text):
+        if not pair:
+            continue
+        key, _, value = pair.partition("=")
+        _form_decode(value)
+        yield _form_decode(key)
+
+
+def _form_body_names(body: bytes) -> list[str]:
+    try:
+        return list(_form_names(body.decode("utf-8")))
+    except ValueError:
+        raise RuleViolation(
+            400, "malformed_body", "form body is not valid percent-encoded UTF-8"
+        ) from None
+
+
+# --- Content types -----------------------------------------------------------------------
+
+_TCHARS: Final = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_QUOTED: Final = r'"(?:[^"\\]|\\.)*"'
+_MEDIA_TYPE: Final = re.compile(rf"[ \t]*({_TCHARS}/{_TCHARS})[ \t]*")
+_MEDIA_PARAM: Final = re.compile(rf";[ \t]*(?:({_TCHARS})=({_TCHARS}|{_QUOTED})[ \t]*)?")
+_QUOTED_PAIR: Final = re.compile(r"\\(.)")
+
+
+def _parse_content_type(value: str) -> tuple[str, dict[str, str] | None] | None:
+    """Split a Content-Type into its lower-cased media type and parameters.
+
+    None if the media type is malformed; parameters are None if they are malformed or repeated.
+    """
+    media = _MEDIA_TYPE.match(value)
+    if media is None:
+        return None
+    return media.group(1).lower(), _media_params(value, media.end())
+
+
+def _media_params(value: str, position: int) -> dict[str, str] | None:
+    params: dict[str, str] = {}
+    while position < len(value):
+        param = _MEDIA_PARAM.match(value, position)
+        if param is None:
+            return None
+        position = param.end()
+        if param.group(1) is None:
+            continue
+        name = param.group(1).lower()
+        if name in params:
+            return None
+        params[name] = _dequote(param.group(2))
+    return params
+
+
+def _dequote(value: str) -> str:
+    if len(value) >= 2 and value[0] == value[-1] == '"':  # noqa: PLR2004 - two quote marks
+        return _QUOTED_PAIR.sub(r"\1", value[1:-1])
+    return value
+
+
+# --- JSON bodies -------------------------------------------------------------------------
+
+
+def _json_names(body: bytes) -> list[str]:
+    """Every object key anywhere in a JSON body (Rails merges nested params)."""
+    names: list[str] = []
+
+    def collect(pairs: list[tuple[str, Any]]) -> None:
+        names.extend(key for key, _value in pairs)
+
+    def refuse_constant(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON")
+
+    try:
+        json.loads(body.decode("utf-8"), object_pairs_hook=collect, parse_constant=refuse_constant)
+    except (ValueError, RecursionError):
+        raise RuleViolation(400, "malformed_body", "request body is not valid UTF-8 JSON") from None
+    return names
+
+
+# --- Multipart bodies --------------------------------------------------------------------
+
+# RFC 2046 boundary characters, minus space and ',' which Rack's boundary regex cuts at.
+_BOUNDARY: Final = re.compile(r"[0-9A-Za-z'()+_./:=?-]{1,70}")
+_HEADER_LINE: Final = re.compile(rf"({_TCHARS}):[ \t]*([^\r\n]*?)[ \t]*")
+_DISPOSITION: Final = re.compile(
+    rf"form-data[ \t]*((?:;[ \t]*{_TCHARS}=(?:{_TCHARS}|{_QUOTED})[ \t]*)*)", re.IGNORECASE
+)
+_DISPOSITION_PARAM: Final = re.compile(rf";[ \t]*({_TCHARS})=({_TCHARS}|{_QUOTED})")
+# What Rack's own regexes pick out of a part head as a name or file name, wherever it appears.
+_RACK_BOUNDARY: Final = re.compile(r'multipart/.*boundary="?([^";,]+)', re.IGNORECASE)
+# A lookahead, so that a `; name=` inside another parameter's quoted value is found too.
+_RACK_NAME_VALUE: Final = re.compile(
+    r'(?=;\s*(?:file)?name\*?=("(?:\\"|[^"])*"|[^\s()<>,;:\\"/\[\]?=]+))', re.IGNORECASE
+)
+_EXT_VALUE: Final = re.compile(r"[^']*'[^']*'(.*)")
+
+
+def _malformed_multipart(message: str) -> RuleViolation:
+    return RuleViolation(400, "malformed_body", f"multipart body: {message}")
+
+
+def _multipart_names(content_type: str, params: dict[str, str] | None, body: bytes) -> list[str]:
+    """Every name Canvas could read from a multipart/form-data body's parts."""
+    boundary = None if params is None else params.get("boundary")
+    if boundary is None or _BOUNDARY.fullmatch(boundary) is None:
+        raise _malformed_multipart("Content-Type needs a plain boundary parameter")
+    # Rack finds the boundary with its own loose regex: it must see exactly the same one.
+    rack_boundary = _RACK_BOUNDARY.match(content_type)
+    if (
+        content_type.lower().count("boundary=") != 1
+        or rack_boundary is None
+        or rack_boundary.group(1) != boundary
+    ):
+        raise _malformed_multipart("Content-Type must name exactly one plain boundary")
+    names: list[str] = []
+    for head in _part_heads(body, boundary.encode("ascii")):
+        names.extend(_part_names(head))
+    return names
+
+
+def _part_heads(body: bytes, boundary: bytes) -> list[bytes]:
+    """Split a multipart body strictly and return each part's header block.
+
+    Every occurrence of ``--boundary`` must be a proper delimiter: Rack also accepts one
+    without the CRLF in front, so a stray one could hide a part from a laxer reading.
+    """
+    delimiter = b"--" + boundary
+    starts: list[int] = []
+    position = body.find(delimiter)
+    while position >= 0:
+        starts.append(position)
+        position = body.find(delimiter, position + 1)
+    if not starts or starts[0] != 0:
+        raise _malformed_multipart("body must start with the boundary")
+    heads: list[bytes] = []
+    for number, start in enumerate(starts):
+        if start and body[start - 2 : start] != b"\r\n":
+            raise _malformed_multipart("boundary not at the start of a line")
+        after = body[start + len(delimiter) : start + len(delimiter) + 2]
+        if after == b"--":
+            if number != len(starts) - 1:
+                raise _malformed_multipart("data after the closing boundary")
+            return heads
+        if after != b"\r\n":
+            raise _malformed_multipart("boundary not followed by a line break")
+        end = starts[number + 1] - 2 if number + 1 < len(starts) else len(body)
+        part = body[start + len(delimiter) + 2 : end]
+        head_end = part.find(b"\r\n\r\n")
+        if head_end < 0:
+            raise _malformed_multipart("part without a blank line after its headers")
+        heads.append(part[:head_end])
+    raise _malformed_multipart("missing closing boundary")
+
+
+def _part_names(head_bytes: bytes) -> list[str]:
+    try:
+        head = head_bytes.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _malformed_multipart("part headers are not UTF-8") from None
+    dispositions: list[str] = []
+    readings: list[str] = []
+    for line in head.split("\r\n"):
+        header = _HEADER_LINE.fullmatch(line)
+        if header is None:
+            raise _malformed_multipart("malformed part header line")
+        name = header.group(1).lower()
+        if name == "content-disposition":
+            dispositions.append(header.group(2))
+        elif name == "content-id":
+            # Rack names a part after its Content-ID when the disposition has no name.
+            readings.append(header.group(2))
+    if len(dispositions) != 1:
+        raise _malformed_multipart("each part needs exactly one Content-Disposition")
+    readings.append(_disposition_name(dispositions[0]))
+    readings.extend(_dequote(value) for value in _RACK_NAME_VALUE.findall(head))
+    return _decoded_readings(readings)
+
+
+def _disposition_name(value: str) -> str:
+    disposition = _DISPOSITION.fullmatch(value)
+    if disposition is None:
+        raise _malformed_multipart("Content-Disposition must be form-data with parameters")
+    found = [
+        _dequote(param_value)
+        for param_name, param_value in _DISPOSITION_PARAM.findall(disposition.group(1))
+        if param_name.lower() == "name"
+    ]
+    if len(found) != 1 or not found[0]:
+        raise _malformed_multipart("each part needs exactly one non-empty name")
+    return found[0]
+
+
+def _decoded_readings(readings: list[str]) -> list[str]:
+    """Add the percent-decoded forms Rack may apply to file names (RFC 5987 included)."""
+    result: list[str] = []
+    for reading in readings:
+        result += (reading, unquote(reading, errors="replace"))
+        extended = _EXT_VALUE.fullmatch(reading)
+        if extended is not None:
+            result.append(unquote(extended.group(1), errors="replace"))
+    return result
+
+
+# --- Rule 6 and 10: header forwarding ----------------------------------------------------
+
+
+def _connection_named(headers: Sequence[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    named: set[bytes] = set()
+    for name, value in headers:
+        if _header_key(name) == b"connection":
+            named.update(_header_key(token) for token in value.split(b","))
+    named.discard(b"")
+    return frozenset(named)
+
+
+def forward_request_headers(headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """Return the client headers to send upstream, in order, as sent.
+
+    Drops credentials (Authorization, Cookie), Host, Content-Length, Forwarded,
+    ``X-Forwarded-*``, client-address headers, method-override headers, hop-by-hop headers and
+    any header named in the client's Connection header.
+    """
+    named = _connection_named(headers)
+    kept: list[tuple[bytes, bytes]] = []
+    for name, value in headers:
+        key = _header_key(name)
+        if key in _REQUEST_DROP or key in named or key.startswith(b"x-forwarded-"):
+            continue
+        kept.append((name, value))
+    return kept
+
+
+def forward_response_headers(headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """Return the upstream response headers to pass to the client, in order, as sent.
+
+    Drops Set-Cookie, hop-by-hop headers and any header named in upstream's Connection header.
+    """
+    named = _connection_named(headers)
+    return [
+        (name, value)
+        for name, value in headers
+        if (key := _header_key(name)) not in _RESPONSE_DROP and key not in named
+    ]
+
+
+# --- Audit -------------------------------------------------------------------------------
+
+_SEPARATOR_KEPT: Final = re.compile(r"([&;] *)")
+
+
+def redact_query(
+    query_string: bytes,
+    hash_value: Callable[[str], str],
+    sensitive: frozenset[str] = SENSITIVE_QUERY_KEYS,
+) -> str:
+    """Return a query string for the audit log with sensitive values replaced by hashes.
+
+    Keys compare by every name Rack could read, case-insensitively (over-redacting is
+    harmless). Other pairs are kept as sent. Unparseable input yields a marker, never the raw
+    text.
+    """
+    lowered = {key.lower() for key in sensitive}
+    try:
+        pieces = _SEPARATOR_KEPT.split(query_string.decode("utf-8"))
+        for index in range(0, len(pieces), 2):
+            key, equals, value = pieces[index].partition("=")
+            decoded_value = _form_decode(value)
+            readings = {reading.lower() for reading in _name_readings(_form_decode(key))}
+            if equals and readings & lowered:
+                pieces[index] = f"{key}={hash_value(decoded_value)}"
+    except ValueError:
+        return f"<malformed query: {len(query_string)} bytes>"
+    return "".join(pieces)
+
+
+def _excerpt(raw: bytes) -> str:
+    shown = raw[:_EXCERPT_LIMIT].decode("ascii", "backslashreplace")
+    suffix = "..." if len(raw) > _EXCERPT_LIMIT else ""
+    return repr(shown + suffix)

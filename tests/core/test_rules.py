@@ -1,0 +1,821 @@
+"""Tests for the proxy's request rules."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from broker.core.rules import (
+    CREDENTIAL_KEYS,
+    HOP_BY_HOP,
+    MASQUERADE_KEYS,
+    OVERRIDE_HEADERS,
+    OVERRIDE_KEYS,
+    SENSITIVE_QUERY_KEYS,
+    RuleViolation,
+    check_body,
+    check_headers,
+    check_path,
+    check_query,
+    forward_request_headers,
+    forward_response_headers,
+    redact_query,
+)
+
+
+def violation(excinfo: pytest.ExceptionInfo[RuleViolation]) -> tuple[int, str]:
+    return excinfo.value.status, excinfo.value.error
+
+
+def test_rule_violation_carries_status_error_and_message() -> None:
+    error = RuleViolation(403, "masquerade_denied", "no")
+    assert (error.status, error.error, error.message, str(error)) == (
+        403,
+        "masquerade_denied",
+        "no",
+        "no",
+    )
+
+
+def test_key_sets_are_the_documented_ones() -> None:
+    assert {"as_user_id"} == MASQUERADE_KEYS
+    assert {"_method"} == OVERRIDE_KEYS
+    assert {"access_token", "api_key"} == CREDENTIAL_KEYS
+    assert {b"x-http-method-override", b"x-http-method", b"x-method-override"} == OVERRIDE_HEADERS
+
+
+# --- check_path ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        b"/",
+        b"/api/v1/courses",
+        b"/api/v1/courses/1/assignments.json",
+        b"/api/v1/courses/sis_course_id:A%20B",
+        b"/api/v1/courses/sis_course_id%3AX",
+        b"/api/v1/courses/1~23",
+        b"/api/v1/users/self/files",
+        b"/api/v1/courses/%C3%A9t%C3%A9",
+        b"/api/v1/courses/...",
+        b"/api/v1/courses/.hidden",
+        b"/api/v1/courses/a..b",
+        b"/api/v1/files/a+b",
+        b"/api/v1/x/%3F%23%3B%26",
+        b"/api/v1/x/%7E%20%2B",
+    ],
+)
+def test_check_path_returns_canonical_paths_as_text(path: bytes) -> None:
+    assert check_path(path) == path.decode("ascii")
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        b"",
+        b"api/v1/courses",
+        b"*",
+        b"http://evil/api/v1/courses",
+        b"/api/v1/courses/../accounts",
+        b"/api/v1/courses/./1",
+        b"/api/v1/courses/..",
+        b"/api/v1/courses/.",
+        b"/..",
+        b"/.",
+        b"/api/v1//courses",
+        b"//api/v1/courses",
+        b"/api/v1/courses/",
+        b"/api/v1/courses//",
+        b"/api/v1/courses/%2e%2e/accounts",
+        b"/api/v1/courses/%2E%2E/accounts",
+        b"/api/v1/courses/%2e",
+        b"/api/v1/courses/.%2e",
+        b"/api/v1/courses/1%2Ejson",
+        b"/api/v1/courses%2f1",
+        b"/api/v1/courses%2F1",
+        b"/api/v1/courses%5c1",
+        b"/api/v1/courses%5C1",
+        b"/api/v1/courses\\1",
+        b"/api/v1/courses/1%00",
+        b"/api/v1/courses/1%0a",
+        b"/api/v1/courses/1%0D",
+        b"/api/v1/courses/1%1f",
+        b"/api/v1/courses/1%7f",
+        b"/api/v1/courses/1%7F",
+        b"/api/v1/courses/%252e%252e",
+        b"/api/v1/courses/%252F",
+        b"/api/v1/courses/%25",
+        b"/api/v1/courses/%",
+        b"/api/v1/courses/%2",
+        b"/api/v1/courses/%zz",
+        b"/api/v1/courses/%%32%65",
+        b"/api/v1/courses/1;as_user_id=2",
+        b"/api/v1/courses;x/1",
+        b"/api/v1/courses/1#frag",
+        b"/api/v1/courses/1?x=1",
+        b"/api/v1/courses/1 2",
+        b"/api/v1/courses/1\t2",
+        b"/api/v1/courses/1\x00",
+        b"/api/v1/courses/1\x7f",
+        b"/api/v1/courses/\xc3\xa9",
+        b"/api/v1/courses/\xff",
+        b"/api/v1/courses/1\r\nX-Injected: 1",
+    ],
+)
+def test_check_path_refuses_non_canonical_paths(path: bytes) -> None:
+    with pytest.raises(RuleViolation) as caught:
+        check_path(path)
+    assert violation(caught) == (400, "non_canonical_path")
+
+
+def test_check_path_message_truncates_huge_input() -> None:
+    with pytest.raises(RuleViolation) as caught:
+        check_path(b"/" + b"a" * 10_000 + b"/..")
+    assert len(caught.value.message) < 250
+
+
+def test_check_path_message_says_what_was_wrong() -> None:
+    with pytest.raises(RuleViolation, match="empty segments"):
+        check_path(b"/api//x")
+
+
+@settings(max_examples=1000)
+@given(
+    st.lists(
+        st.one_of(
+            st.sampled_from(["/", ".", "..", "%2e", "%2E", "%2f", "%2F", "%5c", "%25", "%", "%00"]),
+            st.sampled_from(["a", "1", ";", "?", "#", "\\", " ", "\x7f", "\xe9", "%41", "%c3%a9"]),
+        ),
+        max_size=12,
+    ).map(lambda parts: "".join(parts).encode("utf-8"))
+)
+def test_check_path_output_never_holds_dot_or_empty_segments_or_encoded_slashes(
+    path: bytes,
+) -> None:
+    try:
+        result = check_path(path)
+    except RuleViolation as error:
+        refusal = (error.status, error.error)
+        result = None
+    if result is None:
+        assert refusal == (400, "non_canonical_path")
+        return
+    assert result.encode("ascii") == path
+    assert result.startswith("/")
+    segments = result[1:].split("/")
+    assert result == "/" or all(segment not in {"", ".", ".."} for segment in segments)
+    lowered = result.lower()
+    for encoded in ("%2f", "%5c", "%2e", "%25", "%00"):
+        assert encoded not in lowered
+    assert all(0x21 <= byte <= 0x7E for byte in path)
+
+
+@settings(max_examples=500)
+@given(st.binary(max_size=40))
+def test_check_path_accepts_only_printable_ascii(path: bytes) -> None:
+    try:
+        result = check_path(b"/" + path)
+    except RuleViolation:
+        return
+    assert all(0x21 <= byte <= 0x7E and byte not in b"\\;#?" for byte in result.encode())
+
+
+# --- check_headers ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        b"x-http-method-override",
+        b"X-HTTP-Method-Override",
+        b"x-http-method",
+        b"X-Http-Method",
+        b"x-method-override",
+        b"X-METHOD-OVERRIDE",
+        b"x_http_method_override",
+        b" X-HTTP-Method ",
+    ],
+)
+def test_check_headers_refuses_method_override_headers(name: bytes) -> None:
+    with pytest.raises(RuleViolation) as caught:
+        check_headers([(b"accept", b"*/*"), (name, b"DELETE")])
+    assert violation(caught) == (403, "method_override_denied")
+
+
+def test_check_headers_allows_ordinary_headers() -> None:
+    check_headers([(b"accept", b"application/json"), (b"x-method", b"DELETE"), (b"method", b"x")])
+
+
+# --- check_query -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("query", "error"),
+    [
+        (b"as_user_id=2", "masquerade_denied"),
+        (b"per_page=10&as_user_id=2", "masquerade_denied"),
+        (b"as_user_id", "masquerade_denied"),
+        (b"as_user_id=", "masquerade_denied"),
+        (b"as_user_id[]=2", "masquerade_denied"),
+        (b"as_user_id%5B%5D=2", "masquerade_denied"),
+        (b"as_user_id[0]=2", "masquerade_denied"),
+        (b"as_user_id[x][y]=2", "masquerade_denied"),
+        (b"as_user_id]=2", "masquerade_denied"),
+        (b"[as_user_id]=2", "masquerade_denied"),
+        (b"[]as_user_id=2", "masquerade_denied"),
+        (b"as%5Fuser%5Fid=2", "masquerade_denied"),
+        (b"as%5fuser%5fid=2", "masquerade_denied"),
+        (b"%61s_user_id=2", "masquerade_denied"),
+        (b"a=1;as_user_id=2", "masquerade_denied"),
+        (b"a=1&%20as_user_id=2".replace(b"%20", b" "), "masquerade_denied"),
+        (b"a=1;  as_user_id=2", "masquerade_denied"),
+        (b"_method=DELETE", "method_override_denied"),
+        (b"_method[x]=DELETE", "method_override_denied"),
+        (b"%5Fmethod=DELETE", "method_override_denied"),
+        (b"x=1&_method=delete", "method_override_denied"),
+        (b"access_token=abc", "credential_param_denied"),
+        (b"api_key=abc", "credential_param_denied"),
+        (b"access%5Ftoken=abc", "credential_param_denied"),
+        (b"access_token[]=abc", "credential_param_denied"),
+    ],
+)
+def test_check_query_refuses_keys_canvas_would_read(query: bytes, error: str) -> None:
+    with pytest.raises(RuleViolation) as caught:
+        check_query(query, allow_masquerade=False)
+    assert violation(caught) == (403, error)
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        b"",
+        b"per_page=100&page=2",
+        b"include[]=submission&include[]=rubric",
+        b"search_term=as_user_id",
+        b"x=as_user_id=2",
+        b"AS_USER_ID=2",
+        b"As_User_Id=2",
+        b"as_user_id_x=2",
+        b"xas_user_id=2",
+        b"as+user+id=2",
+        b"+as_user_id=2",
+        b"as_user_id+=2",
+        b"method=DELETE",
+        b"_METHOD=DELETE",
+        b"token=abc",
+        b"Access_Token=abc",
+        b"&&=&",
+        b"q=%C3%A9t%C3%A9",
+        b"user[as]=1",
+        b"assignment[as_user_id]=2",
+    ],
+)
+def test_check_query_allows_ordinary_queries(query: bytes) -> None:
+    check_query(query, allow_masquerade=False)
+
+
+def test_check_query_allows_masquerade_when_the_client_may() -> None:
+    check_query(b"as_user_id=2&as_user_id[]=3", allow_masquerade=True)
+
+
+@pytest.mark.parametrize(
+    ("query", "error"),
+    [
+        (b"as_user_id=2&_method=DELETE", "method_override_denied"),
+        (b"as_user_id=2&access_token=x", "credential_param_denied"),
+    ],
+)
+def test_allow_masquerade_does_not_allow_other_keys(query: bytes, error: str) -> None:
+    with pytest.raises(RuleViolation) as caught:
+        check_query(query, allow_masquerade=True)
+    assert violation(caught) == (403, error)
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        b"a=%",
+        b"a=%2",
+        b"a=%zz",
+        b"%=1",
+        b"a=%FF",
+        b"a=%C3",
+        b"a=\xff",
+        b"per_page=10&as_user_id=%",
+    ],
+)
+def test_check_query_refuses_unparseable_queries(query: bytes) -> None:
+    with pytest.raises(RuleViolation) as caught:
+        check_query(query, allow_masquerade=False)
+    assert violation(caught) == (400, "malformed_request")
+
+
+# --- check_body ------------------------------------------------------------------------------
+
+
+def test_check_body_accepts_an_empty_body_of_any_type() -> None:
+    for content_type in (None, "text/plain", "application/octet-stream", "", "garbage"):
+        check_body(content_type, b"", allow_masquerade=False)
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        None,
+        "",
+        "text/plain",
+        "text/plain; charset=utf-8",
+        "application/xml",
+        "application/octet-stream",
+        "multipart/mixed; boundary=x",
+        "multipart/related; boundary=x",
+        "text/json",
+        "application/jsonx",
+        "application",
+        "application/json garbage",
+        "application/json; charset",
+        "application/json, text/plain",
+        "application/x-www-form-urlencoded; charset=utf-8; charset=latin1",
+        "/json",
+    ],
+)
+def test_check_body_refuses_other_types_with_a_body(content_type: str | None) -> None:
+    with pytest.raises(RuleViolation) as caught:
+        check_body(content_type, b"as_user_id=1", allow_masquerade=False)
+    assert violation(caught) == (415, "unsupported_media_type")
+
+
+# JSON
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "application/json",
+        "Application/JSON",
+        "application/json; charset=utf-8",
+        "application/json;charset=UTF-8",
+        'application/json; charset="utf-8"',
+        "application/vnd.api+json",
+        "application/merge-patch+json",
+        "application/json;",
+    ],
+)
+def test_check_body_reads_json_types(content_type: str) -> None:
+    check_body(content_type, b'{"assignment": {"name": "x"}}', allow_masquerade=False)
+    with pytest.raises(RuleViolation) as caught:
+        check_body(content_type, b'{"as_user_id": 2}', allow_masquerade=False)
+    assert violation(caught) == (403, "masquerade_denied")
+
+
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        ({"as_user_id": 2}, "masquerade_denied"),
+        ({"assignment": {"as_user_id": 2}}, "masquerade_denied"),
+        ({"a": [{"b": [{"as_user_id": 2}]}]}, "masquerade_denied"),
+        ([{"as_user_id": 2}], "masquerade_denied"),
+        ({"as_user_id[]": [2]}, "masquerade_denied"),
+        ({"_method": "DELETE"}, "method_override_denied"),
+        ({"x": {"_method": "DELETE"}}, "method_override_denied"),
+        ({"access_token": "abc"}, "credential_param_denied"),
+        ({"deep": {"er": {"api_key": "abc"}}}, "credential_param_denied"),
+    ],
+)
+def test_check_body_refuses_keys_anywhere_in_json(body: object, error: str) -> None:
+    with pytest.raises(RuleViolation) as caught:
+        check_body("application/json", json.dumps(body).encode(), allow_masquerade=False)
+    assert violation(caught) == (403, error)
+
+
+def test_check_body_sees_duplicate_json_keys() -> None:
+    with pytest.raises(RuleViolation, match="as_user_id"):
+        check_body("application/json", b'{"a": 1, "as_user_id": 2, "a": 3}', allow_masquerade=False)
+
+
+def test_check_body_sees_escaped_json_keys() -> None:
+    with pytest.raises(RuleViolation) as caught:
+        check_body("application/json", b'{"as\\u005fuser_id": 2}', allow_masquerade=False)
+    assert violation(caught) == (403, "masquerade_denied")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"name": "as_user_id"},
+        {"user": ["as_user_id", "_method"]},
+        {"AS_USER_ID": 1},
+        {"as%5Fuser%5Fid": 1},
+        "as_user_id",
+        [1, 2, 3],
+        None,
+    ],
+)
+def test_check_body_allows_json_without_the_keys(body: object) -> None:
+    check_body("application/json", json.dumps(body).encode(), allow_masquerade=False)
+
+
+def test_check_body_allows_masquerade_in_json_when_the_client_may() -> None:
+    check_body("application/json", b'{"as_user_id": 2}', allow_masquerade=True)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"{",
+        b"{'a': 1}",
+        b"as_user_id=2",
+        b'{"a": NaN}',
+        b'{"a": Infinity}',
+        b'{"a": "\xff"}',
+        b'\xef\xbb\xbf{"a": 1}',
+        '{"a": 1}'.encode("utf-16"),
+        b"[" * 100_000,
+        b'{"a": 1} {"b": 2}',
+    ],
+)
+def test_check_body_refuses_malformed_json(body: bytes) -> None:
+    with pytest.raises(RuleViolation) as caught:
+        check_body("application/json", body, allow_masquerade=False)
+    assert violation(caught) == (400, "malformed_body")
+
+
+# Form bodies
+
+FORM = "application/x-www-form-urlencoded"
+
+
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        (b"as_user_id=2", "masquerade_denied"),
+        (b"assignment[name]=x&as_user_id[]=2", "masquerade_denied"),
+        (b"as%5Fuser%5Fid=2", "masquerade_denied"),
+        (b"_method=DELETE", "method_override_denied"),
+        (b"_method[]=DELETE", "method_override_denied"),
+        (b"access_token=x", "credential_param_denied"),
+        (b"api_key=x", "credential_param_denied"),
+    ],
+)
+def test_check_body_refuses_keys_in_form_bodies(body: bytes, error: str) -> None:
+    with pytest.raises(RuleViolation) as caught:
+        check_body(f"{FORM}; charset=UTF-8", body, allow_masquerade=False)
+    assert violation(caught) == (403, error)
+
+
+def test_check_body_allows_ordinary_form_bodies() -> None:
+    check_body(FORM, b"assignment[name]=as_user_id&comment=a+b%21", allow_masquerade=False)
+
+
+@pytest.mark.parametrize("body", [b"a=%", b"a=%zz", b"a=%FF", b"\xff=1"])
+def test_check_body_refuses_malformed_form_bodies(body: bytes) -> None:
+    with pytest.raises(RuleViolation) as caught:
+        check_body(FORM, body, allow_masquerade=False)
+    assert violation(caught) == (400, "malformed_body")
+
+
+# Multipart bodies
+
+BOUNDARY = "----broker-test-boundary"
+MULTIPART = f"multipart/form-data; boundary={BOUNDARY}"
+
+
+def multipart(*parts: tuple[str, bytes], boundary: str = BOUNDARY) -> bytes:
+    out = b""
+    for head, content in parts:
+        out += f"--{boundary}\r\n{head}\r\n\r\n".encode() + content + b"\r\n"
+    return out + f"--{boundary}--\r\n".encode()
+
+
+def form_part(name: str, value: bytes = b"v") -> tuple[str, bytes]:
+    return f'Content-Disposition: form-data; name="{name}"', value
+
+
+def test_check_body_allows_ordinary_multipart_bodies() -> None:
+    body = multipart(
+        form_part("assignment[name]", b"as_user_id"),
+        (
+            (
+                'Content-Disposition: form-data; name="file"; filename="report.pdf"\r\n'
+                "Content-Type: application/pdf"
+            ),
+            b"%PDF-1.4 --" + BOUNDARY[:-1].encode() + b"\r\n\r\n as_user_id=1",
+        ),
+        (
+            'Content-Disposition: form-data; name="attrs"\r\nContent-Type: application/json',
+            b'{"as_user_id": 2, "_method": "DELETE"}',
+        ),
+    )
+    check_body(MULTIPART, body, allow_masquerade=False)
+
+
+def test_check_body_accepts_multipart_content_type_variants() -> None:
+    body = multipart(form_part("a"), boundary="simple")
+    for content_type in (
+        "multipart/form-data; boundary=simple",
+        "Multipart/Form-Data; BOUNDARY=simple",
+        'multipart/form-data; boundary="simple"',
+        "multipart/form-data;boundary=simple; charset=utf-8",
+    ):
+        check_body(content_type, body, allow_masquerade=False)
+
+
+def test_check_body_accepts_a_multipart_body_without_parts() -> None:
+    check_body(MULTIPART, f"--{BOUNDARY}--".encode(), allow_masquerade=False)
+
+
+@pytest.mark.parametrize(
+    ("part", "error"),
+    [
+        (form_part("as_user_id"), "masquerade_denied"),
+        (form_part("as_user_id[]"), "masquerade_denied"),
+        (form_part("[as_user_id]"), "masquerade_denied"),
+        (form_part("as%5Fuser%5Fid"), "masquerade_denied"),
+        (("Content-Disposition: form-data; name=as_user_id", b"2"), "masquerade_denied"),
+        (('content-disposition: FORM-DATA; NAME="as_user_id"', b"2"), "masquerade_denied"),
+        (
+            ('Content-Disposition: form-data; name="as_user_id"; filename="a.txt"', b"2"),
+            "masquerade_denied",
+        ),
+        (
+            ('Content-Disposition: form-data; name="f"; filename="x; name=as_user_id"', b"2"),
+            "masquerade_denied",
+        ),
+        (
+            ('Content-Disposition: form-data; filename="a:b"; name="as_user_id"', b"2"),
+            "masquerade_denied",
+        ),
+        (
+            ('Content-Disposition: form-data; filename="as_user_id"; name="f"', b"2"),
+            "masquerade_denied",
+        ),
+        (
+            ("Content-Disposition: form-data; name=\"f\"; filename*=UTF-8''as_user_id", b"2"),
+            "masquerade_denied",
+        ),
+        (
+            ('Content-Disposition: form-data; name="f"\r\nContent-ID: as_user_id', b"2"),
+            "masquerade_denied",
+        ),
+        (
+            ("X-Note: Content-Disposition:; name=as_user_id\r\n" + form_part("f")[0], b"2"),
+            "masquerade_denied",
+        ),
+        (form_part("_method"), "method_override_denied"),
+        (form_part("access_token"), "credential_param_denied"),
+        (form_part("api_key[]"), "credential_param_denied"),
+    ],
+)
+def test_check_body_refuses_keys_in_multipart_part_names(
+    part: tuple[str, bytes], error: str
+) -> None:
+    body = multipart(form_part("a"), part)
+    with pytest.raises(RuleViolation) as caught:
+        check_body(MULTIPART, body, allow_masquerade=False)
+    assert violation(caught) == (403, error)
+
+
+def test_check_body_allows_multipart_masquerade_when_the_client_may() -> None:
+    check_body(MULTIPART, multipart(form_part("as_user_id")), allow_masquerade=True)
+
+
+def test_check_body_does_not_reparse_json_parts() -> None:
+    body = multipart(
+        ('Content-Disposition: form-data; name="a"\r\nContent-Type: application/json', b"{bad")
+    )
+    check_body(MULTIPART, body, allow_masquerade=False)
+
+
+VALID = multipart(form_part("a"))
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("multipart/form-data", VALID),
+        ("multipart/form-data; boundary=", VALID),
+        ('multipart/form-data; boundary=""', VALID),
+        ("multipart/form-data; boundary=a,b", VALID),
+        ('multipart/form-data; boundary="a b"', VALID),
+        ('multipart/form-data; boundary="a;b"', VALID),
+        ("multipart/form-data; boundary=" + "a" * 71, VALID),
+        (f"{MULTIPART}; boundary={BOUNDARY}", VALID),
+        (f'{MULTIPART}; x="boundary=evil"', VALID),
+        ('multipart/form-data; boundary="\\a"', multipart(form_part("x"), boundary="a")),
+        ("multipart/form-data; boundary=a ; x=y", multipart(form_part("x"), boundary="a")),
+        (" multipart/form-data; boundary=a", multipart(form_part("x"), boundary="a")),
+        (MULTIPART, b"preamble\r\n" + VALID),
+        (MULTIPART, VALID[: -len(f"--{BOUNDARY}--\r\n")]),
+        (MULTIPART, VALID.replace(b"--\r\n", b"\r\n")),
+        (MULTIPART, VALID + f"--{BOUNDARY}--".encode()),
+        (MULTIPART, VALID + f"epilogue --{BOUNDARY}\r\n".encode()),
+        (MULTIPART, multipart(("", b"no headers"))),
+        (MULTIPART, multipart(("Content-Type: text/plain", b"x"))),
+        (MULTIPART, multipart(("Content-Disposition: form-data", b"x"))),
+        (MULTIPART, multipart(('Content-Disposition: form-data; name=""', b"x"))),
+        (MULTIPART, multipart(('Content-Disposition: attachment; name="a"', b"x"))),
+        (MULTIPART, multipart(('Content-Disposition: form-data; name="a"; name="b"', b"x"))),
+        (MULTIPART, multipart(('Content-Disposition: form-data; name = "a"', b"x"))),
+        (
+            MULTIPART,
+            multipart((form_part("a")[0] + "\r\n" + form_part("b")[0], b"x")),
+        ),
+        (MULTIPART, multipart((form_part("a")[0] + "\r\n continued", b"x"))),
+        (MULTIPART, multipart((form_part("a")[0] + "\r\nbroken header", b"x"))),
+        (MULTIPART, multipart((form_part("a")[0] + "\r\nX-A : b", b"x"))),
+        (MULTIPART, multipart((form_part("a")[0] + "\nX-A: b", b"x"))),
+        (MULTIPART, multipart((form_part("a\xe9")[0], b"x")).replace(b"\xc3\xa9", b"\xe9")),
+        (
+            MULTIPART,
+            multipart(
+                form_part(
+                    "a",
+                    b"text--" + BOUNDARY.encode() + b"\r\n" + form_part("as_user_id")[0].encode(),
+                )
+            ),
+        ),
+        (MULTIPART, multipart(form_part("a", b"\r\n--" + BOUNDARY.encode() + b"  \r\n"))),
+        (MULTIPART, multipart(form_part("a", b"\r\n--" + BOUNDARY.encode() + b"x"))),
+        (MULTIPART, f"--{BOUNDARY}\r\n".encode() + form_part("a")[0].encode()),
+    ],
+)
+def test_check_body_refuses_malformed_multipart(content_type: str, body: bytes) -> None:
+    with pytest.raises(RuleViolation) as caught:
+        check_body(content_type, body, allow_masquerade=False)
+    assert violation(caught) == (400, "malformed_body")
+
+
+def test_check_body_reads_utf8_part_names() -> None:
+    check_body(MULTIPART, multipart(form_part("caf\u00e9")), allow_masquerade=False)
+
+
+# --- forward_request_headers ---------------------------------------------------------------------
+
+
+def test_forward_request_headers_drops_credentials_and_proxy_headers() -> None:
+    headers = [
+        (b"Host", b"broker.example.edu"),
+        (b"Authorization", b"Bearer cbt_secret"),
+        (b"Cookie", b"_session=1"),
+        (b"Content-Length", b"12"),
+        (b"Forwarded", b"for=1.2.3.4;host=evil"),
+        (b"X-Forwarded-For", b"1.2.3.4"),
+        (b"X-Forwarded-Host", b"evil.example"),
+        (b"X-Forwarded-Proto", b"http"),
+        (b"x-forwarded-port", b"80"),
+        (b"X-Real-IP", b"1.2.3.4"),
+        (b"Client-IP", b"1.2.3.4"),
+        (b"True-Client-IP", b"1.2.3.4"),
+        (b"X-HTTP-Method-Override", b"DELETE"),
+        (b"Connection", b"keep-alive"),
+        (b"Keep-Alive", b"timeout=5"),
+        (b"Proxy-Authorization", b"Basic x"),
+        (b"Proxy-Connection", b"keep-alive"),
+        (b"TE", b"trailers"),
+        (b"Trailer", b"X-Sum"),
+        (b"Transfer-Encoding", b"chunked"),
+        (b"Upgrade", b"websocket"),
+        (b"Accept", b"application/json"),
+    ]
+    assert forward_request_headers(headers) == [(b"Accept", b"application/json")]
+
+
+@pytest.mark.parametrize(
+    "name", [b"X_Forwarded_Host", b"x_forwarded_for", b"X_Real_IP", b"Transfer_Encoding"]
+)
+def test_forward_request_headers_treats_underscores_as_hyphens(name: bytes) -> None:
+    assert forward_request_headers([(name, b"evil"), (b"a", b"b")]) == [(b"a", b"b")]
+
+
+def test_forward_request_headers_keeps_order_duplicates_and_encodings() -> None:
+    headers = [
+        (b"accept", b"application/json"),
+        (b"accept-encoding", b"gzip, br"),
+        (b"content-type", b"application/json"),
+        (b"content-encoding", b"gzip"),
+        (b"x-custom", b"1"),
+        (b"x-custom", b"2"),
+        (b"user-agent", b"canvasapi"),
+    ]
+    assert forward_request_headers(headers) == headers
+
+
+def test_forward_request_headers_drops_headers_named_in_connection() -> None:
+    headers = [
+        (b"connection", b"close, X-Secret ,x-other"),
+        (b"Connection", b"x-third"),
+        (b"x-secret", b"1"),
+        (b"X-Other", b"2"),
+        (b"x-third", b"3"),
+        (b"x-kept", b"4"),
+    ]
+    assert forward_request_headers(headers) == [(b"x-kept", b"4")]
+
+
+@pytest.mark.parametrize("name", sorted(HOP_BY_HOP))
+def test_forward_request_headers_drops_every_hop_by_hop_header(name: bytes) -> None:
+    assert forward_request_headers([(name.upper(), b"x"), (b"a", b"b")]) == [(b"a", b"b")]
+
+
+# --- forward_response_headers --------------------------------------------------------------------
+
+
+def test_forward_response_headers_keeps_canvas_headers() -> None:
+    headers = [
+        (b"Content-Type", b"application/json; charset=utf-8"),
+        (b"Content-Encoding", b"gzip"),
+        (b"Content-Length", b"123"),
+        (b"Link", b'<https://x/api/v1/courses?page=2>; rel="next"'),
+        (b"Location", b"https://x/files/1"),
+        (b"Content-Disposition", b'attachment; filename="a.pdf"'),
+        (b"X-Rate-Limit-Remaining", b"699.5"),
+        (b"X-Request-Cost", b"0.3"),
+        (b"X-Request-Context-Id", b"abc"),
+        (b"Cache-Control", b"max-age=0, private, must-revalidate"),
+        (b"ETag", b'W/"abc"'),
+        (b"Last-Modified", b"Tue, 01 Jan 2030 00:00:00 GMT"),
+        (b"Vary", b"Accept-Encoding"),
+    ]
+    assert forward_response_headers(headers) == headers
+
+
+def test_forward_response_headers_drops_cookies_and_hop_by_hop_headers() -> None:
+    headers = [
+        (b"Set-Cookie", b"_csrf_token=x"),
+        (b"set-cookie", b"log_session_id=y"),
+        (b"Connection", b"keep-alive, X-Internal"),
+        (b"Keep-Alive", b"timeout=5"),
+        (b"Transfer-Encoding", b"chunked"),
+        (b"X-Internal", b"1"),
+        (b"Content-Type", b"application/json"),
+    ]
+    assert forward_response_headers(headers) == [(b"Content-Type", b"application/json")]
+
+
+# --- redact_query ------------------------------------------------------------------------------
+
+
+def fake_hmac(value: str) -> str:
+    return "h:" + hashlib.sha256(value.encode()).hexdigest()[:8]
+
+
+def test_redact_query_hashes_sensitive_values_and_keeps_the_rest() -> None:
+    redacted = redact_query(b"per_page=10&access_token=s3cr%65t&page=2", fake_hmac)
+    assert redacted == f"per_page=10&access_token={fake_hmac('s3cret')}&page=2"
+
+
+@pytest.mark.parametrize("key", sorted(SENSITIVE_QUERY_KEYS))
+def test_redact_query_hashes_every_sensitive_key(key: str) -> None:
+    assert redact_query(f"{key}=secret".encode(), fake_hmac) == f"{key}={fake_hmac('secret')}"
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        (b"access_token[]=secret", "access_token[]=HASH"),
+        (b"access%5Ftoken=secret", "access%5Ftoken=HASH"),
+        (b"ACCESS_TOKEN=secret", "ACCESS_TOKEN=HASH"),
+        (b"a=1;token=secret", "a=1;token=HASH"),
+        (b"a=1& code=secret", "a=1& code=HASH"),
+        (b"password=secret&password=secret", "password=HASH&password=HASH"),
+        (b"code=a+b%20c", "code=" + fake_hmac("a b c")),
+    ],
+)
+def test_redact_query_normalises_key_names(query: bytes, expected: str) -> None:
+    assert redact_query(query, fake_hmac) == expected.replace("HASH", fake_hmac("secret"))
+
+
+@pytest.mark.parametrize(
+    "query",
+    [b"", b"per_page=10", b"a&b&&c=", b"token", b"include[]=x&q=%C3%A9", b"tokens=1&codes=2"],
+)
+def test_redact_query_keeps_insensitive_queries_as_sent(query: bytes) -> None:
+    assert redact_query(query, fake_hmac) == query.decode()
+
+
+def test_redact_query_accepts_a_custom_key_set() -> None:
+    assert redact_query(b"sig=x&token=y", fake_hmac, frozenset({"sig"})) == (
+        f"sig={fake_hmac('x')}&token=y"
+    )
+
+
+@pytest.mark.parametrize(
+    "query", [b"access_token=secret%", b"access_token=%zzsecret", b"a=\xffsecret", b"a=%FF"]
+)
+def test_redact_query_never_returns_unparseable_input(query: bytes) -> None:
+    redacted = redact_query(query, fake_hmac)
+    assert redacted == f"<malformed query: {len(query)} bytes>"
+    assert "secret" not in redacted
+
+
+@settings(max_examples=300)
+@given(st.text(min_size=1).filter(lambda value: "&" not in value and ";" not in value))
+def test_redact_query_never_leaks_a_token_value(secret: str) -> None:
+    query = b"a=1&access_token=" + secret.encode().replace(b"%", b"%25")
+    expected = "a=1&access_token=" + fake_hmac(secret.replace("+", " "))
+    assert redact_query(query, fake_hmac) == expected

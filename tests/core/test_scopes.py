@@ -1,0 +1,713 @@
+"""Tests for Canvas scope parsing, matching and grants."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from broker.core.scopes import Decision, Grant, Scope, ScopeError, parse_scope
+
+ASSIGNMENTS = "url:GET|/api/v1/courses/:course_id/assignments"
+COURSE = "url:GET|/api/v1/courses/:id"
+FILES = "url:GET|/api/v1/courses/:course_id/files(/:id)"
+GLOB = "url:GET|/api/v1/files/*path"
+
+
+# --- parse_scope ---------------------------------------------------------------------------
+
+
+def test_parse_scope_splits_method_path_and_params() -> None:
+    scope = parse_scope(ASSIGNMENTS)
+    assert scope.raw == ASSIGNMENTS
+    assert scope.method == "GET"
+    assert scope.path == "/api/v1/courses/:course_id/assignments"
+    assert scope.params == ("course_id",)
+    assert scope.globs == frozenset()
+
+
+def test_parse_scope_lists_params_in_order_including_globs_and_optional_ones() -> None:
+    scope = parse_scope("url:PUT|/api/v1/courses/:course_id(/sections/:section_id)/*rest")
+    assert scope.params == ("course_id", "section_id", "rest")
+    assert scope.globs == frozenset({"rest"})
+
+
+def test_parse_scope_strips_surrounding_whitespace() -> None:
+    scope = parse_scope(f"  \t{ASSIGNMENTS}\n ")
+    assert scope.raw == ASSIGNMENTS
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"])
+def test_parse_scope_accepts_every_canvas_method(method: str) -> None:
+    assert parse_scope(f"url:{method}|/api/v1/users/self").method == method
+
+
+def test_parse_scope_accepts_nested_optional_groups() -> None:
+    scope = parse_scope("url:GET|/api/v1/a(/b(/:c))")
+    assert scope.match("GET", "/api/v1/a/b/1") == {"c": "1"}
+
+
+def test_parse_scope_accepts_explicit_rails_format_group() -> None:
+    scope = parse_scope("url:GET|/api/v1/courses/:id(.:format)")
+    assert scope.params == ("id", "format")
+    assert scope.match("GET", "/api/v1/courses/1") == {"id": "1"}
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "   ",
+        "/auth/userinfo",
+        "https://purl.imsglobal.org/spec/lti-ags/scope/lineitem",
+        "url:get|/api/v1/courses",
+        "url:Get|/api/v1/courses",
+        "url:OPTIONS|/api/v1/courses",
+        "url:TRACE|/api/v1/courses",
+        "url:|/api/v1/courses",
+        "URL:GET|/api/v1/courses",
+        "url:GET /api/v1/courses",
+        "url:GET|api/v1/courses",
+        "url:GET|",
+        "url:GET|/api/v1/courses (x)",
+        "url:GET|/api/v1/courses?per_page=10",
+        "url:GET|/api/v1/courses#x",
+        "url:GET|/api/v1/cours\u00e9s",
+        "url:GET|/api/v1/courses\t/x",
+        "url:GET|/api/v1/courses/(:id",
+        "url:GET|/api/v1/courses/:id)",
+        "url:GET|/api/v1/courses/((:id)",
+        "url:GET|/api/v1/courses/)(:id",
+        "url:GET|/api/v1/courses/:",
+        "url:GET|/api/v1/courses/:/x",
+        "url:GET|/api/v1/courses/*",
+        "url:GET|/api/v1/courses/:1id",
+        "url:GET|/api/v1/courses/:-id",
+        "url:GET|/api/v1/courses/:id/sections/:id",
+        "url:GET|/api/v1/files/:path/*path",
+    ],
+)
+def test_parse_scope_rejects_invalid_string_and_names_it(text: str) -> None:
+    with pytest.raises(ScopeError) as caught:
+        parse_scope(text)
+    assert repr(text.strip()) in str(caught.value) or repr(text) in str(caught.value)
+
+
+def test_scope_error_is_a_value_error() -> None:
+    assert issubclass(ScopeError, ValueError)
+
+
+# --- Scope.match ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("/api/v1/courses/1/assignments", {"course_id": "1"}),
+        ("/api/v1/courses/1/assignments.json", {"course_id": "1"}),
+        ("/api/v1/courses/sis_course_id:A%20B/assignments", {"course_id": "sis_course_id:A%20B"}),
+        ("/api/v1/courses/1~23/assignments", {"course_id": "1~23"}),
+        ("/api/v1/courses/1/assignments/2", None),
+        ("/api/v1/courses//assignments", None),
+        ("/api/v1/courses/assignments", None),
+        ("/API/v1/courses/1/assignments", None),
+        ("/api/v1/courses/1/Assignments", None),
+        ("/api/v1/courses/1/assignments/", None),
+        ("/api/v1/courses/1/2/assignments", None),
+        ("/prefix/api/v1/courses/1/assignments", None),
+        ("/api/v1/courses/1/assignmentsx", None),
+        ("/api/v1/courses/1/assignments.", None),
+        ("/api/v1/courses/1/assignments.json/x", None),
+        ("/api/v1/courses/1/assignments\n", None),
+    ],
+)
+def test_match_follows_canvas_rules_for_a_param_scope(
+    path: str, expected: dict[str, str] | None
+) -> None:
+    assert parse_scope(ASSIGNMENTS).match("GET", path) == expected
+
+
+def test_match_escapes_literal_regex_characters() -> None:
+    scope = parse_scope("url:GET|/api/v1/a.b+c")
+    assert scope.match("GET", "/api/v1/a.b+c") == {}
+    assert scope.match("GET", "/api/v1/aXb+c") is None
+    assert scope.match("GET", "/api/v1/a.bbc") is None
+
+
+def test_match_checks_head_as_get() -> None:
+    assert parse_scope(ASSIGNMENTS).match("HEAD", "/api/v1/courses/1/assignments") is not None
+
+
+def test_head_scope_allows_head_only() -> None:
+    scope = parse_scope("url:HEAD|/api/v1/courses/:course_id/assignments")
+    assert scope.match("HEAD", "/api/v1/courses/1/assignments") == {"course_id": "1"}
+    assert scope.match("GET", "/api/v1/courses/1/assignments") is None
+
+
+@pytest.mark.parametrize("method", ["get", "Get", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"])
+def test_match_refuses_other_methods_and_lower_case(method: str) -> None:
+    assert parse_scope(ASSIGNMENTS).match(method, "/api/v1/courses/1/assignments") is None
+
+
+def test_post_scope_does_not_allow_get() -> None:
+    scope = parse_scope("url:POST|/api/v1/courses/:course_id/assignments")
+    assert scope.match("GET", "/api/v1/courses/1/assignments") is None
+    assert scope.match("POST", "/api/v1/courses/1/assignments") is not None
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("/api/v1/courses/1/files", {"course_id": "1"}),
+        ("/api/v1/courses/1/files.json", {"course_id": "1"}),
+        ("/api/v1/courses/1/files/2", {"course_id": "1", "id": "2"}),
+        ("/api/v1/courses/1/files/2.json", {"course_id": "1", "id": "2.json"}),
+        ("/api/v1/courses/1/files/", None),
+        ("/api/v1/courses/1/files/2/3", None),
+    ],
+)
+def test_match_handles_optional_groups(path: str, expected: dict[str, str] | None) -> None:
+    assert parse_scope(FILES).match("GET", path) == expected
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("/api/v1/files/a", {"path": "a"}),
+        ("/api/v1/files/a/b/c.pdf", {"path": "a/b/c.pdf"}),
+        ("/api/v1/files/a//b", {"path": "a//b"}),
+        ("/api/v1/files/", None),
+        ("/api/v1/files", None),
+    ],
+)
+def test_match_handles_globs(path: str, expected: dict[str, str] | None) -> None:
+    assert parse_scope(GLOB).match("GET", path) == expected
+
+
+def test_match_returns_raw_percent_encoded_values() -> None:
+    scope = parse_scope(COURSE)
+    assert scope.match("GET", "/api/v1/courses/sis_course_id%3AX") == {"id": "sis_course_id%3AX"}
+
+
+# --- Grant.compile ---------------------------------------------------------------------------
+
+
+def test_compile_keeps_scope_order_and_drops_repeats() -> None:
+    grant = Grant.compile([ASSIGNMENTS, COURSE, f" {ASSIGNMENTS} "])
+    assert grant.scope_strings() == [ASSIGNMENTS, COURSE]
+    assert all(isinstance(scope, Scope) for scope in grant.scopes)
+
+
+def test_compile_names_the_first_bad_scope() -> None:
+    with pytest.raises(ScopeError, match=re.escape("'url:GET|/api/v1/(x'")):
+        Grant.compile([ASSIGNMENTS, "url:GET|/api/v1/(x", "/auth/userinfo"])
+
+
+def test_compile_refuses_a_bare_string_instead_of_a_list() -> None:
+    with pytest.raises(ScopeError, match="list"):
+        Grant.compile(ASSIGNMENTS)
+
+
+def test_compile_refuses_a_non_string_scope() -> None:
+    with pytest.raises(ScopeError, match="42"):
+        Grant.compile([42])  # type: ignore[list-item]
+
+
+def test_compile_turns_constraint_values_into_frozensets() -> None:
+    grant = Grant.compile([ASSIGNMENTS], {"course_id": ["1201", "1202", "1201"]})
+    assert grant.constraints == {"course_id": frozenset({"1201", "1202"})}
+
+
+def test_compile_without_constraints_has_none() -> None:
+    assert Grant.compile([ASSIGNMENTS]).constraints == {}
+
+
+@pytest.mark.parametrize(
+    ("constraints", "named"),
+    [
+        ({"course id": ["1"]}, "'course id'"),
+        ({"": ["1"]}, "''"),
+        ({"1course": ["1"]}, "'1course'"),
+        ({"course_id": []}, "'course_id'"),
+        ({"course_id": "1201"}, "'course_id'"),
+        ({"course_id": [""]}, "''"),
+        ({"course_id": ["1", 2]}, "2"),
+        ({"course_id": None}, "'course_id'"),
+        ({3: ["1"]}, "3"),
+    ],
+)
+def test_compile_refuses_invalid_constraints_naming_them(
+    constraints: dict[object, object], named: str
+) -> None:
+    with pytest.raises(ScopeError, match=re.escape(named)):
+        Grant.compile([ASSIGNMENTS], constraints)  # type: ignore[arg-type]
+
+
+def test_grant_constraints_cannot_be_mutated() -> None:
+    grant = Grant.compile([ASSIGNMENTS], {"course_id": ["1"]})
+    with pytest.raises(TypeError):
+        grant.constraints["course_id"] = frozenset({"2"})  # type: ignore[index]
+
+
+# --- Grant.check -----------------------------------------------------------------------------
+
+
+def test_check_allows_a_matching_scope_and_reports_it() -> None:
+    decision = Grant.compile([COURSE, ASSIGNMENTS]).check("GET", "/api/v1/courses/1/assignments")
+    assert decision.allowed
+    assert decision.scope == ASSIGNMENTS
+    assert decision.reason is None
+    assert decision.params == {"course_id": "1"}
+
+
+def test_check_denies_by_default() -> None:
+    decision = Grant.compile([ASSIGNMENTS]).check("GET", "/api/v1/users/self")
+    assert decision == Decision(
+        allowed=False, scope=None, reason="scope_not_granted", detail=decision.detail
+    )
+    assert "/api/v1/users/self" in decision.detail
+
+
+def test_empty_grant_denies_everything() -> None:
+    assert not Grant.compile([]).check("GET", "/api/v1/courses/1/assignments").allowed
+
+
+def test_check_truncates_huge_paths_in_the_detail() -> None:
+    decision = Grant.compile([]).check("GET", "/" + "a" * 10_000)
+    assert len(decision.detail) < 200
+
+
+def test_check_refuses_a_method_not_granted() -> None:
+    decision = Grant.compile([ASSIGNMENTS]).check("DELETE", "/api/v1/courses/1/assignments")
+    assert decision.reason == "scope_not_granted"
+
+
+def test_check_allows_head_through_a_get_scope() -> None:
+    assert Grant.compile([ASSIGNMENTS]).check("HEAD", "/api/v1/courses/1/assignments").allowed
+
+
+def test_check_refuses_lower_case_request_method() -> None:
+    assert not Grant.compile([ASSIGNMENTS]).check("get", "/api/v1/courses/1/assignments").allowed
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "1201",
+        "sis_course_id:X",
+        "self",
+        "uuid:abcDEF123",
+        "lti_context_id:4dde05e8",
+        "1~23",
+        "1201.json",
+    ],
+)
+def test_check_allows_constrained_values_listed_literally(value: str) -> None:
+    grant = Grant.compile([ASSIGNMENTS], {"course_id": [value]})
+    assert grant.check("GET", f"/api/v1/courses/{value}/assignments").allowed
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/v1/courses/1203/assignments",
+        "/api/v1/courses/sis_course_id:1201/assignments",
+        "/api/v1/courses/self/assignments",
+        "/api/v1/courses/uuid:1201/assignments",
+        "/api/v1/courses/lti_context_id:1201/assignments",
+        "/api/v1/courses/1~1201/assignments",
+        "/api/v1/courses/01201/assignments",
+        "/api/v1/courses/12010/assignments",
+        "/api/v1/courses/1201%20/assignments",
+        "/api/v1/courses/%3120/assignments",
+    ],
+)
+def test_check_refuses_aliases_not_listed(path: str) -> None:
+    grant = Grant.compile([ASSIGNMENTS], {"course_id": ["1201"]})
+    decision = grant.check("GET", path)
+    assert not decision.allowed
+    assert decision.reason == "constraint_violation"
+    assert decision.scope == ASSIGNMENTS
+
+
+def test_check_compares_constraints_after_percent_decoding() -> None:
+    grant = Grant.compile([ASSIGNMENTS], {"course_id": ["sis_course_id:X", "sis_course_id:A B"]})
+    assert grant.check("GET", "/api/v1/courses/sis_course_id%3AX/assignments").allowed
+    assert grant.check("GET", "/api/v1/courses/sis_course_id%3aX/assignments").allowed
+    assert grant.check("GET", "/api/v1/courses/sis_course_id:A%20B/assignments").allowed
+
+
+def test_check_compares_percent_encoded_digits_as_decoded() -> None:
+    grant = Grant.compile([ASSIGNMENTS], {"course_id": ["1201"]})
+    assert grant.check("GET", "/api/v1/courses/%31201/assignments").allowed
+
+
+def test_check_does_not_treat_plus_as_space_in_paths() -> None:
+    grant = Grant.compile([ASSIGNMENTS], {"course_id": ["sis_course_id:A B"]})
+    assert not grant.check("GET", "/api/v1/courses/sis_course_id:A+B/assignments").allowed
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/v1/courses/sis_course_id%3/assignments",
+        "/api/v1/courses/sis_course_id%ZZX/assignments",
+        "/api/v1/courses/%FF/assignments",
+        "/api/v1/courses/%C3/assignments",
+    ],
+)
+def test_check_refuses_constrained_values_that_do_not_decode(path: str) -> None:
+    grant = Grant.compile(
+        [ASSIGNMENTS], {"course_id": ["sis_course_id%3", "sis_course_id%ZZX", "%FF", "\ufffd"]}
+    )
+    assert grant.check("GET", path).reason == "constraint_violation"
+
+
+def test_check_decodes_utf8_constraint_values() -> None:
+    grant = Grant.compile([ASSIGNMENTS], {"course_id": ["sis_course_id:\u00e9t\u00e9"]})
+    assert grant.check("GET", "/api/v1/courses/sis_course_id:%C3%A9t%C3%A9/assignments").allowed
+
+
+def test_check_detail_names_the_refused_value() -> None:
+    grant = Grant.compile([ASSIGNMENTS], {"course_id": ["1201"]})
+    decision = grant.check("GET", "/api/v1/courses/1203/assignments")
+    assert decision.detail == "course_id '1203' is not allowed by the grant's constraints"
+
+
+def test_check_applies_constraints_to_every_scope_with_that_param() -> None:
+    grant = Grant.compile(
+        [ASSIGNMENTS, "url:POST|/api/v1/courses/:course_id/quizzes"], {"course_id": ["1201"]}
+    )
+    assert grant.check("POST", "/api/v1/courses/1201/quizzes").allowed
+    assert not grant.check("POST", "/api/v1/courses/1202/quizzes").allowed
+
+
+def test_check_ignores_constraints_for_params_a_scope_does_not_have() -> None:
+    grant = Grant.compile(["url:GET|/api/v1/users/:user_id"], {"course_id": ["1201"]})
+    assert grant.check("GET", "/api/v1/users/99").allowed
+
+
+def test_check_does_not_accept_a_value_listed_for_another_param() -> None:
+    grant = Grant.compile(
+        ["url:GET|/api/v1/courses/:course_id/users/:user_id"],
+        {"course_id": ["1201"], "user_id": ["7"]},
+    )
+    assert grant.check("GET", "/api/v1/courses/1201/users/7").allowed
+    assert not grant.check("GET", "/api/v1/courses/1201/users/1201").allowed
+    assert not grant.check("GET", "/api/v1/courses/7/users/7").allowed
+
+
+def test_check_requires_every_constrained_param_to_pass() -> None:
+    grant = Grant.compile(
+        ["url:GET|/api/v1/accounts/:account_id/courses/:course_id"],
+        {"course_id": ["1201"], "account_id": ["1"]},
+    )
+    decision = grant.check("GET", "/api/v1/accounts/2/courses/1201")
+    assert decision.reason == "constraint_violation"
+    assert "account_id" in decision.detail
+
+
+def test_check_prefers_a_matching_scope_whose_constraints_pass() -> None:
+    grant = Grant.compile(
+        ["url:GET|/api/v1/courses/:course_id/users", "url:GET|/api/v1/courses/:other/users"],
+        {"course_id": ["1201"]},
+    )
+    decision = grant.check("GET", "/api/v1/courses/55/users")
+    assert decision.allowed
+    assert decision.scope == "url:GET|/api/v1/courses/:other/users"
+
+
+def test_check_reports_the_first_scope_on_constraint_violation() -> None:
+    grant = Grant.compile(
+        ["url:GET|/api/v1/courses/:course_id/users", "url:GET|/api/v1/courses/:course_id/*rest"],
+        {"course_id": ["1201"]},
+    )
+    decision = grant.check("GET", "/api/v1/courses/55/users")
+    assert decision.scope == "url:GET|/api/v1/courses/:course_id/users"
+    assert decision.reason == "constraint_violation"
+
+
+def test_check_strips_a_format_from_a_numeric_id_in_the_last_segment() -> None:
+    grant = Grant.compile([COURSE], {"id": ["1201"]})
+    assert grant.check("GET", "/api/v1/courses/1201.json").allowed
+    assert grant.check("GET", "/api/v1/courses/1201.xml").allowed
+
+
+def test_check_strips_a_format_from_a_shard_id_in_the_last_segment() -> None:
+    grant = Grant.compile([COURSE], {"id": ["1~23"]})
+    assert grant.check("GET", "/api/v1/courses/1~23.json").allowed
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/v1/courses/1203.1201",
+        "/api/v1/courses/1203.json",
+        "/api/v1/courses/1201.json.json",
+        "/api/v1/courses/1201.js-on",
+        "/api/v1/courses/1201.",
+        "/api/v1/courses/1201%2Ejson",
+    ],
+)
+def test_check_refuses_format_suffixes_that_do_not_leave_an_allowed_id(path: str) -> None:
+    grant = Grant.compile([COURSE], {"id": ["1201"]})
+    assert grant.check("GET", path).reason == "constraint_violation"
+
+
+def test_check_never_strips_a_format_in_a_middle_segment() -> None:
+    grant = Grant.compile([ASSIGNMENTS], {"course_id": ["1201"]})
+    assert not grant.check("GET", "/api/v1/courses/1201.json/assignments").allowed
+
+
+def test_check_never_strips_a_format_from_a_non_numeric_alias() -> None:
+    grant = Grant.compile([COURSE], {"id": ["sis_course_id:X"]})
+    assert not grant.check("GET", "/api/v1/courses/sis_course_id:X.json").allowed
+    listed = Grant.compile([COURSE], {"id": ["sis_course_id:X.json"]})
+    assert listed.check("GET", "/api/v1/courses/sis_course_id:X.json").allowed
+
+
+def test_check_compares_whole_glob_remainder() -> None:
+    grant = Grant.compile([GLOB], {"path": ["a/b c.pdf"]})
+    assert grant.check("GET", "/api/v1/files/a/b%20c.pdf").allowed
+    assert not grant.check("GET", "/api/v1/files/a/b%20c").allowed
+    assert not grant.check("GET", "/api/v1/files/a").allowed
+
+
+def test_check_never_strips_a_format_from_a_glob() -> None:
+    grant = Grant.compile([GLOB], {"path": ["1201"]})
+    assert not grant.check("GET", "/api/v1/files/1201.json").allowed
+
+
+def test_check_refuses_a_constrained_optional_param_that_is_absent() -> None:
+    grant = Grant.compile([FILES], {"id": ["5"]})
+    assert grant.check("GET", "/api/v1/courses/1/files/5").allowed
+    decision = grant.check("GET", "/api/v1/courses/1/files")
+    assert decision.reason == "constraint_violation"
+    assert "absent" in decision.detail
+
+
+# --- Grant.subset -----------------------------------------------------------------------------
+
+
+def test_subset_keeps_requested_scopes_and_constraints() -> None:
+    grant = Grant.compile([ASSIGNMENTS, COURSE, GLOB], {"course_id": ["1201"]})
+    smaller = grant.subset([GLOB, f"  {ASSIGNMENTS}\t"])
+    assert smaller.scope_strings() == [GLOB, ASSIGNMENTS]
+    assert smaller.constraints == grant.constraints
+    assert not smaller.check("GET", "/api/v1/courses/1").allowed
+    assert not smaller.check("GET", "/api/v1/courses/1202/assignments").allowed
+    assert smaller.check("GET", "/api/v1/courses/1201/assignments").allowed
+
+
+def test_subset_drops_repeated_requests() -> None:
+    grant = Grant.compile([ASSIGNMENTS, COURSE])
+    assert grant.subset([COURSE, COURSE]).scope_strings() == [COURSE]
+
+
+@pytest.mark.parametrize(
+    "unknown",
+    [
+        "url:GET|/api/v1/courses/:id/users",
+        "url:GET|/api/v1/courses/:course_id/assignments/:id",
+        "url:GET|/api/v1/courses/:cid/assignments",
+        "url:get|/api/v1/courses/:course_id/assignments",
+        "url:GET|/api/v1/courses/:course_id/assignments.json",
+    ],
+)
+def test_subset_refuses_scopes_not_in_the_grant(unknown: str) -> None:
+    grant = Grant.compile([ASSIGNMENTS, COURSE])
+    with pytest.raises(ScopeError, match=re.escape(repr(unknown))):
+        grant.subset([COURSE, unknown, "url:GET|/other"])
+
+
+def test_subset_refuses_a_bare_string() -> None:
+    with pytest.raises(ScopeError):
+        Grant.compile([ASSIGNMENTS]).subset(ASSIGNMENTS)
+
+
+def test_subset_of_nothing_denies_everything() -> None:
+    grant = Grant.compile([ASSIGNMENTS]).subset([])
+    assert not grant.check("GET", "/api/v1/courses/1/assignments").allowed
+
+
+# --- Property tests against an independent matcher ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class Lit:
+    text: str
+
+
+@dataclass(frozen=True)
+class Param:
+    glob: bool
+
+
+@dataclass(frozen=True)
+class Opt:
+    nodes: tuple[Node, ...]
+
+
+Node = Lit | Param | Opt
+
+
+def render(nodes: tuple[Node, ...], names: list[str]) -> str:
+    out = []
+    for node in nodes:
+        if isinstance(node, Lit):
+            out.append(node.text)
+        elif isinstance(node, Param):
+            names.append(f"p{len(names)}")
+            out.append(("*" if node.glob else ":") + names[-1])
+        else:
+            out.append("(" + render(node.nodes, names) + ")")
+    return "".join(out)
+
+
+def ends(nodes: tuple[Node, ...], path: str, start: int) -> set[int]:
+    """Every position where ``nodes`` matched from ``start`` can end (Canvas's rule)."""
+    positions = {start}
+    for node in nodes:
+        following: set[int] = set()
+        for position in positions:
+            following |= node_ends(node, path, position)
+        positions = following
+    return positions
+
+
+def node_ends(node: Node, path: str, start: int) -> set[int]:
+    if isinstance(node, Lit):
+        return {start + len(node.text)} if path.startswith(node.text, start) else set()
+    if isinstance(node, Opt):
+        return {start} | ends(node.nodes, path, start)
+    found = set()
+    for end in range(start + 1, len(path) + 1):
+        if not node.glob and path[end - 1] == "/":
+            break
+        found.add(end)
+    return found
+
+
+def format_suffix_ok(path: str, position: int) -> bool:
+    rest = path[position:]
+    return rest == "" or (rest.startswith(".") and len(rest) > 1 and "/" not in rest)
+
+
+def reference_match(nodes: tuple[Node, ...], path: str) -> bool:
+    return any(format_suffix_ok(path, end) for end in ends(nodes, path, 0))
+
+
+WORDS = st.sampled_from(["a", "b", "ab", "a.b", "v1", "-", "~"])
+
+
+@st.composite
+def segment(draw: st.DrawFn, depth: int) -> tuple[Node, ...]:
+    kind = draw(st.sampled_from(["word", "param", "glob", "param_ext", "pre_param", "opt"]))
+    if kind == "opt" and depth < 2:
+        inner = draw(st.lists(segment(depth + 1), min_size=1, max_size=2))
+        return (Opt(tuple(node for part in inner for node in part)),)
+    if kind == "param":
+        return (Lit("/"), Param(glob=False))
+    if kind == "glob":
+        return (Lit("/"), Param(glob=True))
+    if kind == "param_ext":
+        return (Lit("/"), Param(glob=False), Lit(".b"))
+    if kind == "pre_param":
+        return (Lit("/a-"), Param(glob=False))
+    return (Lit("/" + draw(WORDS)),)
+
+
+@st.composite
+def patterns(draw: st.DrawFn) -> tuple[Node, ...]:
+    # A scope path starts with '/', so the first segment is never optional.
+    parts = [draw(segment(2)), *draw(st.lists(segment(0), max_size=3))]
+    return tuple(node for part in parts for node in part)
+
+
+VALUE_CHARS = "ab1.~%-"
+
+
+@st.composite
+def realise(draw: st.DrawFn, nodes: tuple[Node, ...]) -> str:
+    out = []
+    for node in nodes:
+        if isinstance(node, Lit):
+            out.append(node.text)
+        elif isinstance(node, Param):
+            alphabet = VALUE_CHARS + ("/" if node.glob else "")
+            out.append(draw(st.text(alphabet, min_size=draw(st.sampled_from([0, 1])))))
+        elif draw(st.booleans()):
+            out.append(draw(realise(node.nodes)))
+    suffix = draw(st.sampled_from(["", "", ".json", ".", "/", ".a/b", "x"]))
+    return "".join(out) + suffix
+
+
+@st.composite
+def scope_and_path(draw: st.DrawFn) -> tuple[tuple[Node, ...], str]:
+    nodes = draw(patterns())
+    path = draw(st.one_of(realise(nodes), st.text("/ab.1-~:", max_size=12)))
+    return nodes, path
+
+
+@settings(max_examples=600)
+@given(scope_and_path())
+def test_match_agrees_with_a_reference_matcher(case: tuple[tuple[Node, ...], str]) -> None:
+    nodes, path = case
+    names: list[str] = []
+    scope = parse_scope("url:GET|" + render(nodes, names))
+    assert scope.params == tuple(names)
+    values = scope.match("GET", path)
+    assert (values is not None) == reference_match(nodes, path)
+    if values is not None:
+        assert set(values) <= set(names)
+        assert all(values.values())
+        assert all("/" not in value for name, value in values.items() if name not in scope.globs)
+
+
+@settings(max_examples=300)
+@given(
+    st.lists(patterns(), min_size=1, max_size=3),
+    st.sampled_from(["GET", "HEAD", "POST", "get"]),
+    st.data(),
+)
+def test_check_never_allows_a_path_no_scope_matches(
+    pattern_list: list[tuple[Node, ...]], method: str, data: st.DataObject
+) -> None:
+    scope_methods = [data.draw(st.sampled_from(["GET", "POST", "HEAD"])) for _ in pattern_list]
+    texts = [
+        f"url:{scope_method}|{render(nodes, [])}"
+        for scope_method, nodes in zip(scope_methods, pattern_list, strict=True)
+    ]
+    constraints = data.draw(
+        st.dictionaries(
+            st.sampled_from(["p0", "p1"]), st.lists(st.text("ab1.", min_size=1), min_size=1)
+        )
+    )
+    grant = Grant.compile(texts, constraints)
+    path = data.draw(st.one_of(*(realise(nodes) for nodes in pattern_list)))
+    decision = grant.check(method, path)
+    if decision.allowed:
+        assert any(
+            (scope_method == method or (method == "HEAD" and scope_method == "GET"))
+            and reference_match(nodes, path)
+            for scope_method, nodes in zip(scope_methods, pattern_list, strict=True)
+        )
+        assert decision.scope in texts
+    else:
+        assert decision.reason in {"scope_not_granted", "constraint_violation"}
+
+
+@settings(max_examples=300)
+@given(
+    st.text("ab1~.%:/", max_size=10),
+    st.sets(st.text("ab1~.:", min_size=1, max_size=4), min_size=1, max_size=3),
+)
+def test_constrained_middle_segment_is_allowed_only_if_listed_exactly(
+    value: str, allowed: set[str]
+) -> None:
+    grant = Grant.compile([ASSIGNMENTS], {"course_id": sorted(allowed)})
+    decision = grant.check("GET", f"/api/v1/courses/{value}/assignments")
+    assert decision.allowed == (value in allowed)
