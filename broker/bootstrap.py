@@ -49,6 +49,26 @@ async def _create_admin_key(
         await engine.dispose()
 
 
+def rotate_keys(settings: Settings) -> tuple[str, int]:
+    """Add a new primary key to the key file (or use BROKER_KEYS' first key as is), then
+    re-encrypt every worker token under it. Returns the primary key id and the count."""
+    from broker.services.keys import reencrypt_credentials  # noqa: PLC0415
+
+    keyring = load_keyring(settings)
+    if not settings.keys:
+        keyring = keyring.with_new_primary()
+        write_key_file(settings.key_file, keyring)
+
+    async def run() -> int:
+        engine = create_engine(settings.async_database_url, pool=False)
+        try:
+            return await reencrypt_credentials(session_factory(engine), keyring)
+        finally:
+            await engine.dispose()
+
+    return keyring.primary_id, asyncio.run(run())
+
+
 def create_admin_key(
     settings: Settings, keyring: Keyring, *, name: str, role: str, only_if_none: bool = False
 ) -> str | None:

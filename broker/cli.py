@@ -25,6 +25,7 @@ admin_key_app = typer.Typer(
 upstreams_app = typer.Typer(help="Canvas instances (over HTTP).", no_args_is_help=True)
 credentials_app = typer.Typer(help="Worker credentials (over HTTP).", no_args_is_help=True)
 clients_app = typer.Typer(help="Clients and their grants (over HTTP).", no_args_is_help=True)
+keys_app = typer.Typer(help="The keyring (local).", no_args_is_help=True)
 tokens_app = typer.Typer(help="Live proxy tokens (over HTTP).", no_args_is_help=True)
 audit_app = typer.Typer(help="The audit log (over HTTP).", no_args_is_help=True)
 for sub, name in (
@@ -33,6 +34,7 @@ for sub, name in (
     (credentials_app, "credentials"),
     (clients_app, "clients"),
     (tokens_app, "tokens"),
+    (keys_app, "keys"),
     (audit_app, "audit"),
 ):
     app.add_typer(sub, name=name)
@@ -110,6 +112,24 @@ def admin_key_create(
         fail(str(exc))
     say(f"created {role} key {name!r} (shown once)")
     typer.echo(key)
+
+
+@keys_app.command("rotate")
+def keys_rotate() -> None:
+    """Re-encrypt stored worker tokens under a new primary key.
+
+    With a key file, a new key is added as primary (old keys stay, so everything still
+    decrypts). With BROKER_KEYS, put the new key first yourself, then run this.
+    """
+    from broker import bootstrap  # noqa: PLC0415
+
+    settings = _settings()
+    try:
+        primary, count = bootstrap.rotate_keys(settings)
+    except ConfigurationError as exc:
+        fail(str(exc))
+    say(f"primary key is now {primary!r}; re-encrypted {count} worker credential(s)")
+    say("keep the old keys: client secrets and admin keys hashed under them still verify")
 
 
 @app.command()

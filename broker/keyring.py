@@ -112,6 +112,14 @@ class Keyring:
         ).hexdigest()
         return f"hmac-sha256:{digest[:32]}"
 
+    def with_new_primary(self) -> Keyring:
+        """This keyring plus a fresh key that becomes primary (old keys still decrypt)."""
+        number = len(self.keys) + 1
+        while f"k{number}" in self.keys:
+            number += 1
+        key_id = f"k{number}"
+        return Keyring(primary_id=key_id, keys={key_id: secrets.token_bytes(KEY_BYTES), **self.keys})
+
     def ids(self) -> Iterator[str]:
         """Key ids, primary first."""
         yield self.primary_id

@@ -16,7 +16,9 @@ BROKER = [sys.executable, "-m", "broker"]
 ADMIN_KEY = re.compile(r"cba_[0-9A-Za-z]{36}")
 
 
-def _run(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def _run(
+    args: list[str], env: dict[str, str], timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(  # noqa: S603 - fixed argv
         [*BROKER, *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
     )
@@ -85,3 +87,48 @@ def test_demo_check_runs_the_printed_flow(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stderr.count("[ok]") == 5
     assert "FAILED" not in result.stderr
+
+
+def test_keys_rotate_reencrypts_credentials_under_a_new_primary_key(tmp_path: Path) -> None:
+    import asyncio  # noqa: PLC0415
+    import json  # noqa: PLC0415
+
+    from broker.bootstrap import LOCAL  # noqa: PLC0415
+    from broker.config import Settings  # noqa: PLC0415
+    from broker.keyring import load_key_file  # noqa: PLC0415
+    from broker.services.management import ManagementService  # noqa: PLC0415
+    from broker.services.tokens import WORKER_TOKEN_PURPOSE  # noqa: PLC0415
+    from broker.storage.database import create_engine, session_factory  # noqa: PLC0415
+
+    env = _env(tmp_path)
+    assert _run(["init"], env).returncode == 0
+    settings = Settings(
+        database_url=env["BROKER_DATABASE_URL"], key_file=tmp_path / "cli.key", keys=None
+    )
+
+    async def add_credential() -> None:
+        engine = create_engine(settings.async_database_url, pool=False)
+        service = ManagementService(session_factory(engine), load_key_file(settings.key_file), settings)
+        await service.create_upstream(LOCAL, name="c", base_url="https://canvas.example")
+        await service.create_credential(LOCAL, upstream="c", name="w", token="canvas-token-1234")
+        await engine.dispose()
+
+    async def stored_key_id() -> tuple[str, str]:
+        engine = create_engine(settings.async_database_url, pool=False)
+        service = ManagementService(session_factory(engine), load_key_file(settings.key_file), settings)
+        [credential] = await service.list_credentials()
+        plaintext = load_key_file(settings.key_file).decrypt(
+            credential.token_key_id, credential.token_ciphertext,
+            purpose=WORKER_TOKEN_PURPOSE, record_id=credential.id,
+        )
+        await engine.dispose()
+        return credential.token_key_id, plaintext.decode()
+
+    asyncio.run(add_credential())
+    assert asyncio.run(stored_key_id()) == ("k1", "canvas-token-1234")
+
+    rotated = _run(["keys", "rotate"], env)
+    assert rotated.returncode == 0, rotated.stderr
+    assert "re-encrypted 1" in rotated.stderr
+    assert json.loads((tmp_path / "cli.key").read_text())["primary"] == "k2"
+    assert asyncio.run(stored_key_id()) == ("k2", "canvas-token-1234")
