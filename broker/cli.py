@@ -154,9 +154,14 @@ def serve(
         host=host or settings.host,
         port=port if port is not None else settings.port,
         workers=workers,
+        # The source address is taken from X-Forwarded-For by the broker itself, and only from
+        # BROKER_TRUSTED_PROXIES; uvicorn must not rewrite it first.
         proxy_headers=False,
         server_header=False,
         log_level="info",
+        # Access lines would carry query strings (a refused ?access_token=... included);
+        # the audit log is the record of every request, with sensitive values as HMACs.
+        access_log=False,
     )
 
 
