@@ -32,7 +32,9 @@ def test_encrypted_value_decrypts_for_the_same_record_and_purpose() -> None:
     keyring = Keyring.generate()
     key_id, blob = keyring.encrypt(b"canvas-token", purpose="worker-token", record_id="cred_1")
     assert b"canvas-token" not in blob
-    assert keyring.decrypt(key_id, blob, purpose="worker-token", record_id="cred_1") == b"canvas-token"
+    assert (
+        keyring.decrypt(key_id, blob, purpose="worker-token", record_id="cred_1") == b"canvas-token"
+    )
 
 
 def test_ciphertext_copied_to_another_record_does_not_decrypt() -> None:

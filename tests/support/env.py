@@ -58,7 +58,9 @@ class BrokerEnv:
     async def provision(self) -> None:
         """Create admin and auditor keys, the upstream and the worker credential."""
         service = self.management
-        _key, self.admin_key = await service.create_admin_key(LOCAL, name="test-admin", role="admin")
+        _key, self.admin_key = await service.create_admin_key(
+            LOCAL, name="test-admin", role="admin"
+        )
         _key, self.auditor_key = await service.create_admin_key(
             LOCAL, name="test-auditor", role="auditor"
         )
