@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import asynccontextmanager
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
@@ -50,6 +51,7 @@ class Dispatch:
         self._fastapi = fastapi_app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Route one ASGI event."""
         if scope["type"] != "http":
             await self._app(scope, receive, send)
             return
@@ -182,9 +184,9 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def broker_error(_request: Request, exc: BrokerError) -> JSONResponse:
         headers = (
             {"WWW-Authenticate": 'Bearer realm="canvas-token-broker"'}
-            if exc.status == 401
+            if exc.status == HTTPStatus.UNAUTHORIZED
             else None
-        )  # noqa: PLR2004
+        )
         return JSONResponse(
             _error_body(exc.error, exc.message), status_code=exc.status, headers=headers
         )

@@ -50,8 +50,11 @@ async def _create_admin_key(
 
 
 def rotate_keys(settings: Settings) -> tuple[str, int]:
-    """Add a new primary key to the key file (or use BROKER_KEYS' first key as is), then
-    re-encrypt every worker token under it. Returns the primary key id and the count."""
+    """Re-encrypt every worker token under a new primary key.
+
+    With a key file, a fresh key is added as primary; with ``BROKER_KEYS`` its first key is
+    used as is. Returns the primary key id and how many credentials were re-encrypted.
+    """
     from broker.services.keys import reencrypt_credentials  # noqa: PLC0415
 
     keyring = load_keyring(settings)

@@ -355,7 +355,7 @@ def clients_create(
     max_token_ttl: Annotated[int, typer.Option()] = 3600,
     allow_masquerade: Annotated[bool, typer.Option()] = False,
 ) -> None:
-    """Create a client; prints its JSON (with client_id) to stderr and the secret alone to stdout."""
+    """Create a client; its JSON goes to stderr and the secret alone to stdout."""
     created = api(
         "POST",
         "/clients",
@@ -448,7 +448,7 @@ def tokens_revoke(token_id: str) -> None:
 
 
 @audit_app.command("query")
-def audit_query(  # noqa: PLR0913 - one option per filter
+def audit_query(
     client: Annotated[str | None, typer.Option()] = None,
     token_id: Annotated[str | None, typer.Option("--token")] = None,
     kind: Annotated[str | None, typer.Option()] = None,

@@ -19,6 +19,7 @@ from broker.errors import ConfigurationError
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///broker.sqlite3"
 MIB = 1024 * 1024
+MAX_PORT = 65535
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -89,7 +90,7 @@ class Settings(BaseSettings):
             "BROKER_UPSTREAM_CONNECT_TIMEOUT": self.upstream_connect_timeout > 0,
             "BROKER_UPSTREAM_POOL_SIZE": self.upstream_pool_size > 0,
             "BROKER_MAX_TOKEN_TTL": 0 < self.max_token_ttl <= 12 * 3600,
-            "BROKER_PORT": 0 <= self.port < 65536,
+            "BROKER_PORT": 0 <= self.port <= MAX_PORT,
         }
         for name, ok in checks.items():
             if not ok:

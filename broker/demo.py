@@ -9,6 +9,7 @@ import tempfile
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import uvicorn
@@ -16,12 +17,14 @@ import uvicorn
 from broker import bootstrap
 from broker.app import create_app
 from broker.config import Settings
-from broker.keyring import Keyring
-from broker.serving import BackgroundServer
 from broker.services.management import ManagementService
+from broker.serving import BackgroundServer
 from broker.sim.server import SimServer
 from broker.sim.state import SimState
 from broker.storage.database import create_engine, session_factory
+
+if TYPE_CHECKING:
+    from broker.keyring import Keyring
 
 DEMO_SCOPES = [
     "url:GET|/api/v1/courses/:id",
@@ -107,13 +110,15 @@ def instructions(setup: DemoSetup) -> str:
       #           -d grant_type=client_credentials $BROKER_URL/broker/v1/oauth/token)
 
       # 2. an allowed call: forwarded to Canvas with the worker token
-      curl -s -H "Authorization: Bearer $TOKEN" "$BROKER_URL/api/v1/courses/1201/assignments?per_page=3"
+      curl -s -H "Authorization: Bearer $TOKEN" \
+           "$BROKER_URL/api/v1/courses/1201/assignments?per_page=3"
 
       # 3. a refused call: course 1202 is outside the grant (403, never reaches Canvas)
       curl -s -H "Authorization: Bearer $TOKEN" "$BROKER_URL/api/v1/courses/1202/assignments"
 
       # 4. the security team reads both audit entries with a read-only auditor key
-      curl -s -H "Authorization: Bearer $AUDITOR_KEY" "$BROKER_URL/broker/v1/audit?kind=proxy&limit=2"
+      curl -s -H "Authorization: Bearer $AUDITOR_KEY" \
+           "$BROKER_URL/broker/v1/audit?kind=proxy&limit=2"
 
     Or from Python with canvasapi, unchanged except for the base URL:
 

@@ -18,7 +18,6 @@ import secrets
 import stat
 from dataclasses import dataclass, field
 from functools import cache
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cryptography.exceptions import InvalidTag
@@ -30,6 +29,7 @@ from broker.errors import ConfigurationError
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
+    from pathlib import Path
 
     from broker.config import Settings
 
@@ -113,12 +113,13 @@ class Keyring:
         return f"hmac-sha256:{digest[:32]}"
 
     def with_new_primary(self) -> Keyring:
-        """This keyring plus a fresh key that becomes primary (old keys still decrypt)."""
+        """A copy with a fresh key added as primary (old keys still decrypt)."""
         number = len(self.keys) + 1
         while f"k{number}" in self.keys:
             number += 1
         key_id = f"k{number}"
-        return Keyring(primary_id=key_id, keys={key_id: secrets.token_bytes(KEY_BYTES), **self.keys})
+        keys = {key_id: secrets.token_bytes(KEY_BYTES), **self.keys}
+        return Keyring(primary_id=key_id, keys=keys)
 
     def ids(self) -> Iterator[str]:
         """Key ids, primary first."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING, Literal, Self
 
 import uvicorn
 
@@ -27,7 +27,7 @@ class BackgroundServer:
         *,
         host: str = "127.0.0.1",
         port: int = 0,
-        lifespan: str = "on",
+        lifespan: Literal["on", "off"] = "on",
         startup_timeout: float = 15.0,
         shutdown_timeout: float = 10.0,
         name: str = "server",

@@ -30,17 +30,19 @@ COMMANDS = {
 
 
 def check_env_names(text: str, where: str, problems: list[str]) -> None:
-    for name in set(re.findall(r"\bBROKER_[A-Z_]+\b", text)):
-        if name not in SETTINGS:
-            problems.append(f"{where}: {name} is not a broker setting")
+    """Every BROKER_* name in ``text`` is a real setting."""
+    names = set(re.findall(r"\bBROKER_[A-Z_]+\b", text))
+    problems.extend(f"{where}: {name} is not a broker setting" for name in names - SETTINGS)
 
 
 def check_args(args: object, where: str, problems: list[str]) -> None:
+    """A container's arguments start with a real `broker` command."""
     if isinstance(args, list) and args and args[0] not in COMMANDS:
         problems.append(f"{where}: `broker {args[0]}` is not a command")
 
 
 def check_compose(problems: list[str]) -> None:
+    """The compose file parses and its broker services run real commands and settings."""
     path = ROOT / "deploy" / "docker-compose.yml"
     compose = yaml.safe_load(path.read_text())
     for name, service in compose["services"].items():
@@ -52,13 +54,16 @@ def check_compose(problems: list[str]) -> None:
 
 
 def check_kubernetes(problems: list[str]) -> None:
+    """Every manifest parses and names its kind, API version and name."""
     for path in sorted((ROOT / "deploy" / "kubernetes").glob("*.yaml")):
         for document in yaml.safe_load_all(path.read_text()):
             if not document:
                 continue
-            for field in ("apiVersion", "kind"):
-                if field not in document:
-                    problems.append(f"{path.name}: a document has no {field}")
+            problems.extend(
+                f"{path.name}: a document has no {field}"
+                for field in ("apiVersion", "kind")
+                if field not in document
+            )
             if not document.get("metadata", {}).get("name"):
                 problems.append(f"{path.name}: a {document.get('kind')} has no metadata.name")
             spec = document.get("spec", {})
@@ -69,22 +74,25 @@ def check_kubernetes(problems: list[str]) -> None:
 
 
 def check_dockerfile(problems: list[str]) -> None:
+    """The image runs `broker serve` and copies files that exist."""
     text = (ROOT / "Dockerfile").read_text()
     check_env_names(text, "Dockerfile", problems)
     if 'ENTRYPOINT ["broker"]' not in text or 'CMD ["serve"]' not in text:
         problems.append("Dockerfile must run `broker serve`")
-    for copied in re.findall(r"^COPY (?!--)(\S+)", text, flags=re.MULTILINE):
-        if not (ROOT / copied).exists():
-            problems.append(f"Dockerfile copies {copied}, which does not exist")
+    copied = re.findall(r"^COPY (?!--)(\S+)", text, flags=re.MULTILINE)
+    problems.extend(
+        f"Dockerfile copies {c}, which does not exist" for c in copied if not (ROOT / c).exists()
+    )
 
 
 def check_wheel(wheel: Path, problems: list[str]) -> None:
+    """The wheel the image installs carries the package, entry point and every migration."""
     names = set(zipfile.ZipFile(wheel).namelist())
-    for required in ("broker/app.py", "broker/migrations/env.py", "broker/migrations/script.py.mako"):
-        if required not in names:
-            problems.append(f"{wheel.name} lacks {required}")
+    required = ("broker/app.py", "broker/migrations/env.py", "broker/migrations/script.py.mako")
+    problems.extend(f"{wheel.name} lacks {r}" for r in required if r not in names)
     migrations = {n for n in names if n.startswith("broker/migrations/versions/")}
-    shipped = {f"broker/migrations/versions/{p.name}" for p in (ROOT / "migrations" / "versions").glob("*.py")}
+    versions = (ROOT / "migrations" / "versions").glob("*.py")
+    shipped = {f"broker/migrations/versions/{p.name}" for p in versions}
     if not shipped <= migrations:
         problems.append(f"{wheel.name} lacks migrations {sorted(shipped - migrations)}")
     if not any(n.endswith("entry_points.txt") and "broker" in n for n in names):
@@ -92,6 +100,7 @@ def check_wheel(wheel: Path, problems: list[str]) -> None:
 
 
 def main() -> int:
+    """Run every check; non-zero exit on any problem."""
     problems: list[str] = []
     check_compose(problems)
     check_kubernetes(problems)

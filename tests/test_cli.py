@@ -19,7 +19,7 @@ ADMIN_KEY = re.compile(r"cba_[0-9A-Za-z]{36}")
 def _run(
     args: list[str], env: dict[str, str], timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(  # noqa: S603 - fixed argv
+    return subprocess.run(
         [*BROKER, *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
     )
 
@@ -108,18 +108,24 @@ def test_keys_rotate_reencrypts_credentials_under_a_new_primary_key(tmp_path: Pa
 
     async def add_credential() -> None:
         engine = create_engine(settings.async_database_url, pool=False)
-        service = ManagementService(session_factory(engine), load_key_file(settings.key_file), settings)
+        service = ManagementService(
+            session_factory(engine), load_key_file(settings.key_file), settings
+        )
         await service.create_upstream(LOCAL, name="c", base_url="https://canvas.example")
         await service.create_credential(LOCAL, upstream="c", name="w", token="canvas-token-1234")
         await engine.dispose()
 
     async def stored_key_id() -> tuple[str, str]:
         engine = create_engine(settings.async_database_url, pool=False)
-        service = ManagementService(session_factory(engine), load_key_file(settings.key_file), settings)
+        service = ManagementService(
+            session_factory(engine), load_key_file(settings.key_file), settings
+        )
         [credential] = await service.list_credentials()
         plaintext = load_key_file(settings.key_file).decrypt(
-            credential.token_key_id, credential.token_ciphertext,
-            purpose=WORKER_TOKEN_PURPOSE, record_id=credential.id,
+            credential.token_key_id,
+            credential.token_ciphertext,
+            purpose=WORKER_TOKEN_PURPOSE,
+            record_id=credential.id,
         )
         await engine.dispose()
         return credential.token_key_id, plaintext.decode()

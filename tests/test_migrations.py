@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect
-from sqlalchemy.engine import Connection
 
 from broker.storage.database import create_engine
 from broker.storage.models import Base
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection
 
 
 def _diff(connection: Connection) -> list[Any]:

@@ -1,0 +1,1 @@
+"""HTTP surfaces: the management API and OAuth routers (FastAPI) and the raw-ASGI proxy."""

@@ -1,0 +1,1 @@
+"""Use cases; each owns its database transactions."""

@@ -17,7 +17,9 @@ if TYPE_CHECKING:
     from broker.keyring import Keyring
 
 
-async def reencrypt_credentials(sessions: async_sessionmaker[AsyncSession], keyring: Keyring) -> int:
+async def reencrypt_credentials(
+    sessions: async_sessionmaker[AsyncSession], keyring: Keyring
+) -> int:
     """Re-encrypt worker tokens not yet under the primary key; returns how many changed.
 
     One transaction: either every credential moves to the new key or none does, so an

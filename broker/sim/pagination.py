@@ -62,8 +62,10 @@ class Page:
 
 
 def paginate(items: list[Any], params: dict[str, Any], max_per_page: int = MAX_PER_PAGE) -> Page:
-    """Cut the page that `page` and `per_page` ask for (defaults 1 and 10; at most
-    `max_per_page`, which Canvas sets per instance and defaults to 100)."""
+    """Cut the page that `page` and `per_page` ask for (defaults 1 and 10).
+
+    `per_page` is capped at `max_per_page`, which Canvas sets per instance (default 100).
+    """
     page = _positive_int(params.get("page"), 1)
     per_page = min(_positive_int(params.get("per_page"), DEFAULT_PER_PAGE), max_per_page)
     start = (page - 1) * per_page

@@ -1,0 +1,1 @@
+"""SQLAlchemy models and queries; functions here flush, never commit."""

@@ -37,7 +37,11 @@ class UTCDateTime(TypeDecorator[datetime]):
     impl = DateTime
     cache_ok = True
 
-    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+    def process_bind_param(
+        self,
+        value: datetime | None,
+        dialect: Dialect,  # noqa: ARG002 - part of the TypeDecorator interface
+    ) -> datetime | None:
         """Store naive UTC."""
         if value is None:
             return None
@@ -45,7 +49,11 @@ class UTCDateTime(TypeDecorator[datetime]):
             raise ValueError("naive datetime given to a UTC column")
         return value.astimezone(UTC).replace(tzinfo=None)
 
-    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+    def process_result_value(
+        self,
+        value: datetime | None,
+        dialect: Dialect,  # noqa: ARG002 - part of the TypeDecorator interface
+    ) -> datetime | None:
         """Return aware UTC."""
         return None if value is None else value.replace(tzinfo=UTC)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import json
 from dataclasses import dataclass
-from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import Select, or_, select
@@ -22,6 +21,7 @@ from broker.storage.models import (
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
+    from datetime import datetime
 
     from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -130,12 +130,15 @@ def decode_cursor(cursor: str) -> int:
 async def audit_page(
     session: AsyncSession, selection: AuditFilter, *, before: int | None, limit: int
 ) -> tuple[list[AuditEvent], int | None]:
-    """Newest-first page of events with ``seq < before``; the cursor stays stable as events
-    arrive because it names a position in the append-only sequence, not an offset."""
+    """Newest-first page of events with ``seq < before``.
+
+    The cursor stays stable as events arrive: it names a position in the append-only
+    sequence, not an offset.
+    """
     query = selection.apply(select(AuditEvent))
     if before is not None:
         query = query.where(AuditEvent.seq < before)
-    rows = list((await session.scalars(query.order_by(AuditEvent.seq.desc()).limit(limit + 1))))
+    rows = list(await session.scalars(query.order_by(AuditEvent.seq.desc()).limit(limit + 1)))
     if len(rows) > limit:
         return rows[:limit], rows[limit - 1].seq
     return rows, None

@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import httpx
-
 from broker.services.management import Actor, ManagementService
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
+
+    import httpx
 
     from broker.context import ProcessContext
     from broker.sim.server import SimServer
