@@ -1,0 +1,50 @@
+"""Operations endpoints (SPEC §3.4)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import httpx
+
+from broker.app import create_app
+from broker.config import Settings
+from broker.context import ProcessContext
+from broker.keyring import Keyring
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from tests.support.env import BrokerEnv
+
+
+async def test_healthz_answers_without_credentials(env: BrokerEnv) -> None:
+    response = await env.http.get("/healthz")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok"}
+    assert response.headers["x-request-id"]
+
+
+async def test_readyz_reports_database_and_keyring(env: BrokerEnv) -> None:
+    response = await env.http.get("/readyz")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ready", "database": "ok", "keyring": "ok"}
+
+
+async def test_readyz_is_503_when_the_database_is_unreachable(tmp_path: Path) -> None:
+    settings = Settings(database_url=f"sqlite:///{tmp_path}/missing-dir/broker.sqlite3")
+    context = ProcessContext.from_settings(settings, keyring=Keyring.generate())
+    transport = httpx.ASGITransport(app=create_app(context=context))
+    async with httpx.AsyncClient(transport=transport, base_url="http://broker.test") as http:
+        response = await http.get("/readyz")
+    await context.aclose()
+    assert response.status_code == 503
+    assert response.json()["database"] == "unavailable"
+
+
+async def test_metrics_exposes_prometheus_text_with_live_tokens(env: BrokerEnv) -> None:
+    await env.client_token()
+    response = await env.http.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    assert "broker_live_tokens 1.0" in response.text
+    assert "broker_audit_write_seconds" in response.text
