@@ -35,11 +35,11 @@ class UpstreamResponse(Protocol):
     headers: list[tuple[bytes, bytes]]
 
     def body(self) -> AsyncIterator[bytes]:
-        """The body bytes exactly as received (still content-encoded)."""
+        """Yield the body bytes exactly as received (still content-encoded)."""
         ...
 
     async def read(self) -> bytes:
-        """The whole body."""
+        """Read the whole body."""
         ...
 
     def release(self) -> None:
@@ -116,7 +116,7 @@ class AiohttpForwarder:
                 method,
                 URL(url, encoded=True),
                 headers=outgoing,
-                data=body if body else None,
+                data=body or None,
                 allow_redirects=False,
             )
         except TimeoutError as exc:
@@ -127,6 +127,9 @@ class AiohttpForwarder:
             raise UpstreamError(
                 f"upstream unreachable: {type(exc).__name__}", timeout=False
             ) from exc
+        except ValueError as exc:
+            # aiohttp refuses to write a request it considers unsafe (e.g. a CR/LF in a header)
+            raise UpstreamError("the request could not be sent upstream", timeout=False) from exc
         return _AiohttpResponse(
             response=response,
             status=response.status,

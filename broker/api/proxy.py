@@ -2,21 +2,29 @@
 
 It is deliberately not a FastAPI route: the hot path avoids routing and request-object
 overhead. Order of checks, each refused before anything is sent upstream and each audited:
-canonical path (400) → bearer token (401) → headers and query (403) → grant (403) → body
-(413/415/400/403) → pending audit event committed (503 if not) → forward.
+canonical path, query and header syntax (400, still naming the caller when its token is good)
+→ bearer token (401) → headers and query (403) → grant (403) → body (413/415/400/403) →
+pending audit event committed (503 if not) → forward. Paths outside ``/api/v1/`` and
+``/api/quiz/v1/`` need a scope naming them literally.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gzip
 import json
 import logging
+import re
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from broker.core import rules
 from broker.core.net import client_address
 from broker.core.rewrite import Rewriter
+from broker.core.scopes import Grant
+from broker.core.scopes import Scope as ScopeString
 from broker.errors import AuditUnavailableError
 from broker.requestid import new_request_id
 from broker.services.tokens import Authorized, TokenRejectedError
@@ -28,6 +36,7 @@ if TYPE_CHECKING:
     from broker.context import ProcessContext
     from broker.services.audit import AuditService
     from broker.services.tokens import TokenService
+    from broker.upstream import UpstreamResponse
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +44,10 @@ PROXIED_PREFIXES = ("/api/v1/", "/api/quiz/v1/")
 REALM = 'Bearer realm="canvas-token-broker", error="invalid_token"'
 _MAX_AUDIT_PATH = 2048
 _REWRITE_LIMIT = 8 * 1024 * 1024
+_PRINTABLE = re.compile(rb"[\x20-\x5b\x5d-\x7e]*")
+_QUERY = re.compile(rb"[\x21-\x7e]*")
+_HEADER_NAME = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_HEADER_VALUE_BAD = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 class Refusal(Exception):  # noqa: N818 - a refusal is an outcome, not an error of the broker
@@ -113,40 +126,35 @@ class ProxyApp:
             "kind": "proxy",
             "action": "proxy",
             "method": call.method[:16],
-            "path": call.raw_path.decode("latin-1")[:_MAX_AUDIT_PATH],
-            "query": rules.redact_query(call.query, self._context.keyring.audit_hmac) or None,
+            "path": _escaped(call.raw_path)[:_MAX_AUDIT_PATH],
+            "query": _escaped(
+                rules.redact_query(call.query, self._context.keyring.audit_hmac).encode()
+            )
+            or None,
             "source_ip": client_address(
                 peer[0] if peer else None, forwarded, self._context.settings.trusted_networks
             ),
-            "user_agent": user_agent.decode("latin-1")[:500] if user_agent else None,
+            "user_agent": _escaped(user_agent)[:500] if user_agent else None,
         }
 
     async def _admit(self, call: Call, receive: Receive) -> bytes:
         """Run every check; return the request body to forward or raise ``Refusal``."""
         try:
             path = rules.check_path(call.raw_path)
+            _check_syntax(call)
         except rules.RuleViolation as exc:
+            # The answer is 400 whatever the token, but a good token still names the caller in
+            # the audit log: a traversal attempt is worth attributing.
+            with contextlib.suppress(Refusal):
+                await self._authenticate(call)
             raise Refusal(exc.status, exc.error, exc.message) from exc
-        call.authorized = authorized = await self._authenticate(call)
-        call.audit.update(
-            client_id=authorized.client_id,
-            token_id=authorized.token_id,
-            credential_id=authorized.credential_id,
-            upstream=authorized.upstream_name,
-        )
+        authorized = await self._authenticate(call)
         try:
             rules.check_headers(call.headers)
             rules.check_query(call.query, allow_masquerade=authorized.allow_masquerade)
         except rules.RuleViolation as exc:
             raise Refusal(exc.status, exc.error, exc.message) from exc
-        decision = authorized.grant.check(call.method, path)
-        call.audit["scope"] = decision.scope
-        if not decision.allowed:
-            proxied = path.startswith(PROXIED_PREFIXES)
-            reason = decision.reason or "scope_not_granted"
-            if not proxied and reason == "scope_not_granted":
-                raise Refusal(403, "path_not_proxied", f"{call.method} {path} is not proxied")
-            raise Refusal(403, reason, decision.detail)
+        self._check_grant(call, authorized.grant, path)
         body = await self._read_body(call, receive)
         content_type = call.header(b"content-type")
         try:
@@ -159,7 +167,22 @@ class ProxyApp:
             raise Refusal(exc.status, exc.error, exc.message) from exc
         return body
 
+    @staticmethod
+    def _check_grant(call: Call, grant: Grant, path: str) -> None:
+        if not path.startswith(PROXIED_PREFIXES):
+            # Rule 2: only a scope naming such a path literally opens it, so that a pattern
+            # like `/login/:action` or `/api/:name` cannot open /login/session_token or GraphQL.
+            grant = Grant(tuple(s for s in grant.scopes if _literal(s)), grant.constraints)
+        decision = grant.check(call.method, path)
+        call.audit["scope"] = decision.scope
+        if decision.allowed:
+            return
+        if not path.startswith(PROXIED_PREFIXES):
+            raise Refusal(403, "path_not_proxied", f"{call.method} {path} is not proxied")
+        raise Refusal(403, decision.reason or "scope_not_granted", decision.detail)
+
     async def _authenticate(self, call: Call) -> Authorized:
+        """Resolve the bearer token and name its client in the audit event, or refuse (401)."""
         values = [v for k, v in call.headers if k == b"authorization"]
         if not values:
             raise Refusal(401, "missing_token", "send Authorization: Bearer <proxy token>")
@@ -167,7 +190,7 @@ class ProxyApp:
         if len(values) > 1 or scheme.lower() != "bearer" or not token.strip():
             raise Refusal(401, "malformed_token", "send exactly one Authorization: Bearer header")
         try:
-            return await self._tokens.resolve(token.strip())
+            authorized = await self._tokens.resolve(token.strip())
         except TokenRejectedError as exc:
             if exc.record is not None:
                 call.audit.update(
@@ -177,6 +200,14 @@ class ProxyApp:
                     upstream=exc.record.upstream.name,
                 )
             raise Refusal(401, exc.reason, exc.message) from exc
+        call.authorized = authorized
+        call.audit.update(
+            client_id=authorized.client_id,
+            token_id=authorized.token_id,
+            credential_id=authorized.credential_id,
+            upstream=authorized.upstream_name,
+        )
+        return authorized
 
     async def _read_body(self, call: Call, receive: Receive) -> bytes:
         declared = call.header(b"content-length")
@@ -230,9 +261,7 @@ class ProxyApp:
         try:
             response = await self._context.forwarder.send(call.method, target, headers, body)
         except UpstreamError as exc:
-            status, error = (
-                (504, "upstream_timeout") if exc.timeout else (502, "upstream_unreachable")
-            )
+            status, error = _failure(exc)
             await self._audit.complete(
                 seq, status=status, reason=error, duration_ms=call.elapsed_ms()
             )
@@ -257,8 +286,8 @@ class ProxyApp:
         self,
         call: Call,
         scope: Scope,
-        response: Any,
-        send: Send,  # noqa: ANN401
+        response: UpstreamResponse,
+        send: Send,
     ) -> dict[str, Any]:
         """Send the upstream response on, rewriting only URLs that point back at Canvas."""
         rewriter = Rewriter(
@@ -267,6 +296,9 @@ class ProxyApp:
         )
         headers: list[tuple[bytes, bytes]] = []
         for name, value in rules.forward_response_headers(response.headers):
+            if name == b"x-request-id":
+                # The broker's own id replaces Canvas's (X-Request-Context-Id still names it).
+                continue
             if name == b"link":
                 value = rewriter.link_header(value.decode("latin-1")).encode("latin-1")  # noqa: PLW2901
             elif name == b"location":
@@ -275,8 +307,16 @@ class ProxyApp:
         headers.append((b"x-request-id", call.request_id.encode()))
         sent = 0
         if _rewritable_json(response.headers):
-            payload = await response.read()
-            rewritten = rewriter.json_body(payload) if b'"pagination"' in payload else None
+            try:
+                payload = await response.read()
+            except UpstreamError as exc:
+                # Nothing has been sent yet, so the client can still get a proper answer.
+                status, error = _failure(exc)
+                await _send_error(send, call, status, error, str(exc))
+                return {"status": status, "reason": error}
+            rewritten = _rewrite_json(
+                rewriter, payload, _find(response.headers, b"content-encoding")
+            )
             if rewritten is not None:
                 payload = rewritten
                 headers = [(k, v) for k, v in headers if k != b"content-length"]
@@ -314,6 +354,46 @@ class ProxyApp:
         return f"{scope.get('scheme', 'http')}://{host_text}"
 
 
+def _check_syntax(call: Call) -> None:
+    """Refuse a query or header that no HTTP server would pass on (400 ``malformed_request``).
+
+    The proxy forwards the query and headers as received, so a raw space, CR/LF or NUL
+    would otherwise reach Canvas's request line or headers intact.
+    """
+    if not _QUERY.fullmatch(call.query):
+        raise rules.RuleViolation(
+            400, "malformed_request", "the query string must be percent-encoded printable ASCII"
+        )
+    for name, value in call.headers:
+        if not _HEADER_NAME.fullmatch(name) or _HEADER_VALUE_BAD.search(value):
+            raise rules.RuleViolation(
+                400, "malformed_request", f"header {name[:100]!r} is not valid HTTP"
+            )
+
+
+def _escaped(raw: bytes) -> str:
+    r"""Text for the audit log: printable ASCII as is, any other byte (and ``\``) as ``\xNN``.
+
+    The log shows unambiguously what the client sent, and no byte can break the store
+    (PostgreSQL refuses NUL in text) or a reader of an export.
+    """
+    if _PRINTABLE.fullmatch(raw):
+        return raw.decode("ascii")
+    return "".join(
+        chr(byte) if _PRINTABLE.fullmatch(byte.to_bytes()) else f"\\x{byte:02x}" for byte in raw
+    )
+
+
+def _failure(exc: UpstreamError) -> tuple[int, str]:
+    """The status and error code for an upstream that failed or timed out."""
+    return (504, "upstream_timeout") if exc.timeout else (502, "upstream_unreachable")
+
+
+def _literal(scope: ScopeString) -> bool:
+    """Whether a scope names one path: no parameters, globs or optional parts."""
+    return not scope.params and "(" not in scope.path
+
+
 def _find(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
     for key, value in headers:
         if key == name:
@@ -323,14 +403,47 @@ def _find(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
 
 def _rewritable_json(headers: list[tuple[bytes, bytes]]) -> bool:
     content_type = _find(headers, b"content-type") or b""
-    if b"json" not in content_type.lower() or _find(headers, b"content-encoding"):
+    encoding = _find(headers, b"content-encoding")
+    if b"json" not in content_type.lower() or (encoding is not None and not _gzip(encoding)):
         return False
     length = _find(headers, b"content-length")
     return length is not None and length.isdigit() and int(length) <= _REWRITE_LIMIT
 
 
+def _gzip(encoding: bytes) -> bool:
+    return encoding.strip().lower() in {b"gzip", b"x-gzip"}
+
+
+def _rewrite_json(rewriter: Rewriter, payload: bytes, encoding: bytes | None) -> bytes | None:
+    """Return the body with its ``meta.pagination`` URLs rewritten, or None to pass it on as is.
+
+    Canvas gzips JSON for every client that accepts it (``requests`` and so canvasapi do), so
+    a gzipped body is decompressed, bounded, to look for pagination URLs. Only a body that
+    actually changes is compressed again; every other body keeps its exact bytes.
+    """
+    if encoding is None:
+        return rewriter.json_body(payload) if b'"pagination"' in payload else None
+    plain = _gunzip(payload, _REWRITE_LIMIT)
+    if plain is None or b'"pagination"' not in plain:
+        return None
+    rewritten = rewriter.json_body(plain)
+    return None if rewritten is None else gzip.compress(rewritten, compresslevel=6, mtime=0)
+
+
+def _gunzip(payload: bytes, limit: int) -> bytes | None:
+    """Decompress a single-member gzip body of at most ``limit`` bytes, else None."""
+    inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    try:
+        plain = inflater.decompress(payload, limit + 1)
+    except zlib.error:
+        return None
+    if len(plain) > limit or not inflater.eof or inflater.unused_data:
+        return None
+    return plain
+
+
 async def _send_error(send: Send, call: Call, status: int, error: str, message: str) -> None:
-    """A Canvas-shaped error so Canvas clients raise their usual exceptions."""
+    """Answer with a Canvas-shaped error, so Canvas clients raise their usual exceptions."""
     body = json.dumps(
         {"errors": [{"message": message}], "error": error, "request_id": call.request_id}
     ).encode()

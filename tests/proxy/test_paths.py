@@ -1,0 +1,183 @@
+"""SPEC §5 rules 1 and 2: only canonical paths, and only Canvas API paths, are forwarded."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pytest
+
+from tests.proxy.support import assert_refused, last_proxy_event, make_caller, send_raw
+
+if TYPE_CHECKING:
+    import httpx
+
+    from tests.support.env import BrokerEnv
+
+GRANT = (
+    "url:GET|/api/v1/courses/:id",
+    "url:GET|/api/v1/users/:user_id",
+    "url:GET|/api/v1/courses/:course_id/assignments",
+)
+
+NON_CANONICAL = [
+    pytest.param(b"/api/v1/courses/../users/1", id="dot-dot"),
+    pytest.param(b"/api/v1/courses/1201/..", id="trailing-dot-dot"),
+    pytest.param(b"/api/v1/courses/./1201", id="dot"),
+    pytest.param(b"/api/v1/courses/%2e%2e/users/1", id="encoded-dot-dot"),
+    pytest.param(b"/api/v1/courses/%2E%2E/users/1", id="encoded-dot-dot-upper"),
+    pytest.param(b"/api/v1/courses/%2e", id="encoded-dot"),
+    pytest.param(b"/api/v1/courses/1201%2Fassignments", id="encoded-slash"),
+    pytest.param(b"/api/v1/courses/1201%2fassignments", id="encoded-slash-lower"),
+    pytest.param(b"/api/v1/courses/1201%5Cassignments", id="encoded-backslash"),
+    pytest.param(b"/api/v1/courses/1201\\assignments", id="backslash"),
+    pytest.param(b"/api/v1/courses//1201", id="empty-segment"),
+    pytest.param(b"//api/v1/courses/1201", id="leading-double-slash"),
+    pytest.param(b"/api/v1/courses/1201%00", id="encoded-nul"),
+    pytest.param(b"/api/v1/courses/1201\x00", id="nul"),
+    pytest.param(b"/api/v1/courses/12%0a01", id="encoded-newline"),
+    pytest.param(b"/api/v1/courses/%252e%252e", id="double-encoded-dot-dot"),
+    pytest.param("/api/v1/users/caf\u00e9".encode(), id="non-ascii-utf8"),
+    pytest.param(b"/api/v1/users/caf\xe9", id="non-ascii-latin1"),
+    pytest.param(b"/api/v1/courses/1201%", id="bad-percent"),
+]
+
+
+def _escaped(raw: bytes) -> str:
+    return "".join(chr(b) if 0x20 <= b < 0x7F and b != 0x5C else f"\\x{b:02x}" for b in raw)
+
+
+@pytest.mark.parametrize("raw_path", NON_CANONICAL)
+async def test_non_canonical_path_is_refused_with_400(
+    env: BrokerEnv, raw_http: httpx.AsyncClient, raw_path: bytes
+) -> None:
+    caller = await make_caller(env, scopes=GRANT)
+    response = await send_raw(raw_http, "GET", raw_path, caller.headers)
+    event = await assert_refused(env, response, 400, "non_canonical_path", caller)
+    # The audit log shows the path the proxy received, odd bytes escaped.
+    assert event["path"] == _escaped(raw_path)
+
+
+async def test_non_canonical_path_without_token_is_still_400(
+    env: BrokerEnv, raw_http: httpx.AsyncClient
+) -> None:
+    response = await send_raw(raw_http, "GET", b"/api/v1/courses/../users/1", {})
+    await assert_refused(env, response, 400, "non_canonical_path")
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        pytest.param(b"search_term=a\x00b", id="nul"),
+        pytest.param(b"search_term=a b", id="space"),
+        pytest.param(b"search_term=a\r\nX-Injected: 1", id="crlf"),
+        pytest.param("search_term=caf\u00e9".encode(), id="non-ascii"),
+    ],
+)
+async def test_query_with_raw_unprintable_bytes_is_refused_with_400(
+    env: BrokerEnv, raw_http: httpx.AsyncClient, query: bytes
+) -> None:
+    caller = await make_caller(env, scopes=GRANT)
+    raw = b"/api/v1/courses/1201/assignments?" + query
+    response = await send_raw(raw_http, "GET", raw, caller.headers)
+    event = await assert_refused(env, response, 400, "malformed_request", caller)
+    assert event["query"] == _escaped(query)
+
+
+async def test_raw_transport_forwards_a_canonical_path_byte_for_byte(
+    env: BrokerEnv, raw_http: httpx.AsyncClient
+) -> None:
+    caller = await make_caller(env, scopes=GRANT)
+    raw_path = b"/api/v1/courses/sis_course_id%3ASIS-1201"
+    response = await send_raw(raw_http, "GET", raw_path, caller.headers)
+    assert response.status_code == 200, response.text
+    assert response.json()["id"] == 1201
+    [received] = env.sim.state.received
+    assert received.raw_path == raw_path.decode()
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/login/session_token"),
+        ("POST", "/api/graphql"),
+        ("GET", "/some/other/path"),
+        ("GET", "/api/v2/courses/1201"),
+        ("GET", "/api/v1"),
+        ("GET", "/"),
+    ],
+)
+async def test_path_outside_the_canvas_api_is_refused_when_no_scope_names_it(
+    env: BrokerEnv, method: str, path: str
+) -> None:
+    caller = await make_caller(env, scopes=GRANT)
+    response = await env.http.request(method, path, headers=caller.headers)
+    await assert_refused(env, response, 403, "path_not_proxied", caller)
+
+
+@pytest.mark.parametrize(
+    ("scope", "path", "body"),
+    [
+        ("url:POST|/login/session_token", "/login/session_token", "session_url"),
+        ("url:POST|/api/graphql", "/api/graphql", "data"),
+    ],
+)
+async def test_path_outside_the_canvas_api_is_forwarded_when_a_scope_names_it_exactly(
+    env: BrokerEnv, scope: str, path: str, body: str
+) -> None:
+    caller = await make_caller(env, scopes=[scope])
+    response = await env.http.post(path, headers=caller.headers, json={"query": "{}"})
+    assert response.status_code == 200, response.text
+    assert body in response.json()
+    assert env.received == [path]
+    event = await last_proxy_event(env)
+    assert (event["decision"], event["scope"], event["status"]) == ("allow", scope, 200)
+
+
+@pytest.mark.parametrize(
+    ("scope", "path"),
+    [
+        ("url:POST|/login/:action", "/login/session_token"),
+        ("url:POST|/login/*rest", "/login/session_token"),
+        ("url:POST|/api/:endpoint", "/api/graphql"),
+        ("url:POST|/api/graphql(.:format)", "/api/graphql.json"),
+    ],
+)
+async def test_path_outside_the_canvas_api_is_refused_when_a_scope_only_matches_a_pattern(
+    env: BrokerEnv, scope: str, path: str
+) -> None:
+    caller = await make_caller(env, scopes=[scope])
+    response = await env.http.post(path, headers=caller.headers, json={})
+    await assert_refused(env, response, 403, "path_not_proxied", caller)
+
+
+async def test_canvas_api_path_outside_the_grant_is_refused_as_scope_not_granted(
+    env: BrokerEnv,
+) -> None:
+    caller = await make_caller(env, scopes=GRANT)
+    response = await env.http.delete("/api/v1/courses/1201", headers=caller.headers)
+    await assert_refused(env, response, 403, "scope_not_granted", caller)
+
+
+async def test_constraint_violation_is_refused_and_names_the_matched_scope(
+    env: BrokerEnv,
+) -> None:
+    caller = await make_caller(env, scopes=GRANT, constraints={"id": ["1202"]})
+    response = await env.http.get("/api/v1/courses/1201", headers=caller.headers)
+    event = await assert_refused(env, response, 403, "constraint_violation", caller)
+    assert event["scope"] == "url:GET|/api/v1/courses/:id"
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        pytest.param(("X-Job", "a\r\nX-Injected: 1"), id="crlf-in-value"),
+        pytest.param(("X-Job", "a\x00b"), id="nul-in-value"),
+        pytest.param(("X Job", "a"), id="space-in-name"),
+    ],
+)
+async def test_header_that_is_not_valid_http_is_refused_with_400(
+    env: BrokerEnv, header: tuple[str, str]
+) -> None:
+    caller = await make_caller(env, scopes=GRANT)
+    response = await env.http.get("/api/v1/courses/1201", headers=[*caller.headers.items(), header])
+    await assert_refused(env, response, 400, "malformed_request", caller)
