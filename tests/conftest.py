@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import httpx
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import URL, create_engine, make_url, text
 
 from broker.app import create_app
 from broker.config import Settings, normalise_database_url
@@ -29,25 +29,37 @@ if TYPE_CHECKING:
 POSTGRES_URL = os.environ.get("BROKER_TEST_DATABASE_URL")
 
 
-def _sync_url(url: str) -> str:
-    return normalise_database_url(url).replace("+asyncpg", "+psycopg").replace("+aiosqlite", "")
+def _sync_url(url: str | URL) -> str:
+    text_url = url if isinstance(url, str) else url.render_as_string(hide_password=False)
+    return (
+        normalise_database_url(text_url).replace("+asyncpg", "+psycopg").replace("+aiosqlite", "")
+    )
 
 
 @pytest.fixture(scope="session")
-def template_db(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A migrated database: a template SQLite file, or the PostgreSQL test database."""
-    if POSTGRES_URL:
-        url = normalise_database_url(POSTGRES_URL)
-        engine = create_engine(_sync_url(url))
-        with engine.begin() as connection:
-            connection.execute(text("DROP SCHEMA public CASCADE"))
-            connection.execute(text("CREATE SCHEMA public"))
-        engine.dispose()
-        upgrade_schema(url)
-        return url
-    path = tmp_path_factory.mktemp("template") / "template.sqlite3"
-    upgrade_schema(f"sqlite+aiosqlite:///{path}")
-    return str(path)
+def template_db(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A migrated database: a template SQLite file, or a PostgreSQL database of this run's own.
+
+    On PostgreSQL a database named after the given one plus this process id is created (and
+    dropped afterwards), so concurrent runs against one server never see each other.
+    """
+    if not POSTGRES_URL:
+        path = tmp_path_factory.mktemp("template") / "template.sqlite3"
+        upgrade_schema(f"sqlite+aiosqlite:///{path}")
+        yield str(path)
+        return
+    given = make_url(normalise_database_url(POSTGRES_URL))
+    name = f"{given.database}_run{os.getpid()}"
+    admin = create_engine(_sync_url(given), isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    url = given.set(database=name).render_as_string(hide_password=False)
+    upgrade_schema(url)
+    yield url
+    with admin.connect() as connection:
+        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
 
 
 @pytest.fixture
