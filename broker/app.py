@@ -116,14 +116,15 @@ def install(app: FastAPI, context: ProcessContext) -> None:
     """Attach the process context and the services built on it."""
     audit = AuditService(context.sessions)
     tokens = TokenService(context.sessions, context.keyring, context.settings)
+    metrics = Metrics()
     app.state.context = context
-    app.state.metrics = Metrics()
+    app.state.metrics = metrics
     app.state.services = Services(
         management=ManagementService(context.sessions, context.keyring, context.settings),
         tokens=tokens,
         audit=audit,
     )
-    app.state.proxy = ProxyApp(context, tokens, audit)
+    app.state.proxy = ProxyApp(context, tokens, audit, metrics)
 
 
 def _add_ops_routes(app: FastAPI) -> None:

@@ -48,3 +48,29 @@ async def test_metrics_exposes_prometheus_text_with_live_tokens(env: BrokerEnv) 
     assert response.headers["content-type"].startswith("text/plain")
     assert "broker_live_tokens 1.0" in response.text
     assert "broker_audit_write_seconds" in response.text
+
+
+def _sample(text: str, name: str, labels: str = "") -> float:
+    for line in text.splitlines():
+        if line.startswith(f"{name}{labels} "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+async def test_metrics_count_proxied_requests_by_outcome_and_time_upstream_and_audit(
+    env: BrokerEnv,
+) -> None:
+    token = await env.client_token()
+    bearer = {"Authorization": f"Bearer {token}"}
+    assert (await env.http.get("/api/v1/courses/1201", headers=bearer)).status_code == 200
+    assert (await env.http.get("/api/v1/courses/1201", headers=bearer)).status_code == 200
+    assert (await env.http.delete("/api/v1/courses/1201", headers=bearer)).status_code == 403
+    assert (await env.http.get("/api/v1/courses/1201")).status_code == 401
+
+    text = (await env.http.get("/metrics")).text
+    assert _sample(text, "broker_proxy_requests_total", '{outcome="allow"}') == 2
+    assert _sample(text, "broker_proxy_requests_total", '{outcome="scope_not_granted"}') == 1
+    assert _sample(text, "broker_proxy_requests_total", '{outcome="missing_token"}') == 1
+    assert _sample(text, "broker_upstream_latency_seconds_count") == 2
+    assert _sample(text, "broker_audit_write_seconds_count") == 4
+    assert _sample(text, "broker_audit_write_failures_total") == 0

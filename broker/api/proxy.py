@@ -31,9 +31,12 @@ from broker.services.tokens import Authorized, TokenRejectedError
 from broker.upstream import UpstreamError
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable
+
     from starlette.types import Message, Receive, Scope, Send
 
     from broker.context import ProcessContext
+    from broker.metrics import Metrics
     from broker.services.audit import AuditService
     from broker.services.tokens import TokenService
     from broker.upstream import UpstreamResponse
@@ -88,11 +91,29 @@ class Call:
 class ProxyApp:
     """ASGI app forwarding granted Canvas calls with the worker token."""
 
-    def __init__(self, context: ProcessContext, tokens: TokenService, audit: AuditService) -> None:
+    def __init__(
+        self,
+        context: ProcessContext,
+        tokens: TokenService,
+        audit: AuditService,
+        metrics: Metrics,
+    ) -> None:
         self._context = context
         self._tokens = tokens
         self._audit = audit
+        self._metrics = metrics
         self._max_body = context.settings.max_body_bytes
+
+    async def _commit_audit(self, write: Awaitable[int]) -> int:
+        """Await an audit commit, measuring it; failures are counted and re-raised."""
+        started = time.perf_counter()
+        try:
+            seq = await write
+        except AuditUnavailableError:
+            self._metrics.audit_failures.inc()
+            raise
+        self._metrics.audit_latency.observe(time.perf_counter() - started)
+        return seq
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Handle one HTTP request."""
@@ -108,11 +129,12 @@ class ProxyApp:
         call.audit = self._audit_base(call, scope)
         try:
             body = await self._admit(call, receive)
-            seq = await self._audit.begin(**call.audit, decision="allow")
+            seq = await self._commit_audit(self._audit.begin(**call.audit, decision="allow"))
         except Refusal as refusal:
             await self._refuse(call, send, refusal)
             return
         except AuditUnavailableError as exc:
+            self._metrics.requests.labels(outcome=exc.error).inc()
             await _send_error(send, call, 503, exc.error, exc.message)
             return
         await self._forward(call, scope, body, seq, send)
@@ -236,16 +258,20 @@ class ProxyApp:
 
     async def _refuse(self, call: Call, send: Send, refusal: Refusal) -> None:
         try:
-            await self._audit.record(
-                **call.audit,
-                decision="deny",
-                reason=refusal.error,
-                status=refusal.status,
-                duration_ms=call.elapsed_ms(),
+            await self._commit_audit(
+                self._audit.record(
+                    **call.audit,
+                    decision="deny",
+                    reason=refusal.error,
+                    status=refusal.status,
+                    duration_ms=call.elapsed_ms(),
+                )
             )
         except AuditUnavailableError as exc:
+            self._metrics.requests.labels(outcome=exc.error).inc()
             await _send_error(send, call, 503, exc.error, exc.message)
             return
+        self._metrics.requests.labels(outcome=refusal.error).inc()
         await _send_error(send, call, refusal.status, refusal.error, refusal.message)
 
     async def _forward(self, call: Call, scope: Scope, body: bytes, seq: int, send: Send) -> None:
@@ -258,18 +284,22 @@ class ProxyApp:
         headers = rules.forward_request_headers(call.headers)
         headers.append((b"authorization", b"Bearer " + authorized.worker_token.encode()))
         outcome: dict[str, Any] = {}
+        sent_at = time.perf_counter()
         try:
             response = await self._context.forwarder.send(call.method, target, headers, body)
         except UpstreamError as exc:
             status, error = _failure(exc)
+            self._metrics.requests.labels(outcome=error).inc()
             await self._audit.complete(
                 seq, status=status, reason=error, duration_ms=call.elapsed_ms()
             )
             await _send_error(send, call, status, error, str(exc))
             return
+        self._metrics.upstream_latency.observe(time.perf_counter() - sent_at)
         try:
             outcome = await self._relay(call, scope, response, send)
         finally:
+            self._metrics.requests.labels(outcome=outcome.get("reason") or "allow").inc()
             response.release()
             context_id = _find(response.headers, b"x-request-context-id")
             await self._audit.complete(
