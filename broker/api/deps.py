@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from broker.core.tokens import MalformedSecretError, SecretKind, check_secret
-from broker.errors import AuthenticationError, PermissionDeniedError
+from broker.errors import AuthenticationError, BadRequestError, PermissionDeniedError
 from broker.services.audit import AuditService
 from broker.services.management import Actor, ManagementService
 from broker.services.tokens import TokenService
@@ -31,6 +31,13 @@ def get_services(request: Request) -> Services:
 
 
 ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+async def reject_nul(request: Request) -> None:
+    """Refuse NUL in path and query parameters: PostgreSQL text cannot hold it."""
+    values = [*request.path_params.values(), *request.query_params.values()]
+    if any("\x00" in str(value) for value in values):
+        raise BadRequestError("parameters must not contain NUL characters")
 
 
 async def _actor(request: Request) -> Actor:

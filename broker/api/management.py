@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import datetime  # noqa: TC003 - FastAPI reads annotations at runtime
 from typing import Annotated
 
-from fastapi import APIRouter, Query, status
+from fastapi import APIRouter, Depends, Query, status
+from pydantic import AwareDatetime
 
-from broker.api.deps import Admin, Reader, ServicesDep
+from broker.api.deps import Admin, Reader, ServicesDep, reject_nul
 from broker.api.schemas import (
     AdminKeyCreate,
     AdminKeyCreated,
@@ -38,7 +38,7 @@ from broker.storage.queries import AuditFilter
 ERRORS: dict[int | str, dict[str, object]] = {
     code: {"model": ErrorOut} for code in (400, 401, 403, 404, 409, 422)
 }
-router = APIRouter(prefix="/broker/v1", responses=ERRORS)
+router = APIRouter(prefix="/broker/v1", responses=ERRORS, dependencies=[Depends(reject_nul)])
 
 
 def _client_out(client: Client) -> ClientOut:
@@ -302,11 +302,11 @@ async def revoke_admin_key(key_id: str, actor: Admin, services: ServicesDep) -> 
 
 
 @router.get("/audit", tags=["audit"])
-async def query_audit(  # noqa: PLR0913 - one parameter per documented filter
+async def query_audit(  # noqa: PLR0917 - one parameter per documented filter
     _: Reader,
     services: ServicesDep,
-    since: datetime | None = None,
-    until: datetime | None = None,
+    since: AwareDatetime | None = None,
+    until: AwareDatetime | None = None,
     client: str | None = None,
     token: Annotated[str | None, Query(description="token id")] = None,
     credential: str | None = None,

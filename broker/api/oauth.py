@@ -1,5 +1,8 @@
-"""OAuth 2.0 endpoints for scripts: client credentials (RFC 6749 §4.4), revocation (RFC 7009)
-and introspection (RFC 7662, for admin keys)."""
+"""OAuth 2.0 endpoints for scripts.
+
+Client credentials (RFC 6749 §4.4), revocation (RFC 7009) and introspection (RFC 7662, for
+admin keys).
+"""
 
 from __future__ import annotations
 
@@ -80,38 +83,45 @@ def _client_credentials(request: Request, form: FormData) -> tuple[str, str]:
     return posted_id, posted_secret
 
 
-async def _authenticated_client(request: Request, services: ServicesDep, form: FormData) -> Client:
-    audit = audit_base(request)
+async def _authenticated_client(
+    request: Request, services: ServicesDep, audit: dict[str, Any]
+) -> tuple[Client, FormData]:
+    """Parse the form and authenticate the client; every refusal is audited."""
     try:
+        form = await _form(request)
         client_id, secret = _client_credentials(request, form)
     except OAuthError as exc:
-        await services.audit.record(
-            **audit,
-            kind="token",
-            action="token.mint",
-            decision="deny",
-            reason=exc.error,
-            status=exc.status,
-        )
+        await services.tokens.refuse(audit, exc.error, status=exc.status)
         raise
-    return await services.tokens.authenticate_client(client_id, secret, audit=audit)
+    client = await services.tokens.authenticate_client(client_id, secret, audit=audit)
+    return client, form
+
+
+def _grant_type_problem(form: FormData) -> OAuthError | None:
+    grant_type = _field(form, "grant_type")
+    if grant_type is None:
+        return OAuthError("invalid_request", "grant_type is required")
+    if grant_type != "client_credentials":
+        return OAuthError("unsupported_grant_type", "only client_credentials is supported")
+    return None
 
 
 @router.post("/token")
 async def token(request: Request, services: ServicesDep) -> JSONResponse:
     """Exchange client credentials for a short-lived proxy token."""
-    form = await _form(request)
-    grant_type = _field(form, "grant_type")
-    client = await _authenticated_client(request, services, form)
-    if grant_type is None:
-        raise OAuthError("invalid_request", "grant_type is required")
-    if grant_type != "client_credentials":
-        raise OAuthError("unsupported_grant_type", "only client_credentials is supported")
+    audit = audit_base(request)
+    client, form = await _authenticated_client(request, services, audit)
+    problem = _grant_type_problem(form)
+    if problem is not None:
+        await services.tokens.refuse(
+            audit, problem.error, status=problem.status, client_id=client.id
+        )
+        raise problem
     minted = await services.tokens.mint(
         client,
         scope=_field(form, "scope"),
         expires_in=_field(form, "expires_in"),
-        audit=audit_base(request),
+        audit=audit,
     )
     return JSONResponse(
         {
@@ -127,12 +137,16 @@ async def token(request: Request, services: ServicesDep) -> JSONResponse:
 @router.post("/revoke")
 async def revoke(request: Request, services: ServicesDep) -> JSONResponse:
     """RFC 7009: a client revokes one of its own tokens. Always 200 for a known client."""
-    form = await _form(request)
-    client = await _authenticated_client(request, services, form)
+    audit = {**audit_base(request), "action": "token.revoke"}
+    client, form = await _authenticated_client(request, services, audit)
     value = _field(form, "token")
     if not value:
-        raise OAuthError("invalid_request", "token is required")
-    await services.tokens.revoke_own(client, value, audit=audit_base(request))
+        problem = OAuthError("invalid_request", "token is required")
+        await services.tokens.refuse(
+            audit, problem.error, status=problem.status, client_id=client.id
+        )
+        raise problem
+    await services.tokens.revoke_own(client, value, audit=audit)
     return JSONResponse({}, headers=NO_STORE)
 
 

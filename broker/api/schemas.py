@@ -2,16 +2,39 @@
 
 from __future__ import annotations
 
-from datetime import datetime  # noqa: TC003 - pydantic needs it at runtime
+from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 
 class Input(BaseModel):
-    """Request bodies reject unknown fields so typos are not silently ignored."""
+    """Request bodies: strict about what they accept.
+
+    Unknown fields are refused so typos are not silently ignored, and NUL characters because
+    PostgreSQL text cannot hold them.
+    """
 
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _no_nul(cls, value: Any) -> Any:  # noqa: ANN401 - any field's value
+        if _holds_nul(value):
+            raise ValueError("must not contain NUL characters")
+        return value
+
+
+def _holds_nul(value: object) -> bool:
+    if isinstance(value, SecretStr):
+        value = value.get_secret_value()
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_holds_nul(item) for item in value)
+    return False
 
 
 class Output(BaseModel):
@@ -61,7 +84,7 @@ class CredentialCreate(Input):
     name: str
     token: SecretStr = Field(description="the worker user's Canvas access token; never returned")
     canvas_user_id: str | None = None
-    expires_at: datetime | None = None
+    expires_at: AwareDatetime | None = None
     notes: str | None = Field(default=None, max_length=2000)
 
 
@@ -69,7 +92,7 @@ class CredentialUpdate(Input):
     """Change a credential's metadata."""
 
     canvas_user_id: str | None = None
-    expires_at: datetime | None = None
+    expires_at: AwareDatetime | None = None
     notes: str | None = Field(default=None, max_length=2000)
 
 

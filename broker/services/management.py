@@ -15,7 +15,8 @@ from urllib.parse import urlsplit
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
-from broker.core.scopes import Grant, ScopeError
+from broker.core import rules
+from broker.core.scopes import Decision, Grant, ScopeError
 from broker.core.tokens import SecretKind, generate_secret, new_id
 from broker.errors import ConflictError, NotFoundError, ValidationFailedError
 from broker.requestid import current_request_id
@@ -44,6 +45,10 @@ ROLES = ("admin", "auditor")
 DEFAULT_TOKEN_TTL = 900
 DEFAULT_MAX_TOKEN_TTL = 3600
 MIN_TOKEN_TTL = 60
+MIN_WORKER_TOKEN_LENGTH = 16
+MAX_WORKER_TOKEN_LENGTH = 4096
+# Host names, IPv4 and (bracket-less, as urlsplit returns them) IPv6 addresses.
+_HOST = re.compile(r"[A-Za-z0-9.:-]+")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _UNSET: Any = object()
 
@@ -75,6 +80,12 @@ def check_base_url(url: str) -> str:
     parts = urlsplit(url.strip())
     if parts.scheme not in {"http", "https"} or not parts.hostname:
         raise ValidationFailedError("base_url", "must be an absolute http(s) URL")
+    if not _HOST.fullmatch(parts.hostname):
+        raise ValidationFailedError("base_url", "has a host name with characters URLs do not allow")
+    try:
+        _ = parts.port
+    except ValueError as exc:
+        raise ValidationFailedError("base_url", "has a port that is not 0-65535") from exc
     if parts.username or parts.password:
         raise ValidationFailedError("base_url", "must not contain credentials")
     if parts.path not in {"", "/"} or parts.query or parts.fragment:
@@ -84,8 +95,14 @@ def check_base_url(url: str) -> str:
 
 def check_worker_token(token: str) -> str:
     """A Canvas access token: printable, no whitespace, bounded length."""
-    if not token or len(token) > 4096 or not token.isascii() or not token.isprintable():
-        raise ValidationFailedError("token", "must be a non-empty printable ASCII Canvas token")
+    # Canvas tokens are far longer; a short one would be all but shown by ``token_last4``.
+    if not MIN_WORKER_TOKEN_LENGTH <= len(token) <= MAX_WORKER_TOKEN_LENGTH:
+        raise ValidationFailedError(
+            "token",
+            f"must be {MIN_WORKER_TOKEN_LENGTH} to {MAX_WORKER_TOKEN_LENGTH} characters long",
+        )
+    if not token.isascii() or not token.isprintable():
+        raise ValidationFailedError("token", "must be a printable ASCII Canvas token")
     if any(ch.isspace() for ch in token):
         raise ValidationFailedError("token", "must not contain whitespace")
     return token
@@ -96,9 +113,13 @@ def check_grant(scopes: Sequence[str], constraints: Mapping[str, Sequence[str]])
     if not scopes:
         raise ValidationFailedError("scopes", "grant at least one scope")
     try:
-        return Grant.compile(scopes, constraints)
+        Grant.compile(scopes)
     except ScopeError as exc:
         raise ValidationFailedError("scopes", str(exc)) from exc
+    try:
+        return Grant.compile(scopes, constraints)
+    except ScopeError as exc:
+        raise ValidationFailedError("constraints", str(exc)) from exc
 
 
 def check_cidrs(cidrs: Sequence[str]) -> list[str]:
@@ -153,7 +174,7 @@ class ManagementService:
                 session,
                 actor,
                 "upstream.create",
-                upstream.id,
+                upstream,
                 name=name,
                 base_url=upstream.base_url,
             )
@@ -189,7 +210,10 @@ class ManagementService:
         async with self._write("upstream") as session:
             upstream = await get_by_ref(session, Upstream, ref, "upstream")
             _apply(upstream, changes)
-            self._event(session, actor, "upstream.update", upstream.id, **changes)
+            action = "upstream.update"
+            if set(changes) == {"enabled"}:
+                action = "upstream.enable" if enabled else "upstream.disable"
+            self._event(session, actor, action, upstream, **changes)
         return upstream
 
     # Worker credentials --------------------------------------------------------------------
@@ -233,7 +257,7 @@ class ManagementService:
                 session,
                 actor,
                 "credential.create",
-                credential_id,
+                credential,
                 name=name,
                 upstream=target.name,
                 token_last4=credential.token_last4,
@@ -271,7 +295,7 @@ class ManagementService:
             credential.token_key_id, credential.token_ciphertext = self._seal(token, credential.id)
             credential.token_last4 = token[-4:]
             credential.rotated_at = credential.updated_at = utcnow()
-            self._event(session, actor, "credential.rotate", credential.id, token_last4=token[-4:])
+            self._event(session, actor, "credential.rotate", credential, token_last4=token[-4:])
         return credential
 
     async def update_credential(
@@ -288,16 +312,10 @@ class ManagementService:
 
         Disabling makes every proxy token minted through it fail on the next request.
         """
-        changes: dict[str, Any] = {}
+        metadata = {"notes": notes, "expires_at": expires_at, "canvas_user_id": canvas_user_id}
+        changes: dict[str, Any] = {k: v for k, v in metadata.items() if v is not _UNSET}
         if enabled is not None:
             changes["enabled"] = enabled
-        for field, value in (
-            ("notes", notes),
-            ("expires_at", expires_at),
-            ("canvas_user_id", canvas_user_id),
-        ):
-            if value is not _UNSET:
-                changes[field] = value
         async with self._write("credential") as session:
             credential = await get_by_ref(session, WorkerCredential, ref, "credential")
             _apply(credential, changes)
@@ -306,7 +324,7 @@ class ManagementService:
                 enabled if set(changes) == {"enabled"} else None,  # type: ignore[arg-type]
                 "credential.update",
             )
-            self._event(session, actor, action, credential.id, **_printable(changes))
+            self._event(session, actor, action, credential, **_printable(changes))
         return credential
 
     # Clients -------------------------------------------------------------------------------
@@ -357,7 +375,7 @@ class ManagementService:
                 session,
                 actor,
                 "client.create",
-                client.id,
+                client,
                 name=name,
                 credential=owner.name,
                 scopes=client.scopes,
@@ -409,7 +427,7 @@ class ManagementService:
                 enabled,  # type: ignore[arg-type]
                 "client.update",
             )
-            self._event(session, actor, action, client.id, **changes)
+            self._event(session, actor, action, client, **changes)
         return client
 
     async def rotate_client_secret(
@@ -428,15 +446,22 @@ class ManagementService:
                 session,
                 actor,
                 "client.rotate_secret",
-                client.id,
+                client,
                 revoke_tokens=revoke_tokens,
                 tokens_revoked=revoked,
             )
         return client, secret
 
-    async def check_policy(self, ref: str, method: str, path: str) -> tuple[Client, Any]:
-        """Would ``method path`` be allowed for this client? Returns the grant's decision."""
+    async def check_policy(self, ref: str, method: str, path: str) -> tuple[Client, Decision]:
+        """Would ``method path`` be allowed for this client? Returns the grant's decision.
+
+        A path the proxy refuses as non-canonical is refused here too, for the same reason.
+        """
         client = await self.get_client(ref)
+        try:
+            rules.check_path(path.encode())
+        except rules.RuleViolation as exc:
+            return client, Decision(allowed=False, scope=None, reason=exc.error, detail=exc.message)
         grant = Grant.compile(client.scopes, client.constraints)
         return client, grant.check(method, path)
 
@@ -464,7 +489,7 @@ class ManagementService:
             if token.revoked_at is None:
                 token.revoked_at = utcnow()
                 token.revoked_by = actor.label
-            self._event(session, actor, "token.revoke", token.id, client_id=token.client_id)
+            self._event(session, actor, "token.revoke", token)
         return token
 
     async def revoke_client_tokens(self, actor: Actor, ref: str) -> int:
@@ -472,7 +497,7 @@ class ManagementService:
         async with self._sessions.begin() as session:
             client = await get_by_ref(session, Client, ref, "client")
             count = await self._revoke_client_tokens(session, actor, client.id)
-            self._event(session, actor, "client.revoke_tokens", client.id, tokens_revoked=count)
+            self._event(session, actor, "client.revoke_tokens", client, tokens_revoked=count)
         return count
 
     async def _revoke_client_tokens(
@@ -504,7 +529,7 @@ class ManagementService:
         )
         async with self._sessions.begin() as session:
             session.add(key)
-            self._event(session, actor, "admin_key.create", key.id, name=name, role=role)
+            self._event(session, actor, "admin_key.create", key, name=name, role=role)
         return key, value
 
     async def list_admin_keys(self) -> list[AdminKey]:
@@ -520,7 +545,7 @@ class ManagementService:
                 raise NotFoundError(f"no admin key {key_id!r}")
             if key.revoked_at is None:
                 key.revoked_at = utcnow()
-            self._event(session, actor, "admin_key.revoke", key.id)
+            self._event(session, actor, "admin_key.revoke", key)
         return key
 
     # Helpers -------------------------------------------------------------------------------
@@ -533,7 +558,7 @@ class ManagementService:
         session: AsyncSession,
         actor: Actor,
         action: str,
-        target: str,
+        target: Upstream | WorkerCredential | Client | ProxyToken | AdminKey,
         **changes: Any,  # noqa: ANN401
     ) -> None:
         add_admin_event(
@@ -541,7 +566,8 @@ class ManagementService:
             request_id=current_request_id(),
             action=action,
             actor_key_id=actor.key_id,
-            details={"target": target, "changes": _printable(changes)},
+            details={"target": target.id, "changes": _printable(changes)},
+            **_subject(target),
         )
 
 
@@ -558,11 +584,24 @@ class _WriteTransaction:
         session: AsyncSession = await self._context.__aenter__()
         return session
 
-    async def __aexit__(self, *exc_info: Any) -> None:  # noqa: ANN401
+    async def __aexit__(self, *exc_info: object) -> None:
         try:
             await self._context.__aexit__(*exc_info)
         except IntegrityError as exc:
             raise ConflictError(f"a {self._label} with that name already exists") from exc
+
+
+def _subject(row: object) -> dict[str, str]:
+    """The audit columns naming what an admin action touched, so the review filters find it."""
+    if isinstance(row, Upstream):
+        return {"upstream": row.name}
+    if isinstance(row, WorkerCredential):
+        return {"credential_id": row.id}
+    if isinstance(row, Client):
+        return {"client_id": row.id, "credential_id": row.credential_id}
+    if isinstance(row, ProxyToken):
+        return {"token_id": row.id, "client_id": row.client_id}
+    return {}
 
 
 def _apply(row: object, changes: Mapping[str, Any]) -> None:

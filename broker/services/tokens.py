@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -30,8 +31,9 @@ if TYPE_CHECKING:
     from broker.config import Settings
     from broker.keyring import Keyring
 
-WORKER_TOKEN_PURPOSE = "worker-token"
+WORKER_TOKEN_PURPOSE = "worker-token"  # noqa: S105 - an encryption purpose label
 _GRANT_CACHE_SIZE = 4096
+_CLIENT_ID = re.compile(r"[A-Za-z0-9_]{1,40}")
 
 
 class TokenRejectedError(Exception):
@@ -95,8 +97,10 @@ class TokenService:
         self, client_id: str, secret: str, *, audit: dict[str, Any]
     ) -> Client:
         """The client with this id and secret, or ``invalid_client`` (audited)."""
+        # Anything that cannot be a client id (NUL, huge, non-ASCII) never reaches the database.
+        plausible = _CLIENT_ID.fullmatch(client_id) is not None
         async with self._sessions() as session:
-            client = await session.get(Client, client_id) if client_id else None
+            client = await session.get(Client, client_id) if plausible else None
         stored = client.secret_hash if client is not None else self._dummy_hash
         try:
             well_formed = bool(check_secret(secret, SecretKind.CLIENT_SECRET))
@@ -104,10 +108,12 @@ class TokenService:
             well_formed = False
         matches = self._keyring.verify_secret(secret, stored) and well_formed
         if client is None or not matches:
-            await self._refuse(audit, "invalid_client", client_id=client.id if client else None)
+            await self.refuse(
+                audit, "invalid_client", status=401, client_id=client.id if client else None
+            )
             raise OAuthError("invalid_client", "client authentication failed", status=401)
         if not client.enabled:
-            await self._refuse(audit, "client_disabled", client_id=client.id)
+            await self.refuse(audit, "client_disabled", status=401, client_id=client.id)
             raise OAuthError("invalid_client", "client is disabled", status=401)
         return client
 
@@ -122,16 +128,18 @@ class TokenService:
         """Mint a proxy token for an authenticated client (audited either way)."""
         try:
             granted = Grant.compile(client.scopes, client.constraints)
-            wanted = granted.subset(scope.split()) if scope else granted
+            # A blank scope is no scope: the whole grant, as when the parameter is left out.
+            requested = scope.split() if scope else []
+            wanted = granted.subset(requested) if requested else granted
         except ScopeError as exc:
-            await self._refuse(audit, "invalid_scope", client_id=client.id)
+            await self.refuse(audit, "invalid_scope", status=400, client_id=client.id)
             raise OAuthError("invalid_scope", str(exc)) from exc
         lifetime = await self._lifetime(client, expires_in, audit)
         now = utcnow()
         async with self._sessions.begin() as session:
             credential = await session.get(WorkerCredential, client.credential_id)
             if credential is None or not credential_usable(credential, now):
-                await self._refuse(audit, "credential_disabled", client_id=client.id)
+                await self.refuse(audit, "credential_disabled", status=400, client_id=client.id)
                 raise OAuthError(
                     "unauthorized_client", "the client's worker credential is disabled or expired"
                 )
@@ -164,19 +172,33 @@ class TokenService:
         ceiling = min(client.max_token_ttl, self._settings.max_token_ttl)
         if requested is None or requested == "":
             return min(client.token_ttl, ceiling)
-        if not requested.isdigit() or int(requested) <= 0:
-            await self._refuse(audit, "invalid_request", client_id=client.id)
+        # ASCII digits only: str.isdigit() also accepts characters int() rejects, such as '²'.
+        significant = requested.lstrip("0")
+        if not (requested.isascii() and requested.isdigit()) or not significant:
+            await self.refuse(audit, "invalid_request", status=400, client_id=client.id)
             raise OAuthError("invalid_request", "expires_in must be a positive whole number")
-        return min(int(requested), ceiling)
+        # Capped however many digits it has, without int() on an unbounded string.
+        if len(significant) > len(str(ceiling)):
+            return ceiling
+        return min(int(significant), ceiling)
 
-    async def _refuse(self, audit: dict[str, Any], reason: str, **fields: Any) -> None:  # noqa: ANN401
+    async def refuse(
+        self,
+        audit: dict[str, Any],
+        reason: str,
+        *,
+        status: int,
+        **fields: Any,  # noqa: ANN401
+    ) -> None:
+        """Record a refused token request; ``audit`` may name the action (default mint)."""
         await self._audit.record(
             **{
+                "action": "token.mint",
                 **audit,
                 "kind": "token",
-                "action": "token.mint",
                 "decision": "deny",
                 "reason": reason,
+                "status": status,
                 **fields,
             }
         )

@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from sqlalchemy import Select, or_, select
+from sqlalchemy import Select, select
 
 from broker.errors import BadRequestError, NotFoundError
 from broker.storage.models import (
@@ -26,11 +26,17 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
 
 Named = TypeVar("Named", Upstream, WorkerCredential, Client)
+_MAX_SEQ = 2**63 - 1
 
 
 async def get_by_ref(session: AsyncSession, model: type[Named], ref: str, label: str) -> Named:
-    """Fetch a resource by id or by its unique name, or raise ``NotFoundError``."""
-    row = await session.scalar(select(model).where(or_(model.id == ref, model.name == ref)))
+    """Fetch a resource by id or by its unique name, or raise ``NotFoundError``.
+
+    An id wins over a name equal to it, so a reference by id always means that resource.
+    """
+    row = await session.get(model, ref) or await session.scalar(
+        select(model).where(model.name == ref)
+    )
     if row is None:
         raise NotFoundError(f"no {label} {ref!r}")
     return row
@@ -122,7 +128,8 @@ def decode_cursor(cursor: str) -> int:
         value = json.loads(base64.urlsafe_b64decode(padded))["before"]
     except (ValueError, KeyError, TypeError) as exc:
         raise BadRequestError("cursor is not one this API returned") from exc
-    if not isinstance(value, int):
+    # bool is an int subclass, and a seq outside BIGINT would fail in the database, not here.
+    if type(value) is not int or not 0 < value <= _MAX_SEQ:
         raise BadRequestError("cursor is not one this API returned")
     return value
 
