@@ -175,10 +175,14 @@ def _error_body(error: str, message: str, **extra: Any) -> dict[str, Any]:  # no
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(OAuthError)
     async def oauth_error(_request: Request, exc: OAuthError) -> JSONResponse:
+        headers = dict(oauth.NO_STORE)
+        if exc.status == HTTPStatus.UNAUTHORIZED:
+            # RFC 6749 §5.2: a 401 invalid_client challenges with the scheme clients should use.
+            headers["WWW-Authenticate"] = 'Basic realm="canvas-token-broker"'
         return JSONResponse(
             {"error": exc.error, "error_description": exc.message},
             status_code=exc.status,
-            headers=oauth.NO_STORE,
+            headers=headers,
         )
 
     @app.exception_handler(BrokerError)

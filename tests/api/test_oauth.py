@@ -125,11 +125,6 @@ async def test_missing_client_authentication_is_invalid_client(env: BrokerEnv) -
     assert response.json()["error"] == "invalid_client"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="RFC 6749 §5.2 wants WWW-Authenticate on a 401 after Basic authentication; "
-    "the OAuthError handler in broker/app.py cannot add headers yet",
-)
 async def test_invalid_client_after_basic_authentication_challenges_basic(
     env: BrokerEnv,
 ) -> None:
