@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from broker.core import rules
-from broker.core.net import client_address
+from broker.core.net import address_allowed, client_address
 from broker.core.rewrite import Rewriter
 from broker.core.scopes import Grant
 from broker.core.scopes import Scope as ScopeString
@@ -171,6 +171,8 @@ class ProxyApp:
                 await self._authenticate(call)
             raise Refusal(exc.status, exc.error, exc.message) from exc
         authorized = await self._authenticate(call)
+        if not address_allowed(call.audit.get("source_ip"), authorized.allowed_networks):
+            raise Refusal(403, "source_not_allowed", "this client may not call from this address")
         try:
             rules.check_headers(call.headers)
             rules.check_query(call.query, allow_masquerade=authorized.allow_masquerade)

@@ -23,6 +23,19 @@ def _trusted(address: str, trusted: Sequence[IPNetwork]) -> bool:
     return parsed is not None and any(parsed in network for network in trusted)
 
 
+def parse_networks(cidrs: Sequence[str]) -> tuple[IPNetwork, ...]:
+    """Networks from CIDR strings already validated when they were saved."""
+    return tuple(ipaddress.ip_network(cidr, strict=False) for cidr in cidrs)
+
+
+def address_allowed(address: str | None, networks: Sequence[IPNetwork]) -> bool:
+    """No networks means any address; otherwise the address must be in one of them."""
+    if not networks:
+        return True
+    parsed = _parse(address) if address else None
+    return parsed is not None and any(parsed in network for network in networks)
+
+
 def client_address(
     peer: str | None, forwarded_for: Sequence[str], trusted: Sequence[IPNetwork]
 ) -> str | None:

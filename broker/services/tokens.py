@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 
+from broker.core.net import address_allowed, parse_networks
 from broker.core.scopes import Grant, ScopeError
 from broker.core.tokens import (
     MalformedSecretError,
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
     from broker.config import Settings
+    from broker.core.net import IPNetwork
     from broker.keyring import Keyring
 
 WORKER_TOKEN_PURPOSE = "worker-token"  # noqa: S105 - an encryption purpose label
@@ -58,6 +60,7 @@ class Authorized:
     worker_token: str
     grant: Grant
     allow_masquerade: bool
+    allowed_networks: tuple[IPNetwork, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,7 @@ class TokenService:
         self._settings = settings
         self._audit = AuditService(sessions)
         self._grants: dict[tuple[str, int, tuple[str, ...]], Grant] = {}
+        self._network_cache: dict[tuple[str, int], tuple[IPNetwork, ...]] = {}
         # A fixed hash to compare against when the client id is unknown, so the response time
         # does not reveal which client ids exist.
         self._dummy_hash = keyring.hash_secret(generate_secret(SecretKind.CLIENT_SECRET))
@@ -134,6 +138,11 @@ class TokenService:
         except ScopeError as exc:
             await self.refuse(audit, "invalid_scope", status=400, client_id=client.id)
             raise OAuthError("invalid_scope", str(exc)) from exc
+        if not address_allowed(audit.get("source_ip"), self._networks(client)):
+            await self.refuse(audit, "source_not_allowed", status=400, client_id=client.id)
+            raise OAuthError(
+                "unauthorized_client", "this client may not request tokens from this address"
+            )
         lifetime = await self._lifetime(client, expires_in, audit)
         now = utcnow()
         async with self._sessions.begin() as session:
@@ -252,7 +261,19 @@ class TokenService:
             worker_token=worker_token,
             grant=self._effective_grant(record.client, record.token.scopes),
             allow_masquerade=record.client.allow_masquerade,
+            allowed_networks=self._networks(record.client),
         )
+
+    def _networks(self, client: Client) -> tuple[IPNetwork, ...]:
+        """The client's allowed source networks, parsed once per grant version."""
+        key = (client.id, client.grant_version)
+        networks = self._network_cache.get(key)
+        if networks is None:
+            networks = parse_networks(client.allowed_cidrs)
+            if len(self._network_cache) >= _GRANT_CACHE_SIZE:
+                self._network_cache.clear()
+            self._network_cache[key] = networks
+        return networks
 
     def _effective_grant(self, client: Client, token_scopes: Sequence[str]) -> Grant:
         """The token's scopes that the client still holds, with the client's constraints.
