@@ -166,12 +166,9 @@ class TokenService:
             session.add(
                 _token_event(
                     audit,
-                    action="token.mint",
-                    decision="allow",
-                    client_id=client.id,
-                    token_id=token.id,
-                    credential_id=client.credential_id,
-                    status=200,
+                    "token.mint",
+                    client,
+                    token.id,
                     details={"expires_in": lifetime, "scopes": token.scopes},
                 )
             )
@@ -307,17 +304,7 @@ class TokenService:
                 return
             token.revoked_at = utcnow()
             token.revoked_by = f"client:{client.id}"
-            session.add(
-                _token_event(
-                    audit,
-                    action="token.revoke",
-                    decision="allow",
-                    client_id=client.id,
-                    token_id=token.id,
-                    credential_id=client.credential_id,
-                    status=200,
-                )
-            )
+            session.add(_token_event(audit, "token.revoke", client, token.id))
 
     async def introspect(self, value: str) -> dict[str, Any]:
         """RFC 7662 response for ``value`` (``{"active": false}`` for anything unusable)."""
@@ -340,5 +327,24 @@ class TokenService:
         }
 
 
-def _token_event(audit: dict[str, Any], **fields: Any) -> AuditEvent:  # noqa: ANN401
-    return new_event(**{**audit, "kind": "token", **fields})
+def _token_event(
+    audit: dict[str, Any],
+    action: str,
+    client: Client,
+    token_id: str,
+    **fields: Any,  # noqa: ANN401 - further column values
+) -> AuditEvent:
+    """A successful token event of ``client`` for ``token_id``."""
+    return new_event(
+        **{
+            **audit,
+            "kind": "token",
+            "action": action,
+            "decision": "allow",
+            "client_id": client.id,
+            "token_id": token_id,
+            "credential_id": client.credential_id,
+            "status": 200,
+            **fields,
+        }
+    )
