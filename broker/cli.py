@@ -18,7 +18,14 @@ import typer
 from broker.config import Settings
 from broker.errors import ConfigurationError
 
-app = typer.Typer(help="Canvas Token Broker", no_args_is_help=True, add_completion=False)
+# Tracebacks never show local variables: they would print secrets (client secrets, worker
+# tokens, admin keys) held by the command that failed.
+app = typer.Typer(
+    help="Canvas Token Broker",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
 admin_key_app = typer.Typer(
     help="Management keys (local bootstrap and recovery).", no_args_is_help=True
 )

@@ -138,3 +138,10 @@ def test_keys_rotate_reencrypts_credentials_under_a_new_primary_key(tmp_path: Pa
     assert "re-encrypted 1" in rotated.stderr
     assert json.loads((tmp_path / "cli.key").read_text())["primary"] == "k2"
     assert asyncio.run(stored_key_id()) == ("k2", "canvas-token-1234")
+
+
+def test_tracebacks_never_show_local_variables() -> None:
+    # A crash inside a command holding a client secret or worker token must not print it.
+    from broker.cli import app  # noqa: PLC0415
+
+    assert app.pretty_exceptions_show_locals is False
