@@ -33,3 +33,21 @@ async def test_upgrade_head_creates_every_model_table_with_no_drift(database_url
     assert set(Base.metadata.tables) <= tables
     assert "alembic_version" in tables
     assert diff == []
+
+
+async def test_database_errors_never_show_statement_parameters(database_url: str) -> None:
+    import pytest  # noqa: PLC0415
+    from sqlalchemy import text  # noqa: PLC0415
+    from sqlalchemy.exc import SQLAlchemyError  # noqa: PLC0415
+
+    engine = create_engine(database_url, pool=False)
+    try:
+        async with engine.connect() as connection:
+            with pytest.raises(SQLAlchemyError) as info:
+                await connection.execute(
+                    text("INSERT INTO no_such_table (secret) VALUES (:secret)"),
+                    {"secret": "cbs_do-not-log-me"},
+                )
+    finally:
+        await engine.dispose()
+    assert "cbs_do-not-log-me" not in str(info.value)

@@ -19,7 +19,9 @@ if TYPE_CHECKING:
 
 def create_engine(url: str, *, pool: bool = True) -> AsyncEngine:
     """An async engine; SQLite gets WAL, full fsync, foreign keys and a busy timeout."""
-    kwargs: dict[str, Any] = {}
+    # Database errors must never carry statement parameters (ciphertexts, keyed hashes, audit
+    # details) into logs or exception messages.
+    kwargs: dict[str, Any] = {"hide_parameters": True}
     if url.startswith("sqlite"):
         kwargs["connect_args"] = {"timeout": 30}
     if not pool:
