@@ -10,7 +10,6 @@ import asyncio
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
-import httpx
 import pytest
 from canvasapi import Canvas
 from canvasapi.exceptions import Forbidden, InvalidAccessToken
@@ -18,7 +17,6 @@ from sqlalchemy import update
 
 from broker.storage.database import create_engine
 from broker.storage.models import ProxyToken, utcnow
-from tests.support.env import WORKER_TOKEN
 
 if TYPE_CHECKING:
     from broker.sim.server import SimServer
