@@ -89,6 +89,11 @@ async def _provision(
 def instructions(setup: DemoSetup) -> str:
     """The commands a newcomer pastes into another terminal."""
     u = setup.broker_url
+    # The commands name the executables of this installation: after `./dev demo`, `broker`
+    # is in .venv/bin, which is not on a newcomer's PATH.
+    bindir = Path(sys.executable).parent
+    broker = bindir / "broker" if (bindir / "broker").exists() else f"{sys.executable} -m broker"
+    python = sys.executable
     return textwrap.dedent(f"""
     Canvas Token Broker demo is running at {u}
     A Canvas simulator stands in for Canvas; the broker holds its worker token, encrypted.
@@ -105,24 +110,24 @@ def instructions(setup: DemoSetup) -> str:
       export AUDITOR_KEY={setup.auditor_key}
 
       # 1. a script exchanges its client credentials for a 15-minute proxy token
-      TOKEN=$(broker token)
+      export TOKEN=$({broker} token)
       #    (or: curl -s -u "$BROKER_CLIENT_ID:$BROKER_CLIENT_SECRET" \\
       #           -d grant_type=client_credentials $BROKER_URL/broker/v1/oauth/token)
 
       # 2. an allowed call: forwarded to Canvas with the worker token
-      curl -s -H "Authorization: Bearer $TOKEN" \
+      curl -s -H "Authorization: Bearer $TOKEN" \\
            "$BROKER_URL/api/v1/courses/1201/assignments?per_page=3"
 
       # 3. a refused call: course 1202 is outside the grant (403, never reaches Canvas)
       curl -s -H "Authorization: Bearer $TOKEN" "$BROKER_URL/api/v1/courses/1202/assignments"
 
       # 4. the security team reads both audit entries with a read-only auditor key
-      curl -s -H "Authorization: Bearer $AUDITOR_KEY" \
+      curl -s -H "Authorization: Bearer $AUDITOR_KEY" \\
            "$BROKER_URL/broker/v1/audit?kind=proxy&limit=2"
 
     Or from Python with canvasapi, unchanged except for the base URL:
 
-      python3 - <<'PY'
+      {python} - <<'PY'
       import os
       from canvasapi import Canvas
       from canvasapi.exceptions import Forbidden
@@ -134,7 +139,6 @@ def instructions(setup: DemoSetup) -> str:
       except Forbidden as exc:
           print("refused:", exc)
       PY
-      (export TOKEN first: export TOKEN)
 
     Management API docs: {u}/broker/v1/docs   Admin key (demo only): {setup.admin_key}
     Press Ctrl-C to stop.

@@ -145,3 +145,46 @@ def test_tracebacks_never_show_local_variables() -> None:
     from broker.cli import app  # noqa: PLC0415
 
     assert app.pretty_exceptions_show_locals is False
+
+
+def test_demo_printed_commands_work_when_pasted(tmp_path: Path) -> None:
+    import textwrap  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    port = _free_port()
+    log = tmp_path / "demo.log"
+    with log.open("w") as stderr:
+        demo = subprocess.Popen(
+            [*BROKER, "demo", "--port", str(port), "--workdir", str(tmp_path / "demo")],
+            env=_env(tmp_path),
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while "Press Ctrl-C" not in log.read_text():
+            assert demo.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "the demo did not start"
+            time.sleep(0.2)
+        printed = log.read_text()
+        shell = printed[printed.index("  export BROKER_URL") : printed.index("Or from Python")]
+        heredoc = printed.rindex("\n", 0, printed.index("<<'PY'")) + 1
+        python = printed[heredoc : printed.index("\n  PY\n", heredoc) + 6]
+        script = textwrap.dedent(shell) + "\n" + textwrap.dedent(python)
+        result = subprocess.run(
+            ["bash", "-c", script],  # noqa: S607 - bash from PATH, as a user pastes
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env={k: v for k, v in os.environ.items() if not k.startswith("BROKER_")},
+        )
+    finally:
+        demo.terminate()
+        demo.wait(timeout=20)
+    assert result.returncode == 0, result.stderr
+    assert '"name":"Week 1 exercise"' in result.stdout  # the allowed call's Canvas JSON
+    assert '"error": "constraint_violation"' in result.stdout  # the refused call
+    assert '"decision":"deny"' in result.stdout
+    assert '"decision":"allow"' in result.stdout
+    assert "refused:" in result.stdout  # canvasapi raised Forbidden
