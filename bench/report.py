@@ -1,0 +1,113 @@
+"""Derived numbers and the Markdown report of a benchmark run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _point(points: list[dict[str, Any]], target: str, concurrency: int) -> dict[str, Any] | None:
+    for point in points:
+        if point["target"] == target and point["concurrency"] == concurrency:
+            return point
+    return None
+
+
+def summarise(points: list[dict[str, Any]]) -> dict[str, Any]:
+    """Latency added over direct at concurrency 1, throughput ratios, broker CPU per request."""
+    summary: dict[str, Any] = {}
+    direct1 = _point(points, "direct", 1)
+    for proxy in ("nginx", "broker"):
+        proxied = _point(points, proxy, 1)
+        if direct1 and proxied:
+            summary[f"{proxy}_added_p50_ms_c1"] = proxied["p50_ms"] - direct1["p50_ms"]
+            summary[f"{proxy}_added_p99_ms_c1"] = proxied["p99_ms"] - direct1["p99_ms"]
+    ratios: dict[str, dict[str, float]] = {}
+    for point in points:
+        if point["target"] != "broker":
+            continue
+        row: dict[str, float] = {}
+        for base in ("direct", "nginx"):
+            other = _point(points, base, point["concurrency"])
+            if other and other["rps"]:
+                row[f"broker/{base}"] = point["rps"] / other["rps"]
+        ratios[str(point["concurrency"])] = row
+    if ratios:
+        summary["throughput_ratios"] = ratios
+    broker = [p for p in points if p["target"] == "broker"]
+    if broker:
+        summary["broker_cpu_us_per_request"] = {
+            str(p["concurrency"]): p["cpu_us_per_request"] for p in broker
+        }
+    summary["total_errors"] = sum(p["non_200"] + p["socket_errors"] for p in points)
+    return summary
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The run as a Markdown document: environment, table, derived numbers, audit check."""
+    env = results["environment"]
+    opts = results["options"]
+    pkgs = env["packages"]
+    loadgen = env.get("wrk") if env["load_generator"] == "wrk" else "built-in aiohttp client"
+    modified = " (broker/ modified)" if env.get("broker_tree_modified") else ""
+    lines = [
+        f"# Proxy benchmark, {env['date']} ({env['database']}, {opts['workers']} broker worker(s))",
+        "",
+        (
+            f"- machine: {env['cpu_count']} CPU(s), {env['cpu_model']}, Linux {env['kernel']}; "
+            "**the load generator, the upstream and the proxy under test share these CPUs**"
+        ),
+        (
+            f"- Python {env['python']}; uvicorn {pkgs.get('uvicorn')}, "
+            f"uvloop {pkgs.get('uvloop')}, aiohttp {pkgs.get('aiohttp')}, "
+            f"fastapi {pkgs.get('fastapi')}, sqlalchemy {pkgs.get('sqlalchemy')}"
+        ),
+        f"- load: {loadgen}; nginx: {env.get('nginx') or 'not installed'}",
+        f"- database: {env['database_version']}; git commit {env['git_commit']}{modified}",
+        (
+            f"- each point: {opts['duration_s']} s closed loop after a {opts['warmup_s']} s "
+            f"warm-up per target; GET {opts['path']} -> {opts['response_bytes']} B JSON "
+            "+ Link header"
+        ),
+        "",
+        (
+            "| target | conc | req/s | p50 ms | p99 ms | errors "
+            "| proxy CPU us/req (user + sys) | upstream CPU us/req |"
+        ),
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for p in results["points"]:
+        errors = p["non_200"] + p["socket_errors"]
+        error_text = str(errors)
+        if errors:
+            error_text = f"**{errors}** ({p['non_200']} non-200, {p['socket_errors']} socket)"
+        cpu = "-"
+        if p["target"] != "direct":
+            cpu = (
+                f"{p['cpu_us_per_request']:.0f} ({p['cpu_user_us_per_request']:.0f} + "
+                f"{p['cpu_sys_us_per_request']:.0f})"
+            )
+        lines.append(
+            f"| {p['target']} | {p['concurrency']} | {p['rps']:,.0f} | {p['p50_ms']:.3f} "
+            f"| {p['p99_ms']:.3f} | {error_text} | {cpu} "
+            f"| {p['upstream_cpu_us_per_request']:.0f} |"
+        )
+    summary = results["summary"]
+    lines.append("")
+    for proxy in ("nginx", "broker"):
+        key = f"{proxy}_added_p50_ms_c1"
+        if key in summary:
+            lines.append(
+                f"- {proxy} adds {summary[key] * 1000:.0f} us at p50 "
+                f"({summary[f'{proxy}_added_p99_ms_c1'] * 1000:.0f} us at p99) "
+                "over direct at concurrency 1"
+            )
+    for concurrency, row in summary.get("throughput_ratios", {}).items():
+        text = ", ".join(f"{name} {value:.3f}" for name, value in row.items())
+        if text:
+            lines.append(f"- throughput at c={concurrency}: {text}")
+    audit = results.get("audit")
+    if audit:
+        lines.append(f"- {audit['summary']}")
+    lines.append(f"- errors (non-200 + socket) across all points: {summary['total_errors']}")
+    lines.extend(f"- note: {note}" for note in results.get("notes", []))
+    return "\n".join(lines) + "\n"
