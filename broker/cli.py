@@ -361,6 +361,12 @@ def clients_create(
     token_ttl: Annotated[int, typer.Option()] = 900,
     max_token_ttl: Annotated[int, typer.Option()] = 3600,
     allow_masquerade: Annotated[bool, typer.Option()] = False,
+    rate_limit: Annotated[
+        float | None, typer.Option(help="requests per second (default: no limit)")
+    ] = None,
+    burst: Annotated[
+        int | None, typer.Option(help="calls allowed at once (default: ceil of the rate)")
+    ] = None,
 ) -> None:
     """Create a client; its JSON goes to stderr and the secret alone to stdout."""
     created = api(
@@ -374,6 +380,8 @@ def clients_create(
             "token_ttl": token_ttl,
             "max_token_ttl": max_token_ttl,
             "allow_masquerade": allow_masquerade,
+            "rate_limit": rate_limit,
+            "rate_burst": burst,
         },
     )
     secret = created.pop("client_secret")

@@ -3,8 +3,10 @@
 It is deliberately not a FastAPI route: the hot path avoids routing and request-object
 overhead. Order of checks, each refused before anything is sent upstream and each audited:
 canonical path, query and header syntax (400, still naming the caller when its token is good)
-→ bearer token (401) → headers and query (403) → grant (403) → body (413/415/400/403) →
-pending audit event committed (503 if not) → forward. Paths outside ``/api/v1/`` and
+→ bearer token (401) → source address (403) → rate limit (429, or 503 if the limit cannot be
+checked) → headers and query (403) → grant (403) → body (413/415/400/403) → pending audit
+event committed (503 if not) → forward. The rate limit comes before anything costly, so a
+limited caller is refused cheaply. Paths outside ``/api/v1/`` and
 ``/api/quiz/v1/`` need a scope naming them literally.
 """
 
@@ -27,11 +29,12 @@ from broker.core.scopes import Grant
 from broker.core.scopes import Scope as ScopeString
 from broker.errors import AuditUnavailableError
 from broker.requestid import new_request_id
+from broker.services.ratelimit import RateLimitService, RateLimitUnavailableError
 from broker.services.tokens import Authorized, TokenRejectedError
 from broker.upstream import UpstreamError
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable
+    from collections.abc import Awaitable, Sequence
 
     from starlette.types import Message, Receive, Scope, Send
 
@@ -56,11 +59,18 @@ _HEADER_VALUE_BAD = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 class Refusal(Exception):  # noqa: N818 - a refusal is an outcome, not an error of the broker
     """A request the proxy will not forward."""
 
-    def __init__(self, status: int, error: str, message: str) -> None:
+    def __init__(
+        self,
+        status: int,
+        error: str,
+        message: str,
+        headers: Sequence[tuple[bytes, bytes]] = (),
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.error = error
         self.message = message
+        self.headers = tuple(headers)
 
 
 @dataclass
@@ -102,6 +112,7 @@ class ProxyApp:
         self._tokens = tokens
         self._audit = audit
         self._metrics = metrics
+        self.rate_limits = RateLimitService(context.sessions)
         self._max_body = context.settings.max_body_bytes
 
     async def _commit_audit(self, write: Awaitable[int]) -> int:
@@ -173,6 +184,7 @@ class ProxyApp:
         authorized = await self._authenticate(call)
         if not address_allowed(call.audit.get("source_ip"), authorized.allowed_networks):
             raise Refusal(403, "source_not_allowed", "this client may not call from this address")
+        await self._check_rate(authorized.client_id)
         try:
             rules.check_headers(call.headers)
             rules.check_query(call.query, allow_masquerade=authorized.allow_masquerade)
@@ -204,6 +216,20 @@ class ProxyApp:
         if not path.startswith(PROXIED_PREFIXES):
             raise Refusal(403, "path_not_proxied", f"{call.method} {path} is not proxied")
         raise Refusal(403, decision.reason or "scope_not_granted", decision.detail)
+
+    async def _check_rate(self, client_id: str) -> None:
+        """Spend one of the client's rate-limit tokens, or refuse (429; 503 fails closed)."""
+        try:
+            decision = await self.rate_limits.take(client_id)
+        except RateLimitUnavailableError as exc:
+            raise Refusal(exc.status, exc.error, exc.message) from exc
+        if not decision.allowed:
+            raise Refusal(
+                429,
+                "rate_limited",
+                f"this client's rate limit is exhausted; retry in {decision.retry_after} s",
+                headers=[(b"retry-after", str(decision.retry_after).encode())],
+            )
 
     async def _authenticate(self, call: Call) -> Authorized:
         """Resolve the bearer token and name its client in the audit event, or refuse (401)."""
@@ -274,7 +300,14 @@ class ProxyApp:
             await _send_error(send, call, 503, exc.error, exc.message)
             return
         self._metrics.requests.labels(outcome=refusal.error).inc()
-        await _send_error(send, call, refusal.status, refusal.error, refusal.message)
+        await _send_error(
+            send,
+            call,
+            refusal.status,
+            refusal.error,
+            refusal.message,
+            extra_headers=refusal.headers,
+        )
 
     async def _forward(self, call: Call, scope: Scope, body: bytes, seq: int, send: Send) -> None:
         authorized = call.authorized
@@ -474,7 +507,15 @@ def _gunzip(payload: bytes, limit: int) -> bytes | None:
     return plain
 
 
-async def _send_error(send: Send, call: Call, status: int, error: str, message: str) -> None:
+async def _send_error(
+    send: Send,
+    call: Call,
+    status: int,
+    error: str,
+    message: str,
+    *,
+    extra_headers: Sequence[tuple[bytes, bytes]] = (),
+) -> None:
     """Answer with a Canvas-shaped error, so Canvas clients raise their usual exceptions."""
     body = json.dumps(
         {"errors": [{"message": message}], "error": error, "request_id": call.request_id}
@@ -484,6 +525,7 @@ async def _send_error(send: Send, call: Call, status: int, error: str, message: 
         (b"content-length", str(len(body)).encode()),
         (b"x-request-id", call.request_id.encode()),
         (b"cache-control", b"no-store"),
+        *extra_headers,
     ]
     if status == 401:  # noqa: PLR2004
         headers.append((b"www-authenticate", REALM.encode()))

@@ -134,6 +134,14 @@ class ClientCreate(Input):
     max_token_ttl: int = 3600
     allow_masquerade: bool = False
     allowed_cidrs: list[str] = Field(default_factory=list)
+    rate_limit: float | None = Field(
+        default=None, description="requests per second; null for no limit", examples=[5]
+    )
+    rate_burst: int | None = Field(
+        default=None,
+        description="calls allowed at once; defaults to max(1, ceil(rate_limit)), needs rate_limit",
+        examples=[10],
+    )
     description: str | None = Field(default=None, max_length=2000)
 
 
@@ -147,6 +155,12 @@ class ClientUpdate(Input):
     max_token_ttl: int | None = None
     allow_masquerade: bool | None = None
     allowed_cidrs: list[str] | None = None
+    rate_limit: float | None = Field(
+        default=None, description="requests per second; null removes the limit"
+    )
+    rate_burst: int | None = Field(
+        default=None, description="defaults to max(1, ceil(rate_limit)) when rate_limit changes"
+    )
     description: str | None = Field(default=None, max_length=2000)
 
 
@@ -163,6 +177,8 @@ class ClientOut(Output):
     max_token_ttl: int
     allow_masquerade: bool
     allowed_cidrs: list[str]
+    rate_limit: float | None
+    rate_burst: int | None
     description: str | None
     enabled: bool
     created_at: datetime

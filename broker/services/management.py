@@ -7,12 +7,13 @@ key and what changed, never a secret.
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 
 from broker.core import rules
@@ -21,11 +22,13 @@ from broker.core.tokens import SecretKind, generate_secret, new_id
 from broker.errors import ConflictError, NotFoundError, ValidationFailedError
 from broker.requestid import current_request_id
 from broker.services.audit import add_admin_event
+from broker.services.ratelimit import default_burst
 from broker.services.tokens import WORKER_TOKEN_PURPOSE
 from broker.storage.models import (
     AdminKey,
     Client,
     ProxyToken,
+    RateBucket,
     Upstream,
     WorkerCredential,
     utcnow,
@@ -47,6 +50,8 @@ DEFAULT_MAX_TOKEN_TTL = 3600
 MIN_TOKEN_TTL = 60
 MIN_WORKER_TOKEN_LENGTH = 16
 MAX_WORKER_TOKEN_LENGTH = 4096
+MAX_RATE_LIMIT = 100_000.0
+MAX_RATE_BURST = 1_000_000
 # Host names, IPv4 and (bracket-less, as urlsplit returns them) IPv6 addresses.
 _HOST = re.compile(r"[A-Za-z0-9.:-]+")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -131,6 +136,26 @@ def check_cidrs(cidrs: Sequence[str]) -> list[str]:
         except ValueError as exc:
             raise ValidationFailedError("allowed_cidrs", f"{cidr!r} is not an IP network") from exc
     return result
+
+
+def check_rate(rate_limit: float | None, rate_burst: int | None) -> tuple[float | None, int | None]:
+    """The stored ``(rate_limit, rate_burst)``: both null (unlimited), or a rate and a burst.
+
+    The burst defaults to one second's worth of calls whenever a rate is given without one.
+    """
+    if rate_limit is None:
+        if rate_burst is not None:
+            raise ValidationFailedError("rate_burst", "needs a rate_limit")
+        return None, None
+    if not math.isfinite(rate_limit) or not 0 < rate_limit <= MAX_RATE_LIMIT:
+        raise ValidationFailedError(
+            "rate_limit", f"must be more than 0 and at most {MAX_RATE_LIMIT:g} requests per second"
+        )
+    if rate_burst is None:
+        return rate_limit, default_burst(rate_limit)
+    if not 1 <= rate_burst <= MAX_RATE_BURST:
+        raise ValidationFailedError("rate_burst", f"must be between 1 and {MAX_RATE_BURST}")
+    return rate_limit, rate_burst
 
 
 def check_ttls(token_ttl: int, max_token_ttl: int, ceiling: int) -> None:
@@ -341,6 +366,8 @@ class ManagementService:
         max_token_ttl: int = DEFAULT_MAX_TOKEN_TTL,
         allow_masquerade: bool = False,
         allowed_cidrs: Sequence[str] = (),
+        rate_limit: float | None = None,
+        rate_burst: int | None = None,
         description: str | None = None,
     ) -> tuple[Client, str]:
         """Create a client; returns it and its secret, which is never shown again."""
@@ -348,6 +375,7 @@ class ManagementService:
         grant = check_grant(scopes, constraints or {})
         check_ttls(token_ttl, max_token_ttl, self._settings.max_token_ttl)
         cidrs = check_cidrs(allowed_cidrs)
+        rate_limit, rate_burst = check_rate(rate_limit, rate_burst)
         secret = generate_secret(SecretKind.CLIENT_SECRET)
         now = utcnow()
         async with self._write("client") as session:
@@ -363,6 +391,8 @@ class ManagementService:
                 max_token_ttl=max_token_ttl,
                 allow_masquerade=allow_masquerade,
                 allowed_cidrs=cidrs,
+                rate_limit=rate_limit,
+                rate_burst=rate_burst,
                 description=description,
                 enabled=True,
                 grant_version=1,
@@ -384,6 +414,8 @@ class ManagementService:
                 max_token_ttl=max_token_ttl,
                 allow_masquerade=allow_masquerade,
                 allowed_cidrs=cidrs,
+                rate_limit=rate_limit,
+                rate_burst=rate_burst,
             )
         return client, secret
 
@@ -398,10 +430,25 @@ class ManagementService:
             return await get_by_ref(session, Client, ref, "client")
 
     async def update_client(self, actor: Actor, ref: str, **fields: Any) -> Client:  # noqa: ANN401
-        """Change a client's grant or settings; live tokens follow the new grant at once."""
+        """Change a client's grant or settings; live tokens follow the new grant at once.
+
+        ``rate_limit=None`` removes the limit (other fields ignore ``None``); a new rate
+        without ``rate_burst`` gets the default burst.
+        """
+        rate_limit = fields.pop("rate_limit", _UNSET)
+        rate_burst = fields.pop("rate_burst", None)
         async with self._write("client") as session:
             client = await get_by_ref(session, Client, ref, "client")
             changes = {k: v for k, v in fields.items() if v is not None}
+            if rate_limit is not _UNSET or rate_burst is not None:
+                changes["rate_limit"], changes["rate_burst"] = check_rate(
+                    client.rate_limit if rate_limit is _UNSET else rate_limit, rate_burst
+                )
+                if changes["rate_limit"] is None:
+                    # A limit set again later starts from a full bucket.
+                    await session.execute(
+                        delete(RateBucket).where(RateBucket.client_id == client.id)
+                    )
             if "scopes" in changes or "constraints" in changes:
                 grant = check_grant(
                     changes.get("scopes", client.scopes),

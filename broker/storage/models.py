@@ -122,6 +122,9 @@ class Client(Base):
     max_token_ttl: Mapped[int] = mapped_column(Integer)
     allow_masquerade: Mapped[bool] = mapped_column(Boolean, default=False)
     allowed_cidrs: Mapped[list[str]] = mapped_column(JSON)
+    # Requests per second and bucket size; both null when the client is not rate limited.
+    rate_limit: Mapped[float | None]
+    rate_burst: Mapped[int | None] = mapped_column(Integer)
     description: Mapped[str | None] = mapped_column(Text)
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
     grant_version: Mapped[int] = mapped_column(Integer, default=1)
@@ -145,6 +148,22 @@ class ProxyToken(Base):
     revoked_at: Mapped[datetime | None]
     revoked_by: Mapped[str | None] = mapped_column(String(100))
     source_ip: Mapped[str | None] = mapped_column(String(64))
+
+
+class RateBucket(Base):
+    """A client's token bucket, shared by every replica (SPEC §10).
+
+    ``tokens`` is what was left after the last allowed call at ``updated_at`` (epoch
+    seconds); the bucket refills at the client's ``rate_limit`` up to ``rate_burst``.
+    """
+
+    __tablename__ = "rate_buckets"
+
+    client_id: Mapped[str] = mapped_column(
+        ForeignKey("clients.id", ondelete="CASCADE"), primary_key=True
+    )
+    tokens: Mapped[float]
+    updated_at: Mapped[float]
 
 
 class AdminKey(Base):
@@ -201,3 +220,4 @@ class AuditEvent(Base):
     canvas_context_id: Mapped[str | None] = mapped_column(String(100))
     details: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     completed_at: Mapped[datetime | None]
+

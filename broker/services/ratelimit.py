@@ -1,0 +1,150 @@
+"""Per-client rate limits (SPEC §4): a token bucket per client, kept in the database.
+
+Design. Every replica must see the same bucket (SPEC §10), so the bucket is a row of
+``rate_buckets`` and each call takes a token with one atomic upsert::
+
+    INSERT INTO rate_buckets (client_id, tokens, updated_at) VALUES (:id, :burst - 1, :now)
+    ON CONFLICT (client_id) DO UPDATE
+        SET tokens = least(:burst, tokens + greatest(0, :now - updated_at) * :rate) - 1,
+            updated_at = greatest(updated_at, :now)
+        WHERE least(:burst, tokens + greatest(0, :now - updated_at) * :rate) >= 1
+    RETURNING tokens
+
+A returned row means the call was allowed; no row means the bucket is empty and nothing was
+written. The database serialises concurrent upserts of one row, so two replicas can never
+spend the same token. ``updated_at`` never moves backwards, so a replica whose clock lags
+only refills late, it never refills twice.
+
+The client's ``rate_limit`` and ``rate_burst`` are read by primary key just before the upsert
+rather than cached: the proxy's resolved token does not carry them, and a cache would let a
+``PATCH`` on one replica take effect on another only later. The read is what lets a client
+without a limit skip the write altogether (an empty ``INSERT … SELECT`` would still take
+SQLite's write lock). The price is one extra primary-key read per proxied call. Only a refused
+call reads its bucket once more, to compute ``Retry-After``.
+
+Time is the process clock in epoch seconds (``clock``, replaceable in tests); replicas are
+expected to keep their clocks in sync (NTP), and skew only shifts when tokens come back.
+
+Every call whose token resolves spends a token, including calls refused later by the grant:
+the limit bounds what a script may attempt, not only what reaches Canvas.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Double, func, literal, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import SQLAlchemyError
+
+from broker.errors import BrokerError
+from broker.storage.models import Client, RateBucket
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from sqlalchemy import ColumnElement
+    from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+logger = logging.getLogger(__name__)
+
+
+class RateLimitUnavailableError(BrokerError):
+    """The bucket could not be read or written; the call is refused, never let through."""
+
+    status = 503
+    error = "rate_limit_unavailable"
+
+
+@dataclass(frozen=True)
+class RateDecision:
+    """Whether a call may proceed and, if not, how many whole seconds to wait."""
+
+    allowed: bool
+    retry_after: int = 0
+
+
+ALLOWED = RateDecision(allowed=True)
+
+
+class RateLimitService:
+    """Take one token from a client's bucket per proxied call."""
+
+    def __init__(
+        self, sessions: async_sessionmaker[AsyncSession], clock: Callable[[], float] = time.time
+    ) -> None:
+        self._sessions = sessions
+        self.clock = clock
+
+    async def take(self, client_id: str) -> RateDecision:
+        """Spend one of the client's tokens, or say how long until one is back.
+
+        Raises ``RateLimitUnavailableError`` if the database cannot answer: fail closed.
+        """
+        try:
+            async with self._sessions() as session:
+                row = (
+                    await session.execute(
+                        select(Client.rate_limit, Client.rate_burst).where(Client.id == client_id)
+                    )
+                ).one_or_none()
+            if row is None or row.rate_limit is None:
+                return ALLOWED
+            rate = float(row.rate_limit)
+            burst = float(row.rate_burst or default_burst(rate))
+            now = self.clock()
+            async with self._sessions.begin() as session:
+                taken = await session.scalar(_take_statement(session, client_id, rate, burst, now))
+            if taken is not None:
+                return ALLOWED
+            async with self._sessions() as session:
+                bucket = await session.get(RateBucket, client_id)
+        except (SQLAlchemyError, OSError) as exc:
+            logger.exception("rate limit store unavailable")
+            raise RateLimitUnavailableError(
+                "the rate limit store is unavailable; nothing was forwarded"
+            ) from exc
+        return RateDecision(allowed=False, retry_after=_retry_after(bucket, rate, burst, now))
+
+
+def default_burst(rate: float) -> int:
+    """The bucket size when none is given: one second's worth of calls, at least one."""
+    return max(1, math.ceil(rate))
+
+
+def _take_statement(
+    session: AsyncSession, client_id: str, rate: float, burst: float, now: float
+) -> Any:  # noqa: ANN401 - the dialect's Insert construct
+    """The upsert that spends a token atomically (see the module docstring)."""
+    on_sqlite = session.get_bind().dialect.name == "sqlite"
+    # SQLite's two-argument min()/max() are the scalar least()/greatest() of PostgreSQL.
+    least, greatest = (func.min, func.max) if on_sqlite else (func.least, func.greatest)
+    insert = sqlite.insert if on_sqlite else postgresql.insert
+    now_: ColumnElement[float] = literal(now, Double())
+    zero: ColumnElement[float] = literal(0.0, Double())
+    refilled = least(
+        literal(burst, Double()),
+        RateBucket.tokens + greatest(zero, now_ - RateBucket.updated_at) * rate,
+    )
+    return (
+        insert(RateBucket)
+        .values(client_id=client_id, tokens=burst - 1, updated_at=now)
+        .on_conflict_do_update(
+            index_elements=[RateBucket.client_id],
+            set_={"tokens": refilled - 1, "updated_at": greatest(RateBucket.updated_at, now_)},
+            where=refilled >= 1,
+        )
+        .returning(RateBucket.tokens)
+    )
+
+
+def _retry_after(bucket: RateBucket | None, rate: float, burst: float, now: float) -> int:
+    """Whole seconds until the bucket holds one token again (at least 1)."""
+    if bucket is None:  # pragma: no cover - a refused upsert means the row exists
+        return 1
+    tokens = min(burst, bucket.tokens + max(0.0, now - bucket.updated_at) * rate)
+    return max(1, math.ceil((1 - tokens) / rate))
