@@ -367,8 +367,22 @@ def clients_create(
     burst: Annotated[
         int | None, typer.Option(help="calls allowed at once (default: ceil of the rate)")
     ] = None,
+    jwks_file: Annotated[
+        Path | None,
+        typer.Option(help="public JWK Set file: the client uses private_key_jwt, no secret"),
+    ] = None,
 ) -> None:
-    """Create a client; its JSON goes to stderr and the secret alone to stdout."""
+    """Create a client; its JSON goes to stderr and the secret alone to stdout.
+
+    With --jwks-file the client authenticates with signed assertions (private_key_jwt) and
+    no secret exists: the client id alone goes to stdout.
+    """
+    key_set = None
+    if jwks_file is not None:
+        try:
+            key_set = json.loads(jwks_file.read_text())
+        except (OSError, ValueError) as exc:
+            fail(f"cannot read a JSON key set from {jwks_file}: {exc}")
     created = api(
         "POST",
         "/clients",
@@ -382,9 +396,16 @@ def clients_create(
             "allow_masquerade": allow_masquerade,
             "rate_limit": rate_limit,
             "rate_burst": burst,
+            "auth_method": "private_key_jwt" if key_set is not None else "client_secret",
+            "jwks": key_set,
         },
     )
     secret = created.pop("client_secret")
+    if secret is None:
+        say(json.dumps(created, indent=2))
+        say("client_id (private_key_jwt: sign assertions with your private key) follows")
+        typer.echo(created["client_id"])
+        return
     say(json.dumps(created, indent=2))
     say(f"client_id: {created['client_id']}; client secret (shown once) follows on stdout")
     typer.echo(secret)

@@ -75,6 +75,8 @@ async def _provision(
             scopes=DEMO_SCOPES,
             constraints=DEMO_CONSTRAINTS,
         )
+        if secret is None:  # pragma: no cover - a client_secret client always gets one
+            raise RuntimeError("the demo client was created without a secret")
     finally:
         await engine.dispose()
     return DemoSetup(

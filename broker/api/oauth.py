@@ -15,6 +15,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from broker.api.deps import Reader, ServicesDep
+from broker.core.assertions import ASSERTION_TYPE
 from broker.core.net import client_address
 from broker.errors import OAuthError
 from broker.requestid import current_request_id
@@ -89,12 +90,45 @@ async def _authenticated_client(
     """Parse the form and authenticate the client; every refusal is audited."""
     try:
         form = await _form(request)
-        client_id, secret = _client_credentials(request, form)
+        assertion = _client_assertion(request, form)
+        if assertion is None:
+            client_id, secret = _client_credentials(request, form)
     except OAuthError as exc:
         await services.tokens.refuse(audit, exc.error, status=exc.status)
         raise
-    client = await services.tokens.authenticate_client(client_id, secret, audit=audit)
+    if assertion is not None:
+        client = await services.tokens.authenticate_assertion(
+            assertion,
+            _field(form, "client_id"),
+            audiences=_audiences(request),
+            audit=audit,
+        )
+    else:
+        client = await services.tokens.authenticate_client(client_id, secret, audit=audit)
     return client, form
+
+
+def _client_assertion(request: Request, form: FormData) -> str | None:
+    """``private_key_jwt`` (RFC 7523 §2.2): the signed assertion, or None for secret auth."""
+    assertion_type = _field(form, "client_assertion_type")
+    assertion = _field(form, "client_assertion")
+    if assertion_type is None and assertion is None:
+        return None
+    if request.headers.get("authorization") is not None or _field(form, "client_secret"):
+        raise OAuthError("invalid_request", "use one client authentication method, not two")
+    if assertion_type != ASSERTION_TYPE:
+        raise OAuthError("invalid_client", f"client_assertion_type must be {ASSERTION_TYPE}", 401)
+    if not assertion:
+        raise OAuthError("invalid_request", "client_assertion is required")
+    return assertion
+
+
+def _audiences(request: Request) -> list[str]:
+    """What an assertion's ``aud`` may name: this token endpoint, or the broker itself."""
+    base = request.app.state.context.settings.public_base
+    if base is None:
+        base = f"{request.url.scheme}://{request.url.netloc}"
+    return [f"{base}{router.prefix}/token", base, f"{base}/"]
 
 
 def _grant_type_problem(form: FormData) -> OAuthError | None:

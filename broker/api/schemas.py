@@ -142,6 +142,14 @@ class ClientCreate(Input):
         description="calls allowed at once; defaults to max(1, ceil(rate_limit)), needs rate_limit",
         examples=[10],
     )
+    auth_method: Literal["client_secret", "private_key_jwt"] = Field(
+        default="client_secret",
+        description="client_secret (a secret is issued) or private_key_jwt (RFC 7523: the "
+        "script signs assertions with its own key; no secret exists)",
+    )
+    jwks: dict[str, Any] | None = Field(
+        default=None, description="public JWK Set verifying assertions; private_key_jwt only"
+    )
     description: str | None = Field(default=None, max_length=2000)
 
 
@@ -161,6 +169,9 @@ class ClientUpdate(Input):
     rate_burst: int | None = Field(
         default=None, description="defaults to max(1, ceil(rate_limit)) when rate_limit changes"
     )
+    jwks: dict[str, Any] | None = Field(
+        default=None, description="replace the public JWK Set (private_key_jwt clients)"
+    )
     description: str | None = Field(default=None, max_length=2000)
 
 
@@ -179,6 +190,8 @@ class ClientOut(Output):
     allowed_cidrs: list[str]
     rate_limit: float | None
     rate_burst: int | None
+    auth_method: str
+    jwks: dict[str, Any] | None
     description: str | None
     enabled: bool
     created_at: datetime
@@ -189,7 +202,7 @@ class ClientOut(Output):
 class ClientWithSecret(ClientOut):
     """A client with its secret: returned once, at creation or rotation."""
 
-    client_secret: str
+    client_secret: str | None = Field(description="null for private_key_jwt clients")
 
 
 class SecretRotate(Input):

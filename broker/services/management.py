@@ -17,6 +17,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 
 from broker.core import rules
+from broker.core.assertions import InvalidKeySetError, public_key_set
 from broker.core.scopes import Decision, Grant, ScopeError
 from broker.core.tokens import SecretKind, generate_secret, new_id
 from broker.errors import ConflictError, NotFoundError, ValidationFailedError
@@ -25,6 +26,8 @@ from broker.services.audit import add_admin_event
 from broker.services.ratelimit import default_burst
 from broker.services.tokens import WORKER_TOKEN_PURPOSE
 from broker.storage.models import (
+    CLIENT_SECRET,
+    PRIVATE_KEY_JWT,
     AdminKey,
     Client,
     ProxyToken,
@@ -156,6 +159,29 @@ def check_rate(rate_limit: float | None, rate_burst: int | None) -> tuple[float 
     if not 1 <= rate_burst <= MAX_RATE_BURST:
         raise ValidationFailedError("rate_burst", f"must be between 1 and {MAX_RATE_BURST}")
     return rate_limit, rate_burst
+
+
+def check_auth(auth_method: str, jwks: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The public key set a client authenticates with, or None for secret clients."""
+    if auth_method == CLIENT_SECRET:
+        if jwks is not None:
+            raise ValidationFailedError("jwks", "only private_key_jwt clients have a key set")
+        return None
+    if auth_method != PRIVATE_KEY_JWT:
+        raise ValidationFailedError("auth_method", "must be client_secret or private_key_jwt")
+    if jwks is None:
+        raise ValidationFailedError("jwks", "private_key_jwt clients need a public JWK Set")
+    try:
+        return dict(public_key_set(jwks))
+    except InvalidKeySetError as exc:
+        raise ValidationFailedError("jwks", str(exc)) from exc
+
+
+def _key_ids(key_set: Mapping[str, Any] | None) -> list[str] | None:
+    """What the audit log says about a key set: its key ids (public, but kept short)."""
+    if key_set is None:
+        return None
+    return [str(key.get("kid", "-")) for key in key_set["keys"]]
 
 
 def check_ttls(token_ttl: int, max_token_ttl: int, ceiling: int) -> None:
@@ -368,15 +394,22 @@ class ManagementService:
         allowed_cidrs: Sequence[str] = (),
         rate_limit: float | None = None,
         rate_burst: int | None = None,
+        auth_method: str = CLIENT_SECRET,
+        jwks: Mapping[str, Any] | None = None,
         description: str | None = None,
-    ) -> tuple[Client, str]:
-        """Create a client; returns it and its secret, which is never shown again."""
+    ) -> tuple[Client, str | None]:
+        """Create a client; returns it and its secret, which is never shown again.
+
+        A ``private_key_jwt`` client gets no secret: it proves itself with assertions signed
+        by the private key whose public half is in ``jwks``.
+        """
         check_name(name)
         grant = check_grant(scopes, constraints or {})
         check_ttls(token_ttl, max_token_ttl, self._settings.max_token_ttl)
         cidrs = check_cidrs(allowed_cidrs)
         rate_limit, rate_burst = check_rate(rate_limit, rate_burst)
-        secret = generate_secret(SecretKind.CLIENT_SECRET)
+        key_set = check_auth(auth_method, jwks)
+        secret = generate_secret(SecretKind.CLIENT_SECRET) if key_set is None else None
         now = utcnow()
         async with self._write("client") as session:
             owner = await get_by_ref(session, WorkerCredential, credential, "credential")
@@ -384,7 +417,9 @@ class ManagementService:
                 id=new_id("cli"),
                 name=name,
                 credential_id=owner.id,
-                secret_hash=self._keyring.hash_secret(secret),
+                secret_hash=self._keyring.hash_secret(secret) if secret else None,
+                auth_method=auth_method,
+                jwks=key_set,
                 scopes=grant.scope_strings(),
                 constraints={k: sorted(v) for k, v in grant.constraints.items()},
                 token_ttl=token_ttl,
@@ -416,6 +451,8 @@ class ManagementService:
                 allowed_cidrs=cidrs,
                 rate_limit=rate_limit,
                 rate_burst=rate_burst,
+                auth_method=auth_method,
+                key_ids=_key_ids(key_set),
             )
         return client, secret
 
@@ -466,6 +503,8 @@ class ManagementService:
                 changes["allowed_cidrs"] = check_cidrs(changes["allowed_cidrs"])
             if "name" in changes:
                 check_name(changes["name"])
+            if "jwks" in changes:
+                changes["jwks"] = check_auth(client.auth_method, changes["jwks"])
             _apply(client, changes)
             client.grant_version += 1
             client.updated_at = utcnow()
@@ -474,7 +513,10 @@ class ManagementService:
                 enabled,  # type: ignore[arg-type]
                 "client.update",
             )
-            self._event(session, actor, action, client, **changes)
+            audited = {k: v for k, v in changes.items() if k != "jwks"}
+            if "jwks" in changes:
+                audited["key_ids"] = _key_ids(changes["jwks"])
+            self._event(session, actor, action, client, **audited)
         return client
 
     async def rotate_client_secret(
@@ -484,6 +526,11 @@ class ManagementService:
         secret = generate_secret(SecretKind.CLIENT_SECRET)
         async with self._write("client") as session:
             client = await get_by_ref(session, Client, ref, "client")
+            if client.auth_method != CLIENT_SECRET:
+                raise ConflictError(
+                    "this client authenticates with private_key_jwt and has no secret; "
+                    "replace its jwks instead"
+                )
             client.secret_hash = self._keyring.hash_secret(secret)
             client.secret_rotated_at = client.updated_at = utcnow()
             revoked = (

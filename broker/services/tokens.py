@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
+from sqlalchemy.exc import IntegrityError
 
+from broker.core.assertions import LEEWAY as ASSERTION_LEEWAY
+from broker.core.assertions import InvalidAssertionError, claimed_issuer, verify_assertion
 from broker.core.net import address_allowed, parse_networks
 from broker.core.scopes import Grant, ScopeError
 from broker.core.tokens import (
@@ -21,7 +24,16 @@ from broker.core.tokens import (
 from broker.errors import OAuthError
 from broker.keyring import DecryptionError
 from broker.services.audit import AuditService, new_event
-from broker.storage.models import AuditEvent, Client, ProxyToken, WorkerCredential, utcnow
+from broker.storage.models import (
+    CLIENT_SECRET,
+    PRIVATE_KEY_JWT,
+    AuditEvent,
+    Client,
+    ProxyToken,
+    UsedAssertion,
+    WorkerCredential,
+    utcnow,
+)
 from broker.storage.queries import TokenRecord, find_token
 
 if TYPE_CHECKING:
@@ -105,13 +117,14 @@ class TokenService:
         plausible = _CLIENT_ID.fullmatch(client_id) is not None
         async with self._sessions() as session:
             client = await session.get(Client, client_id) if plausible else None
-        stored = client.secret_hash if client is not None else self._dummy_hash
+        stored = client.secret_hash if client is not None and client.secret_hash else None
+        stored = stored or self._dummy_hash
         try:
             well_formed = bool(check_secret(secret, SecretKind.CLIENT_SECRET))
         except MalformedSecretError:
             well_formed = False
         matches = self._keyring.verify_secret(secret, stored) and well_formed
-        if client is None or not matches:
+        if client is None or not matches or client.auth_method != CLIENT_SECRET:
             await self.refuse(
                 audit, "invalid_client", status=401, client_id=client.id if client else None
             )
@@ -120,6 +133,68 @@ class TokenService:
             await self.refuse(audit, "client_disabled", status=401, client_id=client.id)
             raise OAuthError("invalid_client", "client is disabled", status=401)
         return client
+
+    async def authenticate_assertion(
+        self,
+        assertion: str,
+        client_id: str | None,
+        *,
+        audiences: Sequence[str],
+        audit: dict[str, Any],
+    ) -> Client:
+        """The client that signed ``assertion`` (``private_key_jwt``), or ``invalid_client``.
+
+        Each ``jti`` is accepted once: it is remembered in the database until the assertion
+        expires, so a replay is refused on every replica.
+        """
+        try:
+            issuer = claimed_issuer(assertion)
+        except InvalidAssertionError as exc:
+            await self.refuse(audit, "invalid_assertion", status=401)
+            raise OAuthError("invalid_client", str(exc), status=401) from exc
+        plausible = _CLIENT_ID.fullmatch(issuer) is not None and client_id in {None, issuer}
+        async with self._sessions() as session:
+            client = await session.get(Client, issuer) if plausible else None
+        if client is None or client.auth_method != PRIVATE_KEY_JWT or not client.jwks:
+            await self.refuse(
+                audit, "invalid_client", status=401, client_id=client.id if client else None
+            )
+            raise OAuthError("invalid_client", "client authentication failed", status=401)
+        now = utcnow()
+        try:
+            verified = verify_assertion(
+                assertion,
+                client.jwks,
+                client_id=client.id,
+                audiences=audiences,
+                now=int(now.timestamp()),
+            )
+        except InvalidAssertionError as exc:
+            await self.refuse(audit, "invalid_assertion", status=401, client_id=client.id)
+            raise OAuthError("invalid_client", str(exc), status=401) from exc
+        if not client.enabled:
+            await self.refuse(audit, "client_disabled", status=401, client_id=client.id)
+            raise OAuthError("invalid_client", "client is disabled", status=401)
+        if not await self._remember_assertion(client.id, verified.jti, verified.expires_at):
+            await self.refuse(audit, "assertion_replayed", status=401, client_id=client.id)
+            raise OAuthError("invalid_client", "this client_assertion was already used", status=401)
+        return client
+
+    async def _remember_assertion(self, client_id: str, jti: str, expires_at: int) -> bool:
+        """Record a used ``jti``; False if it was used before. Expired ones are forgotten."""
+        now = utcnow()
+        expiry = datetime.fromtimestamp(expires_at + ASSERTION_LEEWAY, tz=UTC)
+        try:
+            async with self._sessions.begin() as session:
+                await session.execute(
+                    delete(UsedAssertion).where(
+                        UsedAssertion.client_id == client_id, UsedAssertion.expires_at < now
+                    )
+                )
+                session.add(UsedAssertion(client_id=client_id, jti=jti, expires_at=expiry))
+        except IntegrityError:
+            return False
+        return True
 
     async def mint(
         self,

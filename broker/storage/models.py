@@ -107,6 +107,11 @@ class WorkerCredential(Base):
     updated_at: Mapped[datetime]
 
 
+# How a client authenticates at the token endpoint.
+CLIENT_SECRET = "client_secret"  # noqa: S105 - a method name, not a secret
+PRIVATE_KEY_JWT = "private_key_jwt"
+
+
 class Client(Base):
     """One automation job's identity and grant."""
 
@@ -115,7 +120,13 @@ class Client(Base):
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     name: Mapped[str] = mapped_column(String(100), unique=True)
     credential_id: Mapped[str] = mapped_column(ForeignKey("credentials.id"), index=True)
-    secret_hash: Mapped[str] = mapped_column(String(64))
+    # Null for private_key_jwt clients, which hold no shared secret.
+    secret_hash: Mapped[str | None] = mapped_column(String(64))
+    auth_method: Mapped[str] = mapped_column(
+        String(32), default=CLIENT_SECRET, server_default=CLIENT_SECRET
+    )
+    # Public JWK Set verifying private_key_jwt assertions.
+    jwks: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     scopes: Mapped[list[str]] = mapped_column(JSON)
     constraints: Mapped[dict[str, list[str]]] = mapped_column(JSON)
     token_ttl: Mapped[int] = mapped_column(Integer)
@@ -221,3 +232,12 @@ class AuditEvent(Base):
     details: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     completed_at: Mapped[datetime | None]
 
+
+class UsedAssertion(Base):
+    """A ``private_key_jwt`` assertion id already accepted, kept until it expires (replay)."""
+
+    __tablename__ = "used_assertions"
+
+    client_id: Mapped[str] = mapped_column(ForeignKey("clients.id"), primary_key=True)
+    jti: Mapped[str] = mapped_column(String(200), primary_key=True)
+    expires_at: Mapped[datetime]
