@@ -36,7 +36,7 @@ from broker.storage.models import (
     WorkerCredential,
     utcnow,
 )
-from broker.storage.queries import get_by_ref
+from broker.storage.queries import Named, get_by_ref
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -233,13 +233,11 @@ class ManagementService:
 
     async def list_upstreams(self) -> list[Upstream]:
         """All upstreams by name."""
-        async with self._sessions() as session:
-            return list(await session.scalars(select(Upstream).order_by(Upstream.name)))
+        return await self._all(Upstream)
 
     async def get_upstream(self, ref: str) -> Upstream:
         """One upstream by id or name."""
-        async with self._sessions() as session:
-            return await get_by_ref(session, Upstream, ref, "upstream")
+        return await self._one(Upstream, ref, "upstream")
 
     async def update_upstream(
         self,
@@ -324,15 +322,11 @@ class ManagementService:
 
     async def list_credentials(self) -> list[WorkerCredential]:
         """All worker credentials (metadata only leaves the API)."""
-        async with self._sessions() as session:
-            return list(
-                await session.scalars(select(WorkerCredential).order_by(WorkerCredential.name))
-            )
+        return await self._all(WorkerCredential)
 
     async def get_credential(self, ref: str) -> WorkerCredential:
         """One credential by id or name."""
-        async with self._sessions() as session:
-            return await get_by_ref(session, WorkerCredential, ref, "credential")
+        return await self._one(WorkerCredential, ref, "credential")
 
     async def upstream_names(self) -> dict[str, str]:
         """Upstream id → name, for presenting credentials."""
@@ -458,13 +452,11 @@ class ManagementService:
 
     async def list_clients(self) -> list[Client]:
         """All clients by name."""
-        async with self._sessions() as session:
-            return list(await session.scalars(select(Client).order_by(Client.name)))
+        return await self._all(Client)
 
     async def get_client(self, ref: str) -> Client:
         """One client by id or name."""
-        async with self._sessions() as session:
-            return await get_by_ref(session, Client, ref, "client")
+        return await self._one(Client, ref, "client")
 
     async def update_client(self, actor: Actor, ref: str, **fields: Any) -> Client:  # noqa: ANN401
         """Change a client's grant or settings; live tokens follow the new grant at once.
@@ -643,6 +635,16 @@ class ManagementService:
         return key
 
     # Helpers -------------------------------------------------------------------------------
+
+    async def _all(self, model: type[Named]) -> list[Named]:
+        """Every row of a named resource, by name."""
+        async with self._sessions() as session:
+            return list(await session.scalars(select(model).order_by(model.name)))
+
+    async def _one(self, model: type[Named], ref: str, label: str) -> Named:
+        """One named resource by id or name, or ``NotFoundError``."""
+        async with self._sessions() as session:
+            return await get_by_ref(session, model, ref, label)
 
     def _write(self, label: str) -> _WriteTransaction:
         return _WriteTransaction(self._sessions, label)
