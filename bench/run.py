@@ -450,6 +450,7 @@ def start_broker(run: Run) -> Target:
     """Migrate and provision the database, then ``broker serve`` in its own process(es)."""
     from broker import bootstrap  # noqa: PLC0415 - keep `--help` fast
     from broker.config import Settings  # noqa: PLC0415
+    from broker.keyring import load_keyring  # noqa: PLC0415
 
     port = free_port()
     base = f"http://127.0.0.1:{port}"
@@ -467,7 +468,7 @@ def start_broker(run: Run) -> Target:
         port=port,
         public_url=base,
     ).validated()
-    bootstrap.migrate(settings)
+    bootstrap.migrate(settings, load_keyring(settings))
     client_id, secret = asyncio.run(_provision(run, settings))
     clean_env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
     argv = [sys.executable, "-m", "broker", "serve", "--workers", str(run.options.workers)]

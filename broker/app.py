@@ -114,13 +114,18 @@ def create_app(
 
 def install(app: FastAPI, context: ProcessContext) -> None:
     """Attach the process context and the services built on it."""
-    audit = AuditService(context.sessions)
-    tokens = TokenService(context.sessions, context.keyring, context.settings)
     metrics = Metrics()
+    context.audit_writer.observe = metrics.observe_audit_batch
+    audit = AuditService(
+        context.sessions, context.audit_writer, context.keyring, context.settings.async_database_url
+    )
+    tokens = TokenService(context.sessions, context.keyring, context.settings, audit, context.epoch)
     app.state.context = context
     app.state.metrics = metrics
     app.state.services = Services(
-        management=ManagementService(context.sessions, context.keyring, context.settings),
+        management=ManagementService(
+            context.sessions, context.keyring, context.settings, context.epoch
+        ),
         tokens=tokens,
         audit=audit,
     )

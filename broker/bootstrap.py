@@ -9,8 +9,15 @@ from typing import TYPE_CHECKING
 from sqlalchemy import func, select
 
 from broker.keyring import Keyring, load_keyring, write_key_file
+from broker.services.audit import chain_key
 from broker.services.management import Actor, ManagementService
-from broker.storage.database import create_engine, session_factory, upgrade_schema
+from broker.storage.audit_chain import seal_unchained
+from broker.storage.database import (
+    create_engine,
+    create_sync_engine,
+    session_factory,
+    upgrade_schema,
+)
 from broker.storage.models import AdminKey
 
 if TYPE_CHECKING:
@@ -27,9 +34,19 @@ def ensure_keyring(settings: Settings) -> Keyring:
     return load_keyring(settings)
 
 
-def migrate(settings: Settings) -> None:
-    """Create or upgrade the schema."""
+def migrate(settings: Settings, keyring: Keyring) -> int:
+    """Create or upgrade the schema; seal audit events older than the chain into it.
+
+    Returns how many events were sealed (only ever non-zero on the first upgrade past the
+    revision that introduced the chain).
+    """
     upgrade_schema(settings.async_database_url)
+    engine = create_sync_engine(settings.async_database_url, write=True)
+    try:
+        with engine.begin() as connection:
+            return seal_unchained(connection, chain_key(keyring))
+    finally:
+        engine.dispose()
 
 
 async def _create_admin_key(

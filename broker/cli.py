@@ -86,8 +86,10 @@ def init(
         keyring = bootstrap.ensure_keyring(settings)
     except ConfigurationError as exc:
         fail(str(exc))
-    bootstrap.migrate(settings)
+    sealed = bootstrap.migrate(settings, keyring)
     say("database schema is up to date")
+    if sealed:
+        say(f"sealed {sealed} audit events written before the audit chain existed")
     if not admin_key:
         return
     key = bootstrap.create_admin_key(
@@ -113,7 +115,7 @@ def admin_key_create(
     settings = _settings()
     try:
         keyring = load_keyring(settings)
-        bootstrap.migrate(settings)
+        bootstrap.migrate(settings, keyring)
         key = bootstrap.create_admin_key(settings, keyring, name=name, role=role)
     except (ConfigurationError, BrokerError) as exc:
         fail(str(exc))

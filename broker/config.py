@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from broker.core.rules import SENSITIVE_QUERY_KEYS
 from broker.errors import ConfigurationError
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///broker.sqlite3"
@@ -69,6 +70,16 @@ class Settings(BaseSettings):
     upstream_connect_timeout: float = Field(default=5.0, description="Upstream connect timeout")
     upstream_pool_size: int = Field(default=100, description="Upstream keep-alive connections")
     max_token_ttl: int = Field(default=12 * 3600, description="Ceiling for any proxy token TTL")
+    audit_sensitive_params: str = Field(
+        default="",
+        description="Comma-separated query parameter names whose values the audit log keeps "
+        "only as keyed HMACs, besides the built-in ones",
+    )
+    epoch_file: Path | None = Field(
+        default=None,
+        description="Set by `broker serve --workers N` for its workers: the file through which "
+        "they see each other's revocations at once",
+    )
     host: str = Field(default="127.0.0.1", description="Address `broker serve` binds")
     port: int = Field(default=8000, description="Port `broker serve` binds")
 
@@ -84,6 +95,7 @@ class Settings(BaseSettings):
                     "BROKER_PUBLIC_URL", "must not have a path, query or fragment"
                 )
         _ = self.trusted_networks
+        _ = self.sensitive_query_keys
         checks = {
             "BROKER_MAX_BODY_BYTES": self.max_body_bytes > 0,
             "BROKER_UPSTREAM_TIMEOUT": self.upstream_timeout > 0,
@@ -117,6 +129,16 @@ class Settings(BaseSettings):
                     "BROKER_TRUSTED_PROXIES", f"{text!r} is not an IP address or CIDR"
                 ) from exc
         return tuple(networks)
+
+    @cached_property
+    def sensitive_query_keys(self) -> frozenset[str]:
+        """Query parameters the audit log hashes: the built-in ones and the configured ones."""
+        extra = {name.strip() for name in self.audit_sensitive_params.split(",") if name.strip()}
+        if any(not name.isprintable() or " " in name for name in extra):
+            raise ConfigurationError(
+                "BROKER_AUDIT_SENSITIVE_PARAMS", "must be parameter names separated by commas"
+            )
+        return SENSITIVE_QUERY_KEYS | extra
 
     @property
     def public_base(self) -> str | None:

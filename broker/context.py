@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from broker.keyring import Keyring, load_keyring
+from broker.services.audit_writer import AuditWriter
+from broker.services.revocation import CacheEpoch
 from broker.storage.database import create_engine, session_factory
 from broker.upstream import AiohttpForwarder, Forwarder
 
@@ -17,13 +19,18 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class ProcessContext:
-    """What every request handler shares: settings, database, keys and the upstream pool."""
+    """What every request handler shares.
+
+    Settings, database, keys, the upstream pool, the audit writer and the revocation epoch.
+    """
 
     settings: Settings
     engine: AsyncEngine
     sessions: async_sessionmaker[AsyncSession]
     keyring: Keyring
     forwarder: Forwarder
+    audit_writer: AuditWriter
+    epoch: CacheEpoch
 
     @classmethod
     def from_settings(
@@ -36,11 +43,14 @@ class ProcessContext:
         """Build the context; raises ``ConfigurationError`` naming a bad setting."""
         settings.validated()
         engine = create_engine(settings.async_database_url)
+        keyring = keyring or load_keyring(settings)
         return cls(
             settings=settings,
             engine=engine,
             sessions=session_factory(engine),
-            keyring=keyring or load_keyring(settings),
+            keyring=keyring,
+            audit_writer=AuditWriter(settings.async_database_url, keyring),
+            epoch=CacheEpoch(settings.epoch_file),
             forwarder=forwarder
             or AiohttpForwarder(
                 connect_timeout=settings.upstream_connect_timeout,
@@ -50,6 +60,8 @@ class ProcessContext:
         )
 
     async def aclose(self) -> None:
-        """Release the upstream pool and database connections."""
+        """Commit queued audit events, then release the upstream pool and the database."""
+        await self.audit_writer.aclose()
+        await self.epoch.aclose()
         await self.forwarder.aclose()
         await self.engine.dispose()

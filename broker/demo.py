@@ -195,7 +195,7 @@ def run_demo(*, port: int, workdir: Path | None, check: bool) -> int:
         public_url=f"http://127.0.0.1:{port}",
     ).validated()
     keyring = bootstrap.ensure_keyring(settings)
-    bootstrap.migrate(settings)
+    bootstrap.migrate(settings, keyring)
     worker_token = "sim-worker-" + secrets.token_urlsafe(16)
     with SimServer(SimState(tokens={worker_token})) as sim:
         setup = asyncio.run(_provision(settings, keyring, sim.base_url, worker_token))

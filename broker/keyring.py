@@ -107,10 +107,15 @@ class Keyring:
 
     def audit_hmac(self, value: str) -> str:
         """HMAC of a sensitive value for the audit log (searchable, not reversible)."""
-        digest = hmac.new(
-            _subkey(self.keys[self.primary_id], "audit-hmac"), value.encode(), hashlib.sha256
-        ).hexdigest()
-        return f"hmac-sha256:{digest[:32]}"
+        return _audit_hmac(self.keys[self.primary_id], value)
+
+    def audit_hmac_candidates(self, value: str) -> dict[str, str]:
+        """``audit_hmac`` of ``value`` under every key, by key id, for searching the log."""
+        return {key_id: _audit_hmac(key, value) for key_id, key in self.keys.items()}
+
+    def audit_chain_keys(self) -> dict[str, bytes]:
+        """The audit-chain MAC subkey of every key, by key id (primary signs new events)."""
+        return {key_id: _subkey(key, "audit-chain") for key_id, key in self.keys.items()}
 
     def with_new_primary(self) -> Keyring:
         """A copy with a fresh key added as primary (old keys still decrypt)."""
@@ -139,6 +144,11 @@ class Keyring:
 
 def _aad(purpose: str, record_id: str) -> bytes:
     return f"canvas-token-broker:{purpose}:{record_id}".encode()
+
+
+def _audit_hmac(key: bytes, value: str) -> str:
+    digest = hmac.new(_subkey(key, "audit-hmac"), value.encode(), hashlib.sha256).hexdigest()
+    return f"hmac-sha256:{digest[:32]}"
 
 
 def _keyed_hash(key: bytes, value: str) -> str:

@@ -40,6 +40,23 @@ class Metrics:
             "Audit events that could not be committed",
             registry=self.registry,
         )
+        self.audit_commit = Histogram(
+            "broker_audit_commit_seconds",
+            "Time to commit one group of audit events (one transaction, one fsync)",
+            buckets=_AUDIT_BUCKETS,
+            registry=self.registry,
+        )
+        self.audit_batch = Histogram(
+            "broker_audit_batch_events",
+            "Audit events committed together in one transaction",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+            registry=self.registry,
+        )
         self.live_tokens = Gauge(
             "broker_live_tokens", "Proxy tokens neither expired nor revoked", registry=self.registry
         )
+
+    def observe_audit_batch(self, seconds: float, events: int) -> None:
+        """Record one group commit of the audit writer (called from its thread)."""
+        self.audit_commit.observe(seconds)
+        self.audit_batch.observe(events)

@@ -20,7 +20,7 @@ import re
 import time
 import zlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from broker.core import rules
 from broker.core.net import address_allowed, client_address
@@ -40,11 +40,12 @@ if TYPE_CHECKING:
 
     from broker.context import ProcessContext
     from broker.metrics import Metrics
-    from broker.services.audit import AuditService
+    from broker.services.audit import AuditService, Begun
     from broker.services.tokens import TokenService
     from broker.upstream import UpstreamResponse
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 PROXIED_PREFIXES = ("/api/v1/", "/api/quiz/v1/")
 REALM = 'Bearer realm="canvas-token-broker", error="invalid_token"'
@@ -114,17 +115,18 @@ class ProxyApp:
         self._metrics = metrics
         self.rate_limits = RateLimitService(context.sessions)
         self._max_body = context.settings.max_body_bytes
+        self._sensitive = context.settings.sensitive_query_keys
 
-    async def _commit_audit(self, write: Awaitable[int]) -> int:
+    async def _commit_audit(self, write: Awaitable[T]) -> T:
         """Await an audit commit, measuring it; failures are counted and re-raised."""
         started = time.perf_counter()
         try:
-            seq = await write
+            result = await write
         except AuditUnavailableError:
             self._metrics.audit_failures.inc()
             raise
         self._metrics.audit_latency.observe(time.perf_counter() - started)
-        return seq
+        return result
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Handle one HTTP request."""
@@ -140,7 +142,7 @@ class ProxyApp:
         call.audit = self._audit_base(call, scope)
         try:
             body = await self._admit(call, receive)
-            seq = await self._commit_audit(self._audit.begin(**call.audit, decision="allow"))
+            begun = await self._commit_audit(self._audit.begin(**call.audit, decision="allow"))
         except Refusal as refusal:
             await self._refuse(call, send, refusal)
             return
@@ -148,7 +150,7 @@ class ProxyApp:
             self._metrics.requests.labels(outcome=exc.error).inc()
             await _send_error(send, call, 503, exc.error, exc.message)
             return
-        await self._forward(call, scope, body, seq, send)
+        await self._forward(call, scope, body, begun, send)
 
     def _audit_base(self, call: Call, scope: Scope) -> dict[str, Any]:
         peer = scope.get("client")
@@ -161,7 +163,9 @@ class ProxyApp:
             "method": call.method[:16],
             "path": _escaped(call.raw_path)[:_MAX_AUDIT_PATH],
             "query": _escaped(
-                rules.redact_query(call.query, self._context.keyring.audit_hmac).encode()
+                rules.redact_query(
+                    call.query, self._context.keyring.audit_hmac, self._sensitive
+                ).encode()
             )
             or None,
             "source_ip": client_address(
@@ -184,7 +188,7 @@ class ProxyApp:
         authorized = await self._authenticate(call)
         if not address_allowed(call.audit.get("source_ip"), authorized.allowed_networks):
             raise Refusal(403, "source_not_allowed", "this client may not call from this address")
-        await self._check_rate(authorized.client_id)
+        await self._check_rate(authorized)
         try:
             rules.check_headers(call.headers)
             rules.check_query(call.query, allow_masquerade=authorized.allow_masquerade)
@@ -217,10 +221,14 @@ class ProxyApp:
             raise Refusal(403, "path_not_proxied", f"{call.method} {path} is not proxied")
         raise Refusal(403, decision.reason or "scope_not_granted", decision.detail)
 
-    async def _check_rate(self, client_id: str) -> None:
+    async def _check_rate(self, authorized: Authorized) -> None:
         """Spend one of the client's rate-limit tokens, or refuse (429; 503 fails closed)."""
+        if authorized.rate_limit is None:
+            return
         try:
-            decision = await self.rate_limits.take(client_id)
+            decision = await self.rate_limits.take(
+                authorized.client_id, authorized.rate_limit, authorized.rate_burst
+            )
         except RateLimitUnavailableError as exc:
             raise Refusal(exc.status, exc.error, exc.message) from exc
         if not decision.allowed:
@@ -309,7 +317,9 @@ class ProxyApp:
             extra_headers=refusal.headers,
         )
 
-    async def _forward(self, call: Call, scope: Scope, body: bytes, seq: int, send: Send) -> None:
+    async def _forward(
+        self, call: Call, scope: Scope, body: bytes, begun: Begun, send: Send
+    ) -> None:
         authorized = call.authorized
         if authorized is None:  # pragma: no cover - _admit always sets it
             raise RuntimeError("forwarding an unauthenticated call")
@@ -325,9 +335,7 @@ class ProxyApp:
         except UpstreamError as exc:
             status, error = _failure(exc)
             self._metrics.requests.labels(outcome=error).inc()
-            await self._audit.complete(
-                seq, status=status, reason=error, duration_ms=call.elapsed_ms()
-            )
+            self._audit.complete(begun, status=status, reason=error, duration_ms=call.elapsed_ms())
             await _send_error(send, call, status, error, str(exc))
             return
         self._metrics.upstream_latency.observe(time.perf_counter() - sent_at)
@@ -337,8 +345,8 @@ class ProxyApp:
             self._metrics.requests.labels(outcome=outcome.get("reason") or "allow").inc()
             response.release()
             context_id = _find(response.headers, b"x-request-context-id")
-            await self._audit.complete(
-                seq,
+            self._audit.complete(
+                begun,
                 status=outcome.get("status", 499),
                 upstream_status=response.status,
                 response_bytes=outcome.get("bytes"),

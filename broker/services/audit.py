@@ -1,94 +1,350 @@
-"""Recording audit events (SPEC §6): fail closed, never a silent gap.
+"""Recording and reviewing audit events (SPEC §6): fail closed, never a silent gap.
 
-Proxied calls are recorded in two steps: ``begin`` commits a ``pending`` event before anything
-is sent upstream and ``complete`` records the outcome. Refusals, token events and management
-actions are written complete in one step. If the store cannot commit, ``AuditUnavailableError``
-tells the caller to answer 503 and forward nothing.
+Every event is a link of one MAC chain (``broker.core.audit_chain``). Proxied calls are
+recorded in two events: ``begin`` commits a ``pending`` event before anything is sent
+upstream, and ``complete`` appends a second event naming the first with the outcome. Refusals
+and token refusals are one event each. All three go through the process's group-commit writer
+(``AuditWriter``); if it cannot commit, ``AuditUnavailableError`` tells the caller to answer
+503 and forward nothing. Management actions and minted or revoked tokens are chained inside
+the transaction that makes the change (``add_events``), so the change and its record commit
+together.
+
+Review merges each pending event with its completion, so a call reads as one event whose
+``state`` is ``complete`` or, if its outcome was never recorded, ``pending``.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import update
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy import event, update
+from sqlalchemy.orm import Session
 
+from broker.core.audit_chain import (
+    GENESIS,
+    ChainVerifier,
+    Checkpoint,
+    beyond_head,
+    checkpoint_sound,
+)
 from broker.errors import AuditUnavailableError
-from broker.storage.models import AuditEvent, utcnow
-from broker.storage.queries import AuditFilter, audit_page, decode_cursor, encode_cursor
+from broker.services.audit_writer import AuditWriteError, AuditWriter
+from broker.storage import audit_chain as chain
+from broker.storage.database import create_sync_engine
+from broker.storage.models import RevocationEpoch, utcnow
+from broker.storage.queries import (
+    AuditFilter,
+    audit_page,
+    decode_cursor,
+    encode_cursor,
+    merged_event,
+)
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable
+    from datetime import datetime
+
+    from sqlalchemy import Connection
     from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+    from broker.keyring import Keyring
 
 logger = logging.getLogger(__name__)
 
 PENDING = "pending"
 COMPLETE = "complete"
+Event = dict[str, Any]
 
 
-def new_event(**fields: Any) -> AuditEvent:  # noqa: ANN401 - column values of many types
+def new_event(**fields: Any) -> Event:  # noqa: ANN401 - column values of many types
     """An event with defaults filled in (complete, now)."""
     fields.setdefault("time", utcnow())
     fields.setdefault("state", COMPLETE)
     if fields["state"] == COMPLETE:
         fields.setdefault("completed_at", fields["time"])
-    return AuditEvent(**fields)
+    return fields
+
+
+def admin_event(**fields: Any) -> Event:  # noqa: ANN401 - column values of many types
+    """A management-action event (``actor_key_id`` names who; ``details`` what changed)."""
+    return new_event(kind="admin", decision="allow", **fields)
+
+
+def chain_key(keyring: Keyring) -> chain.ChainKey:
+    """The key that signs new audit events: the keyring's primary."""
+    return chain.ChainKey(keyring.primary_id, keyring.audit_chain_keys()[keyring.primary_id])
+
+
+async def add_events(session: AsyncSession, keyring: Keyring, *events: Event) -> None:
+    """Chain events inside the caller's transaction (atomic with the change they record)."""
+    key = chain_key(keyring)
+    await session.run_sync(lambda sync: chain.append(sync.connection(), key, list(events)))
+
+
+async def bump_revocation_epoch(session: AsyncSession, after_commit: Callable[[], None]) -> None:
+    """Tell every replica to drop cached tokens once the caller's transaction commits.
+
+    The counter changes in the same transaction; ``after_commit`` tells this host's processes
+    at once (other replicas poll the counter).
+    """
+    await session.execute(
+        update(RevocationEpoch)
+        .where(RevocationEpoch.id == 1)
+        .values(epoch=RevocationEpoch.epoch + 1)
+    )
+    session.sync_session.info.setdefault(_AFTER_COMMIT, []).append(after_commit)
+
+
+_AFTER_COMMIT = "broker_after_commit"
+
+
+@event.listens_for(Session, "after_commit")
+def _run_after_commit(session: Session) -> None:
+    for callback in session.info.pop(_AFTER_COMMIT, []):
+        callback()
+
+
+@event.listens_for(Session, "after_rollback")
+def _drop_after_commit(session: Session) -> None:
+    session.info.pop(_AFTER_COMMIT, None)
+
+
+@dataclass(frozen=True)
+class Begun:
+    """A committed pending event: its seq and what it recorded."""
+
+    seq: int
+    event: Event
+
+
+def _completion(begun: Begun, **outcome: Any) -> Event:  # noqa: ANN401 - column values
+    """The event recording the outcome of a pending one."""
+    now = utcnow()
+    return {
+        "time": now,
+        "request_id": begun.event["request_id"],
+        "kind": begun.event["kind"],
+        "action": f"{begun.event['action']}.complete",
+        "state": COMPLETE,
+        "decision": begun.event["decision"],
+        "completed_at": now,
+        "completes": begun.seq,
+        **outcome,
+    }
+
+
+@dataclass
+class VerifyReport:
+    """What ``broker audit verify`` and ``GET /broker/v1/audit/verify`` report."""
+
+    ok: bool
+    checked: int
+    first_seq: int | None
+    last_seq: int | None
+    head: dict[str, Any] | None
+    checkpoint: dict[str, Any] | None
+    incomplete: int
+    incomplete_oldest: list[int]
+    problem: dict[str, Any] | None
+    keys: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {
+            "ok": self.ok,
+            "checked": self.checked,
+            "first_seq": self.first_seq,
+            "last_seq": self.last_seq,
+            "head": self.head,
+            "checkpoint": self.checkpoint,
+            "incomplete": {"count": self.incomplete, "oldest": self.incomplete_oldest},
+            "problem": self.problem,
+            "keys": self.keys,
+        }
 
 
 class AuditService:
-    """Writes and reads audit events."""
+    """Writes events through the process's writer; reads, verifies and prunes the log."""
 
-    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        writer: AuditWriter,
+        keyring: Keyring,
+        database_url: str,
+    ) -> None:
         self._sessions = sessions
+        self._writer = writer
+        self._keyring = keyring
+        self._database_url = database_url
 
     async def record(self, **fields: Any) -> int:  # noqa: ANN401
         """Commit one complete event; raise ``AuditUnavailableError`` if it cannot be."""
-        return await self._commit(new_event(**fields))
+        return await self._write(new_event(**fields))
 
-    async def begin(self, **fields: Any) -> int:  # noqa: ANN401
+    async def begin(self, **fields: Any) -> Begun:  # noqa: ANN401
         """Commit a pending event for a call about to be forwarded."""
-        return await self._commit(new_event(state=PENDING, **fields))
+        event = new_event(state=PENDING, **fields)
 
-    async def complete(self, seq: int, **fields: Any) -> None:  # noqa: ANN401
-        """Record the outcome of a pending event.
+        def abandoned(seq: int) -> Event:
+            return _completion(Begun(seq, event), reason="client_disconnected", status=499)
 
-        The call already happened, so a failure here cannot be undone; it is logged and the
-        event stays visibly ``pending``.
-        """
+        return Begun(await self._write(event, abandoned=abandoned), event)
+
+    def complete(self, begun: Begun, **outcome: Any) -> None:  # noqa: ANN401
+        """Record the outcome of a pending event (queued: the call has already happened)."""
         try:
-            async with self._sessions.begin() as session:
-                await session.execute(
-                    update(AuditEvent)
-                    .where(AuditEvent.seq == seq)
-                    .values(state=COMPLETE, completed_at=utcnow(), **fields)
-                )
-        except (SQLAlchemyError, OSError):
-            logger.exception("could not complete audit event %s; it stays pending", seq)
+            self._writer.write_later(_completion(begun, **outcome))
+        except AuditWriteError:
+            logger.exception("could not queue the completion of audit event %s", begun.seq)
 
-    async def _commit(self, event: AuditEvent) -> int:
+    async def _write(self, event: Event, **options: Any) -> int:  # noqa: ANN401
         try:
-            async with self._sessions.begin() as session:
-                session.add(event)
-                await session.flush()
-                seq = event.seq
-        except (SQLAlchemyError, OSError) as exc:
-            logger.exception("audit store unavailable")
+            return await self._writer.write(event, **options)
+        except AuditWriteError as exc:
             raise AuditUnavailableError(
                 "the audit log is unavailable; nothing was forwarded"
             ) from exc
-        return seq
+
+    async def flush(self) -> None:
+        """Wait until this process's queued events (completions included) are committed."""
+        await self._writer.flush()
 
     async def query(
         self, selection: AuditFilter, *, cursor: str | None, limit: int
-    ) -> tuple[list[AuditEvent], str | None]:
+    ) -> tuple[list[dict[str, Any]], str | None]:
         """One newest-first page of events and the cursor of the next page."""
         before = decode_cursor(cursor) if cursor else None
+        await self.flush()
         async with self._sessions() as session:
-            events, last = await audit_page(session, selection, before=before, limit=limit)
+            rows, last = await audit_page(session, selection, before=before, limit=limit)
+        events = [merged_event(begin, done) for begin, done in rows]
         return events, (encode_cursor(last) if last is not None else None)
 
+    async def export(
+        self, selection: AuditFilter, *, page_size: int = 1000
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Every selected event, newest first, read a page at a time (memory stays flat)."""
+        await self.flush()
+        before: int | None = None
+        while True:
+            async with self._sessions() as session:
+                rows, last = await audit_page(session, selection, before=before, limit=page_size)
+            for begin, done in rows:
+                yield merged_event(begin, done)
+            if last is None:
+                return
+            before = last
 
-def add_admin_event(session: AsyncSession, **fields: Any) -> None:  # noqa: ANN401
-    """Add a management-action event to the caller's transaction (atomic with the change)."""
-    session.add(new_event(kind="admin", decision="allow", **fields))
+    def hash_value(self, value: str) -> dict[str, str]:
+        """The keyed HMAC the log would show for ``value``, under every key, by key id."""
+        return self._keyring.audit_hmac_candidates(value)
+
+    def verify(self) -> VerifyReport:
+        """Check the whole chain (blocking: run it in a thread)."""
+        engine = create_sync_engine(self._database_url)
+        try:
+            with engine.connect() as connection:
+                return verify_log(connection, self._keyring)
+        finally:
+            engine.dispose()
+
+    def prune(self, before: datetime) -> dict[str, Any]:
+        """Remove events older than ``before``, leaving a signed checkpoint (blocking)."""
+        engine = create_sync_engine(self._database_url, write=True)
+        try:
+            with engine.connect() as connection:
+                return prune_log(connection, self._keyring, before)
+        finally:
+            engine.dispose()
+
+
+def _anchor(connection: Connection, keyring: Keyring) -> Checkpoint | None:
+    """The newest checkpoint whose MAC holds (older ones are superseded)."""
+    keys = keyring.audit_chain_keys()
+    for checkpoint in chain.checkpoints(connection):
+        if checkpoint_sound(keys, checkpoint):
+            return checkpoint
+    return None
+
+
+def verify_log(connection: Connection, keyring: Keyring) -> VerifyReport:
+    """Walk the chain from the newest sound checkpoint (or the start) to the signed head."""
+    keys = keyring.audit_chain_keys()
+    head = chain.read_head(connection)
+    anchor = _anchor(connection, keyring)
+    anchor_seq = anchor.through_seq if anchor else 0
+    through = head.last_seq if head is not None else chain.max_seq(connection)
+    verifier = ChainVerifier(
+        keys,
+        anchor_seq=anchor_seq,
+        anchor_mac=anchor.through_mac if anchor else GENESIS,
+        locate=lambda mac: chain.locate(connection, mac),
+    )
+    result = verifier.verify(chain.read_links(connection, anchor_seq, through), head)
+    problem = result.problem
+    if problem is None:
+        # The highest seq first, then the head: writers move both forward together, so a seq
+        # above the head's means events that did not come through the chain's writer.
+        highest = chain.max_seq(connection)
+        current = chain.read_head(connection)
+        if current is not None and highest > current.last_seq:
+            problem = beyond_head(current.last_seq)
+    count, oldest = chain.incomplete(connection, anchor_seq, through)
+    return VerifyReport(
+        ok=problem is None,
+        checked=result.checked,
+        first_seq=result.first_seq,
+        last_seq=result.last_seq,
+        head=None if head is None else {"seq": head.last_seq, "mac": head.last_mac},
+        checkpoint=None
+        if anchor is None
+        else {
+            "through_seq": anchor.through_seq,
+            "events_pruned": anchor.events_pruned,
+            "incomplete_pruned": anchor.incomplete_pruned,
+            "created_at": anchor.created_at.isoformat(),
+        },
+        incomplete=count,
+        incomplete_oldest=oldest,
+        problem=None
+        if problem is None
+        else {"seq": problem.seq, "kind": problem.kind, "detail": problem.detail},
+        keys=sorted(result.keys_used),
+    )
+
+
+def prune_log(connection: Connection, keyring: Keyring, before: datetime) -> dict[str, Any]:
+    """Verify the events retention would remove, then remove them behind a checkpoint.
+
+    Refuses (``ValueError``) if that part of the chain does not verify: pruning must never
+    launder tampering into a signed checkpoint.
+    """
+    with connection.begin():
+        head = chain.lock_head(connection)
+        anchor = _anchor(connection, keyring)
+        anchor_seq = anchor.through_seq if anchor else 0
+        through = min(chain.prune_through(connection, before, anchor_seq), head.last_seq)
+        if through <= anchor_seq:
+            return {"pruned": 0, "through_seq": anchor_seq}
+        verifier = ChainVerifier(
+            keyring.audit_chain_keys(),
+            anchor_seq=anchor_seq,
+            anchor_mac=anchor.through_mac if anchor else GENESIS,
+            locate=lambda mac: chain.locate(connection, mac),
+        )
+        result = verifier.walk(chain.read_links(connection, anchor_seq, through))
+        if result.problem is not None:
+            problem = result.problem
+            raise ValueError(
+                f"refusing to prune: event {problem.seq} is {problem.kind} ({problem.detail}); "
+                "run `broker audit verify`"
+            )
+        checkpoint = chain.prune(connection, chain_key(keyring), through, result.last_mac)
+    return {
+        "pruned": checkpoint.events_pruned,
+        "through_seq": checkpoint.through_seq,
+        "incomplete_pruned": checkpoint.incomplete_pruned,
+    }

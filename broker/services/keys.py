@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import select
 
 from broker.requestid import current_request_id
-from broker.services.audit import add_admin_event
+from broker.services.audit import add_events, admin_event
 from broker.services.tokens import WORKER_TOKEN_PURPOSE
 from broker.storage.models import WorkerCredential, utcnow
 
@@ -42,11 +42,14 @@ async def reencrypt_credentials(
             )
             credential.updated_at = utcnow()
             changed += 1
-        add_admin_event(
+        await add_events(
             session,
-            request_id=current_request_id(),
-            action="keys.rotate",
-            actor_key_id=None,
-            details={"primary_key_id": keyring.primary_id, "credentials_reencrypted": changed},
+            keyring,
+            admin_event(
+                request_id=current_request_id(),
+                action="keys.rotate",
+                actor_key_id=None,
+                details={"primary_key_id": keyring.primary_id, "credentials_reencrypted": changed},
+            ),
         )
     return changed

@@ -22,8 +22,9 @@ from broker.core.scopes import Decision, Grant, ScopeError
 from broker.core.tokens import SecretKind, generate_secret, new_id
 from broker.errors import ConflictError, NotFoundError, ValidationFailedError
 from broker.requestid import current_request_id
-from broker.services.audit import add_admin_event
+from broker.services.audit import add_events, admin_event, bump_revocation_epoch
 from broker.services.ratelimit import default_burst
+from broker.services.revocation import CacheEpoch
 from broker.services.tokens import WORKER_TOKEN_PURPOSE
 from broker.storage.models import (
     CLIENT_SECRET,
@@ -200,11 +201,16 @@ class ManagementService:
     """The management API's use cases."""
 
     def __init__(
-        self, sessions: async_sessionmaker[AsyncSession], keyring: Keyring, settings: Settings
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        keyring: Keyring,
+        settings: Settings,
+        epoch: CacheEpoch | None = None,
     ) -> None:
         self._sessions = sessions
         self._keyring = keyring
         self._settings = settings
+        self._epoch = epoch or CacheEpoch()
 
     # Upstreams -----------------------------------------------------------------------------
 
@@ -221,7 +227,7 @@ class ManagementService:
         )
         async with self._write("upstream") as session:
             session.add(upstream)
-            self._event(
+            await self._event(
                 session,
                 actor,
                 "upstream.create",
@@ -262,7 +268,7 @@ class ManagementService:
             action = "upstream.update"
             if set(changes) == {"enabled"}:
                 action = "upstream.enable" if enabled else "upstream.disable"
-            self._event(session, actor, action, upstream, **changes)
+            await self._event(session, actor, action, upstream, **changes)
         return upstream
 
     # Worker credentials --------------------------------------------------------------------
@@ -302,7 +308,7 @@ class ManagementService:
                 updated_at=now,
             )
             session.add(credential)
-            self._event(
+            await self._event(
                 session,
                 actor,
                 "credential.create",
@@ -340,7 +346,9 @@ class ManagementService:
             credential.token_key_id, credential.token_ciphertext = self._seal(token, credential.id)
             credential.token_last4 = token[-4:]
             credential.rotated_at = credential.updated_at = utcnow()
-            self._event(session, actor, "credential.rotate", credential, token_last4=token[-4:])
+            await self._event(
+                session, actor, "credential.rotate", credential, token_last4=token[-4:]
+            )
         return credential
 
     async def update_credential(
@@ -369,7 +377,7 @@ class ManagementService:
                 enabled if set(changes) == {"enabled"} else None,  # type: ignore[arg-type]
                 "credential.update",
             )
-            self._event(session, actor, action, credential, **_printable(changes))
+            await self._event(session, actor, action, credential, **_printable(changes))
         return credential
 
     # Clients -------------------------------------------------------------------------------
@@ -430,7 +438,7 @@ class ManagementService:
                 secret_rotated_at=None,
             )
             session.add(client)
-            self._event(
+            await self._event(
                 session,
                 actor,
                 "client.create",
@@ -508,7 +516,7 @@ class ManagementService:
             audited = {k: v for k, v in changes.items() if k != "jwks"}
             if "jwks" in changes:
                 audited["key_ids"] = _key_ids(changes["jwks"])
-            self._event(session, actor, action, client, **audited)
+            await self._event(session, actor, action, client, **audited)
         return client
 
     async def rotate_client_secret(
@@ -528,7 +536,7 @@ class ManagementService:
             revoked = (
                 await self._revoke_client_tokens(session, actor, client.id) if revoke_tokens else 0
             )
-            self._event(
+            await self._event(
                 session,
                 actor,
                 "client.rotate_secret",
@@ -575,7 +583,7 @@ class ManagementService:
             if token.revoked_at is None:
                 token.revoked_at = utcnow()
                 token.revoked_by = actor.label
-            self._event(session, actor, "token.revoke", token)
+            await self._event(session, actor, "token.revoke", token)
         return token
 
     async def revoke_client_tokens(self, actor: Actor, ref: str) -> int:
@@ -583,7 +591,7 @@ class ManagementService:
         async with self._sessions.begin() as session:
             client = await get_by_ref(session, Client, ref, "client")
             count = await self._revoke_client_tokens(session, actor, client.id)
-            self._event(session, actor, "client.revoke_tokens", client, tokens_revoked=count)
+            await self._event(session, actor, "client.revoke_tokens", client, tokens_revoked=count)
         return count
 
     async def _revoke_client_tokens(
@@ -615,7 +623,7 @@ class ManagementService:
         )
         async with self._sessions.begin() as session:
             session.add(key)
-            self._event(session, actor, "admin_key.create", key, name=name, role=role)
+            await self._event(session, actor, "admin_key.create", key, name=name, role=role)
         return key, value
 
     async def list_admin_keys(self) -> list[AdminKey]:
@@ -631,7 +639,7 @@ class ManagementService:
                 raise NotFoundError(f"no admin key {key_id!r}")
             if key.revoked_at is None:
                 key.revoked_at = utcnow()
-            self._event(session, actor, "admin_key.revoke", key)
+            await self._event(session, actor, "admin_key.revoke", key)
         return key
 
     # Helpers -------------------------------------------------------------------------------
@@ -649,22 +657,31 @@ class ManagementService:
     def _write(self, label: str) -> _WriteTransaction:
         return _WriteTransaction(self._sessions, label)
 
-    @staticmethod
-    def _event(
+    async def _event(
+        self,
         session: AsyncSession,
         actor: Actor,
         action: str,
         target: Upstream | WorkerCredential | Client | ProxyToken | AdminKey,
         **changes: Any,  # noqa: ANN401
     ) -> None:
-        add_admin_event(
+        """Chain the action's audit event into its transaction.
+
+        Every management change may make a cached proxy token unusable, so each one also
+        moves the revocation epoch (``services.revocation``).
+        """
+        await add_events(
             session,
-            request_id=current_request_id(),
-            action=action,
-            actor_key_id=actor.key_id,
-            details={"target": target.id, "changes": _printable(changes)},
-            **_subject(target),
+            self._keyring,
+            admin_event(
+                request_id=current_request_id(),
+                action=action,
+                actor_key_id=actor.key_id,
+                details={"target": target.id, "changes": _printable(changes)},
+                **_subject(target),
+            ),
         )
+        await bump_revocation_epoch(session, self._epoch.bump)
 
 
 class _WriteTransaction:
@@ -681,10 +698,13 @@ class _WriteTransaction:
         return session
 
     async def __aexit__(self, *exc_info: object) -> None:
+        # The violation shows at commit, or earlier if a statement in the body autoflushed.
         try:
             await self._context.__aexit__(*exc_info)
         except IntegrityError as exc:
             raise ConflictError(f"a {self._label} with that name already exists") from exc
+        if isinstance(exc_info[1], IntegrityError):
+            raise ConflictError(f"a {self._label} with that name already exists") from exc_info[1]
 
 
 def _subject(row: object) -> dict[str, str]:

@@ -15,12 +15,11 @@ written. The database serialises concurrent upserts of one row, so two replicas 
 spend the same token. ``updated_at`` never moves backwards, so a replica whose clock lags
 only refills late, it never refills twice.
 
-The client's ``rate_limit`` and ``rate_burst`` are read by primary key just before the upsert
-rather than cached: the proxy's resolved token does not carry them, and a cache would let a
-``PATCH`` on one replica take effect on another only later. The read is what lets a client
-without a limit skip the write altogether (an empty ``INSERT … SELECT`` would still take
-SQLite's write lock). The price is one extra primary-key read per proxied call. Only a refused
-call reads its bucket once more, to compute ``Retry-After``.
+The client's ``rate_limit`` and ``rate_burst`` come with the resolved token, which the proxy
+caches; a ``PATCH`` of the client moves the revocation epoch, so the new limit applies on the
+next call here and within a second on other replicas (``services.revocation``). A client
+without a limit never touches the table. Only a refused call reads its bucket once more, to
+compute ``Retry-After``.
 
 Time is the process clock in epoch seconds (``clock``, replaceable in tests); replicas are
 expected to keep their clocks in sync (NTP), and skew only shifts when tokens come back.
@@ -37,12 +36,12 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Double, func, literal, select
+from sqlalchemy import Double, func, literal
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 
 from broker.errors import BrokerError
-from broker.storage.models import Client, RateBucket
+from broker.storage.models import RateBucket
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -80,22 +79,14 @@ class RateLimitService:
         self._sessions = sessions
         self.clock = clock
 
-    async def take(self, client_id: str) -> RateDecision:
+    async def take(self, client_id: str, rate_limit: float, rate_burst: int | None) -> RateDecision:
         """Spend one of the client's tokens, or say how long until one is back.
 
         Raises ``RateLimitUnavailableError`` if the database cannot answer: fail closed.
         """
+        rate = float(rate_limit)
+        burst = float(rate_burst or default_burst(rate))
         try:
-            async with self._sessions() as session:
-                row = (
-                    await session.execute(
-                        select(Client.rate_limit, Client.rate_burst).where(Client.id == client_id)
-                    )
-                ).one_or_none()
-            if row is None or row.rate_limit is None:
-                return ALLOWED
-            rate = float(row.rate_limit)
-            burst = float(row.rate_burst or default_burst(rate))
             now = self.clock()
             async with self._sessions.begin() as session:
                 taken = await session.scalar(_take_statement(session, client_id, rate, burst, now))

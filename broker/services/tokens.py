@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -23,11 +24,17 @@ from broker.core.tokens import (
 )
 from broker.errors import OAuthError
 from broker.keyring import DecryptionError
-from broker.services.audit import AuditService, new_event
+from broker.services.audit import (
+    AuditService,
+    Event,
+    add_events,
+    bump_revocation_epoch,
+    new_event,
+)
+from broker.services.revocation import CacheEpoch
 from broker.storage.models import (
     CLIENT_SECRET,
     PRIVATE_KEY_JWT,
-    AuditEvent,
     Client,
     ProxyToken,
     UsedAssertion,
@@ -47,6 +54,7 @@ if TYPE_CHECKING:
 
 WORKER_TOKEN_PURPOSE = "worker-token"  # noqa: S105 - an encryption purpose label
 _GRANT_CACHE_SIZE = 4096
+_TOKEN_CACHE_SIZE = 65536
 _CLIENT_ID = re.compile(r"[A-Za-z0-9_]{1,40}")
 
 
@@ -73,6 +81,17 @@ class Authorized:
     grant: Grant
     allow_masquerade: bool
     allowed_networks: tuple[IPNetwork, ...] = ()
+    rate_limit: float | None = None
+    rate_burst: int | None = None
+
+
+@dataclass(frozen=True)
+class _Cached:
+    """A resolved token, usable while its epoch value is current and nothing has expired."""
+
+    authorized: Authorized
+    epoch: bytes
+    usable_until: float  # epoch seconds: the token's or the credential's expiry, if sooner
 
 
 @dataclass(frozen=True)
@@ -98,11 +117,15 @@ class TokenService:
         sessions: async_sessionmaker[AsyncSession],
         keyring: Keyring,
         settings: Settings,
+        audit: AuditService,
+        epoch: CacheEpoch | None = None,
     ) -> None:
         self._sessions = sessions
         self._keyring = keyring
         self._settings = settings
-        self._audit = AuditService(sessions)
+        self._audit = audit
+        self._epoch = epoch or CacheEpoch()
+        self._cache: dict[str, _Cached] = {}
         self._grants: dict[tuple[str, int, tuple[str, ...]], Grant] = {}
         self._network_cache: dict[tuple[str, int], tuple[IPNetwork, ...]] = {}
         # A fixed hash to compare against when the client id is unknown, so the response time
@@ -220,13 +243,15 @@ class TokenService:
             )
         lifetime = await self._lifetime(client, expires_in, audit)
         now = utcnow()
-        async with self._sessions.begin() as session:
+        async with self._sessions() as session:
             credential = await session.get(WorkerCredential, client.credential_id)
-            if credential is None or not credential_usable(credential, now):
-                await self.refuse(audit, "credential_disabled", status=400, client_id=client.id)
-                raise OAuthError(
-                    "unauthorized_client", "the client's worker credential is disabled or expired"
-                )
+        if credential is None or not credential_usable(credential, now):
+            # Refused outside any write transaction: the audit writer needs the write lock.
+            await self.refuse(audit, "credential_disabled", status=400, client_id=client.id)
+            raise OAuthError(
+                "unauthorized_client", "the client's worker credential is disabled or expired"
+            )
+        async with self._sessions.begin() as session:
             value = generate_secret(SecretKind.PROXY_TOKEN)
             token = ProxyToken(
                 id=new_id("tok"),
@@ -238,14 +263,16 @@ class TokenService:
                 source_ip=audit.get("source_ip"),
             )
             session.add(token)
-            session.add(
+            await add_events(
+                session,
+                self._keyring,
                 _token_event(
                     audit,
                     "token.mint",
                     client,
                     token.id,
                     details={"expires_in": lifetime, "scopes": token.scopes},
-                )
+                ),
             )
         return MintedToken(value, token.id, lifetime, " ".join(token.scopes))
 
@@ -287,13 +314,35 @@ class TokenService:
     async def resolve(self, value: str) -> Authorized:
         """What a bearer token may do right now, or ``TokenRejectedError``.
 
-        Every check happens on every call, so revoking a token, disabling a client or a
-        worker credential takes effect on the very next request.
+        Served from the process's cache while the revocation epoch it was cached under is
+        current (``services.revocation``) and neither the token nor the worker credential has
+        expired; otherwise every check runs against the database. Revoking a token or
+        disabling a client, credential or upstream therefore takes effect on the very next
+        request here, and within a second on other replicas.
         """
         try:
             check_secret(value, SecretKind.PROXY_TOKEN)
         except MalformedSecretError as exc:
             raise TokenRejectedError("malformed_token", "the access token is malformed") from exc
+        cache_key = self._keyring.hash_secret(value)
+        # Read the epoch before the database: a revocation committed after this read changes
+        # the epoch, so an entry built from a read that missed it is never used.
+        epoch = self._epoch.current()
+        if epoch is not None:
+            cached = self._cache.get(cache_key)
+            if cached is not None and cached.epoch == epoch and time.time() < cached.usable_until:
+                return cached.authorized
+        else:
+            self._epoch.start(self._sessions)
+        authorized, usable_until = await self._resolve_stored(value)
+        if epoch is not None:
+            if len(self._cache) >= _TOKEN_CACHE_SIZE:
+                self._cache.clear()
+            self._cache[cache_key] = _Cached(authorized, epoch, usable_until)
+        return authorized
+
+    async def _resolve_stored(self, value: str) -> tuple[Authorized, float]:
+        """Resolve against the database; also return until when the answer holds."""
         async with self._sessions() as session:
             record = await find_token(session, self._keyring.secret_hash_candidates(value))
         if record is None:
@@ -324,17 +373,23 @@ class TokenService:
             raise TokenRejectedError(
                 "credential_undecryptable", "the worker credential cannot be used", record
             ) from exc
-        return Authorized(
+        client = record.client
+        authorized = Authorized(
             token_id=record.token.id,
-            client_id=record.client.id,
+            client_id=client.id,
             credential_id=record.credential.id,
             upstream_name=record.upstream.name,
             upstream_url=record.upstream.base_url,
             worker_token=worker_token,
-            grant=self._effective_grant(record.client, record.token.scopes),
-            allow_masquerade=record.client.allow_masquerade,
-            allowed_networks=self._networks(record.client),
+            grant=self._effective_grant(client, record.token.scopes),
+            allow_masquerade=client.allow_masquerade,
+            allowed_networks=self._networks(client),
+            rate_limit=client.rate_limit,
+            rate_burst=client.rate_burst,
         )
+        expiries = [record.token.expires_at, record.credential.expires_at]
+        usable_until = min(e.timestamp() for e in expiries if e is not None)
+        return authorized, usable_until
 
     def _networks(self, client: Client) -> tuple[IPNetwork, ...]:
         """The client's allowed source networks, parsed once per grant version."""
@@ -379,7 +434,10 @@ class TokenService:
                 return
             token.revoked_at = utcnow()
             token.revoked_by = f"client:{client.id}"
-            session.add(_token_event(audit, "token.revoke", client, token.id))
+            await add_events(
+                session, self._keyring, _token_event(audit, "token.revoke", client, token.id)
+            )
+            await bump_revocation_epoch(session, self._epoch.bump)
 
     async def introspect(self, value: str) -> dict[str, Any]:
         """RFC 7662 response for ``value`` (``{"active": false}`` for anything unusable)."""
@@ -408,7 +466,7 @@ def _token_event(
     client: Client,
     token_id: str,
     **fields: Any,  # noqa: ANN401 - further column values
-) -> AuditEvent:
+) -> Event:
     """A successful token event of ``client`` for ``token_id``."""
     return new_event(
         **{

@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import sqlalchemy
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import event
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy import Connection, Engine, event, make_url
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
 from sqlalchemy.pool import NullPool
 
 import broker
 
-if TYPE_CHECKING:
-    from sqlalchemy.ext.asyncio import AsyncSession
+WRITE_OPTION = "broker_write"
+"""Execution option marking a write transaction (``BEGIN IMMEDIATE`` on SQLite)."""
 
 
 def create_engine(url: str, *, pool: bool = True) -> AsyncEngine:
@@ -28,11 +34,53 @@ def create_engine(url: str, *, pool: bool = True) -> AsyncEngine:
         kwargs["poolclass"] = NullPool
     engine = create_async_engine(url, **kwargs)
     if url.startswith("sqlite"):
-        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        _sqlite_transactions(engine.sync_engine)
     return engine
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:  # noqa: ANN401 - DB-API object
+def sync_database_url(url: str) -> str:
+    """The blocking-driver form of an async database URL (the audit writer's thread uses it)."""
+    return url.replace("sqlite+aiosqlite://", "sqlite://", 1).replace(
+        "postgresql+asyncpg://", "postgresql+psycopg://", 1
+    )
+
+
+def create_sync_engine(url: str, *, write: bool = False) -> Engine:
+    """A blocking engine of one connection for a worker thread; SQLite as in ``create_engine``.
+
+    With ``write``, every transaction is a write transaction (``BEGIN IMMEDIATE`` on SQLite).
+    """
+    sync_url = sync_database_url(url)
+    kwargs: dict[str, Any] = {"hide_parameters": True, "pool_size": 1, "max_overflow": 0}
+    if sync_url.startswith("sqlite"):
+        kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
+    engine = sqlalchemy.create_engine(sync_url, **kwargs)
+    if sync_url.startswith("sqlite"):
+        _sqlite_transactions(engine)
+    return engine.execution_options(**{WRITE_OPTION: True}) if write else engine
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The database file of a SQLite URL, or None for other databases."""
+    parsed = make_url(url)
+    if not parsed.drivername.startswith("sqlite") or not parsed.database:
+        return None
+    return Path(parsed.database)
+
+
+def _sqlite_transactions(engine: Engine) -> None:
+    """Take transaction control from the driver: ``BEGIN``, or ``BEGIN IMMEDIATE`` to write.
+
+    A deferred transaction that reads and then writes fails outright (SQLITE_BUSY_SNAPSHOT)
+    when another connection committed in between, which the audit writer does all the time
+    under load; a write transaction must take the write lock before it reads.
+    """
+    event.listen(engine, "connect", _sqlite_connect)
+    event.listen(engine, "begin", _sqlite_begin)
+
+
+def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:  # noqa: ANN401 - DB-API object
+    dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=FULL")
@@ -41,9 +89,32 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:  # noqa: ANN40
     cursor.close()
 
 
-def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
-    """Sessions that keep loaded objects usable after commit."""
-    return async_sessionmaker(engine, expire_on_commit=False)
+def _sqlite_begin(connection: Connection) -> None:
+    write = connection.get_execution_options().get(WRITE_OPTION, False)
+    connection.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+class Sessions(async_sessionmaker[AsyncSession]):
+    """Sessions in two kinds: ``sessions()`` to read, ``sessions.begin()`` to write.
+
+    Loaded objects stay usable after commit. A write transaction on SQLite takes the write
+    lock up front (``BEGIN IMMEDIATE``); on PostgreSQL both kinds are the same.
+    """
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        super().__init__(engine, expire_on_commit=False)
+        self._writer = async_sessionmaker(
+            engine.execution_options(**{WRITE_OPTION: True}), expire_on_commit=False
+        )
+
+    def begin(self) -> Any:  # noqa: ANN401 - SQLAlchemy's private context-manager type
+        """A write transaction: committed on success, rolled back on error."""
+        return self._writer.begin()
+
+
+def session_factory(engine: AsyncEngine) -> Sessions:
+    """The read and write sessions of ``engine``."""
+    return Sessions(engine)
 
 
 def migrations_dir() -> Path:

@@ -194,15 +194,19 @@ class AdminKey(Base):
 class AuditEvent(Base):
     """One record per proxied call, refusal, token event or admin action (SPEC §6).
 
-    A forwarded call is written ``pending`` and committed before it is sent upstream, then
-    completed with its outcome; a pending event left behind marks a call whose outcome was
-    never recorded (for example a crash), never a silent gap.
+    A forwarded call is written ``pending`` and committed before it is sent upstream; its
+    outcome is a second event whose ``completes`` names the first. A pending event with no
+    completion marks a call whose outcome was never recorded (for example a crash), never a
+    silent gap. Events are never updated: each is a link of the MAC chain
+    (``broker.core.audit_chain``), and ``seq`` is assigned by the chain's writer.
     """
 
     __tablename__ = "audit_events"
     __table_args__ = (
         Index("ix_audit_events_time", "time"),
         Index("ix_audit_events_client_seq", "client_id", "seq"),
+        Index("ix_audit_events_completes", "completes"),
+        Index("ix_audit_events_mac", "mac"),
     )
 
     seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
@@ -231,6 +235,55 @@ class AuditEvent(Base):
     canvas_context_id: Mapped[str | None] = mapped_column(String(100))
     details: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     completed_at: Mapped[datetime | None]
+    # The pending event this one completes (completion events only).
+    completes: Mapped[int | None] = mapped_column(BigInteger)
+    # The chain: predecessor's MAC, this event's MAC, and the keyring id of the MAC key.
+    prev_mac: Mapped[str | None] = mapped_column(String(64))
+    mac: Mapped[str | None] = mapped_column(String(64))
+    mac_key: Mapped[str | None] = mapped_column(String(40))
+
+
+class AuditHead(Base):
+    """The one row recording the newest event of the audit chain, signed (SPEC §6).
+
+    Writers lock it to append, so every process extends one chain; its MAC makes events cut
+    off the end of the log show up in verification.
+    """
+
+    __tablename__ = "audit_head"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    last_seq: Mapped[int] = mapped_column(BigInteger)
+    last_mac: Mapped[str] = mapped_column(String(64))
+    mac_key: Mapped[str | None] = mapped_column(String(40))
+    mac: Mapped[str | None] = mapped_column(String(64))
+
+
+class AuditCheckpoint(Base):
+    """Signed stand-in for audit events removed by retention (``broker audit prune``)."""
+
+    __tablename__ = "audit_checkpoints"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    through_seq: Mapped[int] = mapped_column(BigInteger)
+    through_mac: Mapped[str] = mapped_column(String(64))
+    events_pruned: Mapped[int] = mapped_column(BigInteger)
+    incomplete_pruned: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime]
+    mac_key: Mapped[str] = mapped_column(String(40))
+    mac: Mapped[str] = mapped_column(String(64))
+
+
+class RevocationEpoch(Base):
+    """A counter bumped by every change that can make a cached proxy token unusable.
+
+    Replicas poll it to drop their token caches (SPEC §7: revocation within 1 s everywhere).
+    """
+
+    __tablename__ = "revocation_epoch"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    epoch: Mapped[int] = mapped_column(BigInteger)
 
 
 class UsedAssertion(Base):

@@ -7,7 +7,8 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from sqlalchemy import Select, select
+from sqlalchemy import ColumnElement, Select, func, select
+from sqlalchemy.orm import aliased
 
 from broker.errors import BadRequestError, NotFoundError
 from broker.storage.models import (
@@ -74,9 +75,17 @@ async def find_admin_key(session: AsyncSession, hashes: Sequence[str]) -> AdminK
     return await session.scalar(select(AdminKey).where(AdminKey.key_hash.in_(list(hashes))))
 
 
+# The event a completion event completes; reviewing merges the two into one call.
+Completion = aliased(AuditEvent, name="completion")
+
+
 @dataclass(frozen=True)
 class AuditFilter:
-    """Selection of audit events for review and export (SPEC §6)."""
+    """Selection of audit events for review and export (SPEC §6).
+
+    Conditions on the outcome (``status``, ``state``, ``reason``) look at the completion of a
+    pending event when there is one.
+    """
 
     since: datetime | None = None
     until: datetime | None = None
@@ -85,35 +94,53 @@ class AuditFilter:
     credential_id: str | None = None
     upstream: str | None = None
     kind: str | None = None
+    action: str | None = None
     decision: str | None = None
+    reason: str | None = None
     status: int | None = None
     method: str | None = None
     path_prefix: str | None = None
     state: str | None = None
+    request_id: str | None = None
+    actor_key_id: str | None = None
+    query_contains: str | None = None
 
-    def apply(self, query: Select[Any]) -> Select[Any]:
-        """Add this filter's conditions to ``query``."""
-        conditions = []
+    def apply(self, query: Select[Any, Any]) -> Select[Any, Any]:
+        """Add this filter's conditions to ``query`` (which joins ``Completion``)."""
+        conditions: list[ColumnElement[bool]] = []
         if self.since is not None:
             conditions.append(AuditEvent.time >= self.since)
         if self.until is not None:
             conditions.append(AuditEvent.time < self.until)
-        equal = {
+        equal: dict[Any, object] = {
             AuditEvent.client_id: self.client_id,
             AuditEvent.token_id: self.token_id,
             AuditEvent.credential_id: self.credential_id,
             AuditEvent.upstream: self.upstream,
             AuditEvent.kind: self.kind,
+            AuditEvent.action: self.action,
             AuditEvent.decision: self.decision,
-            AuditEvent.status: self.status,
             AuditEvent.method: self.method,
-            AuditEvent.state: self.state,
+            AuditEvent.request_id: self.request_id,
+            AuditEvent.actor_key_id: self.actor_key_id,
+            func.coalesce(Completion.status, AuditEvent.status): self.status,
+            func.coalesce(Completion.reason, AuditEvent.reason): self.reason,
+            func.coalesce(Completion.state, AuditEvent.state): self.state,
         }
         conditions.extend(column == value for column, value in equal.items() if value is not None)
         if self.path_prefix:
-            escaped = self.path_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-            conditions.append(AuditEvent.path.like(f"{escaped}%", escape="\\"))
+            conditions.append(
+                AuditEvent.path.like(f"{_like_escaped(self.path_prefix)}%", escape="\\")
+            )
+        if self.query_contains:
+            conditions.append(
+                AuditEvent.query.like(f"%{_like_escaped(self.query_contains)}%", escape="\\")
+            )
         return query.where(*conditions)
+
+
+def _like_escaped(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 def encode_cursor(seq: int) -> str:
@@ -136,16 +163,50 @@ def decode_cursor(cursor: str) -> int:
 
 async def audit_page(
     session: AsyncSession, selection: AuditFilter, *, before: int | None, limit: int
-) -> tuple[list[AuditEvent], int | None]:
-    """Newest-first page of events with ``seq < before``.
+) -> tuple[list[tuple[AuditEvent, AuditEvent | None]], int | None]:
+    """Newest-first page of events with ``seq < before``, each with its completion if any.
 
     The cursor stays stable as events arrive: it names a position in the append-only
-    sequence, not an offset.
+    sequence, not an offset. Completion events are shown only through what they complete.
     """
-    query = selection.apply(select(AuditEvent))
+    query = selection.apply(
+        select(AuditEvent, Completion)
+        .outerjoin(Completion, Completion.completes == AuditEvent.seq)
+        .where(AuditEvent.completes.is_(None))
+    )
     if before is not None:
         query = query.where(AuditEvent.seq < before)
-    rows = list(await session.scalars(query.order_by(AuditEvent.seq.desc()).limit(limit + 1)))
+    result = await session.execute(query.order_by(AuditEvent.seq.desc()).limit(limit + 1))
+    rows = [(row[0], row[1]) for row in result]
     if len(rows) > limit:
-        return rows[:limit], rows[limit - 1].seq
+        return rows[:limit], rows[limit - 1][0].seq
     return rows, None
+
+
+_OUTCOME = (
+    "reason",
+    "status",
+    "upstream_status",
+    "response_bytes",
+    "duration_ms",
+    "canvas_context_id",
+)
+
+
+def merged_event(begin: AuditEvent, done: AuditEvent | None) -> dict[str, Any]:
+    """One call as the review API shows it: the event, with its completion's outcome."""
+    fields = {
+        column.key: getattr(begin, column.key) for column in AuditEvent.__mapper__.column_attrs
+    }
+    for chain_column in ("prev_mac", "mac", "mac_key", "completes"):
+        fields.pop(chain_column)
+    fields["completion_seq"] = None
+    if done is not None:
+        for name in _OUTCOME:
+            value = getattr(done, name)
+            if value is not None:
+                fields[name] = value
+        fields["state"] = done.state
+        fields["completed_at"] = done.completed_at
+        fields["completion_seq"] = done.seq
+    return fields

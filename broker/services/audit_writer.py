@@ -1,0 +1,225 @@
+"""Group commit of audit events: one writer thread per process (SPEC §6).
+
+A request hands its event to the writer and, when the broker must not act before the event is
+durable (the pending event of a call about to be forwarded, a refusal about to be answered),
+waits for the event's ``seq``. The writer commits everything queued since its last commit in
+one transaction — one fsync for many requests — chaining the events (``storage.audit_chain``).
+So each request still waits for its own event to be durable, but requests share commits.
+
+Completions of forwarded calls are not waited for: they ride along with the next commit that
+someone waits for, or go on their own after ``completion_delay`` seconds. A crash in between
+leaves the pending event without completion: visible as incomplete, never a silent gap.
+
+Why a thread: the driver's blocking work (SQLite's fsync, PostgreSQL's commit round trip) runs
+there with the GIL released, and the event loop only appends to a queue and, once per batch,
+resolves futures. Several processes sharing one SQLite file take a lock file (``flock``)
+around each transaction, so their writers queue in the kernel and wake the moment the lock is
+free, rather than polling in SQLite's sleeping busy handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from broker.storage.audit_chain import ChainKey, append
+from broker.storage.database import create_sync_engine, sqlite_path
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+    from sqlalchemy import Engine
+
+    from broker.keyring import Keyring
+
+logger = logging.getLogger(__name__)
+
+Event = dict[str, Any]
+
+
+class AuditWriteError(Exception):
+    """An audit event could not be committed."""
+
+
+@dataclass
+class _Item:
+    """A queued event (None for a flush marker) and who waits for it, if anyone."""
+
+    event: Event | None
+    future: asyncio.Future[int] | None
+    # What to record if the waiter went away before its pending event was committed.
+    abandoned: Callable[[int], Event] | None = None
+
+
+class AuditWriter:
+    """Appends audit events to the chain in batches, from one thread."""
+
+    def __init__(
+        self,
+        database_url: str,
+        keyring: Keyring,
+        *,
+        completion_delay: float = 0.02,
+        max_batch: int = 1000,
+        observe: Callable[[float, int], None] | None = None,
+    ) -> None:
+        self._url = database_url
+        self._key = ChainKey(keyring.primary_id, keyring.audit_chain_keys()[keyring.primary_id])
+        self._completion_delay = completion_delay
+        self._max_batch = max_batch
+        self.observe = observe
+        self._queue: deque[_Item] = deque()
+        self._waited = 0  # queued items someone is waiting for
+        self._cond = threading.Condition(threading.Lock())
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self._engine: Engine | None = None
+        self._lock_file: int | None = None
+
+    # Event-loop side ------------------------------------------------------------------------
+
+    async def write(self, event: Event, *, abandoned: Callable[[int], Event] | None = None) -> int:
+        """Commit ``event`` and return its seq; raise ``AuditWriteError`` if it cannot be.
+
+        ``abandoned(seq)`` is written in turn if the caller is cancelled while waiting and the
+        event was committed anyway, so the log says why the call went no further.
+        """
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._put(_Item(event, future, abandoned))
+        return await future
+
+    def write_later(self, event: Event) -> None:
+        """Queue ``event`` for the next commit; nobody waits for it."""
+        self._put(_Item(event, None))
+
+    async def flush(self) -> None:
+        """Wait until everything queued before this call is committed (or has failed)."""
+        if self._thread is None:
+            return
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._put(_Item(None, future))
+        with contextlib.suppress(AuditWriteError):
+            await future
+
+    async def aclose(self) -> None:
+        """Commit what is queued and stop the thread."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+        if self._engine is not None:
+            self._engine.dispose()
+            self._engine = None
+        if self._lock_file is not None:
+            os.close(self._lock_file)
+            self._lock_file = None
+
+    def _put(self, item: _Item) -> None:
+        with self._cond:
+            if self._closing:
+                raise AuditWriteError("the audit writer is closed")
+            if self._thread is None:
+                self._start()
+            self._queue.append(item)
+            if item.future is not None:
+                self._waited += 1
+            self._cond.notify()
+
+    def _start(self) -> None:
+        self._engine = create_sync_engine(self._url, write=True)
+        path = sqlite_path(self._url)
+        if path is not None:
+            lock_path = path.with_name(path.name + ".audit-lock")
+            self._lock_file = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
+        self._thread.start()
+
+    # Writer thread --------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closing:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                if not self._waited and not self._closing:
+                    # Only completions: let a request someone waits for carry them.
+                    self._cond.wait_for(
+                        lambda: self._waited > 0 or self._closing, self._completion_delay
+                    )
+                count = min(len(self._queue), self._max_batch)
+                batch = [self._queue.popleft() for _ in range(count)]
+                self._waited -= sum(1 for item in batch if item.future is not None)
+            self._resolve(batch, self._commit(batch))
+
+    def _commit(self, batch: list[_Item]) -> list[int | BaseException]:
+        """Commit the batch's events in one transaction; per event, its seq or the error."""
+        events = [item.event for item in batch if item.event is not None]
+        if not events:
+            return [0] * len(batch)
+        started = time.perf_counter()
+        try:
+            seqs = iter(self._append(events))
+        except Exception as exc:  # noqa: BLE001 - any failure means "not durable"
+            if len(events) == 1:
+                logger.error("audit store unavailable: %s", type(exc).__name__)  # noqa: TRY400
+                return [exc if item.event is not None else 0 for item in batch]
+            # One bad event must not sink the others: commit them one by one.
+            return [self._commit([item])[0] for item in batch]
+        if self.observe is not None:
+            self.observe(time.perf_counter() - started, len(events))
+        return [next(seqs) if item.event is not None else 0 for item in batch]
+
+    def _append(self, events: list[Event]) -> list[int]:
+        engine = self._engine
+        if engine is None:  # pragma: no cover - started before the first put
+            raise AuditWriteError("the audit writer is not running")
+        with self._locked(), engine.begin() as connection:
+            return append(connection, self._key, events)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        if self._lock_file is None:
+            yield
+            return
+        fcntl.flock(self._lock_file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+
+    def _resolve(self, batch: list[_Item], results: list[int | BaseException]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Item, int | BaseException]]] = {}
+        for item, result in zip(batch, results, strict=True):
+            if item.future is not None:
+                by_loop.setdefault(item.future.get_loop(), []).append((item, result))
+        for loop, outcomes in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting
+                loop.call_soon_threadsafe(self._settle, outcomes)
+
+    def _settle(self, outcomes: list[tuple[_Item, int | BaseException]]) -> None:
+        """On the event loop: hand each waiter its seq or the failure."""
+        for item, result in outcomes:
+            future = item.future
+            if future is None:  # pragma: no cover - only waited items are settled
+                continue
+            if future.done():
+                if isinstance(result, int) and item.abandoned is not None:
+                    with contextlib.suppress(AuditWriteError):
+                        self.write_later(item.abandoned(result))
+                continue
+            if isinstance(result, BaseException):
+                future.set_exception(AuditWriteError("the audit event could not be committed"))
+            else:
+                future.set_result(result)

@@ -1,0 +1,119 @@
+"""Revocation reaching cached proxy tokens (SPEC §7): immediate here, within 1 s elsewhere.
+
+The proxy resolves bearer tokens from an in-process cache instead of a database round trip
+per call. Every change that can make a cached token unusable (revoking tokens, disabling or
+changing a client, credential or upstream) bumps the ``revocation_epoch`` counter in its own
+transaction, and a cached token is used only while the *epoch value* it was cached under is
+still current:
+
+- the process that made the change replaces the value right after its commit;
+- worker processes of one ``broker serve`` share the value through a small memory-mapped file,
+  so they see the change on their very next request (a memory read per call, no syscall);
+- every process polls the database counter every ``POLL_INTERVAL`` and replaces the value
+  when the counter moves, so other replicas follow within a second;
+- if polling has not succeeded for ``STALE_AFTER``, the cache is not used at all: a process
+  that cannot hear about revocations resolves every token from the database (and fails
+  closed with it).
+
+Values are random, never reused, so a cache entry can never become valid again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import mmap
+import os
+import secrets
+import time
+from typing import TYPE_CHECKING
+
+from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
+
+from broker.storage.models import RevocationEpoch
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+logger = logging.getLogger(__name__)
+
+POLL_INTERVAL = 0.25
+STALE_AFTER = 0.9
+_SIZE = 8
+
+
+class CacheEpoch:
+    """The current epoch value, shared with sibling processes through ``shared_file``."""
+
+    def __init__(self, shared_file: Path | None = None) -> None:
+        self._map: mmap.mmap | None = None
+        self._local = secrets.token_bytes(_SIZE)
+        if shared_file is not None:
+            fd = os.open(shared_file, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                if os.fstat(fd).st_size < _SIZE:
+                    os.ftruncate(fd, _SIZE)
+                self._map = mmap.mmap(fd, _SIZE)
+            finally:
+                os.close(fd)
+        self._fresh_until = 0.0
+        self._seen: int | None = None
+        self._poller: asyncio.Task[None] | None = None
+        self._stopping: asyncio.Event | None = None
+
+    def current(self) -> bytes | None:
+        """The value cache entries must carry to be used, or None while polling is stale."""
+        if time.monotonic() > self._fresh_until:
+            return None
+        return self._map[:_SIZE] if self._map is not None else self._local
+
+    def bump(self) -> None:
+        """Make every cached token of this host stale (call after a revoking commit)."""
+        value = secrets.token_bytes(_SIZE)
+        if self._map is not None:
+            self._map[:_SIZE] = value
+        else:
+            self._local = value
+
+    def start(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+        """Start polling the database counter on the running loop, if not yet polling."""
+        if self._poller is None or self._poller.done():
+            self._stopping = asyncio.Event()
+            self._poller = asyncio.get_running_loop().create_task(
+                self._poll(sessions, self._stopping), name="revocation-epoch-poller"
+            )
+
+    async def _poll(
+        self, sessions: async_sessionmaker[AsyncSession], stopping: asyncio.Event
+    ) -> None:
+        while not stopping.is_set():
+            started = time.monotonic()
+            try:
+                async with sessions() as session:
+                    counter = await session.scalar(
+                        select(RevocationEpoch.epoch).where(RevocationEpoch.id == 1)
+                    )
+            except (SQLAlchemyError, OSError):
+                logger.warning("cannot read the revocation epoch; token cache off until it can")
+            else:
+                if counter != self._seen:
+                    if self._seen is not None:
+                        self.bump()
+                    self._seen = counter
+                self._fresh_until = started + STALE_AFTER
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), POLL_INTERVAL)
+
+    async def aclose(self) -> None:
+        """Stop polling (letting a read in progress finish) and release the shared file."""
+        if self._poller is not None and self._stopping is not None:
+            self._stopping.set()
+            await self._poller
+            self._poller = None
+        if self._map is not None:
+            self._map.close()
+            self._map = None

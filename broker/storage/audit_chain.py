@@ -1,0 +1,272 @@
+"""The audit chain in the database: append, read back, seal, prune. Never commits.
+
+Every function takes a synchronous ``Connection`` so one implementation serves the
+group-commit writer thread, management and token transactions (through
+``AsyncSession.run_sync``) and the verifier. Appending locks the single ``audit_head`` row
+(``SELECT … FOR UPDATE`` on PostgreSQL; on SQLite the caller's ``BEGIN IMMEDIATE`` already
+holds the database's write lock), so every process extends one chain and ``seq`` follows the
+order in which events were chained.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Final, cast
+
+from sqlalchemy import delete, exists, func, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from broker.core.audit_chain import (
+    CHAINED_FIELDS,
+    GENESIS,
+    Checkpoint,
+    Head,
+    Link,
+    canonical,
+    checkpoint_mac,
+    event_mac,
+    head_mac,
+)
+from broker.storage.models import AuditCheckpoint, AuditEvent, AuditHead, utcnow
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Mapping, Sequence
+    from datetime import datetime
+
+    from sqlalchemy import Connection, Row, Table
+
+EVENTS: Final = cast("Table", AuditEvent.__table__)
+HEAD: Final = cast("Table", AuditHead.__table__)
+CHECKPOINTS: Final = cast("Table", AuditCheckpoint.__table__)
+HEAD_ID: Final = 1
+PENDING: Final = "pending"
+_ALLOWED: Final = frozenset(CHAINED_FIELDS)
+_READ_CHUNK: Final = 2000
+
+
+class UnsealedLogError(Exception):
+    """Events written before the chain existed are still unsigned: run ``broker init``."""
+
+
+@dataclass(frozen=True)
+class ChainKey:
+    """The key that signs new links: its keyring id and the audit-chain subkey."""
+
+    key_id: str
+    key: bytes
+
+
+def _head_from(row: Row[Any]) -> Head:
+    return Head(last_seq=row.last_seq, last_mac=row.last_mac, mac_key=row.mac_key, mac=row.mac)
+
+
+def read_head(connection: Connection) -> Head | None:
+    """The head record as stored, without locking it."""
+    row = connection.execute(select(HEAD).where(HEAD.c.id == HEAD_ID)).one_or_none()
+    return None if row is None else _head_from(row)
+
+
+def lock_head(connection: Connection) -> Head:
+    """Lock the head for this transaction; create the genesis head for an empty log."""
+    locked = select(HEAD).where(HEAD.c.id == HEAD_ID).with_for_update()
+    row = connection.execute(locked).one_or_none()
+    if row is None:
+        if connection.execute(select(EVENTS.c.seq).limit(1)).first() is not None:
+            raise UnsealedLogError(
+                "the audit log holds events written before the audit chain existed; "
+                "run `broker init` to seal them"
+            )
+        dialect_insert = sqlite.insert if connection.dialect.name == "sqlite" else postgresql.insert
+        connection.execute(
+            dialect_insert(HEAD)
+            .values(id=HEAD_ID, last_seq=0, last_mac=GENESIS, mac_key=None, mac=None)
+            .on_conflict_do_nothing()
+        )
+        row = connection.execute(locked).one()
+    return _head_from(row)
+
+
+def _set_head(connection: Connection, key: ChainKey, last_seq: int, last_mac: str) -> None:
+    connection.execute(
+        update(HEAD)
+        .where(HEAD.c.id == HEAD_ID)
+        .values(
+            last_seq=last_seq,
+            last_mac=last_mac,
+            mac_key=key.key_id,
+            mac=head_mac(key.key, last_seq, last_mac),
+        )
+    )
+
+
+def append(connection: Connection, key: ChainKey, events: Sequence[Mapping[str, Any]]) -> list[int]:
+    """Chain ``events`` after the current head, in order; return their seqs.
+
+    Each event maps column names to values; a name that is not a chained column is a bug and
+    raises ``ValueError`` before anything is written.
+    """
+    for event in events:
+        unknown = set(event) - _ALLOWED
+        if unknown:
+            raise ValueError(f"not audit event fields: {sorted(unknown)}")
+    head = lock_head(connection)
+    seq, prev = head.last_seq, head.last_mac
+    rows = []
+    for event in events:
+        seq += 1
+        mac = event_mac(key.key, prev, canonical(event))
+        row = {name: event.get(name) for name in CHAINED_FIELDS}
+        row.update(seq=seq, prev_mac=prev, mac=mac, mac_key=key.key_id)
+        rows.append(row)
+        prev = mac
+    if rows:
+        connection.execute(insert(EVENTS), rows)
+        _set_head(connection, key, seq, prev)
+    return list(range(head.last_seq + 1, seq + 1))
+
+
+def seal_unchained(connection: Connection, key: ChainKey) -> int:
+    """Sign events written before the chain existed, in seq order; return how many.
+
+    Only possible while there is no head: once the chain exists, an unsigned event is
+    tampering, and verification reports it.
+    """
+    if read_head(connection) is not None:
+        return 0
+    seq, prev = 0, GENESIS
+    sealed = 0
+    for row in _rows_after(connection, 0, None):
+        mac = event_mac(key.key, prev, canonical(row._mapping))  # noqa: SLF001 - public Row API
+        connection.execute(
+            update(EVENTS)
+            .where(EVENTS.c.seq == row.seq)
+            .values(prev_mac=prev, mac=mac, mac_key=key.key_id)
+        )
+        seq, prev = row.seq, mac
+        sealed += 1
+    connection.execute(insert(HEAD).values(id=HEAD_ID, last_seq=seq, last_mac=prev))
+    if sealed:
+        _set_head(connection, key, seq, prev)
+    return sealed
+
+
+def _rows_after(connection: Connection, after: int, through: int | None) -> Iterator[Row[Any]]:
+    """Events with ``after < seq <= through``, in seq order, read in bounded chunks."""
+    last = after
+    while True:
+        query = select(EVENTS).where(EVENTS.c.seq > last).order_by(EVENTS.c.seq).limit(_READ_CHUNK)
+        if through is not None:
+            query = query.where(EVENTS.c.seq <= through)
+        rows = connection.execute(query).all()
+        yield from rows
+        if len(rows) < _READ_CHUNK:
+            return
+        last = rows[-1].seq
+
+
+def read_links(connection: Connection, after: int, through: int) -> Iterator[Link]:
+    """The stored links with ``after < seq <= through``, in seq order."""
+    for row in _rows_after(connection, after, through):
+        yield Link(
+            seq=row.seq,
+            prev_mac=row.prev_mac,
+            mac=row.mac,
+            mac_key=row.mac_key,
+            content=canonical(row._mapping),  # noqa: SLF001 - public Row API
+        )
+
+
+def locate(connection: Connection, mac: str) -> int | None:
+    """The seq of the event whose MAC is ``mac``, if it is in the log."""
+    seq = connection.execute(select(EVENTS.c.seq).where(EVENTS.c.mac == mac).limit(1)).scalar()
+    return None if seq is None else int(seq)
+
+
+def max_seq(connection: Connection) -> int:
+    """The highest seq in the log (0 when empty)."""
+    return int(connection.execute(select(func.coalesce(func.max(EVENTS.c.seq), 0))).scalar_one())
+
+
+def checkpoints(connection: Connection) -> list[Checkpoint]:
+    """Retention checkpoints, newest (highest ``through_seq``) first."""
+    rows = connection.execute(select(CHECKPOINTS).order_by(CHECKPOINTS.c.through_seq.desc()))
+    return [
+        Checkpoint(
+            through_seq=row.through_seq,
+            through_mac=row.through_mac,
+            events_pruned=row.events_pruned,
+            incomplete_pruned=row.incomplete_pruned,
+            created_at=row.created_at,
+            mac_key=row.mac_key,
+            mac=row.mac,
+        )
+        for row in rows
+    ]
+
+
+def _incomplete_condition(after: int, through: int) -> Any:  # noqa: ANN401 - SQL expression
+    completion = EVENTS.alias("completion")
+    return (
+        (EVENTS.c.state == PENDING)
+        & (EVENTS.c.seq > after)
+        & (EVENTS.c.seq <= through)
+        & ~exists().where(completion.c.completes == EVENTS.c.seq)
+    )
+
+
+def incomplete(
+    connection: Connection, after: int, through: int, sample: int = 10
+) -> tuple[int, list[int]]:
+    """Pending events in ``(after, through]`` with no completion: how many, and the oldest."""
+    condition = _incomplete_condition(after, through)
+    count = connection.execute(
+        select(func.count()).select_from(EVENTS).where(condition)
+    ).scalar_one()
+    seqs = connection.execute(
+        select(EVENTS.c.seq).where(condition).order_by(EVENTS.c.seq).limit(sample)
+    ).scalars()
+    return count, list(seqs)
+
+
+def prune_through(connection: Connection, before: datetime, after: int) -> int:
+    """The highest seq that retention may remove for ``before``: every event up to it is older.
+
+    Returns ``after`` (the current anchor) when nothing is old enough.
+    """
+    newer = connection.execute(
+        select(func.min(EVENTS.c.seq)).where(EVENTS.c.time >= before, EVENTS.c.seq > after)
+    ).scalar()
+    if newer is None:
+        head = read_head(connection)
+        return head.last_seq if head is not None else after
+    return max(after, int(newer) - 1)
+
+
+def prune(connection: Connection, key: ChainKey, through: int, through_mac: str) -> Checkpoint:
+    """Delete events up to ``through`` and record a signed checkpoint standing in for them."""
+    count = connection.execute(
+        select(func.count()).select_from(EVENTS).where(EVENTS.c.seq <= through)
+    ).scalar_one()
+    pending, _ = incomplete(connection, 0, through, sample=0)
+    checkpoint = Checkpoint(
+        through_seq=through,
+        through_mac=through_mac,
+        events_pruned=count,
+        incomplete_pruned=pending,
+        created_at=utcnow(),
+        mac_key=key.key_id,
+    )
+    signed = replace(checkpoint, mac=checkpoint_mac(key.key, checkpoint))
+    connection.execute(delete(EVENTS).where(EVENTS.c.seq <= through))
+    connection.execute(
+        insert(CHECKPOINTS).values(
+            through_seq=signed.through_seq,
+            through_mac=signed.through_mac,
+            events_pruned=signed.events_pruned,
+            incomplete_pruned=signed.incomplete_pruned,
+            created_at=signed.created_at,
+            mac_key=signed.mac_key,
+            mac=signed.mac,
+        )
+    )
+    return signed
