@@ -31,7 +31,8 @@ from broker.storage.models import ProxyToken, utcnow
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
-    from starlette.types import ASGIApp, Message, Receive, Scope, Send
+    from starlette.datastructures import State
+    from starlette.types import Message, Receive, Scope, Send
 
 logger = logging.getLogger(__name__)
 
@@ -39,43 +40,53 @@ BROKER_PREFIX = "/broker/"
 OPS_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
-class Dispatch:
-    """Pure ASGI middleware: Canvas paths go straight to the proxy, the rest to FastAPI.
+class BrokerApp:
+    """The ASGI application: Canvas paths go straight to the proxy, the rest to FastAPI.
 
     Every non-broker path reaches the proxy, which refuses what no scope names (SPEC §5
-    rule 2), so unknown paths are audited refusals rather than anonymous 404s.
+    rule 2), so unknown paths are audited refusals rather than anonymous 404s. The proxy sits
+    in front of FastAPI rather than inside it: the hot path skips FastAPI's middleware stack
+    (error handling, body limits, telemetry), and the proxy answers its own errors.
     """
 
-    def __init__(self, app: ASGIApp, fastapi_app: FastAPI) -> None:
-        self._app = app
-        self._fastapi = fastapi_app
+    def __init__(self, api: FastAPI) -> None:
+        self.api = api
+
+    @property
+    def state(self) -> State:
+        """The FastAPI application's state (context, services, proxy)."""
+        return self.api.state
+
+    def openapi(self) -> dict[str, Any]:
+        """The management API's OpenAPI schema."""
+        return self.api.openapi()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Route one ASGI event."""
-        if scope["type"] != "http":
-            await self._app(scope, receive, send)
-            return
-        path: str = scope["path"]
-        if not path.startswith(BROKER_PREFIX) and path not in OPS_PATHS:
-            proxy: ProxyApp = self._fastapi.state.proxy
-            await proxy(scope, receive, send)
-            return
-        request_id = new_request_id()
+        if scope["type"] == "http":
+            path: str = scope["path"]
+            if not path.startswith(BROKER_PREFIX) and path not in OPS_PATHS:
+                proxy: ProxyApp = self.api.state.proxy
+                await proxy(scope, receive, send)
+                return
+            request_id = new_request_id()
 
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [
-                    *message.get("headers", []),
-                    (b"x-request-id", request_id.encode()),
-                ]
-            await send(message)
+            async def send_with_id(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    message["headers"] = [
+                        *message.get("headers", []),
+                        (b"x-request-id", request_id.encode()),
+                    ]
+                await send(message)
 
-        await self._app(scope, receive, send_with_id)
+            await self.api(scope, receive, send_with_id)
+            return
+        await self.api(scope, receive, send)
 
 
 def create_app(
     settings: Settings | None = None, *, context: ProcessContext | None = None
-) -> FastAPI:
+) -> BrokerApp:
     """Build the application. Nothing happens at import time; resources open in the lifespan.
 
     Pass ``context`` to share one already built (tests, the demo); otherwise it is built from
@@ -106,10 +117,9 @@ def create_app(
     app.include_router(management.router)
     _add_ops_routes(app)
     _add_error_handlers(app)
-    app.add_middleware(Dispatch, fastapi_app=app)
     if context is not None:
         install(app, context)
-    return app
+    return BrokerApp(app)
 
 
 def install(app: FastAPI, context: ProcessContext) -> None:

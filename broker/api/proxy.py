@@ -30,7 +30,7 @@ from broker.core.scopes import Scope as ScopeString
 from broker.errors import AuditUnavailableError
 from broker.requestid import new_request_id
 from broker.services.ratelimit import RateLimitService, RateLimitUnavailableError
-from broker.services.tokens import Authorized, TokenRejectedError
+from broker.services.tokens import Authorized, TokenRejectedError, TokenStoreUnavailableError
 from broker.upstream import UpstreamError
 
 if TYPE_CHECKING:
@@ -51,6 +51,7 @@ PROXIED_PREFIXES = ("/api/v1/", "/api/quiz/v1/")
 REALM = 'Bearer realm="canvas-token-broker", error="invalid_token"'
 _MAX_AUDIT_PATH = 2048
 _REWRITE_LIMIT = 8 * 1024 * 1024
+_REWRITER_CACHE_SIZE = 256
 _PRINTABLE = re.compile(rb"[\x20-\x5b\x5d-\x7e]*")
 _QUERY = re.compile(rb"[\x21-\x7e]*")
 _HEADER_NAME = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -86,6 +87,7 @@ class Call:
     headers: list[tuple[bytes, bytes]]
     audit: dict[str, Any] = field(default_factory=dict)
     authorized: Authorized | None = None
+    responded: bool = False
 
     def header(self, name: bytes) -> bytes | None:
         """First value of header ``name`` (lower case)."""
@@ -116,6 +118,7 @@ class ProxyApp:
         self.rate_limits = RateLimitService(context.sessions)
         self._max_body = context.settings.max_body_bytes
         self._sensitive = context.settings.sensitive_query_keys
+        self._rewriters: dict[tuple[str, str], Rewriter] = {}
 
     async def _commit_audit(self, write: Awaitable[T]) -> T:
         """Await an audit commit, measuring it; failures are counted and re-raised."""
@@ -139,6 +142,18 @@ class ProxyApp:
             query=scope.get("query_string", b""),
             headers=list(scope["headers"]),
         )
+        try:
+            await self._handle(call, scope, receive, send)
+        except Exception:
+            # A bug, not a refusal: answer if nothing was sent yet; the request id ties the
+            # log line (no request data in it) to the audit event.
+            logger.exception("the proxy failed on request %s", call.request_id)
+            if not call.responded:
+                await _send_error(
+                    send, call, 500, "internal_error", "the broker failed to handle this call"
+                )
+
+    async def _handle(self, call: Call, scope: Scope, receive: Receive, send: Send) -> None:
         call.audit = self._audit_base(call, scope)
         try:
             body = await self._admit(call, receive)
@@ -154,7 +169,12 @@ class ProxyApp:
 
     def _audit_base(self, call: Call, scope: Scope) -> dict[str, Any]:
         peer = scope.get("client")
-        forwarded = [v.decode("latin-1") for k, v in call.headers if k == b"x-forwarded-for"]
+        trusted = self._context.settings.trusted_networks
+        forwarded = (
+            [v.decode("latin-1") for k, v in call.headers if k == b"x-forwarded-for"]
+            if trusted
+            else []
+        )
         user_agent = call.header(b"user-agent")
         return {
             "request_id": call.request_id,
@@ -167,10 +187,9 @@ class ProxyApp:
                     call.query, self._context.keyring.audit_hmac, self._sensitive
                 ).encode()
             )
-            or None,
-            "source_ip": client_address(
-                peer[0] if peer else None, forwarded, self._context.settings.trusted_networks
-            ),
+            if call.query
+            else None,
+            "source_ip": client_address(peer[0] if peer else None, forwarded, trusted),
             "user_agent": _escaped(user_agent)[:500] if user_agent else None,
         }
 
@@ -249,6 +268,8 @@ class ProxyApp:
             raise Refusal(401, "malformed_token", "send exactly one Authorization: Bearer header")
         try:
             authorized = await self._tokens.resolve(token.strip())
+        except TokenStoreUnavailableError as exc:
+            raise Refusal(exc.status, exc.error, exc.message) from exc
         except TokenRejectedError as exc:
             if exc.record is not None:
                 call.audit.update(
@@ -363,9 +384,8 @@ class ProxyApp:
         send: Send,
     ) -> dict[str, Any]:
         """Send the upstream response on, rewriting only URLs that point back at Canvas."""
-        rewriter = Rewriter(
-            upstream_origin=call.authorized.upstream_url if call.authorized else "",
-            public_base=self._public_base(scope, call),
+        rewriter = self._rewriter(
+            call.authorized.upstream_url if call.authorized else "", self._public_base(scope, call)
         )
         headers: list[tuple[bytes, bytes]] = []
         for name, value in rules.forward_response_headers(response.headers):
@@ -394,12 +414,14 @@ class ProxyApp:
                 payload = rewritten
                 headers = [(k, v) for k, v in headers if k != b"content-length"]
                 headers.append((b"content-length", str(len(payload)).encode()))
+            call.responded = True
             await send(
                 {"type": "http.response.start", "status": response.status, "headers": headers}
             )
             await send({"type": "http.response.body", "body": payload})
             sent = len(payload)
         else:
+            call.responded = True
             await send(
                 {"type": "http.response.start", "status": response.status, "headers": headers}
             )
@@ -412,6 +434,17 @@ class ProxyApp:
                 return {"status": response.status, "bytes": sent, "reason": "upstream_body_failed"}
             await send({"type": "http.response.body", "body": b""})
         return {"status": response.status, "bytes": sent}
+
+    def _rewriter(self, upstream_origin: str, public_base: str) -> Rewriter:
+        """The rewriter for this pair of origins, built once (they are few)."""
+        key = (upstream_origin, public_base)
+        rewriter = self._rewriters.get(key)
+        if rewriter is None:
+            rewriter = Rewriter(upstream_origin=upstream_origin, public_base=public_base)
+            if len(self._rewriters) >= _REWRITER_CACHE_SIZE:
+                self._rewriters.clear()
+            self._rewriters[key] = rewriter
+        return rewriter
 
     def _public_base(self, scope: Scope, call: Call) -> str:
         configured = self._context.settings.public_base
@@ -537,6 +570,7 @@ async def _send_error(
     ]
     if status == 401:  # noqa: PLR2004
         headers.append((b"www-authenticate", REALM.encode()))
+    call.responded = True
     message_start: Message = {"type": "http.response.start", "status": status, "headers": headers}
     await send(message_start)
     await send({"type": "http.response.body", "body": body})

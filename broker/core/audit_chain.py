@@ -65,27 +65,35 @@ CHAINED_FIELDS: Final = (
     "completes",
     "completed_at",
 )
-_FLOAT_FIELDS: Final = frozenset({"duration_ms"})
-_TIME_FIELDS: Final = frozenset({"time", "completed_at"})
+_FLOAT_FIELDS: Final = ("duration_ms",)
+_TIME_FIELDS: Final = ("time", "completed_at")
+_ENCODE: Final = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode
 
 
-def _normalised(name: str, value: Any) -> Any:  # noqa: ANN401 - a column value of any type
-    """The value as the database gives it back, so writer and verifier see the same thing."""
-    if value is None:
-        return None
-    if name in _TIME_FIELDS:
-        if not isinstance(value, datetime) or value.tzinfo is None:
-            raise TypeError(f"{name} must be an aware datetime")
-        return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    if name in _FLOAT_FIELDS:
-        return float(value)
-    return value
+def _time_text(name: str, value: object) -> str:
+    """An aware time as UTC ISO text with microseconds, the same whatever the offset."""
+    if not isinstance(value, datetime) or value.tzinfo is None:
+        raise TypeError(f"{name} must be an aware datetime")
+    if value.tzinfo is not UTC:
+        value = value.astimezone(UTC)
+    return value.isoformat(timespec="microseconds")
 
 
 def canonical(event: Mapping[Any, Any]) -> bytes:
-    """The bytes a MAC covers: every chained field, in order, as compact sorted JSON."""
-    values = [_normalised(name, event.get(name)) for name in CHAINED_FIELDS]
-    return json.dumps(values, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    """The bytes a MAC covers: every chained field, in order, as compact sorted JSON.
+
+    Values are taken as the database gives them back (times as UTC text, durations as
+    floats), so the writer and the verifier see the same thing.
+    """
+    values = {name: event.get(name) for name in CHAINED_FIELDS}
+    for name in _TIME_FIELDS:
+        if values[name] is not None:
+            values[name] = _time_text(name, values[name])
+    for name in _FLOAT_FIELDS:
+        number = values[name]
+        if number is not None:
+            values[name] = float(number)
+    return _ENCODE(list(values.values())).encode()
 
 
 def event_mac(key: bytes, prev_mac: str, content: bytes) -> str:
@@ -104,7 +112,7 @@ def checkpoint_mac(key: bytes, checkpoint: Checkpoint) -> str:
     message = (
         f"checkpoint\x00{checkpoint.through_seq}\x00{checkpoint.through_mac}\x00"
         f"{checkpoint.events_pruned}\x00{checkpoint.incomplete_pruned}\x00"
-        f"{_normalised('time', checkpoint.created_at)}"
+        f"{_time_text('created_at', checkpoint.created_at)}"
     ).encode()
     return hmac.new(key, message, hashlib.sha256).hexdigest()
 

@@ -21,6 +21,11 @@ __all__ = ["Rewriter"]
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 _ABSOLUTE: Final = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://([^/?#]*)")
 _JSON_WHITESPACE: Final = re.compile(r"[ \t\n\r]*")
+# One link-value of a Link header: separators, ``<url>``, then parameters up to the next
+# comma outside a quoted string. What follows the last one may only be separators.
+_LINK_VALUE: Final = re.compile(r'[ \t,]*<([^>]*)>(?:[^",]|"(?:[^"\\]|\\.)*")*', re.DOTALL)
+_LINK_TAIL: Final = re.compile(r"[ \t,]*")
+_AFTER_ORIGIN: Final = frozenset({"", "/", "?", "#"})
 _HIGH_SURROGATE: Final = range(0xD800, 0xDC00)
 _LOW_SURROGATE: Final = range(0xDC00, 0xE000)
 _UNICODE_ESCAPE_LENGTH: Final = 6
@@ -67,6 +72,7 @@ class Rewriter:
     upstream_origin: str
     public_base: str
     _upstream: Origin = field(init=False, repr=False, compare=False)
+    _prefix: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         found = _ABSOLUTE.match(self.upstream_origin)
@@ -84,6 +90,7 @@ class Rewriter:
         ):
             raise ValueError(f"public base {self.public_base!r} is not an absolute URL without '/'")
         object.__setattr__(self, "_upstream", origin)
+        object.__setattr__(self, "_prefix", self.upstream_origin.rstrip("/"))
 
     def url(self, value: str) -> str:
         """Rewrite one URL if it points at the upstream; return anything else unchanged."""
@@ -100,30 +107,18 @@ class Rewriter:
         A header that does not parse as a list of ``<url>; params`` is returned unchanged.
         """
         out: list[str] = []
-        expect_link = True
-        index = 0
-        while index < len(value):
-            char = value[index]
-            if expect_link and char == "<":
-                close = value.find(">", index)
-                if close < 0:
+        position, end = 0, len(value)
+        while position < end:
+            link = _LINK_VALUE.match(value, position)
+            if link is None:
+                if _LINK_TAIL.fullmatch(value, position) is None:
                     return value
-                out.append(f"<{self.url(value[index + 1 : close])}>")
-                index = close + 1
-                expect_link = False
-                continue
-            if expect_link and char not in " \t,":
-                return value
-            if char == '"':
-                close = _closing_quote(value, index)
-                if close < 0:
-                    return value
-                out.append(value[index : close + 1])
-                index = close + 1
-                continue
-            expect_link = expect_link or char == ","
-            out.append(char)
-            index += 1
+                out.append(value[position:])
+                break
+            out.append(value[position : link.start(1)])
+            out.append(self.url(link.group(1)))
+            out.append(value[link.end(1) : link.end()])
+            position = link.end()
         return "".join(out)
 
     def json_body(self, body: bytes) -> bytes | None:
@@ -154,6 +149,10 @@ class Rewriter:
 
     def _rest(self, value: str) -> str | None:
         """Return the part after the origin if ``value`` points at the upstream, else None."""
+        # Canvas writes its own origin as configured: settle that common case with a prefix.
+        prefix = self._prefix
+        if value.startswith(prefix) and value[len(prefix) : len(prefix) + 1] in _AFTER_ORIGIN:
+            return value[len(prefix) :]
         found = _ABSOLUTE.match(value)
         if found is None or _origin(found.group(1), found.group(2)) != self._upstream:
             return None
@@ -175,18 +174,6 @@ class Rewriter:
         if "\\/" in token[:split]:
             base = base.replace("/", "\\/")
         return start, end, '"' + base + token[split:]
-
-
-def _closing_quote(value: str, start: int) -> int:
-    index = start + 1
-    while index < len(value):
-        if value[index] == "\\":
-            index += 2
-            continue
-        if value[index] == '"':
-            return index
-        index += 1
-    return -1
 
 
 def _skip_whitespace(text: str, index: int) -> int:

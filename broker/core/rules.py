@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import unquote, unquote_plus
 
@@ -130,8 +131,9 @@ def _path_problem(raw_path: bytes) -> str | None:
 # --- Rules 3 to 5: parameters and headers ------------------------------------------------
 
 
+@lru_cache(maxsize=4096)
 def _header_key(name: bytes) -> bytes:
-    """Normalise a header name for comparison.
+    """Normalise a header name for comparison (cached: the same few names recur).
 
     Servers that pass underscores in names turn both ``X_Forwarded_Host`` and
     ``X-Forwarded-Host`` into the same Rack variable, so they compare as one.

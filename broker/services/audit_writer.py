@@ -30,13 +30,13 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from broker.storage.audit_chain import ChainKey, append
+from broker.storage.audit_chain import ChainKey, ChainStatements, append_raw, chain_statements
 from broker.storage.database import create_sync_engine, sqlite_path
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
-    from sqlalchemy import Engine
+    from sqlalchemy import Engine, PoolProxiedConnection
 
     from broker.keyring import Keyring
 
@@ -82,6 +82,9 @@ class AuditWriter:
         self._closing = False
         self._thread: threading.Thread | None = None
         self._engine: Engine | None = None
+        self._raw: PoolProxiedConnection | None = None
+        self._sqlite = False
+        self._sql: ChainStatements | None = None
         self._lock_file: int | None = None
 
     # Event-loop side ------------------------------------------------------------------------
@@ -117,6 +120,9 @@ class AuditWriter:
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
             self._thread = None
+        if self._raw is not None:
+            self._raw.close()
+            self._raw = None
         if self._engine is not None:
             self._engine.dispose()
             self._engine = None
@@ -136,7 +142,9 @@ class AuditWriter:
             self._cond.notify()
 
     def _start(self) -> None:
-        self._engine = create_sync_engine(self._url, write=True)
+        self._engine = create_sync_engine(self._url)
+        self._sqlite = self._engine.dialect.name == "sqlite"
+        self._sql = chain_statements(self._engine.dialect)
         path = sqlite_path(self._url)
         if path is not None:
             lock_path = path.with_name(path.name + ".audit-lock")
@@ -182,11 +190,30 @@ class AuditWriter:
         return [next(seqs) if item.event is not None else 0 for item in batch]
 
     def _append(self, events: list[Event]) -> list[int]:
-        engine = self._engine
-        if engine is None:  # pragma: no cover - started before the first put
+        """One transaction on the writer's own DB-API connection."""
+        engine, statements = self._engine, self._sql
+        if engine is None or statements is None:  # pragma: no cover - started on first put
             raise AuditWriteError("the audit writer is not running")
-        with self._locked(), engine.begin() as connection:
-            return append(connection, self._key, events)
+        if self._raw is None:
+            # Connected through the engine for its URL handling and connect-time settings
+            # (SQLite: WAL, full fsync, driver transaction control off).
+            self._raw = engine.raw_connection()
+        raw = self._raw
+        with self._locked():
+            try:
+                if self._sqlite:
+                    raw.cursor().execute("BEGIN IMMEDIATE")
+                seqs = append_raw(raw, statements, self._key, events)
+                raw.commit()
+            except BaseException:
+                # The connection's state is unknown: drop it, connect afresh next time.
+                with contextlib.suppress(Exception):
+                    raw.rollback()
+                with contextlib.suppress(Exception):
+                    raw.invalidate()
+                self._raw = None
+                raise
+        return seqs
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from dataclasses import dataclass
@@ -9,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import delete, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from broker.core.assertions import LEEWAY as ASSERTION_LEEWAY
 from broker.core.assertions import InvalidAssertionError, claimed_issuer, verify_assertion
@@ -22,7 +23,7 @@ from broker.core.tokens import (
     generate_secret,
     new_id,
 )
-from broker.errors import OAuthError
+from broker.errors import BrokerError, OAuthError
 from broker.keyring import DecryptionError
 from broker.services.audit import (
     AuditService,
@@ -52,10 +53,18 @@ if TYPE_CHECKING:
     from broker.core.net import IPNetwork
     from broker.keyring import Keyring
 
+logger = logging.getLogger(__name__)
 WORKER_TOKEN_PURPOSE = "worker-token"  # noqa: S105 - an encryption purpose label
 _GRANT_CACHE_SIZE = 4096
 _TOKEN_CACHE_SIZE = 65536
 _CLIENT_ID = re.compile(r"[A-Za-z0-9_]{1,40}")
+
+
+class TokenStoreUnavailableError(BrokerError):
+    """Tokens cannot be checked because the database does not answer: fail closed (503)."""
+
+    status = 503
+    error = "token_store_unavailable"
 
 
 class TokenRejectedError(Exception):
@@ -343,8 +352,14 @@ class TokenService:
 
     async def _resolve_stored(self, value: str) -> tuple[Authorized, float]:
         """Resolve against the database; also return until when the answer holds."""
-        async with self._sessions() as session:
-            record = await find_token(session, self._keyring.secret_hash_candidates(value))
+        try:
+            async with self._sessions() as session:
+                record = await find_token(session, self._keyring.secret_hash_candidates(value))
+        except (SQLAlchemyError, OSError) as exc:
+            logger.exception("token store unavailable")
+            raise TokenStoreUnavailableError(
+                "the token store is unavailable; nothing was forwarded"
+            ) from exc
         if record is None:
             raise TokenRejectedError("unknown_token", "the access token is not valid")
         now = utcnow()

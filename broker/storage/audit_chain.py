@@ -10,11 +10,12 @@ order in which events were chained.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Final, cast
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, ClassVar, Final, cast
 
 from sqlalchemy import delete, exists, func, insert, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 
 from broker.core.audit_chain import (
     CHAINED_FIELDS,
@@ -30,10 +31,9 @@ from broker.core.audit_chain import (
 from broker.storage.models import AuditCheckpoint, AuditEvent, AuditHead, utcnow
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Mapping, Sequence
-    from datetime import datetime
+    from collections.abc import Callable, Iterator, Mapping, Sequence
 
-    from sqlalchemy import Connection, Row, Table
+    from sqlalchemy import Connection, Dialect, Row, Table
 
 EVENTS: Final = cast("Table", AuditEvent.__table__)
 HEAD: Final = cast("Table", AuditHead.__table__)
@@ -66,24 +66,130 @@ def read_head(connection: Connection) -> Head | None:
     return None if row is None else _head_from(row)
 
 
+def chain_statements(dialect: Dialect) -> ChainStatements:
+    """The chain's statements for ``dialect``'s driver (for a writer's own connection)."""
+    return ChainStatements.of(dialect)
+
+
 def lock_head(connection: Connection) -> Head:
-    """Lock the head for this transaction; create the genesis head for an empty log."""
-    locked = select(HEAD).where(HEAD.c.id == HEAD_ID).with_for_update()
-    row = connection.execute(locked).one_or_none()
-    if row is None:
-        if connection.execute(select(EVENTS.c.seq).limit(1)).first() is not None:
-            raise UnsealedLogError(
-                "the audit log holds events written before the audit chain existed; "
-                "run `broker init` to seal them"
-            )
-        dialect_insert = sqlite.insert if connection.dialect.name == "sqlite" else postgresql.insert
-        connection.execute(
-            dialect_insert(HEAD)
-            .values(id=HEAD_ID, last_seq=0, last_mac=GENESIS, mac_key=None, mac=None)
-            .on_conflict_do_nothing()
+    """Lock the head for the connection's transaction; create the genesis head if none."""
+    return _lock_head(connection.connection, ChainStatements.of(connection.dialect))
+
+
+def append(connection: Connection, key: ChainKey, events: Sequence[Mapping[str, Any]]) -> list[int]:
+    """Chain ``events`` after the current head, in order, in the connection's transaction."""
+    return append_raw(connection.connection, ChainStatements.of(connection.dialect), key, events)
+
+
+class ChainStatements:
+    """The chain's statements for one driver, built once.
+
+    Appending runs on the DB-API connection directly: it is the group commit's hot loop, and
+    the same code then serves the writer thread's own connection and a management
+    transaction's (through ``append``). Values are stored exactly as the column types would
+    store them: naive UTC times (text on SQLite), JSON documents as text.
+    """
+
+    _cache: ClassVar[dict[tuple[str, str], ChainStatements]] = {}
+
+    def __init__(self, dialect: str, paramstyle: str) -> None:
+        def markers(count: int) -> str:
+            if paramstyle in {"numeric", "numeric_dollar"}:
+                sign = "$" if paramstyle == "numeric_dollar" else ":"
+                return ", ".join(f"{sign}{n}" for n in range(1, count + 1))
+            return ", ".join(["?" if paramstyle == "qmark" else "%s"] * count)
+
+        head = f"SELECT last_seq, last_mac FROM {HEAD.name} WHERE id = {HEAD_ID}"  # noqa: S608
+        self.lock_head = head + (" FOR UPDATE" if dialect == "postgresql" else "")
+        self.any_event = f"SELECT seq FROM {EVENTS.name} LIMIT 1"  # noqa: S608 - fixed names
+        self.genesis = (
+            f"INSERT INTO {HEAD.name} (id, last_seq, last_mac) "  # noqa: S608 - fixed names
+            f"VALUES ({HEAD_ID}, 0, '{GENESIS}') ON CONFLICT (id) DO NOTHING"
         )
-        row = connection.execute(locked).one()
-    return _head_from(row)
+        self.insert = (
+            f"INSERT INTO {EVENTS.name} ({', '.join(_INSERTED)}) "  # noqa: S608 - fixed names
+            f"VALUES ({markers(len(_INSERTED))})"
+        )
+        self.set_head = (
+            f"UPDATE {HEAD.name} SET (last_seq, last_mac, mac_key, mac) "  # noqa: S608
+            f"= ({markers(4)}) WHERE id = {HEAD_ID}"
+        )
+        time = _sqlite_time if dialect == "sqlite" else _naive_utc
+        converters: dict[str, Callable[[Any], Any]] = {
+            "time": time,
+            "completed_at": time,
+            "details": json.dumps,
+        }
+        # (position in CHAINED_FIELDS, converter) for the columns not stored as given.
+        self.converted = [
+            (CHAINED_FIELDS.index(name), convert) for name, convert in converters.items()
+        ]
+
+    @classmethod
+    def of(cls, dialect: Dialect) -> ChainStatements:
+        """The statements for ``dialect``'s driver."""
+        key = (dialect.name, dialect.paramstyle)
+        statements = cls._cache.get(key)
+        if statements is None:
+            statements = cls._cache[key] = cls(*key)
+        return statements
+
+
+def _lock_head(dbapi: Any, sql: ChainStatements) -> Head:  # noqa: ANN401 - a DB-API connection
+    cursor = dbapi.cursor()
+    try:
+        cursor.execute(sql.lock_head)
+        row = cursor.fetchone()
+        if row is None:
+            cursor.execute(sql.any_event)
+            if cursor.fetchone() is not None:
+                raise UnsealedLogError(
+                    "the audit log holds events written before the audit chain existed; "
+                    "run `broker init` to seal them"
+                )
+            cursor.execute(sql.genesis)
+            cursor.execute(sql.lock_head)
+            row = cursor.fetchone()
+    finally:
+        cursor.close()
+    return Head(last_seq=int(row[0]), last_mac=str(row[1]), mac_key=None, mac=None)
+
+
+def append_raw(
+    dbapi: Any,  # noqa: ANN401 - a DB-API connection inside the caller's write transaction
+    sql: ChainStatements,
+    key: ChainKey,
+    events: Sequence[Mapping[str, Any]],
+) -> list[int]:
+    """Chain ``events`` after the current head, in order; return their seqs.
+
+    Each event maps column names to values; a name that is not a chained column is a bug and
+    raises ``ValueError`` before anything is written.
+    """
+    for event in events:
+        unknown = event.keys() - _ALLOWED
+        if unknown:
+            raise ValueError(f"not audit event fields: {sorted(unknown)}")
+    head = _lock_head(dbapi, sql)
+    seq, prev = head.last_seq, head.last_mac
+    rows = []
+    for event in events:
+        seq += 1
+        mac = event_mac(key.key, prev, canonical(event))
+        values = [event.get(name) for name in CHAINED_FIELDS]
+        for index, convert in sql.converted:
+            if values[index] is not None:
+                values[index] = convert(values[index])
+        rows.append((seq, *values, prev, mac, key.key_id))
+        prev = mac
+    if rows:
+        cursor = dbapi.cursor()
+        try:
+            cursor.executemany(sql.insert, rows)
+            cursor.execute(sql.set_head, (seq, prev, key.key_id, head_mac(key.key, seq, prev)))
+        finally:
+            cursor.close()
+    return list(range(head.last_seq + 1, seq + 1))
 
 
 def _set_head(connection: Connection, key: ChainKey, last_seq: int, last_mac: str) -> None:
@@ -99,30 +205,16 @@ def _set_head(connection: Connection, key: ChainKey, last_seq: int, last_mac: st
     )
 
 
-def append(connection: Connection, key: ChainKey, events: Sequence[Mapping[str, Any]]) -> list[int]:
-    """Chain ``events`` after the current head, in order; return their seqs.
+_INSERTED: Final = ("seq", *CHAINED_FIELDS, "prev_mac", "mac", "mac_key")
 
-    Each event maps column names to values; a name that is not a chained column is a bug and
-    raises ``ValueError`` before anything is written.
-    """
-    for event in events:
-        unknown = set(event) - _ALLOWED
-        if unknown:
-            raise ValueError(f"not audit event fields: {sorted(unknown)}")
-    head = lock_head(connection)
-    seq, prev = head.last_seq, head.last_mac
-    rows = []
-    for event in events:
-        seq += 1
-        mac = event_mac(key.key, prev, canonical(event))
-        row = {name: event.get(name) for name in CHAINED_FIELDS}
-        row.update(seq=seq, prev_mac=prev, mac=mac, mac_key=key.key_id)
-        rows.append(row)
-        prev = mac
-    if rows:
-        connection.execute(insert(EVENTS), rows)
-        _set_head(connection, key, seq, prev)
-    return list(range(head.last_seq + 1, seq + 1))
+
+def _naive_utc(value: datetime) -> datetime:
+    return value.astimezone(UTC).replace(tzinfo=None)
+
+
+def _sqlite_time(value: datetime) -> str:
+    # SQLAlchemy's SQLite DATETIME storage format, which it parses back.
+    return _naive_utc(value).isoformat(sep=" ", timespec="microseconds")
 
 
 def seal_unchained(connection: Connection, key: ChainKey) -> int:

@@ -19,6 +19,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -205,8 +206,13 @@ class AuditEvent(Base):
     __table_args__ = (
         Index("ix_audit_events_time", "time"),
         Index("ix_audit_events_client_seq", "client_id", "seq"),
-        Index("ix_audit_events_completes", "completes"),
-        Index("ix_audit_events_mac", "mac"),
+        # Only completion events have ``completes``: index just those (cheaper appends).
+        Index(
+            "ix_audit_events_completes",
+            "completes",
+            sqlite_where=text("completes IS NOT NULL"),
+            postgresql_where=text("completes IS NOT NULL"),
+        ),
     )
 
     seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)

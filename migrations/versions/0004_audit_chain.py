@@ -26,8 +26,13 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("prev_mac", sa.String(length=64), nullable=True))
         batch_op.add_column(sa.Column("mac", sa.String(length=64), nullable=True))
         batch_op.add_column(sa.Column("mac_key", sa.String(length=40), nullable=True))
-        batch_op.create_index("ix_audit_events_completes", ["completes"], unique=False)
-        batch_op.create_index("ix_audit_events_mac", ["mac"], unique=False)
+        batch_op.create_index(
+            "ix_audit_events_completes",
+            ["completes"],
+            unique=False,
+            sqlite_where=sa.text("completes IS NOT NULL"),
+            postgresql_where=sa.text("completes IS NOT NULL"),
+        )
 
     op.create_table(
         "audit_head",
@@ -64,7 +69,6 @@ def downgrade() -> None:
     op.drop_table("audit_checkpoints")
     op.drop_table("audit_head")
     with op.batch_alter_table("audit_events", schema=None) as batch_op:
-        batch_op.drop_index("ix_audit_events_mac")
         batch_op.drop_index("ix_audit_events_completes")
         batch_op.drop_column("mac_key")
         batch_op.drop_column("mac")

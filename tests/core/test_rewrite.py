@@ -305,3 +305,83 @@ def test_json_body_changes_only_the_pagination_origins(
     head, meta, tail = text.partition('"meta"')
     assert result.decode().startswith(head + meta)
     assert result.decode()[len(head + meta) :] == tail.replace(upstream, public)
+
+
+def _reference_link_header(rewriter: Rewriter, value: str) -> str:
+    """The Link grammar read character by character: the oracle for the regex scanner."""
+    out: list[str] = []
+    expect_link, index = True, 0
+    while index < len(value):
+        char = value[index]
+        if expect_link and char == "<":
+            close = value.find(">", index)
+            if close < 0:
+                return value
+            out.append(f"<{rewriter.url(value[index + 1 : close])}>")
+            index, expect_link = close + 1, False
+            continue
+        if expect_link and char not in " \t,":
+            return value
+        if char == '"':
+            close = index + 1
+            while close < len(value) and value[close] != '"':
+                close += 2 if value[close] == "\\" else 1
+            if close >= len(value):
+                return value
+            out.append(value[index : close + 1])
+            index = close + 1
+            continue
+        expect_link = expect_link or char == ","
+        out.append(char)
+        index += 1
+    return "".join(out)
+
+
+LINK_PIECES = st.sampled_from(
+    [
+        "<",
+        ">",
+        ",",
+        " ",
+        "\t",
+        '"',
+        "\\",
+        ";",
+        "rel=",
+        "next",
+        UPSTREAM,
+        UPSTREAM.upper(),
+        UPSTREAM + ":443",
+        UPSTREAM + "0",
+        "https://other.example",
+        "/api/v1/courses?page=2",
+        "?x",
+        "#f",
+        "@evil",
+    ]
+)
+
+
+@settings(max_examples=2000)
+@given(st.lists(LINK_PIECES, max_size=16).map("".join))
+def test_link_header_agrees_with_the_character_by_character_reading(value: str) -> None:
+    rewriter = Rewriter(UPSTREAM, PUBLIC)
+    assert rewriter.link_header(value) == _reference_link_header(rewriter, value)
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        (UPSTREAM, PUBLIC),
+        (UPSTREAM + "/api/v1/x?page=2", PUBLIC + "/api/v1/x?page=2"),
+        (UPSTREAM + "?q", PUBLIC + "?q"),
+        (UPSTREAM + "#f", PUBLIC + "#f"),
+        (UPSTREAM + "0/api", UPSTREAM + "0/api"),
+        (UPSTREAM + ".evil.example/api", UPSTREAM + ".evil.example/api"),
+        (UPSTREAM + "@evil.example/api", UPSTREAM + "@evil.example/api"),
+        (UPSTREAM + ":443/api", PUBLIC + "/api"),
+        ("HTTPS://SCHOOL.instructure.com/api", PUBLIC + "/api"),
+    ],
+)
+def test_url_rewrites_only_the_upstream_origin(url: str, expected: str) -> None:
+    assert Rewriter(UPSTREAM, PUBLIC).url(url) == expected

@@ -30,7 +30,9 @@ async def audit_store_down(env: BrokerEnv) -> AsyncIterator[None]:
             await connection.execute(
                 text("ALTER TABLE audit_events_offline RENAME TO audit_events")
             )
-        # Connections may hold statements prepared against the renamed table.
+        # Connections may hold statements prepared against the renamed table. Stop the
+        # revocation poller first so no connection is in use while the pool is replaced.
+        await env.context.epoch.aclose()
         await env.context.engine.dispose()
 
 
