@@ -9,7 +9,7 @@ from broker.keyring import Keyring, load_keyring
 from broker.services.audit_writer import AuditWriter
 from broker.services.revocation import CacheEpoch
 from broker.storage.database import create_engine, session_factory
-from broker.upstream import AiohttpForwarder, Forwarder
+from broker.upstream import Forwarder, HttpForwarder
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -52,7 +52,7 @@ class ProcessContext:
             audit_writer=AuditWriter(settings.async_database_url, keyring),
             epoch=CacheEpoch(settings.epoch_file),
             forwarder=forwarder
-            or AiohttpForwarder(
+            or HttpForwarder(
                 connect_timeout=settings.upstream_connect_timeout,
                 read_timeout=settings.upstream_timeout,
                 pool_size=settings.upstream_pool_size,
