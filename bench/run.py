@@ -106,6 +106,7 @@ class Run:
     database_label: str = "sqlite"
     database_url: str = ""
     drop_database: tuple[str, str] | None = None  # (maintenance URL, database name)
+    broker_keys: str = ""  # BROKER_KEYS of the broker under test, to verify its audit chain
     notes: list[str] = field(default_factory=list)
 
 
@@ -293,21 +294,30 @@ def database_version(run: Run) -> str:
 
 
 def audit_counts(database_url: str) -> dict[str, int]:
-    """Proxy audit events by ``state/decision[/reason]``, read straight from the audit table."""
-    from sqlalchemy import func, select  # noqa: PLC0415
+    """Proxied calls by ``state/decision[/reason]``, read straight from the audit table.
+
+    A forwarded call is a pending event plus a completion event naming it; a call counts as
+    ``complete`` once its completion is written.
+    """
+    from sqlalchemy import case, func, select  # noqa: PLC0415
 
     from broker.config import normalise_database_url  # noqa: PLC0415
     from broker.storage.database import create_engine  # noqa: PLC0415
     from broker.storage.models import AuditEvent  # noqa: PLC0415
+    from broker.storage.queries import Completion  # noqa: PLC0415
+
+    state = case((Completion.seq.is_not(None), "complete"), else_=AuditEvent.state)
+    reason = func.coalesce(Completion.reason, AuditEvent.reason)
 
     async def query() -> dict[str, int]:
         engine = create_engine(normalise_database_url(database_url), pool=False)
         try:
             async with engine.connect() as connection:
                 rows = await connection.execute(
-                    select(AuditEvent.state, AuditEvent.decision, AuditEvent.reason, func.count())
-                    .where(AuditEvent.kind == "proxy")
-                    .group_by(AuditEvent.state, AuditEvent.decision, AuditEvent.reason)
+                    select(state, AuditEvent.decision, reason, func.count())
+                    .outerjoin(Completion, Completion.completes == AuditEvent.seq)
+                    .where(AuditEvent.kind == "proxy", AuditEvent.completes.is_(None))
+                    .group_by(state, AuditEvent.decision, reason)
                 )
                 return {
                     "/".join(x for x in (state, decision, reason) if x): int(n)
@@ -455,9 +465,10 @@ def start_broker(run: Run) -> Target:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     key = base64.b64encode(secrets.token_bytes(32)).decode()
+    run.broker_keys = f"k1:{key}"
     env = {
         "BROKER_DATABASE_URL": run.database_url,
-        "BROKER_KEYS": f"k1:{key}",
+        "BROKER_KEYS": run.broker_keys,
         "BROKER_HOST": "127.0.0.1",
         "BROKER_PORT": str(port),
         "BROKER_PUBLIC_URL": base,
@@ -672,6 +683,8 @@ def execute(run: Run) -> dict[str, Any]:
         if target.name == "broker":
             events = audit_counts(run.database_url)
             audit = audit_summary(events_before, events, forwarded, target_points)
+            audit["chain"] = verify_chain(run)
+            audit["summary"] += f"; audit chain: {audit['chain']['summary']}"
             say(audit["summary"])
     upstream = upstream_stats(run)
     if upstream["unauthorized"] or upstream["not_found"] or upstream["bad_request"]:
@@ -704,6 +717,28 @@ def response_size(run: Run) -> int:
         return len(response.read())
 
 
+def verify_chain(run: Run) -> dict[str, Any]:
+    """Verify the broker's audit chain after the load, as ``broker audit verify`` would."""
+    from broker.config import normalise_database_url  # noqa: PLC0415
+    from broker.keyring import parse_keys_setting  # noqa: PLC0415
+    from broker.services.audit import verify_log  # noqa: PLC0415
+    from broker.storage.database import create_sync_engine  # noqa: PLC0415
+
+    engine = create_sync_engine(normalise_database_url(run.database_url))
+    try:
+        with engine.connect() as connection:
+            report = verify_log(connection, parse_keys_setting(run.broker_keys))
+    finally:
+        engine.dispose()
+    problem = report.problem
+    summary = (
+        f"verified {report.checked} events, {report.incomplete} incomplete"
+        if report.ok
+        else f"BROKEN at seq {problem['seq']}: {problem['kind']}"  # type: ignore[index]
+    )
+    return {**report.as_dict(), "summary": summary}
+
+
 def audit_summary(
     before: dict[str, int], after: dict[str, int], forwarded: int, points: list[dict[str, Any]]
 ) -> dict[str, Any]:
@@ -720,7 +755,7 @@ def audit_summary(
         "requests_completed_in_measured_points": measured,
         "events_match_forwarded": ok,
         "summary": (
-            f"audit: {events} proxy events written during the broker leg "
+            f"audit: {events} proxied calls recorded during the broker leg "
             f"({allowed} allowed) for {forwarded} requests the upstream received from the broker "
             f"({measured} completed inside measured points; the rest are warm-up, checks and "
             f"requests in flight when a point ended): {'MATCH' if ok else 'MISMATCH'}; "
@@ -746,7 +781,10 @@ def main(argv: list[str] | None = None) -> int:
         table = markdown(results)
         print(table)
         save(run, results, table)
-        code = 0 if results["audit"] is None or results["audit"]["events_match_forwarded"] else 1
+        audit = results["audit"]
+        code = (
+            0 if audit is None or (audit["events_match_forwarded"] and audit["chain"]["ok"]) else 1
+        )
     except BenchError as exc:
         say(f"benchmark failed: {exc}\n(logs in {workdir})")
     except KeyboardInterrupt:
