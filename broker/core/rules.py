@@ -198,8 +198,11 @@ def check_headers(headers: Sequence[tuple[bytes, bytes]]) -> None:
 def check_query(query_string: bytes, *, allow_masquerade: bool) -> None:
     """Refuse masquerade, method-override and credential parameters in a query string.
 
-    An unparseable query string (bad percent-escape, not UTF-8) is a 400 ``malformed_request``.
+    An unparseable query string (bad percent-escape, not UTF-8, or a raw ``#``, which starts a
+    fragment no client sends) is a 400 ``malformed_request``.
     """
+    if b"#" in query_string:
+        raise RuleViolation(400, "malformed_request", "query string must not contain '#'")
     try:
         names = list(_form_names(query_string.decode("utf-8")))
     except ValueError:

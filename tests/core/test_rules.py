@@ -387,6 +387,8 @@ def test_allow_masquerade_does_not_allow_other_keys(query: bytes, error: str) ->
         b"a=%C3",
         b"a=\xff",
         b"per_page=10&as_user_id=%",
+        b"per_page=10#as_user_id=2",
+        b"#",
     ],
 )
 def test_check_query_refuses_unparseable_queries(query: bytes) -> None:
