@@ -559,3 +559,16 @@ def test_chunked_body_within_the_limit_is_forwarded_byte_for_byte(
     assert received.body == body
     assert received.header("content-length") == str(len(body))
     assert received.header("transfer-encoding") is None
+
+
+def test_pipelined_request_after_a_granted_one_is_checked_on_its_own(
+    broker: LiveBroker, caller: LiveCaller, sim: SimServer
+) -> None:
+    granted = get(ASSIGNMENTS + b"?per_page=1").render(broker, caller)
+    granted = granted.replace(b"Connection: close", b"Connection: keep-alive")
+    smuggled = get(b"http://other-host/api/v1/courses/1202/assignments").render(broker, caller)
+    first, second = rawhttp.exchange_all("127.0.0.1", broker.server.port, granted + smuggled)
+    assert first.status == 200, first.body
+    assert [r.target for r in sim.state.received] == [f"{ASSIGNMENTS.decode()}?per_page=1"]
+    sim.state.received.clear()
+    assert_broker_refused(broker, sim, second, 400, "non_canonical_path", caller)

@@ -66,8 +66,34 @@ def exchange(host: str, port: int, request: bytes, *, timeout: float = 10.0) -> 
     return parse(bytes(received))
 
 
+def exchange_all(
+    host: str, port: int, request: bytes, *, timeout: float = 10.0
+) -> list[RawResponse]:
+    """Send ``request`` (several pipelined requests) and return every final response."""
+    received = bytearray()
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.sendall(request)
+        while len(received) <= MAX_RESPONSE_BYTES:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+    responses: list[RawResponse] = []
+    rest = bytes(received)
+    while rest:
+        response, rest = _parse_one(rest)
+        responses.append(response)
+    return responses
+
+
 def parse(data: bytes) -> RawResponse:
     """Parse the last response in ``data``, skipping interim ``1xx`` responses before it."""
+    response, _rest = _parse_one(data)
+    return response
+
+
+def _parse_one(data: bytes) -> tuple[RawResponse, bytes]:
+    """Parse the first final response in ``data``; return it and the bytes after it."""
     while True:
         head, separator, rest = data.partition(b"\r\n\r\n")
         if not separator:
@@ -84,15 +110,17 @@ def parse(data: bytes) -> RawResponse:
         for line in lines[1:]:
             name, _, value = line.decode("latin-1").partition(":")
             headers.append((name.strip().lower(), value.strip()))
+        body, after = _body(headers, rest)
         return RawResponse(
             status=status,
             reason=(status_line.group(2) or b"").decode("latin-1"),
             headers=headers,
-            body=_body(headers, rest),
-        )
+            body=body,
+        ), after
 
 
-def _body(headers: list[tuple[str, str]], rest: bytes) -> bytes:
+def _body(headers: list[tuple[str, str]], rest: bytes) -> tuple[bytes, bytes]:
+    """The body and the bytes after it."""
     names = dict(headers)
     if names.get("transfer-encoding", "").lower() == "chunked":
         return _dechunk(rest)
@@ -100,11 +128,11 @@ def _body(headers: list[tuple[str, str]], rest: bytes) -> bytes:
     if length is not None:
         if len(rest) < int(length):
             raise AssertionError(f"body cut short: {len(rest)} of {length} bytes")
-        return rest[: int(length)]
-    return rest
+        return rest[: int(length)], rest[int(length) :]
+    return rest, b""
 
 
-def _dechunk(data: bytes) -> bytes:
+def _dechunk(data: bytes) -> tuple[bytes, bytes]:
     body = bytearray()
     while True:
         size_line, separator, data = data.partition(b"\r\n")
@@ -112,6 +140,6 @@ def _dechunk(data: bytes) -> bytes:
             raise AssertionError("chunked body cut short")
         size = int(size_line.split(b";")[0], 16)
         if size == 0:
-            return bytes(body)
+            return bytes(body), data.removeprefix(b"\r\n")
         body += data[:size]
         data = data[size + 2 :]
