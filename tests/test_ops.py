@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from typing import TYPE_CHECKING
 
 import httpx
@@ -12,8 +13,6 @@ from broker.context import ProcessContext
 from broker.keyring import Keyring
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from tests.support.env import BrokerEnv
 
 
@@ -30,8 +29,14 @@ async def test_readyz_reports_database_and_keyring(env: BrokerEnv) -> None:
     assert response.json() == {"status": "ready", "database": "ok", "keyring": "ok"}
 
 
-async def test_readyz_is_503_when_the_database_is_unreachable(tmp_path: Path) -> None:
-    settings = Settings(database_url=f"sqlite:///{tmp_path}/missing-dir/broker.sqlite3")
+async def test_readyz_is_503_when_the_database_is_unreachable() -> None:
+    # A PostgreSQL port nothing listens on, rather than a SQLite file that cannot be opened:
+    # aiosqlite finishes a failed connect in its own thread after the caller has moved on, and
+    # under load reports into this test's event loop after it has closed.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    settings = Settings(database_url=f"postgresql://broker@127.0.0.1:{port}/broker")
     context = ProcessContext.from_settings(settings, keyring=Keyring.generate())
     transport = httpx.ASGITransport(app=create_app(context=context))
     async with httpx.AsyncClient(transport=transport, base_url="http://broker.test") as http:
