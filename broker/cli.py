@@ -151,6 +151,7 @@ def serve(
     import uvicorn  # noqa: PLC0415
 
     from broker.keyring import load_keyring  # noqa: PLC0415
+    from broker.serving import RequestTargetProtocol  # noqa: PLC0415
 
     settings = _settings()
     try:
@@ -163,6 +164,8 @@ def serve(
         host=host or settings.host,
         port=port if port is not None else settings.port,
         workers=workers,
+        # The proxy must see absolute-form targets and fragments as sent, to refuse them.
+        http=RequestTargetProtocol,
         # The source address is taken from X-Forwarded-For by the broker itself, and only from
         # BROKER_TRUSTED_PROXIES; uvicorn must not rewrite it first.
         proxy_headers=False,

@@ -18,7 +18,7 @@ from broker import bootstrap
 from broker.app import create_app
 from broker.config import Settings
 from broker.services.management import ManagementService
-from broker.serving import BackgroundServer
+from broker.serving import BackgroundServer, RequestTargetProtocol
 from broker.sim.server import SimServer
 from broker.sim.state import SimState
 from broker.storage.database import create_engine, session_factory
@@ -203,7 +203,13 @@ def run_demo(*, port: int, workdir: Path | None, check: bool) -> int:
         if not check:
             _err(instructions(setup))
             config = uvicorn.Config(
-                app, host="127.0.0.1", port=port, log_level="warning", server_header=False
+                app,
+                host="127.0.0.1",
+                port=port,
+                log_level="warning",
+                http=RequestTargetProtocol,
+                server_header=False,
+                proxy_headers=False,
             )
             uvicorn.Server(config).run()
             return 0

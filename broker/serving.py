@@ -1,4 +1,11 @@
-"""Running an ASGI app under uvicorn in a background thread (tests, the demo, the simulator)."""
+"""Serving with uvicorn: the broker's HTTP protocol, and a server in a background thread.
+
+:class:`BackgroundServer` runs tests, the demo and the simulator.
+
+Every way the broker is served (``broker serve``, the demo, :class:`BackgroundServer`) uses
+:class:`RequestTargetProtocol` and turns uvicorn's proxy-header handling off: the broker reads
+``X-Forwarded-For`` itself, and only from ``BROKER_TRUSTED_PROXIES``.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +14,33 @@ import time
 from typing import TYPE_CHECKING, Literal, Self
 
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 if TYPE_CHECKING:
     from types import TracebackType
 
     from starlette.types import ASGIApp
+
+
+class RequestTargetProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, but the app gets the request target as sent.
+
+    httptools parses the request target, so an absolute-form target
+    (``GET http://other-host/api/v1/... HTTP/1.1``) would reach the app as ``/api/v1/...`` and
+    a ``#fragment`` would vanish. uvicorn's h11 protocol hands the target over untouched, split
+    at the first ``?`` into ``raw_path`` and ``query_string``; this does the same, so the
+    proxy's rules see, and refuse, what the client really sent.
+    """
+
+    def on_headers_complete(self) -> None:
+        """Build the scope as uvicorn does, then put the target's own bytes in it."""
+        target = bytes(self.url)
+        super().on_headers_complete()
+        # The app runs in a task scheduled above, not yet started: the scope can still change.
+        if "raw_path" in self.scope:
+            raw_path, _, query = target.partition(b"?")
+            self.scope["raw_path"] = self.root_path.encode("ascii") + raw_path
+            self.scope["query_string"] = query
 
 
 class BackgroundServer:
@@ -43,9 +72,11 @@ class BackgroundServer:
                 port=port,
                 log_level="warning",
                 lifespan=lifespan,
+                http=RequestTargetProtocol,
                 ws="none",
                 access_log=False,
                 server_header=False,
+                proxy_headers=False,
             )
         )
         self._thread = threading.Thread(target=self._server.run, name=name, daemon=True)

@@ -62,9 +62,9 @@ def template_db(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     admin.dispose()
 
 
-@pytest.fixture
-def database_url(template_db: str, tmp_path: Path) -> str:
-    """A clean, migrated database for one test."""
+def clean_database(template_db: str, directory: Path) -> str:
+    """Return the URL of a clean, migrated database: a copy of the SQLite template in
+    ``directory``, or the run's PostgreSQL database emptied."""
     if POSTGRES_URL:
         engine = create_engine(_sync_url(template_db))
         with engine.begin() as connection:
@@ -72,9 +72,15 @@ def database_url(template_db: str, tmp_path: Path) -> str:
             connection.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
         engine.dispose()
         return template_db
-    path = tmp_path / "broker.sqlite3"
+    path = directory / "broker.sqlite3"
     shutil.copyfile(template_db, path)
     return f"sqlite+aiosqlite:///{path}"
+
+
+@pytest.fixture
+def database_url(template_db: str, tmp_path: Path) -> str:
+    """A clean, migrated database for one test."""
+    return clean_database(template_db, tmp_path)
 
 
 @pytest.fixture(scope="session")

@@ -188,3 +188,52 @@ def test_demo_printed_commands_work_when_pasted(tmp_path: Path) -> None:
     assert '"decision":"deny"' in result.stdout
     assert '"decision":"allow"' in result.stdout
     assert "refused:" in result.stdout  # canvasapi raised Forbidden
+
+
+def test_serve_refuses_absolute_form_targets_and_ignores_forwarding_headers(
+    tmp_path: Path,
+) -> None:
+    import time  # noqa: PLC0415
+
+    import httpx  # noqa: PLC0415
+
+    from tests.support import rawhttp  # noqa: PLC0415
+
+    env = _env(tmp_path)
+    init = _run(["init"], env)
+    assert init.returncode == 0, init.stderr
+    admin = {"Authorization": f"Bearer {init.stdout.strip()}"}
+    port = _free_port()
+    log = tmp_path / "serve.log"
+    with log.open("w") as output:
+        server = subprocess.Popen(
+            [*BROKER, "serve", "--port", str(port)], env=env, stdout=output, stderr=output
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while "Uvicorn running on" not in log.read_text():
+            assert server.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "the broker did not start"
+            time.sleep(0.2)
+        request = rawhttp.build(
+            b"GET http://other-host/api/v1/courses/1 HTTP/1.1",
+            [
+                (b"Host", f"127.0.0.1:{port}".encode()),
+                (b"X-Forwarded-For", b"203.0.113.9"),
+                (b"X-Forwarded-Proto", b"https"),
+                (b"Connection", b"close"),
+            ],
+        )
+        response = rawhttp.exchange("127.0.0.1", port, request)
+        events = httpx.get(
+            f"http://127.0.0.1:{port}/broker/v1/audit", params={"kind": "proxy"}, headers=admin
+        ).json()["events"]
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+    assert response.status == 400, response.body
+    assert response.json()["error"] == "non_canonical_path"
+    [event] = events
+    assert event["request_id"] == response.header("x-request-id")
+    assert event["path"] == "http://other-host/api/v1/courses/1"
+    assert (event["decision"], event["source_ip"]) == ("deny", "127.0.0.1")

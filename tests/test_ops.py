@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import threading
+import socket
 from typing import TYPE_CHECKING
 
 import httpx
@@ -13,8 +13,6 @@ from broker.context import ProcessContext
 from broker.keyring import Keyring
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from tests.support.env import BrokerEnv
 
 
@@ -31,18 +29,19 @@ async def test_readyz_reports_database_and_keyring(env: BrokerEnv) -> None:
     assert response.json() == {"status": "ready", "database": "ok", "keyring": "ok"}
 
 
-async def test_readyz_is_503_when_the_database_is_unreachable(tmp_path: Path) -> None:
-    settings = Settings(database_url=f"sqlite:///{tmp_path}/missing-dir/broker.sqlite3")
+async def test_readyz_is_503_when_the_database_is_unreachable() -> None:
+    # A PostgreSQL port nothing listens on, rather than a SQLite file that cannot be opened:
+    # aiosqlite finishes a failed connect in its own thread after the caller has moved on, and
+    # under load reports into this test's event loop after it has closed.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    settings = Settings(database_url=f"postgresql://broker@127.0.0.1:{port}/broker")
     context = ProcessContext.from_settings(settings, keyring=Keyring.generate())
     transport = httpx.ASGITransport(app=create_app(context=context))
-    before = set(threading.enumerate())
     async with httpx.AsyncClient(transport=transport, base_url="http://broker.test") as http:
         response = await http.get("/readyz")
     await context.aclose()
-    # aiosqlite stops the thread of a failed connection without waiting for it; wait here,
-    # bounded, so it does not report to this test's event loop after the loop has closed.
-    for thread in set(threading.enumerate()) - before:
-        thread.join(5)
     assert response.status_code == 503
     assert response.json()["database"] == "unavailable"
 

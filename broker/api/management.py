@@ -313,7 +313,7 @@ async def query_audit(  # noqa: PLR0917 - one parameter per documented filter
     upstream: str | None = None,
     kind: str | None = None,
     decision: str | None = None,
-    status_code: Annotated[int | None, Query(alias="status")] = None,
+    status_code: Annotated[int | None, Query(alias="status", ge=100, le=599)] = None,
     method: str | None = None,
     path_prefix: str | None = None,
     state: str | None = None,

@@ -15,6 +15,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from broker.api.deps import Reader, ServicesDep
+from broker.api.schemas import ErrorOut, OAuthErrorOut
 from broker.core.assertions import ASSERTION_TYPE
 from broker.core.net import client_address
 from broker.errors import OAuthError
@@ -25,6 +26,16 @@ if TYPE_CHECKING:
 
     from broker.storage.models import Client
 
+# RFC 6749 §5.2 errors; introspection is authenticated by admin key, whose errors are the
+# management API's.
+OAUTH_ERRORS: dict[int | str, dict[str, object]] = {
+    400: {"model": OAuthErrorOut},
+    401: {"model": OAuthErrorOut},
+}
+ADMIN_KEY_ERRORS: dict[int | str, dict[str, object]] = {
+    401: {"model": ErrorOut},
+    403: {"model": ErrorOut},
+}
 router = APIRouter(prefix="/broker/v1/oauth", tags=["oauth"])
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 FORM = "application/x-www-form-urlencoded"
@@ -140,7 +151,7 @@ def _grant_type_problem(form: FormData) -> OAuthError | None:
     return None
 
 
-@router.post("/token")
+@router.post("/token", responses=OAUTH_ERRORS)
 async def token(request: Request, services: ServicesDep) -> JSONResponse:
     """Exchange client credentials for a short-lived proxy token."""
     audit = audit_base(request)
@@ -168,7 +179,7 @@ async def token(request: Request, services: ServicesDep) -> JSONResponse:
     )
 
 
-@router.post("/revoke")
+@router.post("/revoke", responses=OAUTH_ERRORS)
 async def revoke(request: Request, services: ServicesDep) -> JSONResponse:
     """RFC 7009: a client revokes one of its own tokens. Always 200 for a known client."""
     audit = {**audit_base(request), "action": "token.revoke"}
@@ -184,7 +195,7 @@ async def revoke(request: Request, services: ServicesDep) -> JSONResponse:
     return JSONResponse({}, headers=NO_STORE)
 
 
-@router.post("/introspect")
+@router.post("/introspect", responses={400: {"model": OAuthErrorOut}, **ADMIN_KEY_ERRORS})
 async def introspect(request: Request, _: Reader, services: ServicesDep) -> JSONResponse:
     """RFC 7662 introspection, for admin and auditor keys."""
     form = await _form(request)

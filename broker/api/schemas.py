@@ -51,6 +51,13 @@ class ErrorOut(BaseModel):
     request_id: str | None = None
 
 
+class OAuthErrorOut(BaseModel):
+    """An error of the OAuth endpoints (RFC 6749 §5.2)."""
+
+    error: str = Field(description="RFC 6749 error code, e.g. invalid_client")
+    error_description: str
+
+
 class UpstreamCreate(Input):
     """Register a Canvas instance."""
 

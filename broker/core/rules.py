@@ -17,7 +17,7 @@ import json
 import re
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Final
-from urllib.parse import unquote, unquote_plus
+from urllib.parse import unquote, unquote_plus, unquote_to_bytes
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
@@ -26,6 +26,7 @@ __all__ = [
     "CREDENTIAL_KEYS",
     "HOP_BY_HOP",
     "MASQUERADE_KEYS",
+    "MAX_PATH_BYTES",
     "OVERRIDE_HEADERS",
     "OVERRIDE_KEYS",
     "SENSITIVE_QUERY_KEYS",
@@ -73,15 +74,22 @@ SENSITIVE_QUERY_KEYS: Final = frozenset(
 _CLIENT_ADDRESS_HEADERS: Final = frozenset(
     {b"x-real-ip", b"client-ip", b"true-client-ip", b"x-client-ip", b"x-cluster-client-ip"}
 )
+_SINGLE_HEADERS: Final = frozenset({b"host", b"content-type"})
+# Expect is dropped because the broker has read the whole body already: an upstream client
+# told to wait for `100 Continue` would wait on a server that may never send it.
 _REQUEST_DROP: Final = (
-    frozenset({b"authorization", b"cookie", b"host", b"content-length", b"forwarded"})
+    frozenset({b"authorization", b"cookie", b"host", b"content-length", b"forwarded", b"expect"})
     | _CLIENT_ADDRESS_HEADERS
     | HOP_BY_HOP
     | OVERRIDE_HEADERS
 )
-_RESPONSE_DROP: Final = frozenset({b"set-cookie", b"set-cookie2"}) | HOP_BY_HOP
+# The broker's server sends its own Date; Canvas's as well would make two (RFC 9110: one).
+_RESPONSE_DROP: Final = frozenset({b"set-cookie", b"set-cookie2", b"date"}) | HOP_BY_HOP
 
 _EXCERPT_LIMIT: Final = 100
+MAX_PATH_BYTES: Final = 2048
+"""Longest request path forwarded (Canvas's own paths are far shorter; the audit log keeps
+every forwarded path whole)."""
 
 
 class RuleViolation(Exception):  # noqa: N818 - the name the rest of the broker uses
@@ -104,7 +112,14 @@ _FORBIDDEN_ESCAPE: Final = re.compile(rb"%(?:2[Ff]|5[Cc]|2[Ee]|25|[01][0-9A-Fa-f
 
 
 def check_path(raw_path: bytes) -> str:
-    """Return the raw request path as text if it is canonical, else raise a 400 violation."""
+    """Return the raw request path as text if it is canonical, else raise a violation.
+
+    A path longer than :data:`MAX_PATH_BYTES` is a 414 ``path_too_long``; a non-canonical one
+    a 400 ``non_canonical_path``.
+    """
+    if len(raw_path) > MAX_PATH_BYTES:
+        message = f"paths are limited to {MAX_PATH_BYTES} bytes: {_excerpt(raw_path)}"
+        raise RuleViolation(414, "path_too_long", message)
     problem = _path_problem(raw_path)
     if problem is not None:
         raise RuleViolation(400, "non_canonical_path", f"{problem}: {_excerpt(raw_path)}")
@@ -125,7 +140,20 @@ def _path_problem(raw_path: bytes) -> str | None:
             "path must not percent-encode '/', '\\', '.', '%' or control characters",
         ),
     )
-    return next((message for found, message in problems if found), None)
+    problem = next((message for found, message in problems if found), None)
+    if problem is None and not _decodes_as_utf8(raw_path):
+        # Overlong forms such as %C0%AE ('.') and %C0%AF ('/') are invalid UTF-8: a lax
+        # decoder further on could still read them as the characters refused above.
+        return "path must percent-encode only UTF-8 text"
+    return problem
+
+
+def _decodes_as_utf8(raw_path: bytes) -> bool:
+    try:
+        unquote_to_bytes(raw_path).decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 # --- Rules 3 to 5: parameters and headers ------------------------------------------------
@@ -142,21 +170,41 @@ def _header_key(name: bytes) -> bytes:
 
 
 def check_headers(headers: Sequence[tuple[bytes, bytes]]) -> None:
-    """Refuse method-override headers, in any case (403 ``method_override_denied``)."""
-    for name, _value in headers:
-        if _header_key(name) in OVERRIDE_HEADERS:
+    """Refuse method-override headers and ambiguous framing.
+
+    Method-override headers, in any case, are a 403 ``method_override_denied``. A repeated
+    ``Host`` or ``Content-Type`` (RFC 9110 allows one; which one Canvas's stack would read is
+    not the broker's to guess) or a transfer coding other than ``chunked`` (whose body the
+    broker would check in a form Canvas might not read) is a 400 ``malformed_request``.
+    """
+    seen: set[bytes] = set()
+    for name, value in headers:
+        key = _header_key(name)
+        if key in OVERRIDE_HEADERS:
             raise RuleViolation(
                 403,
                 "method_override_denied",
                 f"header {name.decode('latin-1')!r} is refused: method override is not allowed",
+            )
+        if key in _SINGLE_HEADERS and key in seen:
+            raise RuleViolation(
+                400, "malformed_request", f"header {name.decode('latin-1')!r} is repeated"
+            )
+        seen.add(key)
+        if key == b"transfer-encoding" and value.strip().lower() != b"chunked":
+            raise RuleViolation(
+                400, "malformed_request", "the only transfer coding accepted is 'chunked'"
             )
 
 
 def check_query(query_string: bytes, *, allow_masquerade: bool) -> None:
     """Refuse masquerade, method-override and credential parameters in a query string.
 
-    An unparseable query string (bad percent-escape, not UTF-8) is a 400 ``malformed_request``.
+    An unparseable query string (bad percent-escape, not UTF-8, or a raw ``#``, which starts a
+    fragment no client sends) is a 400 ``malformed_request``.
     """
+    if b"#" in query_string:
+        raise RuleViolation(400, "malformed_request", "query string must not contain '#'")
     try:
         names = list(_form_names(query_string.decode("utf-8")))
     except ValueError:
@@ -171,8 +219,9 @@ def check_body(content_type: str | None, body: bytes, *, allow_masquerade: bool)
     """Check a request body's parameters as Canvas would read them.
 
     JSON (``application/json`` and ``+json`` types), form-urlencoded and multipart bodies are
-    checked for masquerade, method-override and credential keys; a body that does not parse is
-    a 400 ``malformed_body``; any other type with a non-empty body is a 415.
+    checked for masquerade, method-override and credential keys; a body that does not parse as
+    its type (a form body that is JSON or holds control characters included) is a 400
+    ``malformed_body``; any other type with a non-empty body is a 415.
     """
     if not body:
         return
@@ -198,16 +247,18 @@ def _unsupported(message: str) -> RuleViolation:
     return RuleViolation(415, "unsupported_media_type", message)
 
 
-_RACK2_BASE: Final = re.compile(r"[\[\]]*([^\[\]]+)")
+_NAME_PART: Final = re.compile(r"[^\[\]]+")
 
 
 def _name_readings(name: str) -> set[str]:
-    """Every top-level key a Rack or Rails version could read from a parameter name."""
-    readings = {name, name.split("[", 1)[0]}
-    # Rack 2 drops leading brackets: `[as_user_id]` is read as `as_user_id`.
-    rack2 = _RACK2_BASE.match(name)
-    if rack2 is not None:
-        readings.add(rack2.group(1))
+    """Every key a Rack or Rails version could read from a parameter name, at any depth.
+
+    Nested keys count too (``course[as_user_id]`` is read as ``as_user_id`` under ``course``),
+    as every key anywhere in a JSON body does: what Canvas does with a nested copy is not
+    the broker's to guess.
+    """
+    # Every bracket-free part: Rack 2 also drops leading brackets (`[as_user_id]`).
+    readings = {name, name.split("[", 1)[0], *_NAME_PART.findall(name)}
     # Rack 3 and Rails look for the first '[' after the first character.
     bracket = name.find("[", 1)
     readings.add(name if bracket < 0 else name[:bracket])
@@ -259,7 +310,17 @@ def _form_names(text: str) -> Iterator[str]:
         yield _form_decode(key)
 
 
+_FORM_CONTROL: Final = re.compile(rb"[\x00-\x1f\x7f]")
+_LOOKS_LIKE_JSON: Final = re.compile(rb"[ \t\r\n]*[\[{]")
+
+
 def _form_body_names(body: bytes) -> list[str]:
+    # A body that is really JSON or multipart under a form Content-Type parses as harmless
+    # odd keys here; it is refused anyway, since its sender means something else by it.
+    if _LOOKS_LIKE_JSON.match(body):
+        raise RuleViolation(400, "malformed_body", "form body looks like JSON, not a form")
+    if _FORM_CONTROL.search(body.removesuffix(b"\n").removesuffix(b"\r")):
+        raise RuleViolation(400, "malformed_body", "form body holds control characters")
     try:
         return list(_form_names(body.decode("utf-8")))
     except ValueError:
@@ -469,7 +530,7 @@ def _connection_named(headers: Sequence[tuple[bytes, bytes]]) -> frozenset[bytes
 def forward_request_headers(headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """Return the client headers to send upstream, in order, as sent.
 
-    Drops credentials (Authorization, Cookie), Host, Content-Length, Forwarded,
+    Drops credentials (Authorization, Cookie), Host, Content-Length, Expect, Forwarded,
     ``X-Forwarded-*``, client-address headers, method-override headers, hop-by-hop headers and
     any header named in the client's Connection header.
     """
@@ -486,7 +547,8 @@ def forward_request_headers(headers: Sequence[tuple[bytes, bytes]]) -> list[tupl
 def forward_response_headers(headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """Return the upstream response headers to pass to the client, in order, as sent.
 
-    Drops Set-Cookie, hop-by-hop headers and any header named in upstream's Connection header.
+    Drops Set-Cookie, Date (the broker's server sends its own), hop-by-hop headers and any
+    header named in upstream's Connection header.
     """
     named = _connection_named(headers)
     return [

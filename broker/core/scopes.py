@@ -1,10 +1,15 @@
-"""Canvas scope strings, and grants built from them.
+r"""Canvas scope strings, and grants built from them.
 
 A scope string is what Canvas shows on a developer key, for example
 ``url:GET|/api/v1/courses/:course_id/assignments``. Matching follows Canvas's own rule: the
 path becomes an anchored regular expression in which ``:name`` matches one non-empty segment,
-``*name`` matches the rest of the path, ``( … )`` is optional, and an optional ``.format``
-suffix is accepted at the end. ``HEAD`` requests are checked as ``GET``.
+``*name`` matches the rest of the path, ``( … )`` is optional, and an optional ``.json``
+format suffix is accepted at the end. ``HEAD`` requests are checked as ``GET``.
+
+Canvas's own rule accepts any suffix (``(?:\.[^/]+)?``), so ``.xml`` or ``.json.json``
+would pass it. The API speaks only JSON and Rails routes a single format, so the broker
+accepts ``.json`` alone: the other suffixes serve no real client and only make more spellings
+of one call to reason about.
 
 A :class:`Grant` is a list of scopes plus optional constraints on path parameter values. It
 denies by default: a call that matches no scope is refused.
@@ -31,9 +36,9 @@ METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"})
 
 _PREFIX: Final = "url:"
 _NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_FORMAT_SUFFIX: Final = r"(?:\.[^/]+)?"
-# A numeric (or shard-qualified) ID followed by a format, as Rails would split `1201.json`.
-_ID_WITH_FORMAT: Final = re.compile(r"([0-9]+(?:~[0-9]+)?)\.[A-Za-z0-9]+")
+_FORMAT_SUFFIX: Final = r"(?:\.json)?"
+# A numeric (or shard-qualified) ID followed by the format, as Rails would split `1201.json`.
+_ID_WITH_FORMAT: Final = re.compile(r"([0-9]+(?:~[0-9]+)?)\.json")
 _BAD_ESCAPE: Final = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 

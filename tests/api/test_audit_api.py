@@ -327,6 +327,17 @@ async def test_bad_cursor_is_400_json_error(env: BrokerEnv, traffic: Traffic, cu
     assert body["request_id"] == response.headers["x-request-id"]
 
 
+@pytest.mark.parametrize("status", ["9223372036854775808", "2147483648", "-1", "99", "600"])
+async def test_status_filter_outside_http_statuses_is_422_json_error(
+    env: BrokerEnv, status: str
+) -> None:
+    response = await env.http.get(AUDIT, params={"status": status}, headers=env.auditor())
+    assert response.status_code == 422, response.text
+    body = response.json()
+    assert body["error"] == "invalid_request"
+    assert "status" in body["message"]
+
+
 @pytest.mark.parametrize("limit", ["0", "1001", "two"])
 async def test_bad_limit_is_422(env: BrokerEnv, limit: str) -> None:
     response = await env.http.get(AUDIT, params={"limit": limit}, headers=env.auditor())

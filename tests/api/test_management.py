@@ -1067,3 +1067,20 @@ async def test_validation_error_is_json_with_error_message_and_request_id(
 
 async def test_unknown_route_is_json_404(env: BrokerEnv) -> None:
     assert_error(await env.http.get(f"{V1}/nothing-here", headers=env.admin()), 404)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("TRACE", "/upstreams", {"GET", "POST"}),
+        ("DELETE", "/upstreams/sim", {"GET", "PATCH"}),
+        ("PUT", "/clients/x/check", {"POST"}),
+        ("GET", "/oauth/token", {"POST"}),
+    ],
+)
+async def test_wrong_method_is_json_405_naming_the_allowed_methods(
+    env: BrokerEnv, method: str, path: str, allowed: set[str]
+) -> None:
+    response = await env.http.request(method, f"{V1}{path}", headers=env.admin())
+    assert_error(response, 405, "method_not_allowed")
+    assert {m.strip() for m in response.headers["allow"].split(",")} == allowed

@@ -13,6 +13,7 @@ from broker.core.rules import (
     CREDENTIAL_KEYS,
     HOP_BY_HOP,
     MASQUERADE_KEYS,
+    MAX_PATH_BYTES,
     OVERRIDE_HEADERS,
     OVERRIDE_KEYS,
     SENSITIVE_QUERY_KEYS,
@@ -133,6 +134,35 @@ def test_check_path_refuses_non_canonical_paths(path: bytes) -> None:
     assert violation(caught) == (400, "non_canonical_path")
 
 
+@pytest.mark.parametrize(
+    "path",
+    [
+        pytest.param(b"/api/v1/courses/%C0%AE%C0%AE/accounts", id="overlong-dot"),
+        pytest.param(b"/api/v1/courses/%c0%af", id="overlong-slash"),
+        pytest.param(b"/api/v1/courses/%E0%80%AE", id="three-byte-overlong-dot"),
+        pytest.param(b"/api/v1/courses/%C1%9C", id="overlong-backslash"),
+        pytest.param(b"/api/v1/courses/%FF", id="invalid-byte"),
+        pytest.param(b"/api/v1/courses/%C3", id="truncated-sequence"),
+        pytest.param(b"/api/v1/courses/%ED%A0%80", id="surrogate"),
+    ],
+)
+def test_check_path_refuses_escapes_that_are_not_utf8(path: bytes) -> None:
+    with pytest.raises(RuleViolation) as caught:
+        check_path(path)
+    assert violation(caught) == (400, "non_canonical_path")
+    assert "UTF-8" in caught.value.message
+
+
+def test_check_path_refuses_a_path_over_the_length_limit_with_414() -> None:
+    prefix = b"/api/v1/courses/"
+    longest = prefix + b"1" * (MAX_PATH_BYTES - len(prefix))
+    assert check_path(longest) == longest.decode()
+    with pytest.raises(RuleViolation) as caught:
+        check_path(longest + b"1")
+    assert violation(caught) == (414, "path_too_long")
+    assert len(caught.value.message) < 300
+
+
 def test_check_path_message_truncates_huge_input() -> None:
     with pytest.raises(RuleViolation) as caught:
         check_path(b"/" + b"a" * 10_000 + b"/..")
@@ -211,6 +241,48 @@ def test_check_headers_allows_ordinary_headers() -> None:
     check_headers([(b"accept", b"application/json"), (b"x-method", b"DELETE"), (b"method", b"x")])
 
 
+@pytest.mark.parametrize(
+    "headers",
+    [
+        pytest.param([(b"host", b"broker"), (b"host", b"evil.example")], id="host"),
+        pytest.param([(b"Host", b"broker"), (b"host", b"broker")], id="host-same-value"),
+        pytest.param(
+            [(b"content-type", b"application/json"), (b"Content-Type", b"text/plain")],
+            id="content-type",
+        ),
+        pytest.param(
+            [(b"content_type", b"application/json"), (b"content-type", b"application/json")],
+            id="content-type-underscore",
+        ),
+    ],
+)
+def test_check_headers_refuses_a_repeated_host_or_content_type(
+    headers: list[tuple[bytes, bytes]],
+) -> None:
+    with pytest.raises(RuleViolation) as caught:
+        check_headers(headers)
+    assert violation(caught) == (400, "malformed_request")
+
+
+@pytest.mark.parametrize("coding", [b"gzip, chunked", b"identity", b"chunked, chunked", b"gzip"])
+def test_check_headers_refuses_transfer_codings_other_than_chunked(coding: bytes) -> None:
+    with pytest.raises(RuleViolation) as caught:
+        check_headers([(b"transfer-encoding", coding)])
+    assert violation(caught) == (400, "malformed_request")
+
+
+def test_check_headers_allows_chunked_and_repeated_ordinary_headers() -> None:
+    check_headers(
+        [
+            (b"host", b"broker"),
+            (b"content-type", b"application/json"),
+            (b"transfer-encoding", b"Chunked"),
+            (b"accept", b"application/json"),
+            (b"accept", b"text/plain"),
+        ]
+    )
+
+
 # --- check_query -----------------------------------------------------------------------------
 
 
@@ -242,6 +314,14 @@ def test_check_headers_allows_ordinary_headers() -> None:
         (b"api_key=abc", "credential_param_denied"),
         (b"access%5Ftoken=abc", "credential_param_denied"),
         (b"access_token[]=abc", "credential_param_denied"),
+        (b"course[as_user_id]=2", "masquerade_denied"),
+        (b"course%5Bas_user_id%5D=2", "masquerade_denied"),
+        (b"a[b][as_user_id]=2", "masquerade_denied"),
+        (b"a[][as_user_id]=2", "masquerade_denied"),
+        (b"as_user_id=1&as_user_id=2", "masquerade_denied"),
+        (b"course[_method]=DELETE", "method_override_denied"),
+        (b"user[access_token]=abc", "credential_param_denied"),
+        (b"x[y][api_key]=abc", "credential_param_denied"),
     ],
 )
 def test_check_query_refuses_keys_canvas_would_read(query: bytes, error: str) -> None:
@@ -272,7 +352,7 @@ def test_check_query_refuses_keys_canvas_would_read(query: bytes, error: str) ->
         b"&&=&",
         b"q=%C3%A9t%C3%A9",
         b"user[as]=1",
-        b"assignment[as_user_id]=2",
+        b"assignment[as]=2",
     ],
 )
 def test_check_query_allows_ordinary_queries(query: bytes) -> None:
@@ -307,6 +387,8 @@ def test_allow_masquerade_does_not_allow_other_keys(query: bytes, error: str) ->
         b"a=%C3",
         b"a=\xff",
         b"per_page=10&as_user_id=%",
+        b"per_page=10#as_user_id=2",
+        b"#",
     ],
 )
 def test_check_query_refuses_unparseable_queries(query: bytes) -> None:
@@ -393,6 +475,21 @@ def test_check_body_refuses_keys_anywhere_in_json(body: object, error: str) -> N
     assert violation(caught) == (403, error)
 
 
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        ({"course[as_user_id]": 2}, "masquerade_denied"),
+        ({"course": {"as_user_id[]": [2]}}, "masquerade_denied"),
+        ({"course": [{"_method[x]": "DELETE"}]}, "method_override_denied"),
+        ({"user": {"[access_token]": "x"}}, "credential_param_denied"),
+    ],
+)
+def test_check_body_refuses_bracketed_keys_in_json(body: object, error: str) -> None:
+    with pytest.raises(RuleViolation) as caught:
+        check_body("application/json", json.dumps(body).encode(), allow_masquerade=False)
+    assert violation(caught) == (403, error)
+
+
 def test_check_body_sees_duplicate_json_keys() -> None:
     with pytest.raises(RuleViolation, match="as_user_id"):
         check_body("application/json", b'{"a": 1, "as_user_id": 2, "a": 3}', allow_masquerade=False)
@@ -472,7 +569,45 @@ def test_check_body_allows_ordinary_form_bodies() -> None:
     check_body(FORM, b"assignment[name]=as_user_id&comment=a+b%21", allow_masquerade=False)
 
 
-@pytest.mark.parametrize("body", [b"a=%", b"a=%zz", b"a=%FF", b"\xff=1"])
+@pytest.mark.parametrize(
+    "body", [b"assignment[name]=x\n", b"assignment[name]=x\r\n", b"assignment[name]=Week 1"]
+)
+def test_check_body_allows_a_form_body_as_curl_sends_it(body: bytes) -> None:
+    check_body(FORM, body, allow_masquerade=False)
+
+
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        (b"course[as_user_id]=2", "masquerade_denied"),
+        (b"assignment[name]=x&assignment[as_user_id][]=2", "masquerade_denied"),
+        (b"assignment[_method]=DELETE", "method_override_denied"),
+        (b"user[api_key]=x", "credential_param_denied"),
+    ],
+)
+def test_check_body_refuses_nested_keys_in_form_bodies(body: bytes, error: str) -> None:
+    with pytest.raises(RuleViolation) as caught:
+        check_body(FORM, body, allow_masquerade=False)
+    assert violation(caught) == (403, error)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(b"a=%", id="bad-escape"),
+        pytest.param(b"a=%zz", id="bad-hex"),
+        pytest.param(b"a=%FF", id="escape-not-utf8"),
+        pytest.param(b"\xff=1", id="raw-not-utf8"),
+        pytest.param(b'{"as_user_id": 2}', id="json-object"),
+        pytest.param(b' \n[{"a": "&as_user_id=2"}]', id="json-array"),
+        pytest.param(
+            b'--b\r\nContent-Disposition: form-data; name="as_user_id"\r\n\r\n2\r\n--b--\r\n',
+            id="multipart",
+        ),
+        pytest.param(b"a=1\x00&as_user_id=2", id="nul"),
+        pytest.param(b"a=1\r\nb=2", id="line-break-inside"),
+    ],
+)
 def test_check_body_refuses_malformed_form_bodies(body: bytes) -> None:
     with pytest.raises(RuleViolation) as caught:
         check_body(FORM, body, allow_masquerade=False)
@@ -680,6 +815,7 @@ def test_forward_request_headers_drops_credentials_and_proxy_headers() -> None:
         (b"Trailer", b"X-Sum"),
         (b"Transfer-Encoding", b"chunked"),
         (b"Upgrade", b"websocket"),
+        (b"Expect", b"100-continue"),
         (b"Accept", b"application/json"),
     ]
     assert forward_request_headers(headers) == [(b"Accept", b"application/json")]
@@ -752,6 +888,7 @@ def test_forward_response_headers_drops_cookies_and_hop_by_hop_headers() -> None
         (b"Keep-Alive", b"timeout=5"),
         (b"Transfer-Encoding", b"chunked"),
         (b"X-Internal", b"1"),
+        (b"Date", b"Tue, 01 Jan 2030 00:00:00 GMT"),
         (b"Content-Type", b"application/json"),
     ]
     assert forward_response_headers(headers) == [(b"Content-Type", b"application/json")]
@@ -784,6 +921,8 @@ def test_redact_query_hashes_every_sensitive_key(key: str) -> None:
         (b"a=1& code=secret", "a=1& code=HASH"),
         (b"password=secret&password=secret", "password=HASH&password=HASH"),
         (b"code=a+b%20c", "code=" + fake_hmac("a b c")),
+        (b"course[access_token]=secret", "course[access_token]=HASH"),
+        (b"pseudonym[password]=secret&x=1", "pseudonym[password]=HASH&x=1"),
     ],
 )
 def test_redact_query_normalises_key_names(query: bytes, expected: str) -> None:

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 
 RAW_PATH = "raw_path"
 """Request extension carrying the exact path bytes for :class:`RawTargetTransport`."""
+RAW_METHOD = "raw_method"
+"""Request extension carrying a method exactly as sent (httpx upper-cases methods)."""
 
 
 @dataclass(frozen=True)
@@ -114,9 +116,12 @@ class RawTargetTransport(httpx.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """Send the request to the app, with the raw path if one was given."""
         raw = request.extensions.get(RAW_PATH)
+        method = request.extensions.get(RAW_METHOD)
         app = self._app
         if isinstance(raw, bytes):
-            app = _with_raw_path(self._app, raw)
+            app = _with_raw_path(app, raw)
+        if isinstance(method, str):
+            app = _with_method(app, method)
         return await httpx.ASGITransport(app=app).handle_async_request(request)
 
 
@@ -132,6 +137,13 @@ def _with_raw_path(app: ASGIApp, raw: bytes) -> ASGIApp:
     return wrapped
 
 
+def _with_method(app: ASGIApp, method: str) -> ASGIApp:
+    async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
+        await app({**scope, "method": method}, receive, send)
+
+    return wrapped
+
+
 async def send_raw(
     http: httpx.AsyncClient,
     method: str,
@@ -139,9 +151,16 @@ async def send_raw(
     headers: dict[str, str],
     **kwargs: Any,
 ) -> httpx.Response:
-    """Send ``method raw_path`` (which may include ``?query``) through a raw-target client."""
+    """Send ``method raw_path`` (which may include ``?query``) through a raw-target client.
+
+    The method reaches the app exactly as given, lower case included.
+    """
     return await http.request(
-        method, "/api/v1/placeholder", headers=headers, extensions={RAW_PATH: raw_path}, **kwargs
+        method,
+        "/api/v1/placeholder",
+        headers=headers,
+        extensions={RAW_PATH: raw_path, RAW_METHOD: method},
+        **kwargs,
     )
 
 

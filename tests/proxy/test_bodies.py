@@ -160,3 +160,121 @@ async def test_declared_length_over_the_limit_is_refused_before_the_body_is_read
     response = await env.http.send(request)
     await assert_refused(env, response, 413, "body_too_large", caller)
     assert len(read) <= 1
+
+
+MULTIPART_AS_USER = (
+    b'--x\r\nContent-Disposition: form-data; name="as_user_id"\r\n\r\n2\r\n--x--\r\n'
+)
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body", "status", "error"),
+    [
+        pytest.param(
+            "application/x-www-form-urlencoded",
+            b'{"as_user_id": 2}',
+            400,
+            "malformed_body",
+            id="form-type-json-object",
+        ),
+        pytest.param(
+            "application/x-www-form-urlencoded; charset=utf-8",
+            b'[{"x": "&as_user_id=2"}]',
+            400,
+            "malformed_body",
+            id="form-type-json-array",
+        ),
+        pytest.param(
+            "application/x-www-form-urlencoded",
+            MULTIPART_AS_USER,
+            400,
+            "malformed_body",
+            id="form-type-multipart-body",
+        ),
+        pytest.param(
+            "application/json", b"as_user_id=2", 400, "malformed_body", id="json-type-form-body"
+        ),
+        pytest.param(
+            "application/json",
+            MULTIPART_AS_USER,
+            400,
+            "malformed_body",
+            id="json-type-multipart-body",
+        ),
+        pytest.param(
+            "multipart/form-data; boundary=x",
+            b'{"as_user_id": 2}',
+            400,
+            "malformed_body",
+            id="multipart-type-json-body",
+        ),
+        pytest.param(
+            "multipart/form-data; boundary=y",
+            MULTIPART_AS_USER,
+            400,
+            "malformed_body",
+            id="multipart-wrong-boundary",
+        ),
+        pytest.param(
+            "text/plain", b'{"as_user_id": 2}', 415, "unsupported_media_type", id="text-type-json"
+        ),
+        pytest.param(
+            "text/x-json",
+            b'{"as_user_id": 2}',
+            415,
+            "unsupported_media_type",
+            id="rails-json-alias-type",
+        ),
+        pytest.param(
+            "multipart/mixed; boundary=x",
+            MULTIPART_AS_USER,
+            415,
+            "unsupported_media_type",
+            id="multipart-mixed",
+        ),
+        pytest.param(
+            "application/xml",
+            b"<hash><as_user_id>2</as_user_id></hash>",
+            415,
+            "unsupported_media_type",
+            id="xml",
+        ),
+    ],
+)
+async def test_body_whose_type_disagrees_with_its_content_is_refused(
+    env: BrokerEnv, content_type: str, body: bytes, status: int, error: str
+) -> None:
+    caller = await make_caller(env)
+    response = await env.http.post(
+        ASSIGNMENTS, content=body, headers={**caller.headers, "Content-Type": content_type}
+    )
+    await assert_refused(env, response, status, error, caller)
+
+
+async def test_two_content_types_are_refused_with_400(env: BrokerEnv) -> None:
+    caller = await make_caller(env)
+    response = await env.http.post(
+        ASSIGNMENTS,
+        content=b'{"x": "&as_user_id=2"}',
+        headers=[
+            *caller.headers.items(),
+            ("Content-Type", "application/json"),
+            ("Content-Type", "application/x-www-form-urlencoded"),
+        ],
+    )
+    await assert_refused(env, response, 400, "malformed_request", caller)
+
+
+async def test_chunked_json_body_is_inspected_like_any_other(make_env: EnvFactory) -> None:
+    env = await make_env(max_body_bytes=LIMIT)
+    caller = await make_caller(env)
+    body = b'{"assignment": {"name": "x"}, "as_user_id": 2}'
+    request = env.http.build_request(
+        "POST",
+        ASSIGNMENTS,
+        content=_chunks(body, size=5),
+        headers={**caller.headers, "Content-Type": "application/json"},
+    )
+    assert request.headers["transfer-encoding"] == "chunked"
+    response = await env.http.send(request)
+    await assert_refused(env, response, 403, "masquerade_denied", caller)

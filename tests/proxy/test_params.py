@@ -60,6 +60,54 @@ MASQUERADE = [
         {"json": [{"as_user_id": 2}]},
         id="json-in-array",
     ),
+    pytest.param(
+        "GET", "/api/v1/users/self", {"params": {"as_user_id": ["2", "3"]}}, id="query-repeated"
+    ),
+    pytest.param(
+        "GET", "/api/v1/users/self", {"params": {"as_user_id[0]": "2"}}, id="query-indexed"
+    ),
+    pytest.param(
+        "GET", "/api/v1/users/self", {"params": {"user[as_user_id]": "2"}}, id="query-nested"
+    ),
+    pytest.param(
+        "GET", "/api/v1/users/self?user%5Bas_user_id%5D=2", {}, id="query-nested-encoded-brackets"
+    ),
+    pytest.param(
+        "POST",
+        ASSIGNMENTS,
+        {"data": {**NEW_ASSIGNMENT, "assignment[as_user_id]": "2"}},
+        id="form-nested",
+    ),
+    pytest.param(
+        "POST",
+        ASSIGNMENTS,
+        {"data": {**NEW_ASSIGNMENT, "as_user_id": ["2", "3"]}},
+        id="form-repeated",
+    ),
+    pytest.param(
+        "POST",
+        ASSIGNMENTS,
+        {"data": {**NEW_ASSIGNMENT, "course[as_user_id]": "2"}, "files": ATTACHMENT},
+        id="multipart-nested",
+    ),
+    pytest.param(
+        "POST",
+        ASSIGNMENTS,
+        {"json": {"course": {"as_user_id": 1}, "assignment": {"name": "x"}}},
+        id="json-nested-under-another-key",
+    ),
+    pytest.param(
+        "POST",
+        ASSIGNMENTS,
+        {"json": {"assignment": {"name": "x"}, "assignment[as_user_id]": 2}},
+        id="json-bracketed-key",
+    ),
+    pytest.param(
+        "POST",
+        ASSIGNMENTS,
+        {"json": {"assignment": {"name": "x"}, "as_user_id[]": [2, 3]}},
+        id="json-array-key",
+    ),
 ]
 
 
@@ -109,6 +157,11 @@ OVERRIDE = [
     pytest.param({"headers": {"X-HTTP-Method-Override": "DELETE"}}, id="x-http-method-override"),
     pytest.param({"headers": {"X-HTTP-Method": "DELETE"}}, id="x-http-method"),
     pytest.param({"headers": {"X-Method-Override": "DELETE"}}, id="x-method-override"),
+    pytest.param({"headers": {"x-http-method-override": "delete"}}, id="lower-case-header"),
+    pytest.param({"params": {"_method": "delete"}}, id="query-lower-case-value"),
+    pytest.param({"params": {"assignment[_method]": "DELETE"}}, id="query-nested"),
+    pytest.param({"data": {"_method[]": "DELETE"}}, id="form-array"),
+    pytest.param({"json": {"_method": "DELETE"}}, id="json"),
 ]
 
 
@@ -141,6 +194,20 @@ CREDENTIALS = [
     pytest.param(
         "POST", ASSIGNMENTS, {"json": {"assignment": {"name": "x"}, "access_token": "x"}}, id="json"
     ),
+    pytest.param("POST", ASSIGNMENTS, {"data": {**NEW_ASSIGNMENT, "api_key": "x"}}, id="form-key"),
+    pytest.param(
+        "POST",
+        ASSIGNMENTS,
+        {"data": {**NEW_ASSIGNMENT, "access_token": "x"}, "files": ATTACHMENT},
+        id="multipart-access-token",
+    ),
+    pytest.param(
+        "POST", ASSIGNMENTS, {"json": {"assignment": {"api_key": "x"}}}, id="json-nested-api-key"
+    ),
+    pytest.param(
+        "GET", ASSIGNMENTS, {"params": {"user[access_token]": "x"}}, id="query-nested-access-token"
+    ),
+    pytest.param("GET", f"{ASSIGNMENTS}?access%5Ftoken=x", {}, id="query-encoded-name"),
 ]
 
 

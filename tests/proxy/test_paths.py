@@ -39,6 +39,21 @@ NON_CANONICAL = [
     pytest.param("/api/v1/users/caf\u00e9".encode(), id="non-ascii-utf8"),
     pytest.param(b"/api/v1/users/caf\xe9", id="non-ascii-latin1"),
     pytest.param(b"/api/v1/courses/1201%", id="bad-percent"),
+    pytest.param(b"/api/v1/courses/%2e%2E/users/1", id="encoded-dot-dot-mixed-case"),
+    pytest.param(b"/api/v1/courses/.%2e/users/1", id="half-encoded-dot-dot"),
+    pytest.param(b"/api/v1/courses/%2E./users/1", id="other-half-encoded-dot-dot"),
+    pytest.param(b"/api/v1/courses/%252E%252E/users/1", id="double-encoded-dot-dot-upper"),
+    pytest.param(b"/api/v1/courses/%25%32%65%25%32%65/users/1", id="double-encoded-fully"),
+    pytest.param(b"/api/v1/courses/1201%252Fassignments", id="double-encoded-slash"),
+    pytest.param(b"/api/v1/courses/1201%255cassignments", id="double-encoded-backslash"),
+    pytest.param(b"/api/v1/courses/%C0%AE%C0%AE/users/1", id="overlong-utf8-dot-dot"),
+    pytest.param(b"/api/v1/courses/1201%c0%afassignments", id="overlong-utf8-slash"),
+    pytest.param(b"/api/v1/courses/%u002e%u002e/users/1", id="iis-unicode-escape"),
+    pytest.param(b"/api/v1/courses/1201/assignments/", id="trailing-slash"),
+    pytest.param(b"/api/v1/courses/1201;as_user_id=2/assignments", id="semicolon-parameter"),
+    pytest.param(b"/api/v1/courses/1201/assignments;", id="trailing-semicolon"),
+    pytest.param(b"/api/v1/courses/1201\x01/assignments", id="control-byte"),
+    pytest.param(b"/api/v1/courses/1201/assignments#x", id="fragment"),
 ]
 
 
@@ -55,6 +70,85 @@ async def test_non_canonical_path_is_refused_with_400(
     event = await assert_refused(env, response, 400, "non_canonical_path", caller)
     # The audit log shows the path the proxy received, odd bytes escaped.
     assert event["path"] == _escaped(raw_path)
+
+
+async def test_path_over_the_length_limit_is_refused_with_414(
+    env: BrokerEnv, raw_http: httpx.AsyncClient
+) -> None:
+    caller = await make_caller(env, scopes=("url:GET|/api/v1/files/*path",))
+    raw_path = b"/api/v1/files/" + b"a/" * 1100
+    response = await send_raw(raw_http, "GET", raw_path, caller.headers)
+    event = await assert_refused(env, response, 414, "path_too_long", caller)
+    assert event["path"] == raw_path.decode()[:2048]
+
+
+@pytest.mark.parametrize("suffix", [b".xml", b".json.json", b".JSON", b".js", b".", b".json/"])
+async def test_format_suffix_other_than_json_is_refused(
+    env: BrokerEnv, raw_http: httpx.AsyncClient, suffix: bytes
+) -> None:
+    caller = await make_caller(env, scopes=GRANT)
+    raw_path = b"/api/v1/courses/1201/assignments" + suffix
+    response = await send_raw(raw_http, "GET", raw_path, caller.headers)
+    if suffix.endswith(b"/"):
+        await assert_refused(env, response, 400, "non_canonical_path", caller)
+    else:
+        await assert_refused(env, response, 403, "scope_not_granted", caller)
+
+
+@pytest.mark.parametrize(
+    "path", ["/api/v1/courses/1201/assignments.json", "/api/v1/courses/1201.json"]
+)
+async def test_json_format_suffix_is_forwarded_as_sent(env: BrokerEnv, path: str) -> None:
+    caller = await make_caller(
+        env, scopes=GRANT, constraints={"course_id": ["1201"], "id": ["1201"]}
+    )
+    response = await env.http.get(path, headers=caller.headers)
+    assert response.status_code == 200, response.text
+    assert env.received == [path]
+
+
+@pytest.mark.parametrize(
+    ("path", "error"),
+    [
+        ("/api/v1/courses/1202.json", "constraint_violation"),
+        ("/api/v1/courses/1201.xml", "constraint_violation"),
+        ("/api/v1/courses/1201.json.json", "constraint_violation"),
+        ("/api/v1/courses/1201.json/assignments", "constraint_violation"),
+        ("/api/v1/courses/1201/assignments.xml", "scope_not_granted"),
+    ],
+)
+async def test_format_suffix_never_widens_a_constraint(
+    env: BrokerEnv, path: str, error: str
+) -> None:
+    caller = await make_caller(
+        env, scopes=GRANT, constraints={"course_id": ["1201"], "id": ["1201"]}
+    )
+    response = await env.http.get(path, headers=caller.headers)
+    await assert_refused(env, response, 403, error, caller)
+
+
+@pytest.mark.parametrize("method", ["get", "Get", "gET", "post"])
+async def test_method_in_another_case_matches_no_scope(
+    env: BrokerEnv, raw_http: httpx.AsyncClient, method: str
+) -> None:
+    caller = await make_caller(env, scopes=GRANT)
+    response = await send_raw(raw_http, method, b"/api/v1/courses/1201/assignments", caller.headers)
+    event = await assert_refused(env, response, 403, "scope_not_granted", caller)
+    assert event["method"] == method
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/v1/Courses/1201/assignments",
+        "/api/v1/courses/1201/Assignments",
+        "/api/v1/COURSES/1201/ASSIGNMENTS",
+    ],
+)
+async def test_path_in_another_case_matches_no_scope(env: BrokerEnv, path: str) -> None:
+    caller = await make_caller(env, scopes=GRANT)
+    response = await env.http.get(path, headers=caller.headers)
+    await assert_refused(env, response, 403, "scope_not_granted", caller)
 
 
 async def test_non_canonical_path_without_token_is_still_400(
@@ -99,7 +193,16 @@ async def test_raw_transport_forwards_a_canonical_path_byte_for_byte(
     ("method", "path"),
     [
         ("POST", "/login/session_token"),
+        ("GET", "/login/session_token"),
+        ("GET", "/login/session_token?return_to=/courses/1202"),
+        ("POST", "/login/oauth2/token"),
         ("POST", "/api/graphql"),
+        ("GET", "/api/graphql"),
+        ("POST", "/api/graphql.json"),
+        ("POST", "/API/graphql"),
+        ("GET", "/API/v1/courses/1201"),
+        ("GET", "/api/V1/courses/1201"),
+        ("GET", "/Api/v1/courses/1201"),
         ("GET", "/some/other/path"),
         ("GET", "/api/v2/courses/1201"),
         ("GET", "/api/v1"),
