@@ -49,7 +49,7 @@ T = TypeVar("T")
 
 PROXIED_PREFIXES = ("/api/v1/", "/api/quiz/v1/")
 REALM = 'Bearer realm="canvas-token-broker", error="invalid_token"'
-_MAX_AUDIT_PATH = 2048
+_MAX_AUDIT_PATH = rules.MAX_PATH_BYTES
 _REWRITE_LIMIT = 8 * 1024 * 1024
 _REWRITER_CACHE_SIZE = 256
 _PRINTABLE = re.compile(rb"[\x20-\x5b\x5d-\x7e]*")
