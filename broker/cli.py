@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -148,16 +150,31 @@ def serve(
     workers: Annotated[int, typer.Option(help="worker processes")] = 1,
 ) -> None:
     """Run the service."""
-    import uvicorn  # noqa: PLC0415
-
     from broker.keyring import load_keyring  # noqa: PLC0415
-    from broker.serving import RequestTargetProtocol  # noqa: PLC0415
 
     settings = _settings()
     try:
         load_keyring(settings)
     except ConfigurationError as exc:
         fail(str(exc))
+    shared: Path | None = None
+    if workers > 1 and settings.epoch_file is None:
+        # Workers see each other's revocations at once through this file (mode 0600, in a
+        # directory of its own); the environment carries its name to the spawned workers.
+        shared = Path(tempfile.mkdtemp(prefix="canvas-token-broker-"))
+        os.environ["BROKER_EPOCH_FILE"] = str(shared / "revocation-epoch")
+    try:
+        _run_server(settings, host, port, workers)
+    finally:
+        if shared is not None:
+            shutil.rmtree(shared, ignore_errors=True)
+
+
+def _run_server(settings: Settings, host: str | None, port: int | None, workers: int) -> None:
+    import uvicorn  # noqa: PLC0415
+
+    from broker.serving import RequestTargetProtocol  # noqa: PLC0415
+
     uvicorn.run(
         "broker.app:create_app",
         factory=True,
