@@ -23,8 +23,13 @@ _ABSOLUTE: Final = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://([^/?#]*)")
 _JSON_WHITESPACE: Final = re.compile(r"[ \t\n\r]*")
 # One link-value of a Link header: separators, ``<url>``, then parameters up to the next
 # comma outside a quoted string. What follows the last one may only be separators.
-_LINK_VALUE: Final = re.compile(r'[ \t,]*<([^>]*)>(?:[^",]|"(?:[^"\\]|\\.)*")*', re.DOTALL)
-_LINK_TAIL: Final = re.compile(r"[ \t,]*")
+# Possessive quantifiers: the scan never backtracks, like reading the header left to right,
+# so a hostile header cannot make the match take exponential time.
+_LINK_VALUE_TEXT: Final = r'[ \t,]*+<([^>]*+)>(?:[^",]|"(?:[^"\\]|\\.)*+")*+'
+_LINK_VALUE: Final = re.compile(_LINK_VALUE_TEXT, re.DOTALL)
+_LINK_HEADER: Final = re.compile(
+    f"(?:{_LINK_VALUE_TEXT.replace('([^>]*+)', '[^>]*+')})*+[ \t,]*+", re.DOTALL
+)
 _AFTER_ORIGIN: Final = frozenset({"", "/", "?", "#"})
 _HIGH_SURROGATE: Final = range(0xD800, 0xDC00)
 _LOW_SURROGATE: Final = range(0xDC00, 0xE000)
@@ -106,20 +111,14 @@ class Rewriter:
 
         A header that does not parse as a list of ``<url>; params`` is returned unchanged.
         """
-        out: list[str] = []
-        position, end = 0, len(value)
-        while position < end:
-            link = _LINK_VALUE.match(value, position)
-            if link is None:
-                if _LINK_TAIL.fullmatch(value, position) is None:
-                    return value
-                out.append(value[position:])
-                break
-            out.append(value[position : link.start(1)])
-            out.append(self.url(link.group(1)))
-            out.append(value[link.end(1) : link.end()])
-            position = link.end()
-        return "".join(out)
+        if _LINK_HEADER.fullmatch(value) is None:
+            return value
+        # The header parses, so link-values tile it and each match below is the next one.
+        return _LINK_VALUE.sub(self._link_value, value)
+
+    def _link_value(self, link: re.Match[str]) -> str:
+        whole, start, end = link.group(0), link.start(1) - link.start(), link.end(1) - link.start()
+        return whole[:start] + self.url(link.group(1)) + whole[end:]
 
     def json_body(self, body: bytes) -> bytes | None:
         """Rewrite upstream URLs among the string values of a JSON body's ``meta.pagination``.

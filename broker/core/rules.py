@@ -126,7 +126,14 @@ def check_path(raw_path: bytes) -> str:
     return raw_path.decode("ascii")
 
 
+# Slash-led segments of unreserved and sub-delimiter characters, none starting with '.', and
+# no '%', ';', '?', '#' or backslash: canonical by construction (the usual API path).
+_PLAIN_PATH: Final = re.compile(rb"(?:/[A-Za-z0-9_~:@!$&'()*+,=-][A-Za-z0-9._~:@!$&'()*+,=-]*)+")
+
+
 def _path_problem(raw_path: bytes) -> str | None:
+    if _PLAIN_PATH.fullmatch(raw_path):
+        return None
     segments = raw_path[1:].split(b"/") if raw_path != b"/" else []
     problems = (
         (not raw_path.startswith(b"/"), "path must start with '/'"),

@@ -329,10 +329,6 @@ class TokenService:
         disabling a client, credential or upstream therefore takes effect on the very next
         request here, and within a second on other replicas.
         """
-        try:
-            check_secret(value, SecretKind.PROXY_TOKEN)
-        except MalformedSecretError as exc:
-            raise TokenRejectedError("malformed_token", "the access token is malformed") from exc
         cache_key = self._keyring.hash_secret(value)
         # Read the epoch before the database: a revocation committed after this read changes
         # the epoch, so an entry built from a read that missed it is never used.
@@ -340,9 +336,13 @@ class TokenService:
         if epoch is not None:
             cached = self._cache.get(cache_key)
             if cached is not None and cached.epoch == epoch and time.time() < cached.usable_until:
-                return cached.authorized
+                return cached.authorized  # only well-formed tokens are ever cached
         else:
             self._epoch.start(self._sessions)
+        try:
+            check_secret(value, SecretKind.PROXY_TOKEN)
+        except MalformedSecretError as exc:
+            raise TokenRejectedError("malformed_token", "the access token is malformed") from exc
         authorized, usable_until = await self._resolve_stored(value)
         if epoch is not None:
             if len(self._cache) >= _TOKEN_CACHE_SIZE:

@@ -204,8 +204,21 @@ class AuditEvent(Base):
 
     __tablename__ = "audit_events"
     __table_args__ = (
-        Index("ix_audit_events_time", "time"),
-        Index("ix_audit_events_client_seq", "client_id", "seq"),
+        # Completion events are reached through what they complete, never by time or client:
+        # the indexes that review filters use leave them out (cheaper appends).
+        Index(
+            "ix_audit_events_time",
+            "time",
+            sqlite_where=text("completes IS NULL"),
+            postgresql_where=text("completes IS NULL"),
+        ),
+        Index(
+            "ix_audit_events_client_seq",
+            "client_id",
+            "seq",
+            sqlite_where=text("client_id IS NOT NULL"),
+            postgresql_where=text("client_id IS NOT NULL"),
+        ),
         # Only completion events have ``completes``: index just those (cheaper appends).
         Index(
             "ix_audit_events_completes",

@@ -22,6 +22,8 @@ depends_on: str | Sequence[str] | None = None
 
 def upgrade() -> None:
     with op.batch_alter_table("audit_events", schema=None) as batch_op:
+        batch_op.drop_index("ix_audit_events_time")
+        batch_op.drop_index("ix_audit_events_client_seq")
         batch_op.add_column(sa.Column("completes", sa.BigInteger(), nullable=True))
         batch_op.add_column(sa.Column("prev_mac", sa.String(length=64), nullable=True))
         batch_op.add_column(sa.Column("mac", sa.String(length=64), nullable=True))
@@ -32,6 +34,21 @@ def upgrade() -> None:
             unique=False,
             sqlite_where=sa.text("completes IS NOT NULL"),
             postgresql_where=sa.text("completes IS NOT NULL"),
+        )
+        # Review filters never look for completion events by time or client.
+        batch_op.create_index(
+            "ix_audit_events_time",
+            ["time"],
+            unique=False,
+            sqlite_where=sa.text("completes IS NULL"),
+            postgresql_where=sa.text("completes IS NULL"),
+        )
+        batch_op.create_index(
+            "ix_audit_events_client_seq",
+            ["client_id", "seq"],
+            unique=False,
+            sqlite_where=sa.text("client_id IS NOT NULL"),
+            postgresql_where=sa.text("client_id IS NOT NULL"),
         )
 
     op.create_table(
@@ -69,6 +86,10 @@ def downgrade() -> None:
     op.drop_table("audit_checkpoints")
     op.drop_table("audit_head")
     with op.batch_alter_table("audit_events", schema=None) as batch_op:
+        batch_op.drop_index("ix_audit_events_client_seq")
+        batch_op.drop_index("ix_audit_events_time")
+        batch_op.create_index("ix_audit_events_time", ["time"], unique=False)
+        batch_op.create_index("ix_audit_events_client_seq", ["client_id", "seq"], unique=False)
         batch_op.drop_index("ix_audit_events_completes")
         batch_op.drop_column("mac_key")
         batch_op.drop_column("mac")

@@ -385,3 +385,15 @@ def test_link_header_agrees_with_the_character_by_character_reading(value: str) 
 )
 def test_url_rewrites_only_the_upstream_origin(url: str, expected: str) -> None:
     assert Rewriter(UPSTREAM, PUBLIC).url(url) == expected
+
+
+@pytest.mark.parametrize("links", [1, 40, 5000])
+def test_link_header_scans_hostile_headers_in_one_pass(links: int) -> None:
+    rewriter = Rewriter(UPSTREAM, PUBLIC)
+    # Links without commas between them, then an unterminated quote: a backtracking matcher
+    # would try every way of splitting the run before giving up.
+    value = f"<{UPSTREAM}/a> " * links + '"'
+    assert rewriter.link_header(value) == value
+    assert (
+        rewriter.link_header(value[:-1]) == f"<{PUBLIC}/a>" + f" <{UPSTREAM}/a>" * (links - 1) + " "
+    )
