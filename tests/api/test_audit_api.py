@@ -83,7 +83,7 @@ async def test_filter_by_client_selects_its_admin_token_and_proxy_events(
     events = await query(env, client=traffic.alpha_id)
     assert {e["client_id"] for e in events} == {traffic.alpha_id}
     assert calls(events) == [
-        ("admin", None, None),
+        ("admin", "POST", "/broker/v1/clients"),
         MINT,
         ("proxy", "GET", COURSE),
         ("proxy", "GET", ASSIGNMENTS),
