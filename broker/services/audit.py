@@ -30,7 +30,7 @@ from broker.core.audit_chain import (
     beyond_head,
     checkpoint_sound,
 )
-from broker.errors import AuditUnavailableError, ConflictError
+from broker.errors import AuditUnavailableError, ConflictError, ValidationFailedError
 from broker.services.audit_writer import AuditWriteError, AuditWriter
 from broker.storage import audit_chain as chain
 from broker.storage.database import create_sync_engine
@@ -462,6 +462,9 @@ def prune_log(
     never launder tampering into a signed checkpoint. The prune is recorded as an admin event
     (``record`` names who asked) in the same transaction, so it never happens unrecorded.
     """
+    if before > utcnow():
+        # Almost certainly a typo, and it would remove every event.
+        raise ValidationFailedError("before", "must not be in the future")
     with connection.begin():
         head = chain.lock_head(connection)
         anchor = _anchor(connection, keyring)
