@@ -107,3 +107,80 @@ class Dba:
 def forged_mac() -> str:
     """A MAC that looks like the broker's but is made with a key the broker never had."""
     return hmac.new(secrets.token_bytes(32), secrets.token_bytes(16), hashlib.sha256).hexdigest()
+
+
+def fill_audit_log(database_url: str, keyring: Keyring, calls: int, *, batch: int = 2500) -> int:
+    """Chain four realistic events per call into the log; returns how many reviews show.
+
+    Each call is a forwarded request (a pending event and its completion), a refusal and a
+    token mint: four events, three as review and export show them (completions merge).
+    """
+    from broker.services.audit import chain_key  # noqa: PLC0415
+    from broker.storage.audit_chain import append, lock_head  # noqa: PLC0415
+    from broker.storage.models import utcnow  # noqa: PLC0415
+
+    engine = create_sync_engine(database_url, write=True)
+    key = chain_key(keyring)
+    try:
+        for start in range(0, calls, batch):
+            with engine.begin() as connection:
+                seq = lock_head(connection).last_seq
+                events: list[dict[str, Any]] = []
+                for n in range(start, min(start + batch, calls)):
+                    now = utcnow()
+                    common = {
+                        "time": now,
+                        "request_id": f"fill{n:08d}",
+                        "client_id": "cli_fill",
+                        "token_id": "tok_fill",
+                        "source_ip": "10.0.0.7",
+                        "user_agent": "python-requests/2.32",
+                    }
+                    call = {
+                        **common,
+                        "kind": "proxy",
+                        "method": "GET",
+                        "path": f"/api/v1/courses/{n}/assignments",
+                        "query": "per_page=100&page=2",
+                        "scope": "url:GET|/api/v1/courses/:course_id/assignments",
+                    }
+                    events += [
+                        {**call, "action": "proxy", "state": "pending", "decision": "allow"},
+                        {
+                            **common,
+                            "kind": "proxy",
+                            "action": "proxy.complete",
+                            "state": "complete",
+                            "decision": "allow",
+                            "completes": seq + len(events) + 1,
+                            "completed_at": now,
+                            "status": 200,
+                            "upstream_status": 200,
+                            "response_bytes": 2185,
+                            "duration_ms": 7.25,
+                        },
+                        {
+                            **call,
+                            "action": "proxy",
+                            "method": "DELETE",
+                            "state": "complete",
+                            "decision": "deny",
+                            "reason": "scope_not_granted",
+                            "status": 403,
+                            "completed_at": now,
+                        },
+                        {
+                            **common,
+                            "kind": "token",
+                            "action": "token.mint",
+                            "state": "complete",
+                            "decision": "allow",
+                            "status": 200,
+                            "completed_at": now,
+                            "details": {"expires_in": 900, "scopes": [call["scope"]]},
+                        },
+                    ]
+                append(connection, key, events)
+    finally:
+        engine.dispose()
+    return calls * 3
