@@ -716,17 +716,25 @@ def audit_hash() -> None:
 @audit_app.command("verify")
 def audit_verify(
     as_json: Annotated[bool, typer.Option("--json", help="the report as JSON")] = False,
+    expect_head: Annotated[
+        str | None,
+        typer.Option(help="SEQ:MAC of a head printed by an earlier verify: it must still hold"),
+    ] = None,
 ) -> None:
     """Check the audit chain (local: BROKER_DATABASE_URL and the keyring).
 
     Exit 0 when the log verifies, 1 when it does not (the first problem is named), 2 when it
     could not be checked.
     """
-    from broker.services.audit import verify_database  # noqa: PLC0415
+    from broker.services.audit import EarlierHead, verify_database  # noqa: PLC0415
 
+    try:
+        earlier = EarlierHead.parse(expect_head) if expect_head is not None else None
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--expect-head") from exc
     settings, keyring = _local_audit()
     try:
-        report = verify_database(settings.async_database_url, keyring)
+        report = verify_database(settings.async_database_url, keyring, earlier)
     except SQLAlchemyError as exc:
         fail(f"cannot read the audit log: {_database_problem(exc)}", UNUSABLE)
     if as_json:
@@ -822,6 +830,10 @@ def verify_summary(report: dict[str, Any]) -> str:
         if head
         else "head: none (empty log)"
     )
+    earlier = report.get("earlier_head")
+    if earlier and earlier["found"]:
+        found = {"in_chain": "still in the chain", "pruned": "pruned since, not compared"}
+        lines.append(f"earlier head seq {earlier['seq']}: {found[earlier['found']]}")
     lines.append(_checkpoint_line(report["checkpoint"]))
     incomplete = report["incomplete"]
     oldest = ", ".join(str(seq) for seq in incomplete["oldest"])

@@ -29,6 +29,8 @@ from broker.api.schemas import (
     AuditVerification,
     ErrorOut,
 )
+from broker.errors import BadRequestError
+from broker.services.audit import EarlierHead
 from broker.storage.queries import AuditFilter
 
 if TYPE_CHECKING:
@@ -192,14 +194,25 @@ def _csv_cell(value: object) -> object:
 
 
 @router.get("/audit/verify")
-async def verify_audit(_: Reader, services: ServicesDep) -> AuditVerification:
+async def verify_audit(
+    _: Reader,
+    services: ServicesDep,
+    expect_head: Annotated[
+        str | None,
+        Query(description="SEQ:MAC of a head kept from an earlier verify; it must still hold"),
+    ] = None,
+) -> AuditVerification:
     """Verify the audit chain from the newest checkpoint (or the start) to the signed head.
 
     Always 200 when the check ran: the finding is the body. ``ok`` false names the first
     ``problem`` (``modified``, ``inserted``, ``missing``, ``reordered``, ``unknown_key``) at
     its ``seq``; monitoring must look at ``ok``, not at the status code.
     """
-    report = await asyncio.to_thread(services.audit.verify)
+    try:
+        earlier = EarlierHead.parse(expect_head) if expect_head is not None else None
+    except ValueError as exc:
+        raise BadRequestError(f"expect_head: {exc}") from exc
+    report = await asyncio.to_thread(services.audit.verify, earlier)
     return AuditVerification.model_validate(report.as_dict())
 
 

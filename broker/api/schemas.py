@@ -345,6 +345,17 @@ class ChainProblemOut(BaseModel):
     detail: str
 
 
+class EarlierHeadOut(BaseModel):
+    """The earlier head given to verify, and whether the log still holds its event."""
+
+    seq: int
+    mac: str
+    found: Literal["in_chain", "pruned"] | None = Field(
+        description="in_chain: the same event (or the checkpoint ending at it); pruned: "
+        "removed by retention since, not comparable; null when the check failed"
+    )
+
+
 class AuditVerification(BaseModel):
     """The result of verifying the audit chain; ``ok`` false names the first ``problem``."""
 
@@ -357,6 +368,7 @@ class AuditVerification(BaseModel):
     incomplete: IncompleteOut
     problem: ChainProblemOut | None
     keys: list[str] = Field(description="ids of the keyring keys that signed the events checked")
+    earlier_head: EarlierHeadOut | None = None
 
 
 class AuditHashRequest(Input):

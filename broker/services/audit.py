@@ -154,6 +154,7 @@ class VerifyReport:
     incomplete_oldest: list[int]
     problem: dict[str, Any] | None
     keys: list[str] = field(default_factory=list)
+    earlier_head: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -167,7 +168,34 @@ class VerifyReport:
             "incomplete": {"count": self.incomplete, "oldest": self.incomplete_oldest},
             "problem": self.problem,
             "keys": self.keys,
+            "earlier_head": self.earlier_head,
         }
+
+
+_MAC_LENGTH: Final = 64
+
+
+@dataclass(frozen=True)
+class EarlierHead:
+    """A head printed by an earlier verification and kept outside the broker.
+
+    Checking it catches what the chain alone cannot: the whole log (head included) replaced,
+    by a wipe or by restoring an older backup, which otherwise looks like a young log.
+    """
+
+    seq: int
+    mac: str
+
+    @classmethod
+    def parse(cls, text: str) -> EarlierHead:
+        """``SEQ:MAC`` as ``broker audit verify`` prints it; ``ValueError`` otherwise."""
+        seq, _, mac = text.strip().partition(":")
+        mac = mac.lower()
+        if not seq.isdigit() or len(mac) != _MAC_LENGTH or mac.strip("0123456789abcdef"):
+            raise ValueError(
+                "an earlier head looks like SEQ:MAC (a number, a colon, 64 hex digits)"
+            )
+        return cls(int(seq), mac)
 
 
 class AuditService:
@@ -274,9 +302,9 @@ class AuditService:
         )
         return hashes
 
-    def verify(self) -> VerifyReport:
-        """Check the whole chain (blocking: run it in a thread)."""
-        return verify_database(self._database_url, self._keyring)
+    def verify(self, earlier: EarlierHead | None = None) -> VerifyReport:
+        """Check the whole chain, and an earlier head if given (blocking: run it in a thread)."""
+        return verify_database(self._database_url, self._keyring, earlier)
 
     def prune(self, before: datetime, record: Mapping[str, Any]) -> PruneReport:
         """Remove events older than ``before`` behind a signed checkpoint (blocking).
@@ -305,7 +333,9 @@ class ChainBrokenError(ConflictError):
     error = _CHAIN_BROKEN
 
 
-def verify_database(database_url: str, keyring: Keyring) -> VerifyReport:
+def verify_database(
+    database_url: str, keyring: Keyring, earlier: EarlierHead | None = None
+) -> VerifyReport:
     """Verify the audit log of the database at ``database_url`` (blocking).
 
     The whole walk reads one snapshot (a read transaction; REPEATABLE READ on PostgreSQL), so
@@ -316,7 +346,7 @@ def verify_database(database_url: str, keyring: Keyring) -> VerifyReport:
         with engine.connect() as connection:
             if connection.dialect.name == "postgresql":
                 connection.execution_options(isolation_level="REPEATABLE READ")
-            return verify_log(connection, keyring)
+            return verify_log(connection, keyring, earlier)
     finally:
         engine.dispose()
 
@@ -382,11 +412,14 @@ def _checkpoint_problem(keyring: Keyring, checkpoints: list[Checkpoint]) -> Prob
     return None
 
 
-def verify_log(connection: Connection, keyring: Keyring) -> VerifyReport:
+def verify_log(
+    connection: Connection, keyring: Keyring, earlier: EarlierHead | None = None
+) -> VerifyReport:
     """Walk the chain from the newest sound checkpoint (or the start) to the signed head.
 
     A checkpoint that does not verify is reported before anything the walk finds: events the
-    walk then misses at the start of the log were removed behind it.
+    walk then misses at the start of the log were removed behind it. Once the chain holds,
+    an ``earlier`` head must still be in it (or pruned behind the checkpoint).
     """
     keys = keyring.audit_chain_keys()
     head = chain.read_head(connection)
@@ -409,6 +442,10 @@ def verify_log(connection: Connection, keyring: Keyring) -> VerifyReport:
         current = chain.read_head(connection)
         if current is not None and highest > current.last_seq:
             problem = beyond_head(current.last_seq)
+    earlier_out = None
+    if problem is None and earlier is not None:
+        problem, found = _earlier_head(connection, earlier, anchor, through)
+        earlier_out = {"seq": earlier.seq, "mac": earlier.mac, "found": found}
     count, oldest = chain.incomplete(connection, anchor_seq, through)
     return VerifyReport(
         ok=problem is None,
@@ -423,7 +460,36 @@ def verify_log(connection: Connection, keyring: Keyring) -> VerifyReport:
         if problem is None
         else {"seq": problem.seq, "kind": problem.kind, "detail": problem.detail},
         keys=sorted(result.keys_used),
+        earlier_head=earlier_out,
     )
+
+
+def _earlier_head(
+    connection: Connection, earlier: EarlierHead, anchor: Checkpoint | None, last_seq: int
+) -> tuple[Problem | None, str | None]:
+    """Whether a verified chain still holds the event an earlier head named.
+
+    Returns the problem, if any, and what was found: ``in_chain`` (the same event, or the
+    checkpoint ending at it), or ``pruned`` when it has since been removed behind the
+    checkpoint and can no longer be compared.
+    """
+    replaced = "the log was replaced since an earlier verify saw"
+    if earlier.seq > last_seq:
+        return Problem(
+            last_seq + 1,
+            "missing",
+            f"{replaced} it reach seq {earlier.seq}; it now ends at seq {last_seq}",
+        ), None
+    stored: str | None
+    if anchor is not None and earlier.seq <= anchor.through_seq:
+        if earlier.seq < anchor.through_seq:
+            return None, "pruned"
+        stored = anchor.through_mac
+    else:
+        stored = chain.mac_at(connection, earlier.seq)
+    if stored != earlier.mac:
+        return Problem(earlier.seq, "modified", f"{replaced} another event here"), None
+    return None, "in_chain"
 
 
 PRUNE_ACTION: Final = "audit.prune"

@@ -386,6 +386,80 @@ async def test_head_and_newest_events_cut_together_are_reported(
     await verify.broken("modified", keep.seq)
 
 
+# A head kept outside the broker -------------------------------------------------------------
+
+
+def head_of(report: dict[str, Any]) -> str:
+    """``SEQ:MAC`` of a verify report's head, as an investigator keeps it."""
+    return f"{report['head']['seq']}:{report['head']['mac']}"
+
+
+async def test_earlier_head_still_in_the_chain_verifies(
+    env: BrokerEnv, logged: Logged, verify: Verify
+) -> None:
+    kept = head_of(await verify.api())
+    await make_traffic(env, "later")
+    response = await env.http.get(VERIFY, params={"expect_head": kept}, headers=env.auditor())
+    report = response.json()
+    assert report["ok"] is True
+    assert report["earlier_head"]["found"] == "in_chain"
+    assert report["head"]["seq"] > logged.last
+    result = verify.cli("--expect-head", kept)
+    assert result.returncode == 0, result.stdout
+    assert f"earlier head seq {logged.last}: still in the chain" in result.stdout.splitlines()
+
+
+async def test_log_replaced_after_an_earlier_head_is_reported(
+    env: BrokerEnv, logged: Logged, dba: Dba, verify: Verify
+) -> None:
+    kept = head_of(await verify.api())
+    # A wipe of log and head: on its own, the log now looks like a new install.
+    dba.execute("DELETE FROM audit_events; DELETE FROM audit_head")
+    await make_traffic(env, "after-wipe")
+    assert (await verify.api())["ok"] is True
+    short = (await env.http.get(VERIFY, params={"expect_head": kept}, headers=env.auditor())).json()
+    assert (short["problem"]["kind"], short["problem"]["seq"]) == (
+        "missing",
+        short["head"]["seq"] + 1,
+    )
+
+    for name in ("again", "and-again", "once-more"):
+        if short["head"]["seq"] > logged.last:
+            break
+        await make_traffic(env, name)
+        short = await verify.api()
+    assert short["head"]["seq"] > logged.last, "the new log did not grow past the old head"
+    response = await env.http.get(VERIFY, params={"expect_head": kept}, headers=env.auditor())
+    report = response.json()
+    assert (report["ok"], report["problem"]["kind"]) == (False, "modified")
+    assert report["problem"]["seq"] == logged.last
+    assert "replaced" in report["problem"]["detail"]
+    result = verify.cli("--expect-head", kept)
+    assert result.returncode == 1
+    assert result.stdout.startswith(f"audit log BROKEN at seq {logged.last}: modified (")
+
+
+async def test_earlier_head_pruned_since_is_reported_as_not_compared(
+    env: BrokerEnv, logged: Logged, verify: Verify
+) -> None:
+    kept = head_of(await verify.api())
+    await make_traffic(env, "later")
+    cut = {"before": datetime.now(UTC).isoformat()}
+    await make_traffic(env, "latest")
+    assert (await env.http.post(f"{V1}/audit/prune", headers=env.admin(), json=cut)).is_success
+    response = await env.http.get(VERIFY, params={"expect_head": kept}, headers=env.auditor())
+    assert response.json()["earlier_head"]["found"] == "pruned"
+    assert "earlier head seq" in verify.cli("--expect-head", kept).stdout
+
+
+@pytest.mark.parametrize("kept", ["12", "x:" + "0" * 64, "12:" + "g" * 64, "12:abc"])
+async def test_malformed_earlier_head_is_refused(env: BrokerEnv, verify: Verify, kept: str) -> None:
+    response = await env.http.get(VERIFY, params={"expect_head": kept}, headers=env.auditor())
+    assert response.status_code == 400
+    assert "SEQ:MAC" in response.json()["message"]
+    assert verify.cli("--expect-head", kept).returncode == 2
+
+
 # Incomplete events -------------------------------------------------------------------------
 
 
