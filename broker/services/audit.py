@@ -267,6 +267,8 @@ class AuditService:
                 rows, last = await audit_page(session, selection, before=before, limit=page_size)
             for begin, done in rows:
                 yield merged_event(begin, done)
+            # Let this page go before reading the next, so only one is ever held.
+            del rows
             if last is None:
                 return
             before = last
