@@ -16,7 +16,7 @@ from sqlalchemy import func, select, text
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from broker.api import management, oauth
+from broker.api import audit, management, oauth
 from broker.api.deps import Services
 from broker.api.proxy import ProxyApp
 from broker.config import Settings
@@ -24,6 +24,7 @@ from broker.context import ProcessContext
 from broker.errors import BrokerError, OAuthError
 from broker.metrics import Metrics
 from broker.requestid import current_request_id, new_request_id
+from broker.services.admin_auth import AdminAuthenticator
 from broker.services.audit import AuditService
 from broker.services.management import ManagementService
 from broker.services.tokens import TokenService
@@ -116,6 +117,7 @@ def create_app(
     )
     app.include_router(oauth.router)
     app.include_router(management.router)
+    app.include_router(audit.router)
     _add_ops_routes(app)
     _add_error_handlers(app)
     if context is not None:
@@ -139,6 +141,7 @@ def install(app: FastAPI, context: ProcessContext) -> None:
         ),
         tokens=tokens,
         audit=audit,
+        admin_auth=AdminAuthenticator(context.sessions, context.keyring, audit),
     )
     app.state.proxy = ProxyApp(context, tokens, audit, metrics)
 

@@ -11,14 +11,19 @@ import os
 import shutil
 import sys
 import tempfile
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import httpx
 import typer
+from sqlalchemy.exc import SQLAlchemyError
 
 from broker.config import Settings
 from broker.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from broker.keyring import Keyring
 
 # Tracebacks never show local variables: they would print secrets (client secrets, worker
 # tokens, admin keys) held by the command that failed.
@@ -36,7 +41,10 @@ credentials_app = typer.Typer(help="Worker credentials (over HTTP).", no_args_is
 clients_app = typer.Typer(help="Clients and their grants (over HTTP).", no_args_is_help=True)
 keys_app = typer.Typer(help="The keyring (local).", no_args_is_help=True)
 tokens_app = typer.Typer(help="Live proxy tokens (over HTTP).", no_args_is_help=True)
-audit_app = typer.Typer(help="The audit log (over HTTP).", no_args_is_help=True)
+audit_app = typer.Typer(
+    help="The audit log: query, export and hash over HTTP; verify and prune locally.",
+    no_args_is_help=True,
+)
 for sub, name in (
     (admin_key_app, "admin-key"),
     (upstreams_app, "upstreams"),
@@ -60,11 +68,11 @@ def fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
-def _settings() -> Settings:
+def _settings(code: int = 1) -> Settings:
     try:
         return Settings().validated()
     except ConfigurationError as exc:
-        fail(str(exc))
+        fail(str(exc), code)
 
 
 # Local commands -----------------------------------------------------------------------------
@@ -269,15 +277,21 @@ def _json(response: httpx.Response) -> dict[str, Any]:
     return body if isinstance(body, dict) else {"items": body}
 
 
-def api(method: str, path: str, *, body: Any = None, params: dict[str, Any] | None = None) -> Any:  # noqa: ANN401
-    """Call the management API with BROKER_URL and BROKER_ADMIN_KEY; exit on errors."""
+def _management_access() -> tuple[str, str]:
+    """BROKER_URL (without a trailing slash) and BROKER_ADMIN_KEY, or exit saying to set them."""
     url, key = os.environ.get("BROKER_URL"), os.environ.get("BROKER_ADMIN_KEY")
     if not url or not key:
         fail("set BROKER_URL and BROKER_ADMIN_KEY")
+    return url.rstrip("/"), key
+
+
+def api(method: str, path: str, *, body: Any = None, params: dict[str, Any] | None = None) -> Any:  # noqa: ANN401
+    """Call the management API with BROKER_URL and BROKER_ADMIN_KEY; exit on errors."""
+    url, key = _management_access()
     try:
         response = httpx.request(
             method,
-            f"{url.rstrip('/')}/broker/v1{path}",
+            f"{url}/broker/v1{path}",
             json=body,
             params={k: v for k, v in (params or {}).items() if v is not None},
             headers={"Authorization": f"Bearer {key}"},
@@ -505,29 +519,350 @@ def tokens_revoke(token_id: str) -> None:
     show(api("POST", f"/tokens/{token_id}/revoke"))
 
 
-@audit_app.command("query")
-def audit_query(
-    client: Annotated[str | None, typer.Option()] = None,
-    token_id: Annotated[str | None, typer.Option("--token")] = None,
-    kind: Annotated[str | None, typer.Option()] = None,
-    decision: Annotated[str | None, typer.Option()] = None,
-    since: Annotated[str | None, typer.Option(help="ISO time")] = None,
-    until: Annotated[str | None, typer.Option(help="ISO time")] = None,
-    path_prefix: Annotated[str | None, typer.Option()] = None,
-    limit: Annotated[int, typer.Option()] = 50,
-) -> None:
-    """Audit events, newest first."""
-    params = {
+# The audit log ------------------------------------------------------------------------------
+
+UNUSABLE = 2
+"""Exit status of local audit commands that could not run (settings, keyring, database)."""
+
+Since = Annotated[
+    str | None, typer.Option(help="ISO date or date-time, inclusive (UTC if no offset)")
+]
+Until = Annotated[
+    str | None, typer.Option(help="ISO date or date-time, exclusive (UTC if no offset)")
+]
+Text = Annotated[str | None, typer.Option()]
+ClientOpt = Annotated[str | None, typer.Option("--client", help="client id")]
+TokenOpt = Annotated[str | None, typer.Option("--token", help="token id")]
+CredentialOpt = Annotated[str | None, typer.Option("--credential", help="credential id")]
+KindOpt = Annotated[str | None, typer.Option(help="proxy, token or admin")]
+DecisionOpt = Annotated[str | None, typer.Option(help="allow or deny")]
+StatusOpt = Annotated[int | None, typer.Option("--status", help="HTTP status answered")]
+StateOpt = Annotated[str | None, typer.Option(help="complete or pending")]
+ActorOpt = Annotated[str | None, typer.Option("--actor", help="admin key id that acted")]
+QueryContainsOpt = Annotated[
+    str | None,
+    typer.Option(help="text in the stored query string, e.g. a hash from `broker audit hash`"),
+]
+
+
+def utc_time(text: str) -> datetime:
+    """An ISO date or date-time; UTC if it names no offset (a date means its midnight)."""
+    try:
+        value = datetime.fromisoformat(text.strip())
+    except ValueError as exc:
+        raise typer.BadParameter(f"{text!r} is not an ISO date or date-time") from exc
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+
+
+def _filters(
+    *,
+    client: str | None,
+    token_id: str | None,
+    credential: str | None,
+    upstream: str | None,
+    kind: str | None,
+    action: str | None,
+    decision: str | None,
+    reason: str | None,
+    status: int | None,
+    method: str | None,
+    path_prefix: str | None,
+    state: str | None,
+    request_id: str | None,
+    actor: str | None,
+    query_contains: str | None,
+    since: str | None,
+    until: str | None,
+) -> dict[str, Any]:
+    """Query parameters of ``GET /audit`` and ``GET /audit/export``."""
+    return {
         "client": client,
         "token": token_id,
+        "credential": credential,
+        "upstream": upstream,
         "kind": kind,
+        "action": action,
         "decision": decision,
-        "since": since,
-        "until": until,
+        "reason": reason,
+        "status": status,
+        "method": method,
         "path_prefix": path_prefix,
-        "limit": limit,
+        "state": state,
+        "request_id": request_id,
+        "actor": actor,
+        "query_contains": query_contains,
+        "since": utc_time(since).isoformat() if since else None,
+        "until": utc_time(until).isoformat() if until else None,
     }
-    show(api("GET", "/audit", params=params))
+
+
+@audit_app.command("query")
+def audit_query(
+    client: ClientOpt = None,
+    token_id: TokenOpt = None,
+    credential: CredentialOpt = None,
+    upstream: Text = None,
+    kind: KindOpt = None,
+    action: Text = None,
+    decision: DecisionOpt = None,
+    reason: Text = None,
+    status: StatusOpt = None,
+    method: Text = None,
+    path_prefix: Text = None,
+    state: StateOpt = None,
+    request_id: Text = None,
+    actor: ActorOpt = None,
+    query_contains: QueryContainsOpt = None,
+    since: Since = None,
+    until: Until = None,
+    limit: Annotated[int, typer.Option(help="events per page (at most 1000)")] = 50,
+    cursor: Annotated[str | None, typer.Option(help="next_cursor of the previous page")] = None,
+) -> None:
+    """Audit events, newest first: one page, with next_cursor for the next."""
+    params = _filters(
+        client=client,
+        token_id=token_id,
+        credential=credential,
+        upstream=upstream,
+        kind=kind,
+        action=action,
+        decision=decision,
+        reason=reason,
+        status=status,
+        method=method,
+        path_prefix=path_prefix,
+        state=state,
+        request_id=request_id,
+        actor=actor,
+        query_contains=query_contains,
+        since=since,
+        until=until,
+    )
+    show(api("GET", "/audit", params={**params, "limit": limit, "cursor": cursor}))
+
+
+@audit_app.command("export")
+def audit_export(
+    export_format: Annotated[
+        str, typer.Option("--format", help="ndjson (one JSON event per line) or csv")
+    ] = "ndjson",
+    client: ClientOpt = None,
+    token_id: TokenOpt = None,
+    credential: CredentialOpt = None,
+    upstream: Text = None,
+    kind: KindOpt = None,
+    action: Text = None,
+    decision: DecisionOpt = None,
+    reason: Text = None,
+    status: StatusOpt = None,
+    method: Text = None,
+    path_prefix: Text = None,
+    state: StateOpt = None,
+    request_id: Text = None,
+    actor: ActorOpt = None,
+    query_contains: QueryContainsOpt = None,
+    since: Since = None,
+    until: Until = None,
+) -> None:
+    """Stream every selected event, newest first, to standard output (`> file`)."""
+    if export_format not in {"ndjson", "csv"}:
+        raise typer.BadParameter("use ndjson or csv", param_hint="--format")
+    params = _filters(
+        client=client,
+        token_id=token_id,
+        credential=credential,
+        upstream=upstream,
+        kind=kind,
+        action=action,
+        decision=decision,
+        reason=reason,
+        status=status,
+        method=method,
+        path_prefix=path_prefix,
+        state=state,
+        request_id=request_id,
+        actor=actor,
+        query_contains=query_contains,
+        since=since,
+        until=until,
+    )
+    url, key = _management_access()
+    written = 0
+    try:
+        with httpx.stream(
+            "GET",
+            f"{url}/broker/v1/audit/export",
+            params={k: v for k, v in {**params, "format": export_format}.items() if v is not None},
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=httpx.Timeout(30, read=300),
+        ) as response:
+            if response.status_code >= 400:  # noqa: PLR2004
+                response.read()
+                error = _json(response)
+                fail(f"{response.status_code} {error.get('error')}: {error.get('message')}")
+            for chunk in response.iter_bytes():
+                sys.stdout.buffer.write(chunk)
+                written += len(chunk)
+    except httpx.HTTPError as exc:
+        fail(f"the export stopped after {written} bytes: {exc}")
+    sys.stdout.buffer.flush()
+    say(f"exported {written} bytes")
+
+
+MAX_HASHED = 8192
+
+
+@audit_app.command("hash")
+def audit_hash() -> None:
+    """The audit HMAC of a value (e.g. a leaked token), to search for with --query-contains.
+
+    The value is read from a hidden prompt, or from standard input when it is not a terminal
+    (one trailing newline is dropped); never from the command line.
+    """
+    if sys.stdin.isatty():
+        value = typer.prompt("value to search for", hide_input=True, err=True)
+    else:
+        value = sys.stdin.read(MAX_HASHED + 2)
+        value = value.removesuffix("\n").removesuffix("\r")
+    if not value:
+        fail("no value given")
+    if len(value) > MAX_HASHED:
+        fail(f"values are limited to {MAX_HASHED} characters")
+    result = api("POST", "/audit/hash", body={"value": value})
+    show(result)
+    say("search with: broker audit query --query-contains <hash>")
+
+
+@audit_app.command("verify")
+def audit_verify(
+    as_json: Annotated[bool, typer.Option("--json", help="the report as JSON")] = False,
+    expect_head: Annotated[
+        str | None,
+        typer.Option(help="SEQ:MAC of a head printed by an earlier verify: it must still hold"),
+    ] = None,
+) -> None:
+    """Check the audit chain (local: BROKER_DATABASE_URL and the keyring).
+
+    Exit 0 when the log verifies, 1 when it does not (the first problem is named), 2 when it
+    could not be checked.
+    """
+    from broker.services.audit import EarlierHead, verify_database  # noqa: PLC0415
+
+    try:
+        earlier = EarlierHead.parse(expect_head) if expect_head is not None else None
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--expect-head") from exc
+    settings, keyring = _local_audit()
+    try:
+        report = verify_database(settings.async_database_url, keyring, earlier)
+    except SQLAlchemyError as exc:
+        fail(f"cannot read the audit log: {_database_problem(exc)}", UNUSABLE)
+    if as_json:
+        show(report.as_dict())
+    else:
+        typer.echo(verify_summary(report.as_dict()))
+    raise typer.Exit(0 if report.ok else 1)
+
+
+@audit_app.command("prune")
+def audit_prune(
+    before: Annotated[
+        str, typer.Option(help="remove events older than this ISO date or date-time (UTC)")
+    ],
+    as_json: Annotated[bool, typer.Option("--json", help="the result as JSON")] = False,
+) -> None:
+    """Retention: remove events older than --before behind a signed checkpoint (local).
+
+    Refused (exit 1) if the events to remove do not verify. Exit 2 if it could not run.
+    """
+    from broker.errors import BrokerError  # noqa: PLC0415
+    from broker.requestid import current_request_id  # noqa: PLC0415
+    from broker.services.audit import prune_database  # noqa: PLC0415
+
+    cut = utc_time(before)
+    settings, keyring = _local_audit()
+    record = {"request_id": current_request_id(), "actor_key_id": None}
+    try:
+        report = prune_database(settings.async_database_url, keyring, cut, record)
+    except BrokerError as exc:
+        fail(exc.message)
+    except SQLAlchemyError as exc:
+        fail(f"cannot prune the audit log: {_database_problem(exc)}", UNUSABLE)
+    if as_json:
+        show(report.as_dict())
+        return
+    if report.pruned:
+        typer.echo(
+            f"pruned {report.pruned} events older than {cut.isoformat()} "
+            f"(through seq {report.through_seq}; {report.incomplete_pruned} incomplete)"
+        )
+    else:
+        typer.echo(f"nothing older than {cut.isoformat()} to prune")
+    typer.echo(_checkpoint_line(report.checkpoint))
+    typer.echo(f"recorded as audit event {report.seq} (audit.prune)")
+
+
+def _local_audit() -> tuple[Settings, Keyring]:
+    from broker.keyring import load_keyring  # noqa: PLC0415
+
+    settings = _settings(UNUSABLE)
+    try:
+        return settings, load_keyring(settings)
+    except ConfigurationError as exc:
+        fail(str(exc), UNUSABLE)
+
+
+def _database_problem(exc: SQLAlchemyError) -> str:
+    """The driver's own first line (statement parameters are hidden by the engine)."""
+    origin = getattr(exc, "orig", None) or exc
+    lines = str(origin).strip().splitlines()
+    return lines[0][:300] if lines else type(origin).__name__
+
+
+def _checkpoint_line(checkpoint: dict[str, Any] | None) -> str:
+    if checkpoint is None:
+        return "checkpoint: none (nothing has been pruned)"
+    return (
+        f"checkpoint: events through seq {checkpoint['through_seq']} pruned "
+        f"({checkpoint['events_pruned']} events, {checkpoint['incomplete_pruned']} incomplete) "
+        f"at {checkpoint['created_at']}, signed with key {checkpoint['key']}"
+    )
+
+
+def verify_summary(report: dict[str, Any]) -> str:
+    """``broker audit verify``'s report for a human."""
+    problem = report["problem"]
+    lines = [
+        "audit log OK"
+        if report["ok"]
+        else f"audit log BROKEN at seq {problem['seq']}: {problem['kind']} ({problem['detail']})"
+    ]
+    span = (
+        f" from seq {report['first_seq']} to {report['last_seq']}"
+        if report["last_seq"] is not None
+        else ""
+    )
+    keys = f", signed with keys {', '.join(report['keys'])}" if report["keys"] else ""
+    lines.append(f"checked {report['checked']} events{span}{keys}")
+    head = report["head"]
+    lines.append(
+        f"head: seq {head['seq']} mac {head['mac']} (keep a copy outside the broker)"
+        if head
+        else "head: none (empty log)"
+    )
+    earlier = report.get("earlier_head")
+    if earlier and earlier["found"]:
+        found = {"in_chain": "still in the chain", "pruned": "pruned since, not compared"}
+        lines.append(f"earlier head seq {earlier['seq']}: {found[earlier['found']]}")
+    lines.append(_checkpoint_line(report["checkpoint"]))
+    incomplete = report["incomplete"]
+    oldest = ", ".join(str(seq) for seq in incomplete["oldest"])
+    lines.append(
+        f"incomplete: {incomplete['count']} pending events never completed (oldest seqs {oldest})"
+        if incomplete["count"]
+        else "incomplete: none"
+    )
+    return "\n".join(lines)
 
 
 def main() -> None:

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from prometheus_client import Metric
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _AUDIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
@@ -19,10 +28,12 @@ class Metrics:
     def __post_init__(self) -> None:
         self.requests = Counter(
             "broker_proxy_requests",
-            "Proxied requests by outcome (allow, or the refusal reason)",
-            ["outcome"],
+            "Proxied requests by client id ('-' when no token named one) and outcome "
+            "(allow, a refusal reason, or an upstream failure)",
+            ["client", "outcome"],
             registry=self.registry,
         )
+        self.registry.register(_Refusals(self.requests))
         self.upstream_latency = Histogram(
             "broker_upstream_latency_seconds",
             "Time from forwarding to the upstream's response head",
@@ -60,3 +71,48 @@ class Metrics:
         """Record one group commit of the audit writer (called from its thread)."""
         self.audit_commit.observe(seconds)
         self.audit_batch.observe(events)
+
+
+UNAUTHENTICATED: Final = "-"
+"""The ``client`` label of proxied requests whose token named no client."""
+
+# Outcomes of calls that were forwarded; every other outcome is a refusal (nothing was sent).
+FORWARDED_OUTCOMES: Final = frozenset(
+    {"allow", "upstream_timeout", "upstream_unreachable", "upstream_body_failed"}
+)
+
+
+class _Refusals(Collector):
+    """``broker_proxy_refusals_total{reason}``: refused proxied requests, summed over clients.
+
+    Derived from ``broker_proxy_requests`` at scrape time, so the proxy counts each request
+    once and the two can never disagree.
+    """
+
+    def __init__(self, requests: Counter) -> None:
+        self._requests = requests
+
+    def describe(self) -> Iterable[Metric]:
+        """The family this collector yields (no samples)."""
+        return [self._family()]
+
+    def collect(self) -> Iterable[Metric]:
+        """Current totals by refusal reason."""
+        totals: dict[str, float] = defaultdict(float)
+        for metric in self._requests.collect():
+            for sample in metric.samples:
+                outcome = sample.labels.get("outcome", "")
+                if sample.name.endswith("_total") and outcome not in FORWARDED_OUTCOMES:
+                    totals[outcome] += sample.value
+        family = self._family()
+        for reason, value in sorted(totals.items()):
+            family.add_metric([reason], value)
+        return [family]
+
+    @staticmethod
+    def _family() -> CounterMetricFamily:
+        return CounterMetricFamily(
+            "broker_proxy_refusals",
+            "Proxied requests refused before anything was sent upstream, by reason",
+            labels=["reason"],
+        )

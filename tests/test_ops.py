@@ -62,20 +62,58 @@ def _sample(text: str, name: str, labels: str = "") -> float:
     return 0.0
 
 
-async def test_metrics_count_proxied_requests_by_outcome_and_time_upstream_and_audit(
+async def test_metrics_count_proxied_requests_by_client_and_outcome_and_time_upstream_and_audit(
     env: BrokerEnv,
 ) -> None:
-    token = await env.client_token()
-    bearer = {"Authorization": f"Bearer {token}"}
+    client_id, secret = await env.client()
+    bearer = {"Authorization": f"Bearer {await env.token(client_id, secret)}"}
     assert (await env.http.get("/api/v1/courses/1201", headers=bearer)).status_code == 200
     assert (await env.http.get("/api/v1/courses/1201", headers=bearer)).status_code == 200
     assert (await env.http.delete("/api/v1/courses/1201", headers=bearer)).status_code == 403
     assert (await env.http.get("/api/v1/courses/1201")).status_code == 401
 
     text = (await env.http.get("/metrics")).text
-    assert _sample(text, "broker_proxy_requests_total", '{outcome="allow"}') == 2
-    assert _sample(text, "broker_proxy_requests_total", '{outcome="scope_not_granted"}') == 1
-    assert _sample(text, "broker_proxy_requests_total", '{outcome="missing_token"}') == 1
+    client = f'client="{client_id}"'
+    assert _sample(text, "broker_proxy_requests_total", f'{{{client},outcome="allow"}}') == 2
+    assert (
+        _sample(text, "broker_proxy_requests_total", f'{{{client},outcome="scope_not_granted"}}')
+        == 1
+    )
+    assert _sample(text, "broker_proxy_requests_total", '{client="-",outcome="missing_token"}') == 1
     assert _sample(text, "broker_upstream_latency_seconds_count") == 2
     assert _sample(text, "broker_audit_write_seconds_count") == 4
     assert _sample(text, "broker_audit_write_failures_total") == 0
+
+
+async def test_metrics_count_refusals_by_reason_across_clients(env: BrokerEnv) -> None:
+    alpha = {"Authorization": f"Bearer {await env.client_token('alpha')}"}
+    beta = {"Authorization": f"Bearer {await env.client_token('beta')}"}
+    assert (await env.http.delete("/api/v1/courses/1201", headers=alpha)).status_code == 403
+    assert (await env.http.delete("/api/v1/courses/1202", headers=beta)).status_code == 403
+    assert (await env.http.get("/api/v1//courses", headers=beta)).status_code == 400
+    assert (await env.http.get("/api/v1/courses/1201")).status_code == 401
+    assert (await env.http.get("/api/v1/courses/1201", headers=alpha)).status_code == 200
+
+    text = (await env.http.get("/metrics")).text
+    refusals = {
+        line.split('reason="')[1].split('"')[0]: float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith("broker_proxy_refusals_total{")
+    }
+    assert refusals == {"scope_not_granted": 2, "non_canonical_path": 1, "missing_token": 1}
+
+
+async def test_metrics_time_audit_group_commits_and_count_their_events(env: BrokerEnv) -> None:
+    token = await env.client_token()
+    bearer = {"Authorization": f"Bearer {token}"}
+    for _ in range(3):
+        assert (await env.http.get("/api/v1/courses/1201", headers=bearer)).status_code == 200
+    assert (await env.http.get("/api/v1/courses/1201")).status_code == 401
+    await env.context.audit_writer.flush()
+
+    text = (await env.http.get("/metrics")).text
+    # Through the writer: a pending event and its completion per forwarded call, one per refusal.
+    assert _sample(text, "broker_audit_batch_events_sum") == 3 * 2 + 1
+    commits = _sample(text, "broker_audit_commit_seconds_count")
+    assert 1 <= commits == _sample(text, "broker_audit_batch_events_count")
+    assert _sample(text, "broker_audit_commit_seconds_sum") > 0

@@ -1,18 +1,19 @@
-"""FastAPI dependencies: the process's services and admin-key authentication."""
+"""FastAPI dependencies: the process's services, request facts and admin-key authentication."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
-from broker.core.tokens import MalformedSecretError, SecretKind, check_secret
-from broker.errors import AuthenticationError, BadRequestError, PermissionDeniedError
+from broker.core.net import client_address
+from broker.errors import BadRequestError
+from broker.requestid import current_request_id, set_request_facts
+from broker.services.admin_auth import AdminAuthenticator
 from broker.services.audit import AuditService
 from broker.services.management import Actor, ManagementService
 from broker.services.tokens import TokenService
-from broker.storage.queries import find_admin_key
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,7 @@ class Services:
     management: ManagementService
     tokens: TokenService
     audit: AuditService
+    admin_auth: AdminAuthenticator
 
 
 def get_services(request: Request) -> Services:
@@ -33,6 +35,21 @@ def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
+def request_facts(request: Request) -> dict[str, Any]:
+    """What every audit event of a broker endpoint records about the request."""
+    settings = request.app.state.context.settings
+    peer = request.client.host if request.client else None
+    return {
+        "request_id": current_request_id(),
+        "method": request.method,
+        "path": request.url.path,
+        "source_ip": client_address(
+            peer, request.headers.getlist("x-forwarded-for"), settings.trusted_networks
+        ),
+        "user_agent": (request.headers.get("user-agent") or "")[:500] or None,
+    }
+
+
 async def reject_nul(request: Request) -> None:
     """Refuse NUL in path and query parameters: PostgreSQL text cannot hold it."""
     values = [*request.path_params.values(), *request.query_params.values()]
@@ -40,37 +57,25 @@ async def reject_nul(request: Request) -> None:
         raise BadRequestError("parameters must not contain NUL characters")
 
 
-async def _actor(request: Request) -> Actor:
-    header = request.headers.get("authorization", "")
-    scheme, _, value = header.partition(" ")
-    if scheme.lower() != "bearer" or not value.strip():
-        raise AuthenticationError(
-            "send Authorization: Bearer <admin key>", error="invalid_admin_key"
-        )
-    try:
-        key_value = check_secret(value.strip(), SecretKind.ADMIN_KEY)
-    except MalformedSecretError as exc:
-        raise AuthenticationError("the admin key is malformed", error="invalid_admin_key") from exc
-    context = request.app.state.context
-    async with context.sessions() as session:
-        key = await find_admin_key(session, context.keyring.secret_hash_candidates(key_value))
-    if key is None or key.revoked_at is not None:
-        raise AuthenticationError("the admin key is not valid", error="invalid_admin_key")
-    request.state.actor_key_id = key.id
-    return Actor(key_id=key.id, role=key.role)
+async def _actor(request: Request, *, admin: bool) -> Actor:
+    facts = request_facts(request)
+    actor = await get_services(request).admin_auth.authenticate(
+        request.headers.get("authorization"), facts, admin=admin
+    )
+    request.state.actor_key_id = actor.key_id
+    # Management events record where the change came from, not only who made it.
+    set_request_facts({k: v for k, v in facts.items() if k != "request_id"})
+    return actor
 
 
 async def require_reader(request: Request) -> Actor:
     """Any valid admin key: ``admin`` or ``auditor``."""
-    return await _actor(request)
+    return await _actor(request, admin=False)
 
 
 async def require_admin(request: Request) -> Actor:
     """An ``admin`` key; auditors get 403 on every mutation."""
-    actor = await _actor(request)
-    if actor.role != "admin":
-        raise PermissionDeniedError("auditor keys are read-only", error="read_only_key")
-    return actor
+    return await _actor(request, admin=True)
 
 
 Reader = Annotated[Actor, Depends(require_reader)]

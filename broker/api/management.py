@@ -5,15 +5,12 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, status
-from pydantic import AwareDatetime
 
 from broker.api.deps import Admin, Reader, ServicesDep, reject_nul
 from broker.api.schemas import (
     AdminKeyCreate,
     AdminKeyCreated,
     AdminKeyOut,
-    AuditEventOut,
-    AuditPage,
     ClientCreate,
     ClientOut,
     ClientUpdate,
@@ -33,7 +30,6 @@ from broker.api.schemas import (
     UpstreamUpdate,
 )
 from broker.storage.models import Client, WorkerCredential
-from broker.storage.queries import AuditFilter
 
 ERRORS: dict[int | str, dict[str, object]] = {
     code: {"model": ErrorOut} for code in (400, 401, 403, 404, 409, 422)
@@ -296,46 +292,3 @@ async def list_admin_keys(_: Reader, services: ServicesDep) -> list[AdminKeyOut]
 async def revoke_admin_key(key_id: str, actor: Admin, services: ServicesDep) -> AdminKeyOut:
     """Revoke a management key."""
     return AdminKeyOut.model_validate(await services.management.revoke_admin_key(actor, key_id))
-
-
-# Audit --------------------------------------------------------------------------------------
-
-
-@router.get("/audit", tags=["audit"])
-async def query_audit(  # noqa: PLR0917 - one parameter per documented filter
-    _: Reader,
-    services: ServicesDep,
-    since: AwareDatetime | None = None,
-    until: AwareDatetime | None = None,
-    client: str | None = None,
-    token: Annotated[str | None, Query(description="token id")] = None,
-    credential: str | None = None,
-    upstream: str | None = None,
-    kind: str | None = None,
-    decision: str | None = None,
-    status_code: Annotated[int | None, Query(alias="status", ge=100, le=599)] = None,
-    method: str | None = None,
-    path_prefix: str | None = None,
-    state: str | None = None,
-    cursor: str | None = None,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-) -> AuditPage:
-    """Audit events, newest first, filtered and cursor-paginated."""
-    selection = AuditFilter(
-        since=since,
-        until=until,
-        client_id=client,
-        token_id=token,
-        credential_id=credential,
-        upstream=upstream,
-        kind=kind,
-        decision=decision,
-        status=status_code,
-        method=method,
-        path_prefix=path_prefix,
-        state=state,
-    )
-    events, next_cursor = await services.audit.query(selection, cursor=cursor, limit=limit)
-    return AuditPage(
-        events=[AuditEventOut.model_validate(e) for e in events], next_cursor=next_cursor
-    )

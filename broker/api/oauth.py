@@ -14,12 +14,10 @@ from urllib.parse import unquote_plus
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from broker.api.deps import Reader, ServicesDep
+from broker.api.deps import Reader, ServicesDep, request_facts
 from broker.api.schemas import ErrorOut, OAuthErrorOut
 from broker.core.assertions import ASSERTION_TYPE
-from broker.core.net import client_address
 from broker.errors import OAuthError
-from broker.requestid import current_request_id
 
 if TYPE_CHECKING:
     from starlette.datastructures import FormData
@@ -39,21 +37,6 @@ ADMIN_KEY_ERRORS: dict[int | str, dict[str, object]] = {
 router = APIRouter(prefix="/broker/v1/oauth", tags=["oauth"])
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 FORM = "application/x-www-form-urlencoded"
-
-
-def audit_base(request: Request) -> dict[str, Any]:
-    """Request facts every token event records."""
-    settings = request.app.state.context.settings
-    peer = request.client.host if request.client else None
-    return {
-        "request_id": current_request_id(),
-        "method": request.method,
-        "path": request.url.path,
-        "source_ip": client_address(
-            peer, request.headers.getlist("x-forwarded-for"), settings.trusted_networks
-        ),
-        "user_agent": (request.headers.get("user-agent") or "")[:500] or None,
-    }
 
 
 async def _form(request: Request) -> FormData:
@@ -154,7 +137,7 @@ def _grant_type_problem(form: FormData) -> OAuthError | None:
 @router.post("/token", responses=OAUTH_ERRORS)
 async def token(request: Request, services: ServicesDep) -> JSONResponse:
     """Exchange client credentials for a short-lived proxy token."""
-    audit = audit_base(request)
+    audit = request_facts(request)
     client, form = await _authenticated_client(request, services, audit)
     problem = _grant_type_problem(form)
     if problem is not None:
@@ -182,7 +165,7 @@ async def token(request: Request, services: ServicesDep) -> JSONResponse:
 @router.post("/revoke", responses=OAUTH_ERRORS)
 async def revoke(request: Request, services: ServicesDep) -> JSONResponse:
     """RFC 7009: a client revokes one of its own tokens. Always 200 for a known client."""
-    audit = {**audit_base(request), "action": "token.revoke"}
+    audit = {**request_facts(request), "action": "token.revoke"}
     client, form = await _authenticated_client(request, services, audit)
     value = _field(form, "token")
     if not value:

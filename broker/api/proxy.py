@@ -162,7 +162,9 @@ class ProxyApp:
             await self._refuse(call, send, refusal)
             return
         except AuditUnavailableError as exc:
-            self._metrics.requests.labels(outcome=exc.error).inc()
+            self._metrics.requests.labels(
+                client=call.audit.get("client_id") or "-", outcome=exc.error
+            ).inc()
             await _send_error(send, call, 503, exc.error, exc.message)
             return
         await self._forward(call, scope, body, begun, send)
@@ -325,10 +327,14 @@ class ProxyApp:
                 )
             )
         except AuditUnavailableError as exc:
-            self._metrics.requests.labels(outcome=exc.error).inc()
+            self._metrics.requests.labels(
+                client=call.audit.get("client_id") or "-", outcome=exc.error
+            ).inc()
             await _send_error(send, call, 503, exc.error, exc.message)
             return
-        self._metrics.requests.labels(outcome=refusal.error).inc()
+        self._metrics.requests.labels(
+            client=call.audit.get("client_id") or "-", outcome=refusal.error
+        ).inc()
         await _send_error(
             send,
             call,
@@ -355,7 +361,9 @@ class ProxyApp:
             response = await self._context.forwarder.send(call.method, target, headers, body)
         except UpstreamError as exc:
             status, error = _failure(exc)
-            self._metrics.requests.labels(outcome=error).inc()
+            self._metrics.requests.labels(
+                client=call.audit.get("client_id") or "-", outcome=error
+            ).inc()
             self._audit.complete(begun, status=status, reason=error, duration_ms=call.elapsed_ms())
             await _send_error(send, call, status, error, str(exc))
             return
@@ -363,7 +371,9 @@ class ProxyApp:
         try:
             outcome = await self._relay(call, scope, response, send)
         finally:
-            self._metrics.requests.labels(outcome=outcome.get("reason") or "allow").inc()
+            self._metrics.requests.labels(
+                client=call.audit.get("client_id") or "-", outcome=outcome.get("reason") or "allow"
+            ).inc()
             response.release()
             context_id = _find(response.headers, b"x-request-context-id")
             self._audit.complete(

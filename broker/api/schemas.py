@@ -307,6 +307,10 @@ class AuditEventOut(Output):
     canvas_context_id: str | None
     details: dict[str, Any] | None
     completed_at: datetime | None
+    completion_seq: int | None = Field(
+        default=None,
+        description="seq of the event that recorded the call's outcome; null while pending",
+    )
 
 
 class AuditPage(BaseModel):
@@ -314,3 +318,90 @@ class AuditPage(BaseModel):
 
     events: list[AuditEventOut]
     next_cursor: str | None
+
+
+class ChainHeadOut(BaseModel):
+    """The signed head of the audit chain: keep a copy outside the broker."""
+
+    seq: int
+    mac: str
+
+
+class CheckpointOut(BaseModel):
+    """The signed stand-in for events removed by retention."""
+
+    through_seq: int
+    events_pruned: int
+    incomplete_pruned: int
+    created_at: datetime
+    key: str | None
+
+
+class IncompleteOut(BaseModel):
+    """Calls committed as pending whose outcome was never recorded."""
+
+    count: int
+    oldest: list[int] = Field(description="seqs of the oldest ones (at most 10)")
+
+
+class ChainProblemOut(BaseModel):
+    """The first place where the log is not what the broker wrote."""
+
+    seq: int
+    kind: Literal["modified", "inserted", "missing", "reordered", "unknown_key"]
+    detail: str
+
+
+class EarlierHeadOut(BaseModel):
+    """The earlier head given to verify, and whether the log still holds its event."""
+
+    seq: int
+    mac: str
+    found: Literal["in_chain", "pruned"] | None = Field(
+        description="in_chain: the same event (or the checkpoint ending at it); pruned: "
+        "removed by retention since, not comparable; null when the check failed"
+    )
+
+
+class AuditVerification(BaseModel):
+    """The result of verifying the audit chain; ``ok`` false names the first ``problem``."""
+
+    ok: bool
+    checked: int = Field(description="events whose MAC and link were checked")
+    first_seq: int | None
+    last_seq: int | None
+    head: ChainHeadOut | None
+    checkpoint: CheckpointOut | None
+    incomplete: IncompleteOut
+    problem: ChainProblemOut | None
+    keys: list[str] = Field(description="ids of the keyring keys that signed the events checked")
+    earlier_head: EarlierHeadOut | None = None
+
+
+class AuditHashRequest(Input):
+    """A value to look for in the audit log (for example a leaked token)."""
+
+    value: SecretStr = Field(min_length=1, max_length=8192)
+
+
+class AuditHashes(BaseModel):
+    """The value's keyed HMAC under every key, by key id, as the log would show it."""
+
+    hashes: dict[str, str]
+
+
+class AuditPruneRequest(Input):
+    """Retention: remove events older than ``before``."""
+
+    before: AwareDatetime
+
+
+class AuditPruneOut(BaseModel):
+    """What a prune removed, and the checkpoint that now stands in for it."""
+
+    before: datetime
+    pruned: int
+    through_seq: int
+    incomplete_pruned: int
+    checkpoint: CheckpointOut | None
+    seq: int = Field(description="seq of the admin event recording this prune")

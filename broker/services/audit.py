@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from sqlalchemy import event, update
 from sqlalchemy.orm import Session
@@ -26,10 +26,11 @@ from broker.core.audit_chain import (
     GENESIS,
     ChainVerifier,
     Checkpoint,
+    Problem,
     beyond_head,
     checkpoint_sound,
 )
-from broker.errors import AuditUnavailableError
+from broker.errors import AuditUnavailableError, ConflictError, ValidationFailedError
 from broker.services.audit_writer import AuditWriteError, AuditWriter
 from broker.storage import audit_chain as chain
 from broker.storage.database import create_sync_engine
@@ -43,7 +44,7 @@ from broker.storage.queries import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable
+    from collections.abc import AsyncIterator, Callable, Mapping
     from datetime import datetime
 
     from sqlalchemy import Connection
@@ -68,8 +69,12 @@ def new_event(**fields: Any) -> Event:  # noqa: ANN401 - column values of many t
 
 
 def admin_event(**fields: Any) -> Event:  # noqa: ANN401 - column values of many types
-    """A management-action event (``actor_key_id`` names who; ``details`` what changed)."""
-    return new_event(kind="admin", decision="allow", **fields)
+    """A management-action event (``actor_key_id`` names who; ``details`` what changed).
+
+    Allowed unless ``decision`` says otherwise (a refused attempt is recorded too).
+    """
+    fields.setdefault("decision", "allow")
+    return new_event(kind="admin", **fields)
 
 
 def chain_key(keyring: Keyring) -> chain.ChainKey:
@@ -149,6 +154,7 @@ class VerifyReport:
     incomplete_oldest: list[int]
     problem: dict[str, Any] | None
     keys: list[str] = field(default_factory=list)
+    earlier_head: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -162,7 +168,34 @@ class VerifyReport:
             "incomplete": {"count": self.incomplete, "oldest": self.incomplete_oldest},
             "problem": self.problem,
             "keys": self.keys,
+            "earlier_head": self.earlier_head,
         }
+
+
+_MAC_LENGTH: Final = 64
+
+
+@dataclass(frozen=True)
+class EarlierHead:
+    """A head printed by an earlier verification and kept outside the broker.
+
+    Checking it catches what the chain alone cannot: the whole log (head included) replaced,
+    by a wipe or by restoring an older backup, which otherwise looks like a young log.
+    """
+
+    seq: int
+    mac: str
+
+    @classmethod
+    def parse(cls, text: str) -> EarlierHead:
+        """``SEQ:MAC`` as ``broker audit verify`` prints it; ``ValueError`` otherwise."""
+        seq, _, mac = text.strip().partition(":")
+        mac = mac.lower()
+        if not seq.isdigit() or len(mac) != _MAC_LENGTH or mac.strip("0123456789abcdef"):
+            raise ValueError(
+                "an earlier head looks like SEQ:MAC (a number, a colon, 64 hex digits)"
+            )
+        return cls(int(seq), mac)
 
 
 class AuditService:
@@ -234,31 +267,54 @@ class AuditService:
                 rows, last = await audit_page(session, selection, before=before, limit=page_size)
             for begin, done in rows:
                 yield merged_event(begin, done)
+            # Let this page go before reading the next, so only one is ever held.
+            del rows
             if last is None:
                 return
             before = last
 
-    def hash_value(self, value: str) -> dict[str, str]:
-        """The keyed HMAC the log would show for ``value``, under every key, by key id."""
-        return self._keyring.audit_hmac_candidates(value)
+    async def record_admin(
+        self,
+        action: str,
+        audit: Mapping[str, Any],
+        *,
+        actor_key_id: str | None,
+        details: Mapping[str, Any],
+    ) -> int:
+        """Commit an admin event for an action that changes nothing else (hash, export).
 
-    def verify(self) -> VerifyReport:
-        """Check the whole chain (blocking: run it in a thread)."""
-        engine = create_sync_engine(self._database_url)
-        try:
-            with engine.connect() as connection:
-                return verify_log(connection, self._keyring)
-        finally:
-            engine.dispose()
+        ``audit`` holds the request's facts (request id, method, path, source address, user
+        agent). Committed before the action is carried out: no record, no action.
+        """
+        return await self.record(
+            **admin_event(**audit, action=action, actor_key_id=actor_key_id, details=dict(details))
+        )
 
-    def prune(self, before: datetime) -> dict[str, Any]:
-        """Remove events older than ``before``, leaving a signed checkpoint (blocking)."""
-        engine = create_sync_engine(self._database_url, write=True)
-        try:
-            with engine.connect() as connection:
-                return prune_log(connection, self._keyring, before)
-        finally:
-            engine.dispose()
+    async def search_hashes(
+        self, value: str, audit: Mapping[str, Any], *, actor_key_id: str | None
+    ) -> dict[str, str]:
+        """The keyed HMAC the log would show for ``value``, under every key, by key id.
+
+        The request is audited first, naming who asked but never the value (nor its hashes,
+        which would tie the search to what was searched for).
+        """
+        hashes = self._keyring.audit_hmac_candidates(value)
+        await self.record_admin(
+            "audit.hash", audit, actor_key_id=actor_key_id, details={"keys": sorted(hashes)}
+        )
+        return hashes
+
+    def verify(self, earlier: EarlierHead | None = None) -> VerifyReport:
+        """Check the whole chain, and an earlier head if given (blocking: run it in a thread)."""
+        return verify_database(self._database_url, self._keyring, earlier)
+
+    def prune(self, before: datetime, record: Mapping[str, Any]) -> PruneReport:
+        """Remove events older than ``before`` behind a signed checkpoint (blocking).
+
+        ``record`` holds the fields of the admin event that records the prune (who, from
+        where); raises ``ConflictError`` if the part to prune does not verify.
+        """
+        return prune_database(self._database_url, self._keyring, before, record)
 
 
 def _anchor(connection: Connection, keyring: Keyring) -> Checkpoint | None:
@@ -270,11 +326,107 @@ def _anchor(connection: Connection, keyring: Keyring) -> Checkpoint | None:
     return None
 
 
-def verify_log(connection: Connection, keyring: Keyring) -> VerifyReport:
-    """Walk the chain from the newest sound checkpoint (or the start) to the signed head."""
+_CHAIN_BROKEN: Final = "audit_chain_broken"
+
+
+class ChainBrokenError(ConflictError):
+    """Retention refused: the events it would remove do not verify."""
+
+    error = _CHAIN_BROKEN
+
+
+def verify_database(
+    database_url: str, keyring: Keyring, earlier: EarlierHead | None = None
+) -> VerifyReport:
+    """Verify the audit log of the database at ``database_url`` (blocking).
+
+    The whole walk reads one snapshot (a read transaction; REPEATABLE READ on PostgreSQL), so
+    events appended or pruned meanwhile never look like tampering.
+    """
+    engine = create_sync_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            if connection.dialect.name == "postgresql":
+                connection.execution_options(isolation_level="REPEATABLE READ")
+            return verify_log(connection, keyring, earlier)
+    finally:
+        engine.dispose()
+
+
+def prune_database(
+    database_url: str, keyring: Keyring, before: datetime, record: Mapping[str, Any]
+) -> PruneReport:
+    """Prune the audit log of the database at ``database_url`` (blocking); see ``prune_log``.
+
+    A refused prune is recorded too (as a denied ``audit.prune``), then raised.
+    """
+    engine = create_sync_engine(database_url, write=True)
+    try:
+        with engine.connect() as connection:
+            try:
+                return prune_log(connection, keyring, before, record)
+            except ChainBrokenError as exc:
+                refused = admin_event(
+                    **record,
+                    action=PRUNE_ACTION,
+                    decision="deny",
+                    reason=_CHAIN_BROKEN,
+                    details={"changes": {"before": before.isoformat()}, "problem": exc.message},
+                )
+                with connection.begin():
+                    chain.append(connection, chain_key(keyring), [refused])
+                raise
+    finally:
+        engine.dispose()
+
+
+def _checkpoint_out(checkpoint: Checkpoint | None) -> dict[str, Any] | None:
+    if checkpoint is None:
+        return None
+    return {
+        "through_seq": checkpoint.through_seq,
+        "events_pruned": checkpoint.events_pruned,
+        "incomplete_pruned": checkpoint.incomplete_pruned,
+        "created_at": checkpoint.created_at.isoformat(),
+        "key": checkpoint.mac_key,
+    }
+
+
+def _checkpoint_problem(keyring: Keyring, checkpoints: list[Checkpoint]) -> Problem | None:
+    """A retention checkpoint that does not verify: altered, forged or signed by a lost key."""
+    keys = keyring.audit_chain_keys()
+    for checkpoint in checkpoints:
+        if checkpoint_sound(keys, checkpoint):
+            continue
+        if checkpoint.mac_key not in keys:
+            return Problem(
+                checkpoint.through_seq,
+                "unknown_key",
+                f"the retention checkpoint through seq {checkpoint.through_seq} is signed with "
+                f"key {checkpoint.mac_key!r}, not in the keyring",
+            )
+        return Problem(
+            checkpoint.through_seq,
+            "modified",
+            f"the retention checkpoint through seq {checkpoint.through_seq} does not match "
+            "its MAC (altered or forged)",
+        )
+    return None
+
+
+def verify_log(
+    connection: Connection, keyring: Keyring, earlier: EarlierHead | None = None
+) -> VerifyReport:
+    """Walk the chain from the newest sound checkpoint (or the start) to the signed head.
+
+    A checkpoint that does not verify is reported before anything the walk finds: events the
+    walk then misses at the start of the log were removed behind it. Once the chain holds,
+    an ``earlier`` head must still be in it (or pruned behind the checkpoint).
+    """
     keys = keyring.audit_chain_keys()
     head = chain.read_head(connection)
-    anchor = _anchor(connection, keyring)
+    checkpoints = chain.checkpoints(connection)
+    anchor = next((c for c in checkpoints if checkpoint_sound(keys, c)), None)
     anchor_seq = anchor.through_seq if anchor else 0
     through = head.last_seq if head is not None else chain.max_seq(connection)
     verifier = ChainVerifier(
@@ -284,7 +436,7 @@ def verify_log(connection: Connection, keyring: Keyring) -> VerifyReport:
         locate=lambda mac: chain.locate(connection, mac),
     )
     result = verifier.verify(chain.read_links(connection, anchor_seq, through), head)
-    problem = result.problem
+    problem = _checkpoint_problem(keyring, checkpoints) or result.problem
     if problem is None:
         # The highest seq first, then the head: writers move both forward together, so a seq
         # above the head's means events that did not come through the chain's writer.
@@ -292,6 +444,10 @@ def verify_log(connection: Connection, keyring: Keyring) -> VerifyReport:
         current = chain.read_head(connection)
         if current is not None and highest > current.last_seq:
             problem = beyond_head(current.last_seq)
+    earlier_out = None
+    if problem is None and earlier is not None:
+        problem, found = _earlier_head(connection, earlier, anchor, through)
+        earlier_out = {"seq": earlier.seq, "mac": earlier.mac, "found": found}
     count, oldest = chain.incomplete(connection, anchor_seq, through)
     return VerifyReport(
         ok=problem is None,
@@ -299,52 +455,123 @@ def verify_log(connection: Connection, keyring: Keyring) -> VerifyReport:
         first_seq=result.first_seq,
         last_seq=result.last_seq,
         head=None if head is None else {"seq": head.last_seq, "mac": head.last_mac},
-        checkpoint=None
-        if anchor is None
-        else {
-            "through_seq": anchor.through_seq,
-            "events_pruned": anchor.events_pruned,
-            "incomplete_pruned": anchor.incomplete_pruned,
-            "created_at": anchor.created_at.isoformat(),
-        },
+        checkpoint=_checkpoint_out(anchor),
         incomplete=count,
         incomplete_oldest=oldest,
         problem=None
         if problem is None
         else {"seq": problem.seq, "kind": problem.kind, "detail": problem.detail},
         keys=sorted(result.keys_used),
+        earlier_head=earlier_out,
     )
 
 
-def prune_log(connection: Connection, keyring: Keyring, before: datetime) -> dict[str, Any]:
+def _earlier_head(
+    connection: Connection, earlier: EarlierHead, anchor: Checkpoint | None, last_seq: int
+) -> tuple[Problem | None, str | None]:
+    """Whether a verified chain still holds the event an earlier head named.
+
+    Returns the problem, if any, and what was found: ``in_chain`` (the same event, or the
+    checkpoint ending at it), or ``pruned`` when it has since been removed behind the
+    checkpoint and can no longer be compared.
+    """
+    replaced = "the log was replaced since an earlier verify saw"
+    if earlier.seq > last_seq:
+        return Problem(
+            last_seq + 1,
+            "missing",
+            f"{replaced} it reach seq {earlier.seq}; it now ends at seq {last_seq}",
+        ), None
+    stored: str | None
+    if anchor is not None and earlier.seq <= anchor.through_seq:
+        if earlier.seq < anchor.through_seq:
+            return None, "pruned"
+        stored = anchor.through_mac
+    else:
+        stored = chain.mac_at(connection, earlier.seq)
+    if stored != earlier.mac:
+        return Problem(earlier.seq, "modified", f"{replaced} another event here"), None
+    return None, "in_chain"
+
+
+PRUNE_ACTION: Final = "audit.prune"
+
+
+@dataclass(frozen=True)
+class PruneReport:
+    """What ``broker audit prune`` and ``POST /broker/v1/audit/prune`` report."""
+
+    before: datetime
+    pruned: int
+    through_seq: int
+    incomplete_pruned: int
+    checkpoint: dict[str, Any] | None
+    seq: int
+    """The seq of the admin event recording this prune."""
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {
+            "before": self.before.isoformat(),
+            "pruned": self.pruned,
+            "through_seq": self.through_seq,
+            "incomplete_pruned": self.incomplete_pruned,
+            "checkpoint": self.checkpoint,
+            "seq": self.seq,
+        }
+
+
+def prune_log(
+    connection: Connection, keyring: Keyring, before: datetime, record: Mapping[str, Any]
+) -> PruneReport:
     """Verify the events retention would remove, then remove them behind a checkpoint.
 
-    Refuses (``ValueError``) if that part of the chain does not verify: pruning must never
-    launder tampering into a signed checkpoint.
+    Refuses (``ChainBrokenError``) if that part of the chain does not verify: pruning must
+    never launder tampering into a signed checkpoint. The prune is recorded as an admin event
+    (``record`` names who asked) in the same transaction, so it never happens unrecorded.
     """
+    if before > utcnow():
+        # Almost certainly a typo, and it would remove every event.
+        raise ValidationFailedError("before", "must not be in the future")
     with connection.begin():
         head = chain.lock_head(connection)
         anchor = _anchor(connection, keyring)
         anchor_seq = anchor.through_seq if anchor else 0
         through = min(chain.prune_through(connection, before, anchor_seq), head.last_seq)
-        if through <= anchor_seq:
-            return {"pruned": 0, "through_seq": anchor_seq}
-        verifier = ChainVerifier(
-            keyring.audit_chain_keys(),
-            anchor_seq=anchor_seq,
-            anchor_mac=anchor.through_mac if anchor else GENESIS,
-            locate=lambda mac: chain.locate(connection, mac),
-        )
-        result = verifier.walk(chain.read_links(connection, anchor_seq, through))
-        if result.problem is not None:
-            problem = result.problem
-            raise ValueError(
-                f"refusing to prune: event {problem.seq} is {problem.kind} ({problem.detail}); "
-                "run `broker audit verify`"
+        pruned, incomplete, checkpoint = 0, 0, anchor
+        if through > anchor_seq:
+            verifier = ChainVerifier(
+                keyring.audit_chain_keys(),
+                anchor_seq=anchor_seq,
+                anchor_mac=anchor.through_mac if anchor else GENESIS,
+                locate=lambda mac: chain.locate(connection, mac),
             )
-        checkpoint = chain.prune(connection, chain_key(keyring), through, result.last_mac)
-    return {
-        "pruned": checkpoint.events_pruned,
-        "through_seq": checkpoint.through_seq,
-        "incomplete_pruned": checkpoint.incomplete_pruned,
-    }
+            result = verifier.walk(chain.read_links(connection, anchor_seq, through))
+            if result.problem is not None:
+                problem = result.problem
+                raise ChainBrokenError(
+                    f"refusing to prune: event {problem.seq} is {problem.kind} "
+                    f"({problem.detail}); run `broker audit verify`"
+                )
+            checkpoint = chain.prune(connection, chain_key(keyring), through, result.last_mac)
+            pruned, incomplete = checkpoint.events_pruned, checkpoint.incomplete_pruned
+        through_seq = max(through, anchor_seq)
+        changes = {
+            "before": before.isoformat(),
+            "pruned": pruned,
+            "through_seq": through_seq,
+            "incomplete_pruned": incomplete,
+        }
+        [seq] = chain.append(
+            connection,
+            chain_key(keyring),
+            [admin_event(**record, action=PRUNE_ACTION, details={"changes": changes})],
+        )
+    return PruneReport(
+        before=before,
+        pruned=pruned,
+        through_seq=through_seq,
+        incomplete_pruned=incomplete,
+        checkpoint=_checkpoint_out(checkpoint),
+        seq=seq,
+    )

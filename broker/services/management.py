@@ -21,7 +21,7 @@ from broker.core.assertions import InvalidKeySetError, public_key_set
 from broker.core.scopes import Decision, Grant, ScopeError
 from broker.core.tokens import SecretKind, generate_secret, new_id
 from broker.errors import ConflictError, NotFoundError, ValidationFailedError
-from broker.requestid import current_request_id
+from broker.requestid import current_request_facts, current_request_id
 from broker.services.audit import add_events, admin_event, bump_revocation_epoch
 from broker.services.ratelimit import default_burst
 from broker.services.revocation import CacheEpoch
@@ -580,10 +580,18 @@ class ManagementService:
             token = await session.get(ProxyToken, token_id)
             if token is None:
                 raise NotFoundError(f"no token {token_id!r}")
-            if token.revoked_at is None:
+            already = token.revoked_at is not None
+            if not already:
                 token.revoked_at = utcnow()
                 token.revoked_by = actor.label
-            await self._event(session, actor, "token.revoke", token)
+            await self._event(
+                session,
+                actor,
+                "token.revoke",
+                token,
+                revoked_at=token.revoked_at,
+                already_revoked=already,
+            )
         return token
 
     async def revoke_client_tokens(self, actor: Actor, ref: str) -> int:
@@ -637,9 +645,19 @@ class ManagementService:
             key = await session.get(AdminKey, key_id)
             if key is None:
                 raise NotFoundError(f"no admin key {key_id!r}")
-            if key.revoked_at is None:
+            already = key.revoked_at is not None
+            if not already:
                 key.revoked_at = utcnow()
-            await self._event(session, actor, "admin_key.revoke", key)
+            await self._event(
+                session,
+                actor,
+                "admin_key.revoke",
+                key,
+                name=key.name,
+                role=key.role,
+                revoked_at=key.revoked_at,
+                already_revoked=already,
+            )
         return key
 
     # Helpers -------------------------------------------------------------------------------
@@ -674,6 +692,7 @@ class ManagementService:
             session,
             self._keyring,
             admin_event(
+                **current_request_facts(),
                 request_id=current_request_id(),
                 action=action,
                 actor_key_id=actor.key_id,

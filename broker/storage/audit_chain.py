@@ -274,6 +274,12 @@ def locate(connection: Connection, mac: str) -> int | None:
     return None if seq is None else int(seq)
 
 
+def mac_at(connection: Connection, seq: int) -> str | None:
+    """The MAC stored for the event at ``seq``, if there is one."""
+    mac = connection.execute(select(EVENTS.c.mac).where(EVENTS.c.seq == seq)).scalar()
+    return None if mac is None else str(mac)
+
+
 def max_seq(connection: Connection) -> int:
     """The highest seq in the log (0 when empty)."""
     return int(connection.execute(select(func.coalesce(func.max(EVENTS.c.seq), 0))).scalar_one())

@@ -83,7 +83,7 @@ async def test_filter_by_client_selects_its_admin_token_and_proxy_events(
     events = await query(env, client=traffic.alpha_id)
     assert {e["client_id"] for e in events} == {traffic.alpha_id}
     assert calls(events) == [
-        ("admin", None, None),
+        ("admin", "POST", "/broker/v1/clients"),
         MINT,
         ("proxy", "GET", COURSE),
         ("proxy", "GET", ASSIGNMENTS),
@@ -217,8 +217,62 @@ async def test_admin_actions_on_an_upstream_are_found_by_upstream(
     assert "upstream.create" in {e["action"] for e in events}
 
 
+async def test_filter_by_action(env: BrokerEnv, traffic: Traffic) -> None:
+    events = await query(env, action="token.mint")
+    assert [e["client_id"] for e in reversed(events)] == [traffic.alpha_id, traffic.beta_id]
+    assert {e["kind"] for e in await query(env, action="client.create")} == {"admin"}
+
+
+async def test_filter_by_reason_looks_at_the_outcome(env: BrokerEnv, traffic: Traffic) -> None:
+    assert calls(await query(env, reason="scope_not_granted")) == [("proxy", "DELETE", COURSE)]
+    assert calls(await query(env, reason="unknown_token")) == [("proxy", "GET", COURSE)]
+
+
+async def test_filter_by_request_id_finds_the_call_a_script_reported(
+    env: BrokerEnv, traffic: Traffic
+) -> None:
+    token = await env.client_token("reporter")
+    response = await env.http.get(USER, headers=bearer(token))
+    [event] = await query(env, request_id=response.headers["x-request-id"])
+    assert (event["path"], event["status"]) == (USER, 200)
+
+
+async def test_filter_by_actor_finds_what_one_admin_key_did(
+    env: BrokerEnv, traffic: Traffic
+) -> None:
+    created = await env.http.post(
+        "/broker/v1/admin-keys", headers=env.admin(), json={"name": "ops", "role": "admin"}
+    )
+    ops = {"Authorization": f"Bearer {created.json()['key']}"}
+    await env.http.post(f"/broker/v1/clients/{traffic.beta_id}/disable", headers=ops)
+    events = await query(env, actor=created.json()["id"])
+    assert [(e["action"], e["client_id"]) for e in events] == [("client.disable", traffic.beta_id)]
+
+
+async def test_filter_by_query_contains_matches_literally(env: BrokerEnv, traffic: Traffic) -> None:
+    token = await env.client_token("paging")
+    await env.http.get(f"{ASSIGNMENTS}?per_page=5&page=2", headers=bearer(token))
+    [event] = await query(env, query_contains="page=2")
+    assert event["query"] == "per_page=5&page=2"
+    assert await query(env, query_contains="per%page") == []
+
+
 @pytest.mark.parametrize(
-    "param", ["client", "token", "credential", "upstream", "kind", "method", "path_prefix"]
+    "param",
+    [
+        "client",
+        "token",
+        "credential",
+        "upstream",
+        "kind",
+        "method",
+        "path_prefix",
+        "action",
+        "reason",
+        "request_id",
+        "actor",
+        "query_contains",
+    ],
 )
 async def test_filter_with_nul_is_400(env: BrokerEnv, param: str) -> None:
     response = await env.http.get(AUDIT, params={param: "a\x00b"}, headers=env.auditor())

@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from sqlalchemy import text
 
 from broker.app import create_app
 from broker.core.tokens import SecretKind, generate_secret
@@ -34,8 +35,12 @@ ASSIGNMENTS_SCOPE = "url:GET|/api/v1/courses/:course_id/assignments"
 CLIENT_SECRET = re.compile(r"cbs_[0-9A-Za-z]{36}")
 ADMIN_KEY = re.compile(r"cba_[0-9A-Za-z]{36}")
 WRITE_METHODS = frozenset({"POST", "PATCH", "PUT", "DELETE"})
-# POST routes that only read: an auditor may test a grant.
-READ_ONLY_POSTS = frozenset({f"{V1}/clients/{{ref}}/check"})
+# POST routes that only read: an auditor may test a grant or hash a value to search for.
+READ_ONLY_POSTS = frozenset({f"{V1}/clients/{{ref}}/check", f"{V1}/audit/hash"})
+READ_BODIES: dict[str, dict[str, Any]] = {
+    f"{V1}/clients/{{ref}}/check": {"method": "GET", "path": "/api/v1/courses/1201"},
+    f"{V1}/audit/hash": {"value": "a leaked value"},
+}
 
 
 def _operations() -> list[tuple[str, str]]:
@@ -137,6 +142,7 @@ MUTATION_REQUESTS: dict[tuple[str, str], tuple[dict[str, Any] | None, str]] = {
     ("POST", f"{V1}/tokens/{{token_id}}/revoke"): (None, "token.revoke"),
     ("POST", f"{V1}/admin-keys"): ({"name": "ops", "role": "auditor"}, "admin_key.create"),
     ("POST", f"{V1}/admin-keys/{{key_id}}/revoke"): (None, "admin_key.revoke"),
+    ("POST", f"{V1}/audit/prune"): ({"before": "2000-01-01T00:00:00Z"}, "audit.prune"),
 }
 
 
@@ -175,16 +181,26 @@ async def test_auditor_key_gets_403_on_mutation(
 ) -> None:
     body, _action = MUTATION_REQUESTS.get((method, template), ({}, ""))
     before = await admin_events(env)
-    response = await send(env, method, concrete(template, world), body, env.auditor())
+    path = concrete(template, world)
+    response = await send(env, method, path, body, env.auditor())
     assert_error(response, 403, "read_only_key")
-    assert await admin_events(env) == before
+    [refusal, *rest] = await admin_events(env)
+    assert rest == before
+    assert (refusal["action"], refusal["decision"], refusal["reason"], refusal["status"]) == (
+        "admin_key.authorize",
+        "deny",
+        "read_only_key",
+        403,
+    )
+    assert (refusal["method"], refusal["path"]) == (method, path)
+    assert refusal["request_id"] == response.headers["x-request-id"]
 
 
 @pytest.mark.parametrize(("method", "template"), READS)
 async def test_auditor_key_can_read(
     env: BrokerEnv, world: World, method: str, template: str
 ) -> None:
-    body = {"method": "GET", "path": COURSE} if method == "POST" else None
+    body = READ_BODIES[template] if method == "POST" else None
     response = await send(env, method, concrete(template, world), body, env.auditor())
     assert response.status_code == 200, response.text
 
@@ -218,6 +234,104 @@ async def test_malformed_or_unknown_key_is_401(env: BrokerEnv, world: World, kin
         f"{V1}/upstreams", headers=headers, json={"name": "x", "base_url": "https://x.example"}
     )
     assert_error(created, 401, "invalid_admin_key")
+
+
+REFUSAL_REASONS = {
+    "empty_bearer": "missing_admin_key",
+    "basic": "missing_admin_key",
+    "garbage": "malformed_admin_key",
+    "bad_checksum": "malformed_admin_key",
+    "unknown_key": "unknown_admin_key",
+    "client_secret": "malformed_admin_key",
+    "proxy_token": "malformed_admin_key",
+}
+
+
+async def stored_audit_text(env: BrokerEnv) -> str:
+    """Every column of every stored audit event, as text (what a DBA could read)."""
+    async with env.context.engine.connect() as connection:
+        rows = (await connection.execute(text("SELECT * FROM audit_events"))).all()
+    return "\n".join(str(value) for row in rows for value in row)
+
+
+def test_every_bad_key_has_an_expected_refusal_reason() -> None:
+    assert set(REFUSAL_REASONS) == set(BAD_KEYS)
+
+
+@pytest.mark.parametrize("kind", list(BAD_KEYS))
+async def test_refused_admin_key_is_audited_with_reason_and_source_but_not_the_key(
+    env: BrokerEnv, world: World, kind: str
+) -> None:
+    header = BAD_KEYS[kind](world)
+    response = await env.http.post(
+        f"{V1}/upstreams",
+        headers={"Authorization": header, "User-Agent": "probe/1.0"},
+        json={"name": "x", "base_url": "https://x.example"},
+    )
+    assert_error(response, 401, "invalid_admin_key")
+    [event] = await env.audit(action="admin_key.authenticate")
+    assert (event["kind"], event["decision"], event["reason"], event["status"]) == (
+        "admin",
+        "deny",
+        REFUSAL_REASONS[kind],
+        401,
+    )
+    assert (event["method"], event["path"]) == ("POST", f"{V1}/upstreams")
+    assert (event["source_ip"], event["user_agent"]) == ("127.0.0.1", "probe/1.0")
+    assert event["actor_key_id"] is None
+    assert event["request_id"] == response.headers["x-request-id"]
+    presented = header.partition(" ")[2]
+    if presented:
+        assert presented not in json.dumps(event)
+        assert presented not in await stored_audit_text(env)
+
+
+async def test_request_without_a_key_is_audited_as_missing_key(env: BrokerEnv) -> None:
+    response = await env.http.get(f"{V1}/clients")
+    assert_error(response, 401, "invalid_admin_key")
+    [event] = await env.audit(action="admin_key.authenticate")
+    assert (event["reason"], event["method"], event["path"]) == (
+        "missing_admin_key",
+        "GET",
+        f"{V1}/clients",
+    )
+
+
+async def test_revoked_admin_key_is_audited_by_its_id(env: BrokerEnv) -> None:
+    created = await create_key(env)
+    await env.http.post(f"{V1}/admin-keys/{created['id']}/revoke", headers=env.admin())
+    headers = {"Authorization": f"Bearer {created['key']}"}
+    assert_error(await env.http.get(f"{V1}/clients", headers=headers), 401, "invalid_admin_key")
+    [event] = await env.audit(action="admin_key.authenticate")
+    assert (event["reason"], event["actor_key_id"]) == ("revoked_admin_key", created["id"])
+    assert [e["action"] for e in await env.audit(actor=created["id"])] == ["admin_key.authenticate"]
+    assert created["key"] not in await stored_audit_text(env)
+
+
+async def test_management_refusal_is_503_when_the_audit_store_fails(env: BrokerEnv) -> None:
+    async with env.context.engine.begin() as connection:
+        await connection.execute(text("ALTER TABLE audit_events RENAME TO audit_events_offline"))
+    try:
+        response = await env.http.get(f"{V1}/clients")
+    finally:
+        async with env.context.engine.begin() as connection:
+            await connection.execute(
+                text("ALTER TABLE audit_events_offline RENAME TO audit_events")
+            )
+        await env.context.engine.dispose()
+    assert_error(response, 503, "audit_unavailable")
+
+
+async def test_admin_event_records_where_the_change_came_from(env: BrokerEnv, world: World) -> None:
+    response = await env.http.post(
+        f"{V1}/clients/{world.client_id}/disable",
+        headers={**env.admin(), "User-Agent": "ops-console/2"},
+    )
+    assert response.status_code == 200
+    [event, *_] = await admin_events(env)
+    assert (event["action"], event["actor_key_id"]) == ("client.disable", world.admin_key_id)
+    assert (event["method"], event["path"]) == ("POST", f"{V1}/clients/{world.client_id}/disable")
+    assert (event["source_ip"], event["user_agent"]) == ("127.0.0.1", "ops-console/2")
 
 
 # Audit of every mutation -------------------------------------------------------------------
