@@ -433,11 +433,24 @@ class TokenService:
         return grant
 
     async def revoke_own(self, client: Client, value: str, *, audit: dict[str, Any]) -> None:
-        """RFC 7009: revoke ``value`` if it belongs to ``client``; silently ignore otherwise."""
+        """RFC 7009: revoke ``value`` if it belongs to ``client``.
+
+        The caller answers 200 either way (the RFC's rule), but the log tells the cases
+        apart: a revocation, or a refusal saying why nothing was revoked (malformed, unknown
+        or another client's token, or one already revoked).
+        """
+        reason = await self._revoke_own(client, value, audit)
+        if reason is not None:
+            await self.refuse(
+                {**audit, "action": "token.revoke"}, reason, status=200, client_id=client.id
+            )
+
+    async def _revoke_own(self, client: Client, value: str, audit: dict[str, Any]) -> str | None:
+        """Revoke; None if a token was revoked, else the reason nothing was."""
         try:
             check_secret(value, SecretKind.PROXY_TOKEN)
         except MalformedSecretError:
-            return
+            return "malformed_token"
         hashes = self._keyring.secret_hash_candidates(value)
         async with self._sessions.begin() as session:
             token = await session.scalar(
@@ -445,14 +458,17 @@ class TokenService:
                     ProxyToken.token_hash.in_(hashes), ProxyToken.client_id == client.id
                 )
             )
-            if token is None or token.revoked_at is not None:
-                return
+            if token is None:
+                return "unknown_token"  # also another client's: the same answer, on purpose
+            if token.revoked_at is not None:
+                return "token_revoked"
             token.revoked_at = utcnow()
             token.revoked_by = f"client:{client.id}"
             await add_events(
                 session, self._keyring, _token_event(audit, "token.revoke", client, token.id)
             )
             await bump_revocation_epoch(session, self._epoch.bump)
+        return None
 
     async def introspect(self, value: str) -> dict[str, Any]:
         """RFC 7662 response for ``value`` (``{"active": false}`` for anything unusable)."""

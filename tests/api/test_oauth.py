@@ -332,6 +332,13 @@ async def test_revoking_another_clients_token_has_no_effect(env: BrokerEnv) -> N
     response = await env.http.post(REVOKE_URL, data={"token": token}, auth=(other_id, other_secret))
     assert response.status_code == 200
     assert (await env.http.get(COURSE, headers=bearer(token))).status_code == 200
+    [latest, *_] = await token_events(env)
+    assert (latest["action"], latest["decision"], latest["reason"]) == (
+        "token.revoke",
+        "deny",
+        "unknown_token",
+    )
+    assert (latest["client_id"], latest["status"]) == (other_id, 200)
 
 
 async def test_revoking_an_unknown_token_answers_200(env: BrokerEnv) -> None:
@@ -339,6 +346,35 @@ async def test_revoking_an_unknown_token_answers_200(env: BrokerEnv) -> None:
     unknown = generate_secret(SecretKind.PROXY_TOKEN)
     response = await env.http.post(REVOKE_URL, data={"token": unknown}, auth=(client_id, secret))
     assert response.status_code == 200
+    [latest, *_] = await token_events(env)
+    assert (latest["action"], latest["decision"], latest["reason"]) == (
+        "token.revoke",
+        "deny",
+        "unknown_token",
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"), [("not-a-token", "malformed_token"), (None, "token_revoked")]
+)
+async def test_revocations_that_revoke_nothing_are_audited_with_the_reason(
+    env: BrokerEnv, value: str | None, reason: str
+) -> None:
+    client_id, secret = await env.client()
+    token = await env.token(client_id, secret)
+    if value is None:
+        await env.http.post(REVOKE_URL, data={"token": token}, auth=(client_id, secret))
+    response = await env.http.post(
+        REVOKE_URL, data={"token": value or token}, auth=(client_id, secret)
+    )
+    assert response.status_code == 200
+    [latest, *_] = await token_events(env)
+    assert (latest["action"], latest["decision"], latest["reason"]) == (
+        "token.revoke",
+        "deny",
+        reason,
+    )
+    assert "not-a-token" not in str(latest)
 
 
 async def test_revoke_with_wrong_secret_is_invalid_client(env: BrokerEnv) -> None:
