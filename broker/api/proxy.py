@@ -119,6 +119,7 @@ class ProxyApp:
         self._max_body = context.settings.max_body_bytes
         self._sensitive = context.settings.sensitive_query_keys
         self._rewriters: dict[tuple[str, str], Rewriter] = {}
+        self._active = 0  # calls in progress in this process
 
     async def _commit_audit(self, write: Awaitable[T]) -> T:
         """Await an audit commit, measuring it; failures are counted and re-raised."""
@@ -142,6 +143,7 @@ class ProxyApp:
             query=scope.get("query_string", b""),
             headers=list(scope["headers"]),
         )
+        self._active += 1
         try:
             await self._handle(call, scope, receive, send)
         except Exception:
@@ -152,12 +154,16 @@ class ProxyApp:
                 await _send_error(
                     send, call, 500, "internal_error", "the broker failed to handle this call"
                 )
+        finally:
+            self._active -= 1
 
     async def _handle(self, call: Call, scope: Scope, receive: Receive, send: Send) -> None:
         call.audit = self._audit_base(call, scope)
         try:
             body = await self._admit(call, receive)
-            begun = await self._commit_audit(self._audit.begin(**call.audit, decision="allow"))
+            begun = await self._commit_audit(
+                self._audit.begin(**call.audit, decision="allow", alone=self._active == 1)
+            )
         except Refusal as refusal:
             await self._refuse(call, send, refusal)
             return
@@ -324,6 +330,7 @@ class ProxyApp:
                     reason=refusal.error,
                     status=refusal.status,
                     duration_ms=call.elapsed_ms(),
+                    alone=self._active == 1,
                 )
             )
         except AuditUnavailableError as exc:

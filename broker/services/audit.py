@@ -213,18 +213,21 @@ class AuditService:
         self._keyring = keyring
         self._database_url = database_url
 
-    async def record(self, **fields: Any) -> int:  # noqa: ANN401
-        """Commit one complete event; raise ``AuditUnavailableError`` if it cannot be."""
-        return await self._write(new_event(**fields))
+    async def record(self, *, alone: bool = False, **fields: Any) -> int:  # noqa: ANN401
+        """Commit one complete event; raise ``AuditUnavailableError`` if it cannot be.
 
-    async def begin(self, **fields: Any) -> Begun:  # noqa: ANN401
+        ``alone``: the caller is the only request in progress (see ``AuditWriter.write``).
+        """
+        return await self._write(new_event(**fields), alone=alone)
+
+    async def begin(self, *, alone: bool = False, **fields: Any) -> Begun:  # noqa: ANN401
         """Commit a pending event for a call about to be forwarded."""
         event = new_event(state=PENDING, **fields)
 
         def abandoned(seq: int) -> Event:
             return _completion(Begun(seq, event), reason="client_disconnected", status=499)
 
-        return Begun(await self._write(event, abandoned=abandoned), event)
+        return Begun(await self._write(event, abandoned=abandoned, alone=alone), event)
 
     def complete(self, begun: Begun, **outcome: Any) -> None:  # noqa: ANN401
         """Record the outcome of a pending event (queued: the call has already happened)."""

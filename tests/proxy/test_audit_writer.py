@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from typing import TYPE_CHECKING
 
 from sqlalchemy import func, select
 
-from broker.services.audit import AuditService
+from broker.services.audit import AuditService, new_event
 from broker.storage.models import AuditEvent
 from tests.proxy.support import make_caller
 
@@ -80,3 +81,37 @@ async def test_a_forwarded_call_is_pending_until_its_completion_is_committed(
     [event] = [e for e in await env.audit(kind="proxy") if e["request_id"] == request_id]
     assert (event["state"], event["status"], event["upstream_status"]) == ("complete", 200, 200)
     assert event["response_bytes"] == int(response.headers["content-length"])
+
+
+def _event(request_id: str, **fields: object) -> dict[str, object]:
+    return new_event(
+        request_id=request_id, kind="proxy", action="proxy", decision="allow", **fields
+    )
+
+
+async def test_a_lone_request_commits_on_the_loop_thread_with_the_queued_completions(
+    env: BrokerEnv,
+) -> None:
+    # On SQLite, that is; a PostgreSQL commit is a network round trip, kept off the loop.
+    on_sqlite = env.context.engine.dialect.name == "sqlite"
+    writer = env.context.audit_writer
+    first = await writer.write(_event("first", state="pending"))
+    writer.write_later(_event("first-done", completes=first))
+    threads: set[str] = set()
+    writer.observe = lambda _seconds, _events: threads.add(threading.current_thread().name)
+    second = await writer.write(_event("second"), alone=True)
+    # One commit, on this (the event loop's) thread, carried the queued completion as well.
+    assert threads == {threading.current_thread().name if on_sqlite else "audit-writer"}
+    assert second == first + 2
+    async with env.context.sessions() as session:
+        rows = (await session.execute(select(AuditEvent.seq, AuditEvent.request_id))).all()
+    assert sorted(rows)[-3:] == [(first, "first"), (first + 1, "first-done"), (second, "second")]
+
+
+async def test_a_request_that_is_not_alone_goes_through_the_writer_thread(env: BrokerEnv) -> None:
+    writer = env.context.audit_writer
+    await writer.write(_event("warm"))
+    threads: set[str] = set()
+    writer.observe = lambda _seconds, _events: threads.add(threading.current_thread().name)
+    await asyncio.gather(*(writer.write(_event(f"r{n}")) for n in range(5)))
+    assert threads == {"audit-writer"}
