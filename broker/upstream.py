@@ -24,6 +24,7 @@ response from arriving or completing.
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 import time
 from collections import deque
@@ -38,6 +39,8 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Sequence
 
 IDEMPOTENT: Final = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE"})
+_ORIGIN: Final = re.compile(r"https?://[^/?#]*")
+_ORIGIN_CACHE_SIZE: Final = 1024
 _HIGH_WATER: Final = 256 * 1024
 _LOW_WATER: Final = 64 * 1024
 
@@ -237,14 +240,26 @@ class _Connection(asyncio.Protocol):
             if self._complete:
                 return
             self._wakeup = self._loop.create_future()
+            timer = self._loop.call_later(read_timeout, self.time_out)
             try:
-                async with asyncio.timeout(read_timeout):
-                    await self._wakeup
-            except TimeoutError as exc:
-                self.close()
-                raise UpstreamError("upstream timed out sending the body", timeout=True) from exc
+                await self._wakeup
             finally:
+                timer.cancel()
                 self._wakeup = None
+
+    def time_out(self) -> None:
+        """The upstream took longer than the read timeout: give up on this response."""
+        self._fail(UpstreamError("upstream timed out", timeout=True))
+        self.close()
+
+    def take_complete_body(self) -> bytes | None:
+        """The whole body if it has all arrived (the usual case for a page), else None."""
+        if not self._complete or self._failure is not None:
+            return None
+        body = b"".join(self._chunks)
+        self._chunks.clear()
+        self._buffered = 0
+        return body
 
     @property
     def complete(self) -> bool:
@@ -262,7 +277,8 @@ class _Connection(asyncio.Protocol):
             self._wakeup.set_result(None)
 
     def _fail(self, error: UpstreamError) -> None:
-        self._failure = error
+        if self._failure is None:  # the first cause stands (a timeout, then the close it causes)
+            self._failure = error
         if self._head is not None and not self._head.done():
             self._head.set_exception(error)
         self._wake()
@@ -298,6 +314,9 @@ class _Response:
             yield chunk
 
     async def read(self) -> bytes:
+        body = self._connection.take_complete_body()
+        if body is not None:
+            return body
         return b"".join([chunk async for chunk in self.body()])
 
     def release(self) -> None:
@@ -329,13 +348,14 @@ class HttpForwarder:
         self._keepalive = keepalive_timeout
         self._ssl = ssl_context
         self._idle: dict[Origin, list[_Connection]] = {}
+        self._origins: dict[str, Origin] = {}
         self._closed = False
 
     async def send(
         self, method: str, url: str, headers: Sequence[tuple[bytes, bytes]], body: bytes
     ) -> UpstreamResponse:
         """Send one request; raise ``UpstreamError`` if Canvas cannot be reached in time."""
-        origin, target = parse_target(url)
+        origin, target = self._split(url)
         request = _encode(method, target, origin, headers, body)
         head_only = method == "HEAD"
         connection = await self._checkout(origin)
@@ -350,17 +370,27 @@ class HttpForwarder:
             head = await self._exchange(connection, request, head_only=head_only)
         return _Response(self, origin, connection, head)
 
+    def _split(self, url: str) -> tuple[Origin, bytes]:
+        """The URL's origin (parsed once per origin) and its request target, as given."""
+        found = _ORIGIN.match(url)
+        origin = self._origins.get(found.group(0)) if found else None
+        if origin is None or found is None:
+            origin, target = parse_target(url)
+            if found is not None and len(self._origins) < _ORIGIN_CACHE_SIZE:
+                self._origins[found.group(0)] = origin
+            return origin, target
+        return origin, (url[found.end() :] or "/").encode("latin-1")
+
     async def _exchange(self, connection: _Connection, request: bytes, *, head_only: bool) -> _Head:
         head = connection.start(request, head_only=head_only)
+        timer = asyncio.get_running_loop().call_later(self.read_timeout, connection.time_out)
         try:
-            async with asyncio.timeout(self.read_timeout):
-                return await head
-        except TimeoutError as exc:
-            connection.close()
-            raise UpstreamError("upstream timed out", timeout=True) from exc
+            return await head
         except UpstreamError:
             connection.close()
             raise
+        finally:
+            timer.cancel()
 
     async def _checkout(self, origin: Origin) -> _Connection:
         idle = self._idle.get(origin)

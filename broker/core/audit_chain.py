@@ -79,21 +79,35 @@ def _time_text(name: str, value: object) -> str:
     return value.isoformat(timespec="microseconds")
 
 
-def canonical(event: Mapping[Any, Any]) -> bytes:
-    """The bytes a MAC covers: every chained field, in order, as compact sorted JSON.
+_TIME_POSITIONS: Final = tuple(CHAINED_FIELDS.index(name) for name in _TIME_FIELDS)
+_FLOAT_POSITIONS: Final = tuple(CHAINED_FIELDS.index(name) for name in _FLOAT_FIELDS)
 
-    Values are taken as the database gives them back (times as UTC text, durations as
-    floats), so the writer and the verifier see the same thing.
+
+def canonical_values(event: Mapping[Any, Any]) -> list[Any]:
+    """Every chained field, in order, as the database gives it back.
+
+    Times become UTC ISO text with microseconds and durations floats, so the writer and the
+    verifier see the same thing.
     """
-    values = {name: event.get(name) for name in CHAINED_FIELDS}
-    for name in _TIME_FIELDS:
-        if values[name] is not None:
-            values[name] = _time_text(name, values[name])
-    for name in _FLOAT_FIELDS:
-        number = values[name]
+    values = [event.get(name) for name in CHAINED_FIELDS]
+    for position in _TIME_POSITIONS:
+        if values[position] is not None:
+            values[position] = _time_text(CHAINED_FIELDS[position], values[position])
+    for position in _FLOAT_POSITIONS:
+        number = values[position]
         if number is not None:
-            values[name] = float(number)
-    return _ENCODE(list(values.values())).encode()
+            values[position] = float(number)
+    return values
+
+
+def encode(values: list[Any]) -> bytes:
+    """The canonical bytes of ``canonical_values``: compact JSON with sorted keys."""
+    return _ENCODE(values).encode()
+
+
+def canonical(event: Mapping[Any, Any]) -> bytes:
+    """The bytes a MAC covers: every chained field, in order, as compact sorted JSON."""
+    return encode(canonical_values(event))
 
 
 def event_mac(key: bytes, prev_mac: str, content: bytes) -> str:

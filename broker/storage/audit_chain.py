@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar, Final, cast
 
 from sqlalchemy import delete, exists, func, insert, select, update
@@ -24,7 +24,9 @@ from broker.core.audit_chain import (
     Head,
     Link,
     canonical,
+    canonical_values,
     checkpoint_mac,
+    encode,
     event_mac,
     head_mac,
 )
@@ -120,7 +122,8 @@ class ChainStatements:
             "completed_at": time,
             "details": json.dumps,
         }
-        # (position in CHAINED_FIELDS, converter) for the columns not stored as given.
+        # (position in CHAINED_FIELDS, converter) for the columns whose canonical value is not
+        # what the column stores.
         self.converted = [
             (CHAINED_FIELDS.index(name), convert) for name, convert in converters.items()
         ]
@@ -175,8 +178,8 @@ def append_raw(
     rows = []
     for event in events:
         seq += 1
-        mac = event_mac(key.key, prev, canonical(event))
-        values = [event.get(name) for name in CHAINED_FIELDS]
+        values = canonical_values(event)
+        mac = event_mac(key.key, prev, encode(values))
         for index, convert in sql.converted:
             if values[index] is not None:
                 values[index] = convert(values[index])
@@ -208,13 +211,14 @@ def _set_head(connection: Connection, key: ChainKey, last_seq: int, last_mac: st
 _INSERTED: Final = ("seq", *CHAINED_FIELDS, "prev_mac", "mac", "mac_key")
 
 
-def _naive_utc(value: datetime) -> datetime:
-    return value.astimezone(UTC).replace(tzinfo=None)
+def _naive_utc(text: str) -> datetime:
+    # Canonical times are 'YYYY-MM-DDTHH:MM:SS.ffffff+00:00'; PostgreSQL stores naive UTC.
+    return datetime.fromisoformat(text[:26])
 
 
-def _sqlite_time(value: datetime) -> str:
-    # SQLAlchemy's SQLite DATETIME storage format, which it parses back.
-    return _naive_utc(value).isoformat(sep=" ", timespec="microseconds")
+def _sqlite_time(text: str) -> str:
+    # SQLAlchemy's SQLite DATETIME storage format ('YYYY-MM-DD HH:MM:SS.ffffff'), parsed back.
+    return f"{text[:10]} {text[11:26]}"
 
 
 def seal_unchained(connection: Connection, key: ChainKey) -> int:
