@@ -30,7 +30,13 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from broker.storage.audit_chain import ChainKey, ChainStatements, append_raw, chain_statements
+from broker.storage.audit_chain import (
+    ChainKey,
+    ChainStatements,
+    append_raw,
+    chain_statements,
+    prepare,
+)
 from broker.storage.database import create_sync_engine, sqlite_path
 
 if TYPE_CHECKING:
@@ -241,11 +247,12 @@ class AuditWriter:
             # (SQLite: WAL, full fsync, driver transaction control off).
             self._raw = engine.raw_connection()
         raw = self._raw
+        ready = prepare(statements, events)  # before the lock: held only to link and insert
         with self._locked():
             try:
                 if self._sqlite:
                     raw.cursor().execute("BEGIN IMMEDIATE")
-                seqs = append_raw(raw, statements, self._key, events)
+                seqs = append_raw(raw, statements, self._key, ready)
                 raw.commit()
             except BaseException:
                 # The connection's state is unknown: drop it, connect afresh next time.

@@ -158,32 +158,50 @@ def _lock_head(dbapi: Any, sql: ChainStatements) -> Head:  # noqa: ANN401 - a DB
     return Head(last_seq=int(row[0]), last_mac=str(row[1]), mac_key=None, mac=None)
 
 
-def append_raw(
-    dbapi: Any,  # noqa: ANN401 - a DB-API connection inside the caller's write transaction
-    sql: ChainStatements,
-    key: ChainKey,
-    events: Sequence[Mapping[str, Any]],
-) -> list[int]:
-    """Chain ``events`` after the current head, in order; return their seqs.
+@dataclass(frozen=True)
+class Prepared:
+    """An event ready to chain: its canonical content and its column values as stored."""
 
-    Each event maps column names to values; a name that is not a chained column is a bug and
-    raises ``ValueError`` before anything is written.
+    content: bytes
+    values: tuple[Any, ...]
+
+
+def prepare(sql: ChainStatements, events: Sequence[Mapping[str, Any]]) -> list[Prepared]:
+    """Everything about ``events`` that does not depend on the chain's head.
+
+    Done before the head is locked, so the lock is held only to link and insert. Each event
+    maps column names to values; a name that is not a chained column is a bug and raises
+    ``ValueError``.
     """
+    prepared = []
     for event in events:
         unknown = event.keys() - _ALLOWED
         if unknown:
             raise ValueError(f"not audit event fields: {sorted(unknown)}")
-    head = _lock_head(dbapi, sql)
-    seq, prev = head.last_seq, head.last_mac
-    rows = []
-    for event in events:
-        seq += 1
         values = canonical_values(event)
-        mac = event_mac(key.key, prev, encode(values))
+        content = encode(values)
         for index, convert in sql.converted:
             if values[index] is not None:
                 values[index] = convert(values[index])
-        rows.append((seq, *values, prev, mac, key.key_id))
+        prepared.append(Prepared(content, tuple(values)))
+    return prepared
+
+
+def append_raw(
+    dbapi: Any,  # noqa: ANN401 - a DB-API connection inside the caller's write transaction
+    sql: ChainStatements,
+    key: ChainKey,
+    events: Sequence[Mapping[str, Any]] | Sequence[Prepared],
+) -> list[int]:
+    """Chain ``events`` (or events already prepared) after the current head; return seqs."""
+    ready = [e if isinstance(e, Prepared) else prepare(sql, [e])[0] for e in events]
+    head = _lock_head(dbapi, sql)
+    seq, prev = head.last_seq, head.last_mac
+    rows = []
+    for event in ready:
+        seq += 1
+        mac = event_mac(key.key, prev, event.content)
+        rows.append((seq, *event.values, prev, mac, key.key_id))
         prev = mac
     if rows:
         cursor = dbapi.cursor()
