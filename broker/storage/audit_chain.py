@@ -11,7 +11,7 @@ order in which events were chained.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar, Final, cast
 
@@ -310,18 +310,8 @@ def max_seq(connection: Connection) -> int:
 def checkpoints(connection: Connection) -> list[Checkpoint]:
     """Retention checkpoints, newest (highest ``through_seq``) first."""
     rows = connection.execute(select(CHECKPOINTS).order_by(CHECKPOINTS.c.through_seq.desc()))
-    return [
-        Checkpoint(
-            through_seq=row.through_seq,
-            through_mac=row.through_mac,
-            events_pruned=row.events_pruned,
-            incomplete_pruned=row.incomplete_pruned,
-            created_at=row.created_at,
-            mac_key=row.mac_key,
-            mac=row.mac,
-        )
-        for row in rows
-    ]
+    names = [field.name for field in fields(Checkpoint)]
+    return [Checkpoint(**{name: row._mapping[name] for name in names}) for row in rows]  # noqa: SLF001 - public Row API
 
 
 def _incomplete_condition(after: int, through: int) -> Any:  # noqa: ANN401 - SQL expression
@@ -378,15 +368,5 @@ def prune(connection: Connection, key: ChainKey, through: int, through_mac: str)
     )
     signed = replace(checkpoint, mac=checkpoint_mac(key.key, checkpoint))
     connection.execute(delete(EVENTS).where(EVENTS.c.seq <= through))
-    connection.execute(
-        insert(CHECKPOINTS).values(
-            through_seq=signed.through_seq,
-            through_mac=signed.through_mac,
-            events_pruned=signed.events_pruned,
-            incomplete_pruned=signed.incomplete_pruned,
-            created_at=signed.created_at,
-            mac_key=signed.mac_key,
-            mac=signed.mac,
-        )
-    )
+    connection.execute(insert(CHECKPOINTS).values(**asdict(signed)))
     return signed
