@@ -63,6 +63,7 @@ def markdown(results: dict[str, Any]) -> str:
         ),
         f"- load: {loadgen}; nginx: {env.get('nginx') or 'not installed'}",
         f"- database: {env['database_version']}; git commit {env['git_commit']}{modified}",
+        _disk(env),
         (
             f"- each point: {opts['duration_s']} s closed loop after a {opts['warmup_s']} s "
             f"warm-up per target; GET {opts['path']} -> {opts['response_bytes']} B JSON "
@@ -111,3 +112,13 @@ def markdown(results: dict[str, Any]) -> str:
     lines.append(f"- errors (non-200 + socket) across all points: {summary['total_errors']}")
     lines.extend(f"- note: {note}" for note in results.get("notes", []))
     return "\n".join(lines) + "\n"
+
+
+def _disk(env: dict[str, Any]) -> str:
+    sync = env.get("fdatasync_us")
+    if not sync:
+        return "- disk: fdatasync latency not recorded"
+    return (
+        f"- disk: fdatasync of 8 KiB in the work directory p50 {sync['p50']} us, "
+        f"p90 {sync['p90']} us (each audit commit waits for a sync like it)"
+    )
