@@ -24,6 +24,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import sqlite3
 import threading
 import time
 from collections import deque
@@ -37,7 +38,7 @@ from broker.storage.audit_chain import (
     chain_statements,
     prepare,
 )
-from broker.storage.database import create_sync_engine, sqlite_path
+from broker.storage.database import SQLITE_BUSY_TIMEOUT_MS, create_sync_engine, sqlite_path
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -53,6 +54,10 @@ Event = dict[str, Any]
 
 class AuditWriteError(Exception):
     """An audit event could not be committed."""
+
+
+class _LockBusy(Exception):  # noqa: N818 - a signal to use the writer thread, not an error
+    """The database's write lock is taken and the caller may not wait for it."""
 
 
 @dataclass
@@ -123,7 +128,11 @@ class AuditWriter:
         return await future
 
     def _commit_inline(self, event: Event) -> int | None:
-        """Commit ``event`` with the queued completions on this thread; None if busy."""
+        """Commit ``event`` with the queued completions on this thread; None if busy.
+
+        Never waits for the database's write lock: another worker, or a management
+        transaction of this very process (whose next step needs this thread), may hold it.
+        """
         if not self._busy.acquire(blocking=False):
             return None
         try:
@@ -134,7 +143,12 @@ class AuditWriter:
                     self._start()
                 batch = [*self._queue, _Item(event, None)]
                 self._queue.clear()
-            results = self._commit(batch)
+            try:
+                results = self._commit(batch, wait=False)
+            except _LockBusy:
+                with self._cond:  # the completions go back, first in line
+                    self._queue.extendleft(reversed(batch[:-1]))
+                return None
         finally:
             self._busy.release()
         result = results[-1]
@@ -219,14 +233,20 @@ class AuditWriter:
                 results = self._commit(batch)
             self._resolve(batch, results)
 
-    def _commit(self, batch: list[_Item]) -> list[int | BaseException]:
-        """Commit the batch's events in one transaction; per event, its seq or the error."""
+    def _commit(self, batch: list[_Item], *, wait: bool = True) -> list[int | BaseException]:
+        """Commit the batch's events in one transaction; per event, its seq or the error.
+
+        With ``wait`` False, raise ``_LockBusy`` instead of waiting for the database's write
+        lock (the event loop's thread must never wait for it: see ``_commit_inline``).
+        """
         events = [item.event for item in batch if item.event is not None]
         if not events:
             return [0] * len(batch)
         started = time.perf_counter()
         try:
-            seqs = iter(self._append(events))
+            seqs = iter(self._append(events, wait=wait))
+        except _LockBusy:
+            raise
         except Exception as exc:  # noqa: BLE001 - any failure means "not durable"
             if len(events) == 1:
                 logger.error("audit store unavailable: %s", type(exc).__name__)  # noqa: TRY400
@@ -237,7 +257,7 @@ class AuditWriter:
             self.observe(time.perf_counter() - started, len(events))
         return [next(seqs) if item.event is not None else 0 for item in batch]
 
-    def _append(self, events: list[Event]) -> list[int]:
+    def _append(self, events: list[Event], *, wait: bool = True) -> list[int]:
         """One transaction on the writer's own DB-API connection."""
         engine, statements = self._engine, self._sql
         if engine is None or statements is None:  # pragma: no cover - started on first put
@@ -248,10 +268,10 @@ class AuditWriter:
             self._raw = engine.raw_connection()
         raw = self._raw
         ready = prepare(statements, events)  # before the lock: held only to link and insert
-        with self._locked():
+        with self._locked(wait=wait):
+            if self._sqlite:
+                self._begin_immediate(raw, wait=wait)
             try:
-                if self._sqlite:
-                    raw.cursor().execute("BEGIN IMMEDIATE")
                 seqs = append_raw(raw, statements, self._key, ready)
                 raw.commit()
             except BaseException:
@@ -264,12 +284,38 @@ class AuditWriter:
                 raise
         return seqs
 
+    def _begin_immediate(self, raw: PoolProxiedConnection, *, wait: bool) -> None:
+        """Take SQLite's write lock; without ``wait``, raise ``_LockBusy`` if it is held."""
+        cursor = raw.cursor()
+        try:
+            if not wait:
+                cursor.execute("PRAGMA busy_timeout=0")
+            try:
+                cursor.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                if wait or exc.sqlite_errorname != "SQLITE_BUSY":
+                    raise
+                raise _LockBusy from exc
+            finally:
+                if not wait:
+                    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        except _LockBusy:
+            raise  # no transaction began: the connection is as it was
+        except BaseException:
+            with contextlib.suppress(Exception):
+                raw.invalidate()
+            self._raw = None
+            raise
+
     @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
+    def _locked(self, *, wait: bool = True) -> Iterator[None]:
         if self._lock_file is None:
             yield
             return
-        fcntl.flock(self._lock_file, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise _LockBusy from exc
         try:
             yield
         finally:

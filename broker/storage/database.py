@@ -19,6 +19,9 @@ from sqlalchemy.pool import NullPool
 
 import broker
 
+SQLITE_BUSY_TIMEOUT_MS = 30000
+"""How long a SQLite connection waits for another's write lock before giving up."""
+
 WRITE_OPTION = "broker_write"
 """Execution option marking a write transaction (``BEGIN IMMEDIATE`` on SQLite)."""
 
@@ -29,7 +32,7 @@ def create_engine(url: str, *, pool: bool = True) -> AsyncEngine:
     # details) into logs or exception messages.
     kwargs: dict[str, Any] = {"hide_parameters": True}
     if url.startswith("sqlite"):
-        kwargs["connect_args"] = {"timeout": 30}
+        kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}
     if not pool:
         kwargs["poolclass"] = NullPool
     engine = create_async_engine(url, **kwargs)
@@ -53,7 +56,10 @@ def create_sync_engine(url: str, *, write: bool = False) -> Engine:
     sync_url = sync_database_url(url)
     kwargs: dict[str, Any] = {"hide_parameters": True, "pool_size": 1, "max_overflow": 0}
     if sync_url.startswith("sqlite"):
-        kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
+        kwargs["connect_args"] = {
+            "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000,
+            "check_same_thread": False,
+        }
     engine = sqlalchemy.create_engine(sync_url, **kwargs)
     if sync_url.startswith("sqlite"):
         _sqlite_transactions(engine)
@@ -85,7 +91,7 @@ def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:  # noqa: ANN40
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=FULL")
     cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
     cursor.close()
 
 

@@ -6,10 +6,10 @@ import asyncio
 import threading
 from typing import TYPE_CHECKING
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from broker.services.audit import AuditService, new_event
-from broker.storage.models import AuditEvent
+from broker.storage.models import AuditEvent, RevocationEpoch
 from tests.proxy.support import make_caller
 
 if TYPE_CHECKING:
@@ -115,3 +115,24 @@ async def test_a_request_that_is_not_alone_goes_through_the_writer_thread(env: B
     writer.observe = lambda _seconds, _events: threads.add(threading.current_thread().name)
     await asyncio.gather(*(writer.write(_event(f"r{n}")) for n in range(5)))
     assert threads == {"audit-writer"}
+
+
+async def test_a_lone_request_never_waits_on_the_loop_for_a_held_write_lock(
+    env: BrokerEnv,
+) -> None:
+    # A management transaction of this very process holds the database's write lock and
+    # needs the event loop to finish. A lone request's pending event must not block the loop
+    # waiting for that lock (on SQLite it would stall until the busy timeout): it goes to the
+    # writer thread, which commits once the management transaction has.
+    writer = env.context.audit_writer
+    await writer.write(_event("warm"))
+    async with asyncio.timeout(10):
+        async with env.context.sessions.begin() as session:
+            await session.execute(update(RevocationEpoch).values(epoch=RevocationEpoch.epoch + 1))
+            pending = asyncio.create_task(writer.write(_event("lone"), alone=True))
+            await asyncio.sleep(0)  # the write's first step runs: it must hand over, not block
+            assert not pending.done()
+        seq = await pending
+    async with env.context.sessions() as session:
+        stored = await session.scalar(select(AuditEvent.request_id).where(AuditEvent.seq == seq))
+    assert stored == "lone"
