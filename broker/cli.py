@@ -554,43 +554,33 @@ def utc_time(text: str) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value
 
 
-def _filters(
-    *,
-    client: str | None,
-    token_id: str | None,
-    credential: str | None,
-    upstream: str | None,
-    kind: str | None,
-    action: str | None,
-    decision: str | None,
-    reason: str | None,
-    status: int | None,
-    method: str | None,
-    path_prefix: str | None,
-    state: str | None,
-    request_id: str | None,
-    actor: str | None,
-    query_contains: str | None,
-    since: str | None,
-    until: str | None,
-) -> dict[str, Any]:
-    """Query parameters of ``GET /audit`` and ``GET /audit/export``."""
+_FILTER_NAMES = (
+    "client",
+    "credential",
+    "upstream",
+    "kind",
+    "action",
+    "decision",
+    "reason",
+    "status",
+    "method",
+    "path_prefix",
+    "state",
+    "request_id",
+    "actor",
+    "query_contains",
+)
+
+
+def _filters(options: dict[str, Any]) -> dict[str, Any]:
+    """Query parameters of ``GET /audit`` and ``GET /audit/export`` from a command's options.
+
+    The audit commands take the same filter options; each passes its ``locals()`` here.
+    """
+    since, until = options["since"], options["until"]
     return {
-        "client": client,
-        "token": token_id,
-        "credential": credential,
-        "upstream": upstream,
-        "kind": kind,
-        "action": action,
-        "decision": decision,
-        "reason": reason,
-        "status": status,
-        "method": method,
-        "path_prefix": path_prefix,
-        "state": state,
-        "request_id": request_id,
-        "actor": actor,
-        "query_contains": query_contains,
+        **{name: options[name] for name in _FILTER_NAMES},
+        "token": options["token_id"],
         "since": utc_time(since).isoformat() if since else None,
         "until": utc_time(until).isoformat() if until else None,
     }
@@ -619,25 +609,7 @@ def audit_query(
     cursor: Annotated[str | None, typer.Option(help="next_cursor of the previous page")] = None,
 ) -> None:
     """Audit events, newest first: one page, with next_cursor for the next."""
-    params = _filters(
-        client=client,
-        token_id=token_id,
-        credential=credential,
-        upstream=upstream,
-        kind=kind,
-        action=action,
-        decision=decision,
-        reason=reason,
-        status=status,
-        method=method,
-        path_prefix=path_prefix,
-        state=state,
-        request_id=request_id,
-        actor=actor,
-        query_contains=query_contains,
-        since=since,
-        until=until,
-    )
+    params = _filters(locals())
     show(api("GET", "/audit", params={**params, "limit": limit, "cursor": cursor}))
 
 
@@ -667,25 +639,7 @@ def audit_export(
     """Stream every selected event, newest first, to standard output (`> file`)."""
     if export_format not in {"ndjson", "csv"}:
         raise typer.BadParameter("use ndjson or csv", param_hint="--format")
-    params = _filters(
-        client=client,
-        token_id=token_id,
-        credential=credential,
-        upstream=upstream,
-        kind=kind,
-        action=action,
-        decision=decision,
-        reason=reason,
-        status=status,
-        method=method,
-        path_prefix=path_prefix,
-        state=state,
-        request_id=request_id,
-        actor=actor,
-        query_contains=query_contains,
-        since=since,
-        until=until,
-    )
+    params = _filters(locals())
     url, key = _management_access()
     written = 0
     try:
