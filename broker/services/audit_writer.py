@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from broker.storage.audit_chain import (
     ChainKey,
     ChainStatements,
+    Prepared,
     append_raw,
     chain_statements,
     prepare,
@@ -41,7 +42,7 @@ from broker.storage.audit_chain import (
 from broker.storage.database import SQLITE_BUSY_TIMEOUT_MS, create_sync_engine, sqlite_path
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable, Iterator, Sequence
 
     from sqlalchemy import Engine, PoolProxiedConnection
 
@@ -70,6 +71,149 @@ class _Item:
     abandoned: Callable[[int], Event] | None = None
 
 
+class ChainCommitter:
+    """Appends batches of events to the chain on one DB-API connection of its own.
+
+    The commit half of a writer, used from one thread at a time: the writer thread of
+    ``AuditWriter`` (and the event loop's, for an inline commit), or the loop of the audit
+    hub that all workers of one ``broker serve`` share (``services.audit_hub``).
+    """
+
+    def __init__(self, database_url: str, keyring: Keyring) -> None:
+        self._url = database_url
+        self._key = ChainKey(keyring.primary_id, keyring.audit_chain_keys()[keyring.primary_id])
+        self._engine: Engine | None = None
+        self._raw: PoolProxiedConnection | None = None
+        self._sqlite = sqlite_path(database_url) is not None
+        self._sql: ChainStatements | None = None
+        self._lock_file: int | None = None
+
+    @property
+    def statements(self) -> ChainStatements:
+        """The chain's statements for this database (after ``open``)."""
+        if self._sql is None:  # pragma: no cover - opened before first use
+            raise AuditWriteError("the audit writer is not running")
+        return self._sql
+
+    def open(self) -> None:
+        """Build the engine and, on SQLite, open the lock file; connects on first commit."""
+        if self._engine is not None:
+            return
+        self._engine = create_sync_engine(self._url)
+        self._sql = chain_statements(self._engine.dialect)
+        path = sqlite_path(self._url)
+        if path is not None:
+            lock_path = path.with_name(path.name + ".audit-lock")
+            self._lock_file = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+
+    def close(self) -> None:
+        """Release the connection, the engine and the lock file."""
+        if self._raw is not None:
+            self._raw.close()
+            self._raw = None
+        if self._engine is not None:
+            self._engine.dispose()
+            self._engine = None
+        if self._lock_file is not None:
+            os.close(self._lock_file)
+            self._lock_file = None
+
+    def commit(
+        self,
+        events: Sequence[Event | Prepared],
+        *,
+        wait: bool = True,
+        observe: Callable[[float, int], None] | None = None,
+    ) -> list[int | BaseException]:
+        """Commit ``events`` in one transaction; per event, its seq or the error.
+
+        If the transaction fails, the events are committed one by one, so one bad event
+        cannot sink the others. With ``wait`` False, raise ``_LockBusy`` instead of waiting
+        for the database's write lock (see ``AuditWriter._commit_inline``). ``observe`` is
+        called with the seconds and the size of a successful commit.
+        """
+        if not events:
+            return []
+        started = time.perf_counter()
+        try:
+            seqs: list[int | BaseException] = list(self._append(events, wait=wait))
+        except _LockBusy:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure means "not durable"
+            if len(events) == 1:
+                logger.error("audit store unavailable: %s", type(exc).__name__)  # noqa: TRY400
+                return [exc]
+            return [self.commit([event], observe=observe)[0] for event in events]
+        if observe is not None:
+            observe(time.perf_counter() - started, len(events))
+        return seqs
+
+    def _append(self, events: Sequence[Event | Prepared], *, wait: bool = True) -> list[int]:
+        """One transaction on the writer's own DB-API connection."""
+        engine, statements = self._engine, self._sql
+        if engine is None or statements is None:  # pragma: no cover - started on first put
+            raise AuditWriteError("the audit writer is not running")
+        if self._raw is None:
+            # Connected through the engine for its URL handling and connect-time settings
+            # (SQLite: WAL, full fsync, driver transaction control off).
+            self._raw = engine.raw_connection()
+        raw = self._raw
+        # Prepared before the lock, which is held only to link and insert.
+        ready = [e if isinstance(e, Prepared) else prepare(statements, [e])[0] for e in events]
+        with self._locked(wait=wait):
+            if self._sqlite:
+                self._begin_immediate(raw, wait=wait)
+            try:
+                seqs = append_raw(raw, statements, self._key, ready)
+                raw.commit()
+            except BaseException:
+                # The connection's state is unknown: drop it, connect afresh next time.
+                with contextlib.suppress(Exception):
+                    raw.rollback()
+                with contextlib.suppress(Exception):
+                    raw.invalidate()
+                self._raw = None
+                raise
+        return seqs
+
+    def _begin_immediate(self, raw: PoolProxiedConnection, *, wait: bool) -> None:
+        """Take SQLite's write lock; without ``wait``, raise ``_LockBusy`` if it is held."""
+        cursor = raw.cursor()
+        try:
+            if not wait:
+                cursor.execute("PRAGMA busy_timeout=0")
+            try:
+                cursor.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                if wait or exc.sqlite_errorname != "SQLITE_BUSY":
+                    raise
+                raise _LockBusy from exc
+            finally:
+                if not wait:
+                    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        except _LockBusy:
+            raise  # no transaction began: the connection is as it was
+        except BaseException:
+            with contextlib.suppress(Exception):
+                raw.invalidate()
+            self._raw = None
+            raise
+
+    @contextlib.contextmanager
+    def _locked(self, *, wait: bool = True) -> Iterator[None]:
+        if self._lock_file is None:
+            yield
+            return
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise _LockBusy from exc
+        try:
+            yield
+        finally:
+            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+
+
 class AuditWriter:
     """Appends audit events to the chain in batches, from one thread."""
 
@@ -82,8 +226,7 @@ class AuditWriter:
         max_batch: int = 1000,
         observe: Callable[[float, int], None] | None = None,
     ) -> None:
-        self._url = database_url
-        self._key = ChainKey(keyring.primary_id, keyring.audit_chain_keys()[keyring.primary_id])
+        self._committer = ChainCommitter(database_url, keyring)
         self._completion_delay = completion_delay
         self._max_batch = max_batch
         self.observe = observe
@@ -94,11 +237,7 @@ class AuditWriter:
         self._busy = threading.Lock()
         self._closing = False
         self._thread: threading.Thread | None = None
-        self._engine: Engine | None = None
-        self._raw: PoolProxiedConnection | None = None
         self._sqlite = sqlite_path(database_url) is not None
-        self._sql: ChainStatements | None = None
-        self._lock_file: int | None = None
 
     # Event-loop side ------------------------------------------------------------------------
 
@@ -177,15 +316,7 @@ class AuditWriter:
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
             self._thread = None
-        if self._raw is not None:
-            self._raw.close()
-            self._raw = None
-        if self._engine is not None:
-            self._engine.dispose()
-            self._engine = None
-        if self._lock_file is not None:
-            os.close(self._lock_file)
-            self._lock_file = None
+        self._committer.close()
 
     def _put(self, item: _Item) -> None:
         with self._cond:
@@ -201,12 +332,7 @@ class AuditWriter:
             # most ``completion_delay`` away), so queuing one wakes no thread.
 
     def _start(self) -> None:
-        self._engine = create_sync_engine(self._url)
-        self._sql = chain_statements(self._engine.dialect)
-        path = sqlite_path(self._url)
-        if path is not None:
-            lock_path = path.with_name(path.name + ".audit-lock")
-            self._lock_file = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._committer.open()
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
         self._thread.start()
 
@@ -234,92 +360,9 @@ class AuditWriter:
             self._resolve(batch, results)
 
     def _commit(self, batch: list[_Item], *, wait: bool = True) -> list[int | BaseException]:
-        """Commit the batch's events in one transaction; per event, its seq or the error.
-
-        With ``wait`` False, raise ``_LockBusy`` instead of waiting for the database's write
-        lock (the event loop's thread must never wait for it: see ``_commit_inline``).
-        """
         events = [item.event for item in batch if item.event is not None]
-        if not events:
-            return [0] * len(batch)
-        started = time.perf_counter()
-        try:
-            seqs = iter(self._append(events, wait=wait))
-        except _LockBusy:
-            raise
-        except Exception as exc:  # noqa: BLE001 - any failure means "not durable"
-            if len(events) == 1:
-                logger.error("audit store unavailable: %s", type(exc).__name__)  # noqa: TRY400
-                return [exc if item.event is not None else 0 for item in batch]
-            # One bad event must not sink the others: commit them one by one.
-            return [self._commit([item])[0] for item in batch]
-        if self.observe is not None:
-            self.observe(time.perf_counter() - started, len(events))
-        return [next(seqs) if item.event is not None else 0 for item in batch]
-
-    def _append(self, events: list[Event], *, wait: bool = True) -> list[int]:
-        """One transaction on the writer's own DB-API connection."""
-        engine, statements = self._engine, self._sql
-        if engine is None or statements is None:  # pragma: no cover - started on first put
-            raise AuditWriteError("the audit writer is not running")
-        if self._raw is None:
-            # Connected through the engine for its URL handling and connect-time settings
-            # (SQLite: WAL, full fsync, driver transaction control off).
-            self._raw = engine.raw_connection()
-        raw = self._raw
-        ready = prepare(statements, events)  # before the lock: held only to link and insert
-        with self._locked(wait=wait):
-            if self._sqlite:
-                self._begin_immediate(raw, wait=wait)
-            try:
-                seqs = append_raw(raw, statements, self._key, ready)
-                raw.commit()
-            except BaseException:
-                # The connection's state is unknown: drop it, connect afresh next time.
-                with contextlib.suppress(Exception):
-                    raw.rollback()
-                with contextlib.suppress(Exception):
-                    raw.invalidate()
-                self._raw = None
-                raise
-        return seqs
-
-    def _begin_immediate(self, raw: PoolProxiedConnection, *, wait: bool) -> None:
-        """Take SQLite's write lock; without ``wait``, raise ``_LockBusy`` if it is held."""
-        cursor = raw.cursor()
-        try:
-            if not wait:
-                cursor.execute("PRAGMA busy_timeout=0")
-            try:
-                cursor.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
-                if wait or exc.sqlite_errorname != "SQLITE_BUSY":
-                    raise
-                raise _LockBusy from exc
-            finally:
-                if not wait:
-                    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-        except _LockBusy:
-            raise  # no transaction began: the connection is as it was
-        except BaseException:
-            with contextlib.suppress(Exception):
-                raw.invalidate()
-            self._raw = None
-            raise
-
-    @contextlib.contextmanager
-    def _locked(self, *, wait: bool = True) -> Iterator[None]:
-        if self._lock_file is None:
-            yield
-            return
-        try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            raise _LockBusy from exc
-        try:
-            yield
-        finally:
-            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+        results = iter(self._committer.commit(events, wait=wait, observe=self.observe))
+        return [next(results) if item.event is not None else 0 for item in batch]
 
     def _resolve(self, batch: list[_Item], results: list[int | BaseException]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Item, int | BaseException]]] = {}

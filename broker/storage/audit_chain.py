@@ -173,18 +173,29 @@ def prepare(sql: ChainStatements, events: Sequence[Mapping[str, Any]]) -> list[P
     maps column names to values; a name that is not a chained column is a bug and raises
     ``ValueError``.
     """
-    prepared = []
-    for event in events:
-        unknown = event.keys() - _ALLOWED
-        if unknown:
-            raise ValueError(f"not audit event fields: {sorted(unknown)}")
-        values = canonical_values(event)
-        content = encode(values)
-        for index, convert in sql.converted:
-            if values[index] is not None:
-                values[index] = convert(values[index])
-        prepared.append(Prepared(content, tuple(values)))
-    return prepared
+    return [stored(sql, *canonical_form(event)) for event in events]
+
+
+def canonical_form(event: Mapping[str, Any]) -> tuple[bytes, list[Any]]:
+    """An event's canonical bytes and values: the part of ``prepare`` that needs no database.
+
+    A worker does it before handing the event to the writer it shares with other workers.
+    """
+    unknown = event.keys() - _ALLOWED
+    if unknown:
+        raise ValueError(f"not audit event fields: {sorted(unknown)}")
+    values = canonical_values(event)
+    return encode(values), values
+
+
+def stored(sql: ChainStatements, content: bytes, values: list[Any]) -> Prepared:
+    """``canonical_form``'s result with each value as its column stores it."""
+    if len(values) != len(CHAINED_FIELDS):
+        raise ValueError(f"an audit event has {len(CHAINED_FIELDS)} values, not {len(values)}")
+    for index, convert in sql.converted:
+        if values[index] is not None:
+            values[index] = convert(values[index])
+    return Prepared(content, tuple(values))
 
 
 def append_raw(
