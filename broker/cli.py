@@ -159,23 +159,40 @@ def serve(
 ) -> None:
     """Run the service."""
     from broker.keyring import load_keyring  # noqa: PLC0415
+    from broker.services.audit_hub import AuditHub  # noqa: PLC0415
 
     settings = _settings()
     try:
-        load_keyring(settings)
+        keyring = load_keyring(settings)
     except ConfigurationError as exc:
         fail(str(exc))
-    shared: Path | None = None
-    if workers > 1 and settings.epoch_file is None:
-        # Workers see each other's revocations at once through this file (mode 0600, in a
-        # directory of its own); the environment carries its name to the spawned workers.
-        shared = Path(tempfile.mkdtemp(prefix="canvas-token-broker-"))
-        os.environ["BROKER_EPOCH_FILE"] = str(shared / "revocation-epoch")
+    if workers < 1:
+        fail("--workers must be at least 1")
+    if settings.audit_socket is not None:
+        fail("BROKER_AUDIT_SOCKET is set by `broker serve --workers N` for its workers; unset it")
+    if workers == 1:
+        _run_server(settings, host, port, workers)
+        return
+    # The workers share one audit writer (the hub, a thread of this process) through a Unix
+    # socket, and see each other's revocations at once through the epoch file; both live in
+    # a directory of this server's own (0700), and the environment carries their names to
+    # the spawned workers.
+    shared = Path(tempfile.mkdtemp(prefix="canvas-token-broker-"))
+    try:
+        if settings.epoch_file is None:
+            os.environ["BROKER_EPOCH_FILE"] = str(shared / "revocation-epoch")
+        hub = AuditHub(settings.async_database_url, keyring, shared / "audit.sock")
+        hub.start()
+    except (ConfigurationError, RuntimeError) as exc:
+        shutil.rmtree(shared, ignore_errors=True)
+        fail(str(exc))
+    os.environ["BROKER_AUDIT_SOCKET"] = str(hub.path)
     try:
         _run_server(settings, host, port, workers)
     finally:
-        if shared is not None:
-            shutil.rmtree(shared, ignore_errors=True)
+        os.environ.pop("BROKER_AUDIT_SOCKET", None)
+        hub.stop()
+        shutil.rmtree(shared, ignore_errors=True)
 
 
 def _run_server(settings: Settings, host: str | None, port: int | None, workers: int) -> None:

@@ -80,6 +80,11 @@ class Settings(BaseSettings):
         description="Set by `broker serve --workers N` for its workers: the file through which "
         "they see each other's revocations at once",
     )
+    audit_socket: Path | None = Field(
+        default=None,
+        description="Set by `broker serve --workers N` for its workers: the Unix socket of the "
+        "one audit writer they share",
+    )
     host: str = Field(default="127.0.0.1", description="Address `broker serve` binds")
     port: int = Field(default=8000, description="Port `broker serve` binds")
 

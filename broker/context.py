@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from broker.keyring import Keyring, load_keyring
-from broker.services.audit_writer import AuditWriter
+from broker.services.audit_hub import RemoteAuditWriter
+from broker.services.audit_writer import AuditWriter, EventWriter
 from broker.services.revocation import CacheEpoch
 from broker.storage.database import create_engine, session_factory
 from broker.upstream import Forwarder, HttpForwarder
@@ -29,7 +30,7 @@ class ProcessContext:
     sessions: async_sessionmaker[AsyncSession]
     keyring: Keyring
     forwarder: Forwarder
-    audit_writer: AuditWriter
+    audit_writer: EventWriter
     epoch: CacheEpoch
 
     @classmethod
@@ -49,7 +50,11 @@ class ProcessContext:
             engine=engine,
             sessions=session_factory(engine),
             keyring=keyring,
-            audit_writer=AuditWriter(settings.async_database_url, keyring),
+            audit_writer=(
+                RemoteAuditWriter(settings.audit_socket)
+                if settings.audit_socket is not None
+                else AuditWriter(settings.async_database_url, keyring)
+            ),
             epoch=CacheEpoch(settings.epoch_file),
             forwarder=forwarder
             or HttpForwarder(

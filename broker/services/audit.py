@@ -31,7 +31,7 @@ from broker.core.audit_chain import (
     checkpoint_sound,
 )
 from broker.errors import AuditUnavailableError, ConflictError, ValidationFailedError
-from broker.services.audit_writer import AuditWriteError, AuditWriter
+from broker.services.audit_writer import AuditWriteError, EventWriter
 from broker.storage import audit_chain as chain
 from broker.storage.database import create_sync_engine
 from broker.storage.models import RevocationEpoch, utcnow
@@ -204,7 +204,7 @@ class AuditService:
     def __init__(
         self,
         sessions: async_sessionmaker[AsyncSession],
-        writer: AuditWriter,
+        writer: EventWriter,
         keyring: Keyring,
         database_url: str,
     ) -> None:

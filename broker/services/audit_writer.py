@@ -29,7 +29,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from broker.storage.audit_chain import (
     ChainKey,
@@ -51,6 +51,34 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 Event = dict[str, Any]
+
+
+class EventWriter(Protocol):
+    """What the broker needs of an audit writer.
+
+    ``AuditWriter`` in a single process; ``audit_hub.RemoteAuditWriter`` in each worker of
+    ``broker serve --workers N``.
+    """
+
+    observe: Callable[[float, int], None] | None
+
+    async def write(
+        self,
+        event: Event,
+        *,
+        abandoned: Callable[[int], Event] | None = None,
+        alone: bool = False,
+    ) -> int:
+        """Commit ``event``; return its seq or raise ``AuditWriteError``."""
+
+    def write_later(self, event: Event) -> None:
+        """Queue ``event`` for the next commit; nobody waits for it."""
+
+    async def flush(self) -> None:
+        """Wait until everything queued before the call is committed (or has failed)."""
+
+    async def aclose(self) -> None:
+        """Commit what is queued and release the writer."""
 
 
 class AuditWriteError(Exception):
