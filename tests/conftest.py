@@ -3,8 +3,11 @@ simulator on a loopback port, and the broker app driven over HTTP."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import tempfile
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import httpx
@@ -15,16 +18,16 @@ from broker.app import create_app
 from broker.config import Settings, normalise_database_url
 from broker.context import ProcessContext
 from broker.keyring import Keyring
+from broker.services.audit_hub import AuditHub
 from broker.sim.data import seed_data
 from broker.sim.server import SimServer
 from broker.sim.state import SimState
 from broker.storage.database import upgrade_schema
 from broker.storage.models import Base
-from tests.support.env import WORKER_TOKEN, BrokerEnv
+from tests.support.env import AUDIT_HUB, WORKER_TOKEN, BrokerEnv
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator
-    from pathlib import Path
 
 POSTGRES_URL = os.environ.get("BROKER_TEST_DATABASE_URL")
 
@@ -109,10 +112,31 @@ def settings(database_url: str) -> Settings:
 
 @pytest.fixture
 async def context(settings: Settings) -> AsyncIterator[ProcessContext]:
-    """A process context with a fresh keyring."""
-    process = ProcessContext.from_settings(settings, keyring=Keyring.generate())
-    yield process
-    await process.aclose()
+    """A process context with a fresh keyring.
+
+    With BROKER_TEST_AUDIT_HUB=1 its audit events go through an audit hub, as in each worker
+    of ``broker serve --workers N`` (CI runs the proxy tests so too).
+    """
+    keyring = Keyring.generate()
+    with running_hub(settings, keyring) if AUDIT_HUB else contextlib.nullcontext() as hub:
+        if hub is not None:
+            settings = settings.model_copy(update={"audit_socket": hub.path})
+        process = ProcessContext.from_settings(settings, keyring=keyring)
+        yield process
+        await process.aclose()
+
+
+@contextlib.contextmanager
+def running_hub(settings: Settings, keyring: Keyring) -> Iterator[AuditHub]:
+    """An audit hub for ``settings``' database, on a socket in a fresh private directory."""
+    directory = Path(tempfile.mkdtemp(prefix="cth-"))  # short: a socket path has a limit
+    hub = AuditHub(settings.async_database_url, keyring, directory / "audit.sock")
+    hub.start()
+    try:
+        yield hub
+    finally:
+        hub.stop()
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture

@@ -73,6 +73,17 @@ def test_unusable_setting_is_named(tmp_path: Path) -> None:
     assert "BROKER_DATABASE_URL" in result.stderr
 
 
+def test_serve_refuses_settings_only_it_may_make(tmp_path: Path) -> None:
+    env = _env(tmp_path)
+    assert _run(["init"], env).returncode == 0
+    no_workers = _run(["serve", "--workers", "0"], env)
+    assert no_workers.returncode != 0
+    assert "--workers" in no_workers.stderr
+    inherited = _run(["serve"], {**env, "BROKER_AUDIT_SOCKET": str(tmp_path / "a.sock")})
+    assert inherited.returncode != 0
+    assert "BROKER_AUDIT_SOCKET" in inherited.stderr
+
+
 def test_token_command_needs_its_environment(tmp_path: Path) -> None:
     result = _run(["token"], _env(tmp_path))
     assert result.returncode != 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +17,8 @@ if TYPE_CHECKING:
     from broker.sim.server import SimServer
 
 WORKER_TOKEN = "sim-worker-token-7f3a9c2e"
+AUDIT_HUB = os.environ.get("BROKER_TEST_AUDIT_HUB") == "1"
+"""Whether each test's broker sends its audit events to an audit hub (see ``conftest``)."""
 LOCAL = Actor(key_id=None, role="admin")
 DEFAULT_SCOPES = (
     "url:GET|/api/v1/courses/:id",
