@@ -12,31 +12,61 @@ def _point(points: list[dict[str, Any]], target: str, concurrency: int) -> dict[
     return None
 
 
+def _brokers(points: list[dict[str, Any]]) -> list[str]:
+    """The broker legs' names in run order: ``broker``, or ``broker-w1``, ``broker-w2``…"""
+    return list(dict.fromkeys(p["target"] for p in points if p["target"].startswith("broker")))
+
+
+def _ratios(
+    points: list[dict[str, Any]], brokers: list[str]
+) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
+    """Per concurrency: each broker leg over direct and nginx, and over the first broker leg."""
+    ratios: dict[str, dict[str, float]] = {}
+    scaling: dict[str, dict[str, float]] = {}
+    for point in points:
+        if point["target"] not in brokers:
+            continue
+        concurrency = str(point["concurrency"])
+        row = ratios.setdefault(concurrency, {})
+        for base in ("direct", "nginx"):
+            other = _point(points, base, point["concurrency"])
+            if other and other["rps"]:
+                row[f"{point['target']}/{base}"] = point["rps"] / other["rps"]
+        first = _point(points, brokers[0], point["concurrency"])
+        if point["target"] != brokers[0] and first and first["rps"]:
+            scaling.setdefault(concurrency, {})[f"{point['target']}/{brokers[0]}"] = (
+                point["rps"] / first["rps"]
+            )
+    return ratios, scaling
+
+
 def summarise(points: list[dict[str, Any]]) -> dict[str, Any]:
-    """Latency added over direct at concurrency 1, throughput ratios, broker CPU per request."""
+    """Latency added over direct at concurrency 1, throughput ratios, broker CPU per request.
+
+    With several broker legs (one per worker count), also each leg's throughput over the
+    first leg's (``worker_scaling``), concurrency by concurrency.
+    """
     summary: dict[str, Any] = {}
+    brokers = _brokers(points)
     direct1 = _point(points, "direct", 1)
-    for proxy in ("nginx", "broker"):
+    for proxy in ("nginx", *brokers):
         proxied = _point(points, proxy, 1)
         if direct1 and proxied:
             summary[f"{proxy}_added_p50_ms_c1"] = proxied["p50_ms"] - direct1["p50_ms"]
             summary[f"{proxy}_added_p99_ms_c1"] = proxied["p99_ms"] - direct1["p99_ms"]
-    ratios: dict[str, dict[str, float]] = {}
-    for point in points:
-        if point["target"] != "broker":
-            continue
-        row: dict[str, float] = {}
-        for base in ("direct", "nginx"):
-            other = _point(points, base, point["concurrency"])
-            if other and other["rps"]:
-                row[f"broker/{base}"] = point["rps"] / other["rps"]
-        ratios[str(point["concurrency"])] = row
-    if ratios:
+    ratios, scaling = _ratios(points, brokers)
+    if any(ratios.values()):
         summary["throughput_ratios"] = ratios
-    broker = [p for p in points if p["target"] == "broker"]
-    if broker:
+    if scaling:
+        summary["worker_scaling"] = scaling
+    if brokers:
         summary["broker_cpu_us_per_request"] = {
-            str(p["concurrency"]): p["cpu_us_per_request"] for p in broker
+            name: {
+                str(p["concurrency"]): p["cpu_us_per_request"]
+                for p in points
+                if p["target"] == name
+            }
+            for name in brokers
         }
     summary["total_errors"] = sum(p["non_200"] + p["socket_errors"] for p in points)
     return summary
@@ -50,7 +80,10 @@ def markdown(results: dict[str, Any]) -> str:
     loadgen = env.get("wrk") if env["load_generator"] == "wrk" else "built-in aiohttp client"
     modified = " (broker/ modified)" if env.get("broker_tree_modified") else ""
     lines = [
-        f"# Proxy benchmark, {env['date']} ({env['database']}, {opts['workers']} broker worker(s))",
+        (
+            f"# Proxy benchmark, {env['date']} ({env['database']}, "
+            f"{_workers(opts['workers'])} broker worker(s))"
+        ),
         "",
         (
             f"- machine: {env['cpu_count']} CPU(s), {env['cpu_model']}, Linux {env['kernel']}; "
@@ -94,7 +127,7 @@ def markdown(results: dict[str, Any]) -> str:
         )
     summary = results["summary"]
     lines.append("")
-    for proxy in ("nginx", "broker"):
+    for proxy in ("nginx", *_brokers(results["points"])):
         key = f"{proxy}_added_p50_ms_c1"
         if key in summary:
             lines.append(
@@ -106,6 +139,9 @@ def markdown(results: dict[str, Any]) -> str:
         text = ", ".join(f"{name} {value:.3f}" for name, value in row.items())
         if text:
             lines.append(f"- throughput at c={concurrency}: {text}")
+    for concurrency, row in summary.get("worker_scaling", {}).items():
+        text = ", ".join(f"{name} {value:.2f}x" for name, value in row.items())
+        lines.append(f"- worker scaling at c={concurrency}: {text}")
     audit = results.get("audit")
     if audit:
         lines.append(f"- {audit['summary']}")
@@ -122,3 +158,10 @@ def _disk(env: dict[str, Any]) -> str:
         f"- disk: fdatasync of 8 KiB in the work directory p50 {sync['p50']} us, "
         f"p90 {sync['p90']} us (each audit commit waits for a sync like it)"
     )
+
+
+def _workers(workers: int | list[int]) -> str:
+    """``1``, or ``1 and 2`` for a run with a broker leg per worker count."""
+    if isinstance(workers, int):  # results files written before worker lists
+        return str(workers)
+    return " and ".join(str(count) for count in workers)

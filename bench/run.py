@@ -77,7 +77,7 @@ class Options:
     concurrency: tuple[int, ...]
     targets: tuple[str, ...]
     database: str | None
-    workers: int
+    workers: tuple[int, ...]
     loadgen: str
     results_dir: Path | None
     keep_workdir: bool
@@ -107,6 +107,7 @@ class Run:
     database_url: str = ""
     drop_database: tuple[str, str] | None = None  # (maintenance URL, database name)
     broker_keys: str = ""  # BROKER_KEYS of the broker under test, to verify its audit chain
+    broker_client: tuple[str, str] | None = None  # (client id, secret) provisioned for it
     notes: list[str] = field(default_factory=list)
 
 
@@ -131,7 +132,12 @@ def parse_args(argv: list[str] | None = None) -> Options:
         "postgresql://postgres@127.0.0.1/postgres: a fresh database is created there\n"
         "for the run and dropped after it",
     )
-    parser.add_argument("--workers", type=int, default=1, help="broker worker processes (1)")
+    parser.add_argument(
+        "--workers",
+        default="1",
+        help="broker worker processes (1); a list such as 1,2 runs one broker leg per\n"
+        "count, their points interleaved, so the scaling ratio comes from one run",
+    )
     parser.add_argument(
         "--loadgen",
         choices=("auto", "wrk", "builtin"),
@@ -159,7 +165,11 @@ def parse_args(argv: list[str] | None = None) -> Options:
         parser.error(f"--targets takes a list of {', '.join(TARGETS)}")
     if not concurrency or min(concurrency) < 1:
         parser.error("--concurrency needs at least one number >= 1")
-    if args.duration < 1 or args.warmup < 0 or args.workers < 1:
+    try:
+        workers = tuple(sorted({int(item) for item in args.workers.split(",") if item.strip()}))
+    except ValueError:
+        parser.error("--workers takes a number or a list such as 1,2")
+    if args.duration < 1 or args.warmup < 0 or not workers or min(workers) < 1:
         parser.error("--duration and --workers must be >= 1, --warmup >= 0")
     database = args.database
     if database in {None, "sqlite"}:
@@ -172,7 +182,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
         concurrency=concurrency,
         targets=tuple(name for name in TARGETS if name in targets),
         database=database,
-        workers=args.workers,
+        workers=workers,
         loadgen=args.loadgen,
         results_dir=None if args.no_save else args.results_dir,
         keep_workdir=args.keep_workdir,
@@ -398,7 +408,7 @@ def start_nginx(run: Run) -> Target | None:
 {user}
 daemon off;
 master_process on;
-worker_processes {run.options.workers};
+worker_processes {max(run.options.workers)};
 pid {prefix}/nginx.pid;
 error_log {prefix}/error.log warn;
 events {{ worker_connections 4096; }}
@@ -431,7 +441,7 @@ http {{
     url = f"http://127.0.0.1:{port}{CANVAS_PATH}"
     auth = f"Bearer {run.worker_token}"
     wait_authorized(url, auth, child)
-    say(f"nginx ready at http://127.0.0.1:{port} ({run.options.workers} worker(s))")
+    say(f"nginx ready at http://127.0.0.1:{port} ({max(run.options.workers)} worker(s))")
     return Target("nginx", url, auth, child)
 
 
@@ -482,16 +492,21 @@ async def _provision(run: Run, settings: Any) -> tuple[str, str]:  # noqa: ANN40
     return client.id, secret
 
 
-def start_broker(run: Run) -> Target:
-    """Migrate and provision the database, then ``broker serve`` in its own process(es)."""
+def start_broker(run: Run, workers: int) -> Target:
+    """``broker serve --workers N`` in its own process(es), on the run's database.
+
+    The first call migrates and provisions the database (keys, upstream, credential, client);
+    every broker leg of the run serves that one database and extends its one audit chain.
+    """
     from broker import bootstrap  # noqa: PLC0415 - keep `--help` fast
     from broker.config import Settings  # noqa: PLC0415
     from broker.keyring import load_keyring  # noqa: PLC0415
 
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    key = base64.b64encode(secrets.token_bytes(32)).decode()
-    run.broker_keys = f"k1:{key}"
+    if not run.broker_keys:
+        key = base64.b64encode(secrets.token_bytes(32)).decode()
+        run.broker_keys = f"k1:{key}"
     env = {
         "BROKER_DATABASE_URL": run.database_url,
         "BROKER_KEYS": run.broker_keys,
@@ -505,19 +520,22 @@ def start_broker(run: Run) -> Target:
         port=port,
         public_url=base,
     ).validated()
-    bootstrap.migrate(settings, load_keyring(settings))
-    client_id, secret = asyncio.run(_provision(run, settings))
+    if run.broker_client is None:
+        bootstrap.migrate(settings, load_keyring(settings))
+        run.broker_client = asyncio.run(_provision(run, settings))
+    client_id, secret = run.broker_client
     clean_env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
-    argv = [sys.executable, "-m", "broker", "serve", "--workers", str(run.options.workers)]
-    child = run.children.start("broker", argv, env={**clean_env, **env})
+    argv = [sys.executable, "-m", "broker", "serve", "--workers", str(workers)]
+    name = "broker" if len(run.options.workers) == 1 else f"broker-w{workers}"
+    child = run.children.start(name, argv, env={**clean_env, **env})
     wait_http(f"{base}/readyz", child, START_TIMEOUT_S)
     token = mint_token(base, client_id, secret, run.options)
     url = f"{base}{CANVAS_PATH}"
     auth = f"Bearer {token}"
     wait_authorized(url, auth, child)
     check_link_rewritten(url, auth, base)
-    say(f"broker ready at {base} ({run.options.workers} worker(s), {run.database_label})")
-    return Target("broker", url, auth, child)
+    say(f"broker ready at {base} ({workers} worker(s), {run.database_label})")
+    return Target(name, url, auth, child)
 
 
 def mint_token(base: str, client_id: str, secret: str, options: Options) -> str:
@@ -649,12 +667,22 @@ def quiesce(run: Run) -> dict[str, int]:
     return stats
 
 
-def bench_target(run: Run, loadgen: str, target: Target) -> tuple[list[dict[str, Any]], int]:
-    """Warm up, then every concurrency; the points and the requests the upstream received."""
+def bench_targets(
+    run: Run, loadgen: str, targets: list[Target]
+) -> tuple[list[dict[str, Any]], int]:
+    """Warm each up, then every concurrency, the targets' points of one concurrency in turn.
+
+    Interleaving keeps the points compared with each other (one broker leg per worker count)
+    close in time on a host whose speed drifts. Returns the points and the requests the
+    upstream received meanwhile.
+    """
     before = upstream_stats(run)["ok"]
-    if run.options.warmup:
-        drive(run, loadgen, target, min(8, max(run.options.concurrency)), run.options.warmup)
-    points = [measure(run, loadgen, target, c) for c in run.options.concurrency]
+    for target in targets:
+        if run.options.warmup:
+            drive(run, loadgen, target, min(8, max(run.options.concurrency)), run.options.warmup)
+    points = [
+        measure(run, loadgen, target, c) for c in run.options.concurrency for target in targets
+    ]
     return points, quiesce(run)["ok"] - before
 
 
@@ -662,14 +690,14 @@ def bench_target(run: Run, loadgen: str, target: Target) -> tuple[list[dict[str,
 
 
 def save(run: Run, results: dict[str, Any], table: str) -> None:
-    """``<results-dir>/<date>-<db>[-w<N>].json`` and ``.md``."""
+    """``<results-dir>/<date>-<db>[-w<N>[-<M>]].json`` and ``.md``."""
     directory = run.options.results_dir
     if directory is None:
         return
     directory.mkdir(parents=True, exist_ok=True)
     stem = f"{datetime.now(UTC):%Y-%m-%d}-{run.database_label}"
-    if run.options.workers > 1:
-        stem += f"-w{run.options.workers}"
+    if run.options.workers != (1,):
+        stem += "-w" + "-".join(str(count) for count in run.options.workers)
     (directory / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
     (directory / f"{stem}.md").write_text(table)
     say(f"results written to {directory / stem}.json and .md")
@@ -682,6 +710,7 @@ def execute(run: Run) -> dict[str, Any]:
     start_upstream(run)
     assert run.upstream is not None
     targets: list[Target] = []
+    brokers: list[Target] = []
     for name in run.options.targets:
         if name == "direct":
             url = f"{run.upstream_url}{CANVAS_PATH}"
@@ -691,7 +720,7 @@ def execute(run: Run) -> dict[str, Any]:
             if nginx is not None:
                 targets.append(nginx)
         else:
-            targets.append(start_broker(run))
+            brokers = [start_broker(run, workers) for workers in run.options.workers]
     env = environment(run, loadgen)
     cpus = env["cpu_count"]
     say(
@@ -702,16 +731,19 @@ def execute(run: Run) -> dict[str, Any]:
     audit: dict[str, Any] | None = None
     for target in targets:
         say(f"{target.name}: {target.url}")
-        if target.name == "broker":
-            events_before = audit_counts(run.database_url)
-        target_points, forwarded = bench_target(run, loadgen, target)
+        target_points, _ = bench_targets(run, loadgen, [target])
         points.extend(target_points)
-        if target.name == "broker":
-            events = audit_counts(run.database_url)
-            audit = audit_summary(events_before, events, forwarded, target_points)
-            audit["chain"] = verify_chain(run)
-            audit["summary"] += f"; audit chain: {audit['chain']['summary']}"
-            say(audit["summary"])
+    if brokers:
+        say(", ".join(f"{broker.name}: {broker.url}" for broker in brokers))
+        events_before = audit_counts(run.database_url)
+        broker_points, forwarded = bench_targets(run, loadgen, brokers)
+        points.extend(broker_points)
+        events = audit_counts(run.database_url)
+        audit = audit_summary(events_before, events, forwarded, broker_points)
+        audit["chain"] = verify_chain(run)
+        audit["summary"] += f"; audit chain: {audit['chain']['summary']}"
+        say(audit["summary"])
+        targets.extend(brokers)
     upstream = upstream_stats(run)
     if upstream["unauthorized"] or upstream["not_found"] or upstream["bad_request"]:
         run.notes.append(f"the upstream refused some requests: {upstream}")
@@ -722,7 +754,7 @@ def execute(run: Run) -> dict[str, Any]:
             "warmup_s": run.options.warmup,
             "concurrency": list(run.options.concurrency),
             "targets": [t.name for t in targets],
-            "workers": run.options.workers,
+            "workers": list(run.options.workers),
             "path": CANVAS_PATH,
             "response_bytes": response_size(run),
         },
@@ -781,7 +813,7 @@ def audit_summary(
         "requests_completed_in_measured_points": measured,
         "events_match_forwarded": ok,
         "summary": (
-            f"audit: {events} proxied calls recorded during the broker leg "
+            f"audit: {events} proxied calls recorded during the broker leg(s) "
             f"({allowed} allowed) for {forwarded} requests the upstream received from the broker "
             f"({measured} completed inside measured points; the rest are warm-up, checks and "
             f"requests in flight when a point ended): {'MATCH' if ok else 'MISMATCH'}; "
