@@ -51,7 +51,11 @@ class ProcessContext:
             sessions=session_factory(engine),
             keyring=keyring,
             audit_writer=(
-                RemoteAuditWriter(settings.audit_socket)
+                RemoteAuditWriter(
+                    settings.audit_socket,
+                    database_url=settings.async_database_url,
+                    keyring=keyring,
+                )
                 if settings.audit_socket is not None
                 else AuditWriter(settings.async_database_url, keyring)
             ),

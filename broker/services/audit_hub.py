@@ -39,8 +39,9 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, Final, cast
 
 from broker.errors import ConfigurationError
-from broker.services.audit_writer import AuditWriteError, ChainCommitter
+from broker.services.audit_writer import AuditWriteError, ChainCommitter, WriteLockBusy
 from broker.storage.audit_chain import Prepared, canonical_form, stored
+from broker.storage.database import sqlite_path
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -314,10 +315,27 @@ class _Link(asyncio.Protocol):
 
 
 class RemoteAuditWriter:
-    """Stands in for ``AuditWriter`` in a worker: the hub of ``broker serve`` commits."""
+    """Stands in for ``AuditWriter`` in a worker: the hub of ``broker serve`` commits.
 
-    def __init__(self, path: Path, *, connect_timeout: float = 5.0) -> None:
+    Given the database (``database_url`` and ``keyring``) and on SQLite, a lone request's
+    event is committed right here instead, as ``AuditWriter`` does: when the worker has no
+    other request in progress and nothing waits for the hub, a round trip through the hub
+    costs more than the commit. It never waits for the database's write lock; if the hub (or
+    anyone) holds it, the event goes to the hub after all.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        database_url: str | None = None,
+        keyring: Keyring | None = None,
+        connect_timeout: float = 5.0,
+    ) -> None:
         self.observe: Callable[[float, int], None] | None = None
+        self._local: ChainCommitter | None = None
+        if database_url is not None and keyring is not None and sqlite_path(database_url):
+            self._local = ChainCommitter(database_url, keyring)
         self._path = path
         self._connect_timeout = connect_timeout
         self._transport: asyncio.Transport | None = None
@@ -334,14 +352,43 @@ class RemoteAuditWriter:
         event: Event,
         *,
         abandoned: Callable[[int], Event] | None = None,
-        alone: bool = False,  # noqa: ARG002 - the hub commits at once in any case
+        alone: bool = False,
     ) -> int:
-        """Have the hub commit ``event``; return its seq or raise ``AuditWriteError``."""
+        """Have ``event`` committed; return its seq or raise ``AuditWriteError``.
+
+        ``abandoned`` and ``alone`` are as for ``AuditWriter.write``.
+        """
         try:
             content, values = canonical_form(event)
         except ValueError as exc:
             raise AuditWriteError("the audit event could not be committed") from exc
+        if alone and self._local is not None and not self._waiters and not self._closing:
+            seq = self._commit_inline(self._local, content, values)
+            if seq is not None:
+                return seq
         return await self._waited(content, values, abandoned)
+
+    def _commit_inline(
+        self, local: ChainCommitter, content: bytes, values: list[Any]
+    ) -> int | None:
+        """Commit the event and the completions not yet sent here; None if the lock is taken.
+
+        Nothing waits for the hub, so the outbox holds completions only.
+        """
+        local.open()
+        statements = local.statements
+        queued = self._outbox
+        events = [stored(statements, c, list(v)) for _, _, c, v in queued if c is not None and v]
+        events.append(stored(statements, content, list(values)))
+        try:
+            results = local.commit(events, wait=False, observe=self.observe)
+        except WriteLockBusy:
+            return None
+        self._outbox = []
+        result = results[-1]
+        if isinstance(result, BaseException):
+            raise AuditWriteError("the audit event could not be committed") from result
+        return result
 
     def write_later(self, event: Event) -> None:
         """Queue ``event`` for the hub's next commit; nobody waits for it."""
@@ -364,6 +411,8 @@ class RemoteAuditWriter:
         if self._transport is not None:
             self._transport.close()
             self._transport = None
+        if self._local is not None:
+            self._local.close()
 
     async def _waited(
         self,

@@ -85,7 +85,7 @@ class AuditWriteError(Exception):
     """An audit event could not be committed."""
 
 
-class _LockBusy(Exception):  # noqa: N818 - a signal to use the writer thread, not an error
+class WriteLockBusy(Exception):  # noqa: N818 - a signal to use the writer thread, not an error
     """The database's write lock is taken and the caller may not wait for it."""
 
 
@@ -156,8 +156,9 @@ class ChainCommitter:
         """Commit ``events`` in one transaction; per event, its seq or the error.
 
         If the transaction fails, the events are committed one by one, so one bad event
-        cannot sink the others. With ``wait`` False, raise ``_LockBusy`` instead of waiting
-        for the database's write lock (see ``AuditWriter._commit_inline``). ``observe`` is
+        cannot sink the others. With ``wait`` False, raise ``WriteLockBusy`` instead of waiting
+        for the database's write lock (see ``AuditWriter._commit_inline``), and fail the
+        whole batch rather than retry it event by event. ``observe`` is
         called with the seconds and the size of a successful commit.
         """
         if not events:
@@ -165,12 +166,13 @@ class ChainCommitter:
         started = time.perf_counter()
         try:
             seqs: list[int | BaseException] = list(self._append(events, wait=wait))
-        except _LockBusy:
+        except WriteLockBusy:
             raise
         except Exception as exc:  # noqa: BLE001 - any failure means "not durable"
-            if len(events) == 1:
+            if len(events) == 1 or not wait:
+                # (Without ``wait`` no retry: one by one, a retry could wait for the lock.)
                 logger.error("audit store unavailable: %s", type(exc).__name__)  # noqa: TRY400
-                return [exc]
+                return [exc] * len(events)
             return [self.commit([event], observe=observe)[0] for event in events]
         if observe is not None:
             observe(time.perf_counter() - started, len(events))
@@ -205,7 +207,7 @@ class ChainCommitter:
         return seqs
 
     def _begin_immediate(self, raw: PoolProxiedConnection, *, wait: bool) -> None:
-        """Take SQLite's write lock; without ``wait``, raise ``_LockBusy`` if it is held."""
+        """Take SQLite's write lock; without ``wait``, raise ``WriteLockBusy`` if it is held."""
         cursor = raw.cursor()
         try:
             if not wait:
@@ -215,11 +217,11 @@ class ChainCommitter:
             except sqlite3.OperationalError as exc:
                 if wait or exc.sqlite_errorname != "SQLITE_BUSY":
                     raise
-                raise _LockBusy from exc
+                raise WriteLockBusy from exc
             finally:
                 if not wait:
                     cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-        except _LockBusy:
+        except WriteLockBusy:
             raise  # no transaction began: the connection is as it was
         except BaseException:
             with contextlib.suppress(Exception):
@@ -235,7 +237,7 @@ class ChainCommitter:
         try:
             fcntl.flock(self._lock_file, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:
-            raise _LockBusy from exc
+            raise WriteLockBusy from exc
         try:
             yield
         finally:
@@ -312,7 +314,7 @@ class AuditWriter:
                 self._queue.clear()
             try:
                 results = self._commit(batch, wait=False)
-            except _LockBusy:
+            except WriteLockBusy:
                 with self._cond:  # the completions go back, first in line
                     self._queue.extendleft(reversed(batch[:-1]))
                 return None

@@ -114,6 +114,13 @@ async def test_two_workers_extend_one_chain_through_the_hub(workers: list[Broker
     )
 
 
+@pytest.fixture
+def hub_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every event goes to the hub: no lone request commits in its worker (as on PostgreSQL)."""
+    monkeypatch.setattr(RemoteAuditWriter, "_commit_inline", lambda *_: None)
+
+
+@pytest.mark.usefixtures("hub_only")
 async def test_a_worker_fails_closed_when_the_hub_is_gone(
     workers: list[BrokerEnv], hub: AuditHub
 ) -> None:
@@ -133,6 +140,7 @@ async def test_a_worker_fails_closed_when_the_hub_is_gone(
     assert len(env.sim.state.received) == 1
 
 
+@pytest.mark.usefixtures("hub_only")
 async def test_a_worker_fails_closed_when_the_hub_cannot_commit(
     workers: list[BrokerEnv], hub: AuditHub, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -224,3 +232,21 @@ async def test_an_unreachable_hub_refuses_at_once(tmp_path: Path) -> None:
     with pytest.raises(AuditWriteError):
         await asyncio.wait_for(writer.write(event), 10)
     await writer.aclose()
+
+
+async def test_a_lone_request_on_sqlite_commits_in_its_worker(
+    workers: list[BrokerEnv], hub: AuditHub
+) -> None:
+    env = workers[0]
+    if env.context.engine.dialect.name != "sqlite":
+        pytest.skip("a PostgreSQL commit is a network round trip: always the hub's")
+    caller = await make_caller(env)
+    hub.stop()  # only a commit in the worker itself can let these through
+    for _ in range(3):
+        response = await env.http.get(COURSE, headers=caller.headers)
+        assert response.status_code == 200, response.text
+    assert len(env.sim.state.received) == 3
+    hub.start()
+    report = await _verify(env)
+    assert report["ok"], report
+    assert report["incomplete"] == {"count": 0, "oldest": []}
