@@ -97,6 +97,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"- load: {loadgen}; nginx: {env.get('nginx') or 'not installed'}",
         f"- database: {env['database_version']}; git commit {env['git_commit']}{modified}",
         _disk(env),
+        _speed(env),
         (
             f"- each point: {opts['duration_s']} s closed loop after a {opts['warmup_s']} s "
             f"warm-up per target; GET {opts['path']} -> {opts['response_bytes']} B JSON "
@@ -165,3 +166,13 @@ def _workers(workers: int | list[int]) -> str:
     if isinstance(workers, int):  # results files written before worker lists
         return str(workers)
     return " and ".join(str(count) for count in workers)
+
+
+def _speed(env: dict[str, Any]) -> str:
+    speed = env.get("python_speed_ms")
+    if speed is None:
+        return "- Python speed: not recorded"
+    return (
+        f"- Python speed: {speed} ms for the benchmark's fixed pure-Python workload (best of 5; "
+        "lower is faster; the broker's CPU per call moves with it)"
+    )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import hmac
 import json
 import os
 import platform
@@ -236,9 +237,31 @@ def environment(run: Run, loadgen: str) -> dict[str, Any]:
         "database_version": database_version(run),
         "broker_workers": run.options.workers,
         "fdatasync_us": fdatasync_latency(run.workdir),
+        "python_speed_ms": python_speed(),
         "git_commit": commit or None,
         "broker_tree_modified": bool(dirty),
     }
+
+
+def python_speed(rounds: int = 5) -> float:
+    """Milliseconds this host takes for a fixed piece of pure-Python work (best of ``rounds``).
+
+    The broker's cost per call is mostly interpreter time, and on a shared virtual machine the
+    interpreter's speed moves with the host (seen here: 3x between two sessions a few days
+    apart). Recorded so a run can be set against another: a broker leg's CPU per request
+    divided by this number moves far less between runs than either alone.
+    """
+    best = float("inf")
+    for _ in range(rounds):
+        started = time.perf_counter()
+        total = 0
+        for number in range(1_000_000):
+            total += number & 7
+        text = json.dumps({"numbers": list(range(2000)), "total": total}, sort_keys=True)
+        for _ in range(200):
+            hmac.new(b"k" * 32, text.encode(), "sha256").hexdigest()
+        best = min(best, time.perf_counter() - started)
+    return round(best * 1000, 1)
 
 
 def fdatasync_latency(directory: Path, rounds: int = 200) -> dict[str, float]:

@@ -59,7 +59,7 @@ class ProcessContext:
                 if settings.audit_socket is not None
                 else AuditWriter(settings.async_database_url, keyring)
             ),
-            epoch=CacheEpoch(settings.epoch_file),
+            epoch=CacheEpoch(settings.epoch_file, database_url=settings.async_database_url),
             forwarder=forwarder
             or HttpForwarder(
                 connect_timeout=settings.upstream_connect_timeout,

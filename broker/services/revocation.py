@@ -10,7 +10,10 @@ still current:
 - worker processes of one ``broker serve`` share the value through a small memory-mapped file,
   so they see the change on their very next request (a memory read per call, no syscall);
 - every process polls the database counter every ``POLL_INTERVAL`` and replaces the value
-  when the counter moves, so other replicas follow within a second;
+  when the counter moves, so other replicas follow within a second. Given the database's
+  URL, it polls from a thread of its own with a connection of its own, so an event loop
+  crowded with requests cannot delay the poll (and switch the cache off when it is most
+  needed); otherwise from a task on the event loop;
 - if polling has not succeeded for ``STALE_AFTER``, the cache is not used at all: a process
   that cannot hear about revocations resolves every token from the database (and fails
   closed with it).
@@ -26,12 +29,14 @@ import logging
 import mmap
 import os
 import secrets
+import threading
 import time
 from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
+from broker.storage.database import create_sync_engine
 from broker.storage.models import RevocationEpoch
 
 if TYPE_CHECKING:
@@ -49,7 +54,7 @@ _SIZE = 8
 class CacheEpoch:
     """The current epoch value, shared with sibling processes through ``shared_file``."""
 
-    def __init__(self, shared_file: Path | None = None) -> None:
+    def __init__(self, shared_file: Path | None = None, database_url: str | None = None) -> None:
         self._map: mmap.mmap | None = None
         self._local = secrets.token_bytes(_SIZE)
         if shared_file is not None:
@@ -64,6 +69,9 @@ class CacheEpoch:
         self._seen: int | None = None
         self._poller: asyncio.Task[None] | None = None
         self._stopping: asyncio.Event | None = None
+        self._url = database_url
+        self._thread: threading.Thread | None = None
+        self._thread_stopping = threading.Event()
 
     def current(self) -> bytes | None:
         """The value cache entries must carry to be used, or None while polling is stale."""
@@ -80,7 +88,15 @@ class CacheEpoch:
             self._local = value
 
     def start(self, sessions: async_sessionmaker[AsyncSession]) -> None:
-        """Start polling the database counter on the running loop, if not yet polling."""
+        """Start polling the database counter, if not yet polling."""
+        if self._url is not None:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread_stopping.clear()
+                self._thread = threading.Thread(
+                    target=self._poll_thread, name="revocation-epoch-poller", daemon=True
+                )
+                self._thread.start()
+            return
         if self._poller is None or self._poller.done():
             self._stopping = asyncio.Event()
             self._poller = asyncio.get_running_loop().create_task(
@@ -100,13 +116,36 @@ class CacheEpoch:
             except (SQLAlchemyError, OSError):
                 logger.warning("cannot read the revocation epoch; token cache off until it can")
             else:
-                if counter != self._seen:
-                    if self._seen is not None:
-                        self.bump()
-                    self._seen = counter
-                self._fresh_until = started + STALE_AFTER
+                self._read(counter, started)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stopping.wait(), POLL_INTERVAL)
+
+    def _poll_thread(self) -> None:
+        assert self._url is not None  # noqa: S101 - started only with a URL
+        engine = create_sync_engine(self._url)
+        try:
+            while not self._thread_stopping.is_set():
+                started = time.monotonic()
+                try:
+                    with engine.connect() as connection:
+                        counter = connection.scalar(
+                            select(RevocationEpoch.epoch).where(RevocationEpoch.id == 1)
+                        )
+                except (SQLAlchemyError, OSError):
+                    logger.warning("cannot read the revocation epoch; token cache off until it can")
+                else:
+                    self._read(counter, started)
+                self._thread_stopping.wait(POLL_INTERVAL)
+        finally:
+            engine.dispose()
+
+    def _read(self, counter: int | None, started: float) -> None:
+        """The counter as read by a poll that began at ``started`` (monotonic seconds)."""
+        if counter != self._seen:
+            if self._seen is not None:
+                self.bump()
+            self._seen = counter
+        self._fresh_until = started + STALE_AFTER
 
     async def aclose(self) -> None:
         """Stop polling (letting a read in progress finish) and release the shared file."""
@@ -114,6 +153,10 @@ class CacheEpoch:
             self._stopping.set()
             await self._poller
             self._poller = None
+        if self._thread is not None:
+            self._thread_stopping.set()
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
         if self._map is not None:
             self._map.close()
             self._map = None
