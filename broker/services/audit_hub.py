@@ -331,8 +331,11 @@ class RemoteAuditWriter:
         database_url: str | None = None,
         keyring: Keyring | None = None,
         connect_timeout: float = 5.0,
+        completion_delay: float = 0.02,
     ) -> None:
         self.observe: Callable[[float, int], None] | None = None
+        self._completion_delay = completion_delay
+        self._later: asyncio.TimerHandle | None = None
         self._local: ChainCommitter | None = None
         if database_url is not None and keyring is not None and sqlite_path(database_url):
             self._local = ChainCommitter(database_url, keyring)
@@ -408,6 +411,9 @@ class RemoteAuditWriter:
         self._closing = True
         if self._connecting is not None:
             self._connecting.cancel()
+        if self._later is not None:
+            self._later.cancel()
+            self._later = None
         if self._transport is not None:
             self._transport.close()
             self._transport = None
@@ -427,14 +433,30 @@ class RemoteAuditWriter:
         return await future
 
     def _queue(self, message: tuple[int, bool, bytes | None, list[Any] | None]) -> None:
+        """Queue a message: sent this turn if someone waits for it, else within the delay.
+
+        Completions nobody waits for ride with the next event someone waits for (to the hub,
+        or in a lone request's commit here), so a quiet worker does not wake the hub for
+        each of them.
+        """
         if self._closing:
             raise AuditWriteError("the audit writer is closed")
         self._outbox.append(message)
+        if message[1]:
+            self._kick()
+        elif self._later is None and not self._send_soon:
+            self._later = asyncio.get_running_loop().call_later(self._completion_delay, self._kick)
+
+    def _kick(self) -> None:
+        """Send the outbox at the end of this turn, connecting first if need be."""
+        if self._later is not None:
+            self._later.cancel()
+            self._later = None
         if self._transport is not None:
             if not self._send_soon:
                 self._send_soon = True
                 asyncio.get_running_loop().call_soon(self._send)
-        elif self._connecting is None:
+        elif self._connecting is None and self._outbox:
             self._connecting = asyncio.get_running_loop().create_task(self._connect())
 
     def _send(self) -> None:
