@@ -85,7 +85,7 @@ class AuditWriteError(Exception):
     """An audit event could not be committed."""
 
 
-class WriteLockBusy(Exception):  # noqa: N818 - a signal to use the writer thread, not an error
+class WriteLockBusy(Exception):  # noqa: N818 - a signal to hand the event on, not an error
     """The database's write lock is taken and the caller may not wait for it."""
 
 
