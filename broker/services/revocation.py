@@ -140,7 +140,15 @@ class CacheEpoch:
             engine.dispose()
 
     def _read(self, counter: int | None, started: float) -> None:
-        """The counter as read by a poll that began at ``started`` (monotonic seconds)."""
+        """The counter as read by a poll that began at ``started`` (monotonic seconds).
+
+        No counter row means revocations cannot be counted: the cache stays off.
+        """
+        if counter is None:
+            logger.warning(
+                "the revocation epoch row is missing (run `broker init`); token cache off"
+            )
+            return
         if counter != self._seen:
             if self._seen is not None:
                 self.bump()

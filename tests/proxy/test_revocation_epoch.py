@@ -7,7 +7,7 @@ import time
 from typing import TYPE_CHECKING
 
 import httpx
-from sqlalchemy import update
+from sqlalchemy import delete, update
 
 from broker.app import create_app
 from broker.context import ProcessContext
@@ -125,6 +125,21 @@ async def test_a_poller_that_cannot_read_turns_the_cache_off(
     try:
         epoch.start(None)  # type: ignore[arg-type]
         await asyncio.sleep(0.6)
+        assert epoch.current() is None
+    finally:
+        await epoch.aclose()
+
+
+async def test_without_the_counter_row_the_cache_stays_off(
+    database_url: str, context: ProcessContext
+) -> None:
+    # Revocations bump that row; without it they could not reach other replicas' caches.
+    async with context.sessions.begin() as session:
+        await session.execute(delete(RevocationEpoch))
+    epoch = CacheEpoch(database_url=database_url)
+    try:
+        epoch.start(None)  # type: ignore[arg-type]
+        await asyncio.sleep(0.6)  # two polls or more
         assert epoch.current() is None
     finally:
         await epoch.aclose()
