@@ -20,7 +20,7 @@ from sqlalchemy import func, select
 from broker.app import create_app
 from broker.context import ProcessContext
 from broker.keyring import Keyring
-from broker.services.audit import AuditService, new_event
+from broker.services.audit import new_event
 from broker.services.audit_hub import RemoteAuditWriter
 from broker.services.audit_writer import AuditWriteError
 from broker.storage.models import AuditEvent
@@ -77,15 +77,6 @@ async def workers(
             await env.context.aclose()
 
 
-async def _verify(env: BrokerEnv) -> dict[str, object]:
-    context = env.context
-    audit = AuditService(
-        context.sessions, context.audit_writer, context.keyring, context.settings.async_database_url
-    )
-    await audit.flush()
-    return (await asyncio.to_thread(audit.verify)).as_dict()
-
-
 async def test_two_workers_extend_one_chain_through_the_hub(workers: list[BrokerEnv]) -> None:
     first, second = workers
     assert isinstance(first.context.audit_writer, RemoteAuditWriter)
@@ -102,7 +93,7 @@ async def test_two_workers_extend_one_chain_through_the_hub(workers: list[Broker
     assert len(first.sim.state.received) == len(forwarded) == 32
     for env in workers:
         await env.context.audit_writer.flush()
-    report = await _verify(second)
+    report = await second.verify_audit()
     assert report["ok"], report
     async with first.context.sessions() as session:
         stored = await session.scalar(select(func.count()).select_from(AuditEvent))
@@ -167,7 +158,7 @@ async def test_the_hub_drops_a_peer_that_sends_garbage_and_serves_the_others(
     env = workers[1]
     caller = await make_caller(env)
     assert (await env.http.get(COURSE, headers=caller.headers)).status_code == 200
-    assert (await _verify(env))["ok"]
+    assert (await env.verify_audit())["ok"]
 
 
 async def test_a_frame_over_the_limit_closes_the_connection(hub: AuditHub) -> None:
@@ -247,6 +238,6 @@ async def test_a_lone_request_on_sqlite_commits_in_its_worker(
         assert response.status_code == 200, response.text
     assert len(env.sim.state.received) == 3
     hub.start()
-    report = await _verify(env)
+    report = await env.verify_audit()
     assert report["ok"], report
     assert report["incomplete"] == {"count": 0, "oldest": []}

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import pytest
 from sqlalchemy import func, select, update
 
-from broker.services.audit import AuditService, new_event
+from broker.services.audit import new_event
 from broker.storage.models import AuditEvent, RevocationEpoch
 from tests.proxy.support import make_caller
 from tests.support.env import AUDIT_HUB
@@ -18,16 +18,6 @@ if TYPE_CHECKING:
     from tests.support.env import BrokerEnv
 
 ASSIGNMENTS = "/api/v1/courses/1201/assignments"
-
-
-async def _verify(env: BrokerEnv) -> dict[str, object]:
-    context = env.context
-    audit = AuditService(
-        context.sessions, context.audit_writer, context.keyring, context.settings.async_database_url
-    )
-    await audit.flush()
-    report = await asyncio.to_thread(audit.verify)
-    return report.as_dict()
 
 
 async def test_mixed_traffic_forms_one_chain_that_verifies(env: BrokerEnv) -> None:
@@ -40,7 +30,7 @@ async def test_mixed_traffic_forms_one_chain_that_verifies(env: BrokerEnv) -> No
     ]
     responses = await asyncio.gather(*(call for _ in range(5) for call in [*calls]))
     assert sorted({r.status_code for r in responses}) == [200, 400, 401, 403]
-    report = await _verify(env)
+    report = await env.verify_audit()
     assert report["ok"], report
     async with env.context.sessions() as session:
         stored = await session.scalar(select(func.count()).select_from(AuditEvent))

@@ -7,6 +7,7 @@ import time
 from typing import TYPE_CHECKING
 
 import httpx
+import pytest
 from sqlalchemy import delete, update
 
 from broker.app import create_app
@@ -16,10 +17,8 @@ from broker.storage.models import RevocationEpoch
 from tests.proxy.support import make_caller
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import AsyncIterator, Awaitable, Callable
     from pathlib import Path
-
-    import pytest
 
     from broker.config import Settings
     from broker.sim.server import SimServer
@@ -72,9 +71,9 @@ async def test_a_revocation_on_one_replica_reaches_the_others_cache(
         await other_context.aclose()
 
 
-async def test_the_epoch_stays_fresh_while_the_event_loop_is_busy(
-    database_url: str,
-) -> None:
+@pytest.fixture
+async def polling(database_url: str) -> AsyncIterator[CacheEpoch]:
+    """An epoch polling the test's database from its own thread, once it has read it."""
     epoch = CacheEpoch(database_url=database_url)
     try:
         # It polls with a connection of its own: no sessions needed.
@@ -84,36 +83,30 @@ async def test_the_epoch_stays_fresh_while_the_event_loop_is_busy(
             return epoch.current() is not None
 
         assert await _bounded_until(fresh)
-        # A loop crowded with requests, for longer than the staleness limit: the poll runs on
-        # its own thread, so the cache stays usable rather than switching off under load.
-        time.sleep(1.5)  # noqa: ASYNC251 - blocking the loop is the point
-        assert epoch.current() is not None
+        yield epoch
     finally:
         await epoch.aclose()
+
+
+async def test_the_epoch_stays_fresh_while_the_event_loop_is_busy(polling: CacheEpoch) -> None:
+    # A loop crowded with requests, for longer than the staleness limit: the poll runs on
+    # its own thread, so the cache stays usable rather than switching off under load.
+    time.sleep(1.5)  # noqa: ASYNC251 - blocking the loop is the point
+    assert polling.current() is not None
 
 
 async def test_a_moved_counter_invalidates_the_cached_value(
-    database_url: str, context: ProcessContext
+    polling: CacheEpoch, context: ProcessContext
 ) -> None:
-    epoch = CacheEpoch(database_url=database_url)
-    try:
-        epoch.start(None)  # type: ignore[arg-type]
+    before = polling.current()
+    async with context.sessions.begin() as session:
+        await session.execute(update(RevocationEpoch).values(epoch=RevocationEpoch.epoch + 1))
 
-        async def fresh() -> bool:
-            return epoch.current() is not None
+    async def moved() -> bool:
+        current = polling.current()
+        return current is not None and current != before
 
-        assert await _bounded_until(fresh)
-        before = epoch.current()
-        async with context.sessions.begin() as session:
-            await session.execute(update(RevocationEpoch).values(epoch=RevocationEpoch.epoch + 1))
-
-        async def moved() -> bool:
-            current = epoch.current()
-            return current is not None and current != before
-
-        assert await _bounded_until(moved)
-    finally:
-        await epoch.aclose()
+    assert await _bounded_until(moved)
 
 
 async def test_a_poller_that_cannot_read_turns_the_cache_off(

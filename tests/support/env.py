@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from broker.services.audit import AuditService
 from broker.services.management import Actor, ManagementService
 
 if TYPE_CHECKING:
@@ -115,6 +117,19 @@ class BrokerEnv:
         assert response.status_code == 200, response.text
         events: list[dict[str, Any]] = response.json()["events"]
         return events
+
+    async def verify_audit(self) -> dict[str, Any]:
+        """Commit what the audit writer holds, then verify the whole chain (as a report)."""
+        context = self.context
+        audit = AuditService(
+            context.sessions,
+            context.audit_writer,
+            context.keyring,
+            context.settings.async_database_url,
+        )
+        await audit.flush()
+        report = await asyncio.to_thread(audit.verify)
+        return report.as_dict()
 
 
 def bearer(token: str) -> dict[str, str]:
