@@ -414,6 +414,9 @@ def clients_create(
     token_ttl: Annotated[int, typer.Option()] = 900,
     max_token_ttl: Annotated[int, typer.Option()] = 3600,
     allow_masquerade: Annotated[bool, typer.Option()] = False,
+    allow_includes: Annotated[
+        bool, typer.Option(help="may pass include[] other than uuid (Canvas's allow_includes)")
+    ] = False,
     rate_limit: Annotated[
         float | None, typer.Option(help="requests per second (default: no limit)")
     ] = None,
@@ -447,6 +450,7 @@ def clients_create(
             "token_ttl": token_ttl,
             "max_token_ttl": max_token_ttl,
             "allow_masquerade": allow_masquerade,
+            "allow_includes": allow_includes,
             "rate_limit": rate_limit,
             "rate_burst": burst,
             "auth_method": "private_key_jwt" if key_set is not None else "client_secret",
@@ -454,6 +458,7 @@ def clients_create(
         },
     )
     secret = created.pop("client_secret")
+    _warn(created.pop("warnings", []))
     if secret is None:
         say(json.dumps(created, indent=2))
         say("client_id (private_key_jwt: sign assertions with your private key) follows")
@@ -462,6 +467,11 @@ def clients_create(
     say(json.dumps(created, indent=2))
     say(f"client_id: {created['client_id']}; client secret (shown once) follows on stdout")
     typer.echo(secret)
+
+
+def _warn(warnings: list[str]) -> None:
+    for warning in warnings:
+        say(f"warning: {warning}")
 
 
 @clients_app.command("list")
@@ -484,7 +494,40 @@ def clients_grant(
 ) -> None:
     """Replace a client's grant (scopes and constraints)."""
     body = {"scopes": scope, "constraints": _constraints(constraint)}
-    show(api("PATCH", f"/clients/{ref}", body=body))
+    saved = api("PATCH", f"/clients/{ref}", body=body)
+    _warn(saved.pop("warnings", []))
+    show(saved)
+
+
+@clients_app.command("set")
+def clients_set(
+    ref: str,
+    allow_includes: Annotated[
+        bool | None,
+        typer.Option(
+            "--allow-includes/--no-allow-includes",
+            help="may pass include[] other than uuid (Canvas's allow_includes)",
+        ),
+    ] = None,
+    allow_masquerade: Annotated[
+        bool | None,
+        typer.Option("--allow-masquerade/--no-allow-masquerade", help="may pass as_user_id"),
+    ] = None,
+) -> None:
+    """Change a client's flags; only the options given change."""
+    body = {
+        key: value
+        for key, value in {
+            "allow_includes": allow_includes,
+            "allow_masquerade": allow_masquerade,
+        }.items()
+        if value is not None
+    }
+    if not body:
+        fail("name at least one setting to change, e.g. --allow-includes")
+    saved = api("PATCH", f"/clients/{ref}", body=body)
+    _warn(saved.pop("warnings", []))
+    show(saved)
 
 
 @clients_app.command("check")

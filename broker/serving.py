@@ -23,20 +23,26 @@ if TYPE_CHECKING:
 
 
 class RequestTargetProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, but the app gets the request target as sent.
+    """uvicorn's httptools protocol, but the app gets the request target and head as sent.
 
     httptools parses the request target, so an absolute-form target
     (``GET http://other-host/api/v1/... HTTP/1.1``) would reach the app as ``/api/v1/...`` and
     a ``#fragment`` would vanish. uvicorn's h11 protocol hands the target over untouched, split
     at the first ``?`` into ``raw_path`` and ``query_string``; this does the same, so the
     proxy's rules see, and refuse, what the client really sent.
+
+    The parser reports a chunked body's trailer fields through the same callback as header
+    fields, and uvicorn appends them to the very list its scope holds: a trailer arriving
+    with the body would join the request's headers before the app reads them. The scope gets
+    its own copy of the head instead, so trailers are never read, checked or forwarded.
     """
 
     def on_headers_complete(self) -> None:
-        """Build the scope as uvicorn does, then put the target's own bytes in it."""
+        """Build the scope as uvicorn does, then put the target's and head's own bytes in it."""
         target = bytes(self.url)
         super().on_headers_complete()
         # The app runs in a task scheduled above, not yet started: the scope can still change.
+        self.scope["headers"] = list(self.headers)
         if "raw_path" in self.scope:
             raw_path, _, query = target.partition(b"?")
             self.scope["raw_path"] = self.root_path.encode("ascii") + raw_path

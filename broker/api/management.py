@@ -13,6 +13,7 @@ from broker.api.schemas import (
     AdminKeyOut,
     ClientCreate,
     ClientOut,
+    ClientSaved,
     ClientUpdate,
     ClientWithSecret,
     CredentialCreate,
@@ -29,6 +30,7 @@ from broker.api.schemas import (
     UpstreamOut,
     UpstreamUpdate,
 )
+from broker.services.management import scope_warnings
 from broker.storage.models import Client, WorkerCredential
 
 ERRORS: dict[int | str, dict[str, object]] = {
@@ -179,7 +181,11 @@ async def create_client(
 ) -> ClientWithSecret:
     """Create a client. The response carries ``client_secret``, shown this once."""
     client, secret = await services.management.create_client(actor, **body.model_dump())
-    return ClientWithSecret(**_client_out(client).model_dump(), client_secret=secret)
+    return ClientWithSecret(
+        **_client_out(client).model_dump(),
+        client_secret=secret,
+        warnings=scope_warnings(client.scopes),
+    )
 
 
 @router.get("/clients", tags=["clients"])
@@ -197,12 +203,12 @@ async def get_client(ref: str, _: Reader, services: ServicesDep) -> ClientOut:
 @router.patch("/clients/{ref}", tags=["clients"])
 async def update_client(
     ref: str, body: ClientUpdate, actor: Admin, services: ServicesDep
-) -> ClientOut:
+) -> ClientSaved:
     """Change a client's grant or settings; live tokens follow the new grant at once."""
     client = await services.management.update_client(
         actor, ref, **body.model_dump(exclude_unset=True)
     )
-    return _client_out(client)
+    return ClientSaved(**_client_out(client).model_dump(), warnings=scope_warnings(client.scopes))
 
 
 @router.post("/clients/{ref}/rotate-secret", tags=["clients"])

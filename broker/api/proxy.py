@@ -26,7 +26,6 @@ from broker.core import rules
 from broker.core.net import address_allowed, client_address
 from broker.core.rewrite import Rewriter
 from broker.core.scopes import Grant
-from broker.core.scopes import Scope as ScopeString
 from broker.errors import AuditUnavailableError
 from broker.requestid import new_request_id
 from broker.services.ratelimit import RateLimitService, RateLimitUnavailableError
@@ -47,7 +46,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-PROXIED_PREFIXES = ("/api/v1/", "/api/quiz/v1/")
 REALM = 'Bearer realm="canvas-token-broker", error="invalid_token"'
 _MAX_AUDIT_PATH = rules.MAX_PATH_BYTES
 _REWRITE_LIMIT = 8 * 1024 * 1024
@@ -218,7 +216,11 @@ class ProxyApp:
         await self._check_rate(authorized)
         try:
             rules.check_headers(call.headers)
-            rules.check_query(call.query, allow_masquerade=authorized.allow_masquerade)
+            rules.check_query(
+                call.query,
+                allow_masquerade=authorized.allow_masquerade,
+                allow_includes=authorized.allow_includes,
+            )
         except rules.RuleViolation as exc:
             raise Refusal(exc.status, exc.error, exc.message) from exc
         self._check_grant(call, authorized.grant, path)
@@ -229,6 +231,7 @@ class ProxyApp:
                 content_type.decode("latin-1") if content_type else None,
                 body,
                 allow_masquerade=authorized.allow_masquerade,
+                allow_includes=authorized.allow_includes,
             )
         except rules.RuleViolation as exc:
             raise Refusal(exc.status, exc.error, exc.message) from exc
@@ -236,17 +239,12 @@ class ProxyApp:
 
     @staticmethod
     def _check_grant(call: Call, grant: Grant, path: str) -> None:
-        if not path.startswith(PROXIED_PREFIXES):
-            # Rule 2: only a scope naming such a path literally opens it, so that a pattern
-            # like `/login/:action` or `/api/:name` cannot open /login/session_token or GraphQL.
-            grant = Grant(tuple(s for s in grant.scopes if _literal(s)), grant.constraints)
+        # Rule 2 (paths outside the Canvas API, exact-only endpoints) is part of the grant's
+        # own decision, which the policy check API reaches through the same function.
         decision = grant.check(call.method, path)
         call.audit["scope"] = decision.scope
-        if decision.allowed:
-            return
-        if not path.startswith(PROXIED_PREFIXES):
-            raise Refusal(403, "path_not_proxied", f"{call.method} {path} is not proxied")
-        raise Refusal(403, decision.reason or "scope_not_granted", decision.detail)
+        if not decision.allowed:
+            raise Refusal(403, decision.reason or "scope_not_granted", decision.detail)
 
     async def _check_rate(self, authorized: Authorized) -> None:
         """Spend one of the client's rate-limit tokens, or refuse (429; 503 fails closed)."""
@@ -404,16 +402,10 @@ class ProxyApp:
         rewriter = self._rewriter(
             call.authorized.upstream_url if call.authorized else "", self._public_base(scope, call)
         )
-        headers: list[tuple[bytes, bytes]] = []
-        for name, value in rules.forward_response_headers(response.headers):
-            if name == b"x-request-id":
-                # The broker's own id replaces Canvas's (X-Request-Context-Id still names it).
-                continue
-            if name == b"link":
-                value = rewriter.link_header(value.decode("latin-1")).encode("latin-1")  # noqa: PLW2901
-            elif name == b"location":
-                value = rewriter.location(value.decode("latin-1")).encode("latin-1")  # noqa: PLW2901
-            headers.append((name, value))
+        headers = _relayed_headers(rewriter, response.headers)
+        leaked = await _refuse_exposed_credential(call, headers, send)
+        if leaked is not None:
+            return leaked
         headers.append((b"x-request-id", call.request_id.encode()))
         sent = 0
         if _rewritable_json(response.headers):
@@ -494,6 +486,53 @@ def _check_syntax(call: Call) -> None:
             )
 
 
+def _relayed_headers(
+    rewriter: Rewriter, upstream: list[tuple[bytes, bytes]]
+) -> list[tuple[bytes, bytes]]:
+    """Canvas's response headers as relayed: rules 9 and 10, links pointed at the broker."""
+    headers: list[tuple[bytes, bytes]] = []
+    for name, value in rules.forward_response_headers(upstream):
+        if name == b"x-request-id":
+            # The broker's own id replaces Canvas's (X-Request-Context-Id still names it).
+            continue
+        if name == b"link":
+            value = rewriter.link_header(value.decode("latin-1")).encode("latin-1")  # noqa: PLW2901
+        elif name == b"location":
+            value = rewriter.location(value.decode("latin-1")).encode("latin-1")  # noqa: PLW2901
+        headers.append((name, value))
+    return headers
+
+
+async def _refuse_exposed_credential(
+    call: Call, headers: list[tuple[bytes, bytes]], send: Send
+) -> dict[str, Any] | None:
+    """Answer 502 instead of relaying a response whose headers carry the worker token.
+
+    Bodies pass byte for byte (docs/proxy-rules.md): Canvas never echoes a bearer token in an
+    API body, but a header such as ``Location`` can carry one as a parameter.
+    """
+    if call.authorized is None:  # pragma: no cover - only forwarded calls are relayed
+        return None
+    leaked = rules.header_carrying(headers, call.authorized.worker_token.encode())
+    if leaked is None:
+        return None
+    name = leaked.decode("latin-1")
+    logger.warning(
+        "Canvas's response to request %s carried the worker token in %r; not relayed",
+        call.request_id,
+        name,
+    )
+    await _send_error(
+        send,
+        call,
+        502,
+        "upstream_credential_exposed",
+        f"Canvas's response carried the worker credential in its {name} header; "
+        "the broker does not relay it",
+    )
+    return {"status": 502, "reason": "upstream_credential_exposed"}
+
+
 def _escaped(raw: bytes) -> str:
     r"""Text for the audit log: printable ASCII as is, any other byte (and ``\``) as ``\xNN``.
 
@@ -510,11 +549,6 @@ def _escaped(raw: bytes) -> str:
 def _failure(exc: UpstreamError) -> tuple[int, str]:
     """The status and error code for an upstream that failed or timed out."""
     return (504, "upstream_timeout") if exc.timeout else (502, "upstream_unreachable")
-
-
-def _literal(scope: ScopeString) -> bool:
-    """Whether a scope names one path: no parameters, globs or optional parts."""
-    return not scope.params and "(" not in scope.path
 
 
 def _find(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:

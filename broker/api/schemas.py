@@ -140,6 +140,11 @@ class ClientCreate(Input):
     token_ttl: int = 900
     max_token_ttl: int = 3600
     allow_masquerade: bool = False
+    allow_includes: bool = Field(
+        default=False,
+        description="may calls pass include[] / includes[] other than uuid (as Canvas's "
+        "allow_includes on a developer key); refused with include_not_allowed otherwise",
+    )
     allowed_cidrs: list[str] = Field(default_factory=list)
     rate_limit: float | None = Field(
         default=None, description="requests per second; null for no limit", examples=[5]
@@ -169,6 +174,7 @@ class ClientUpdate(Input):
     token_ttl: int | None = None
     max_token_ttl: int | None = None
     allow_masquerade: bool | None = None
+    allow_includes: bool | None = None
     allowed_cidrs: list[str] | None = None
     rate_limit: float | None = Field(
         default=None, description="requests per second; null removes the limit"
@@ -194,6 +200,7 @@ class ClientOut(Output):
     token_ttl: int
     max_token_ttl: int
     allow_masquerade: bool
+    allow_includes: bool
     allowed_cidrs: list[str]
     rate_limit: float | None
     rate_burst: int | None
@@ -206,7 +213,16 @@ class ClientOut(Output):
     secret_rotated_at: datetime | None
 
 
-class ClientWithSecret(ClientOut):
+class ClientSaved(ClientOut):
+    """A client just created or changed, with warnings about its grant."""
+
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="scopes that name no endpoint in Canvas's scope list (likely typos)",
+    )
+
+
+class ClientWithSecret(ClientSaved):
     """A client with its secret: returned once, at creation or rotation."""
 
     client_secret: str | None = Field(description="null for private_key_jwt clients")

@@ -23,8 +23,10 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
 
 __all__ = [
+    "ALLOWED_INCLUDES",
     "CREDENTIAL_KEYS",
     "HOP_BY_HOP",
+    "INCLUDE_KEYS",
     "MASQUERADE_KEYS",
     "MAX_PATH_BYTES",
     "OVERRIDE_HEADERS",
@@ -37,11 +39,20 @@ __all__ = [
     "check_query",
     "forward_request_headers",
     "forward_response_headers",
+    "header_carrying",
     "redact_query",
 ]
 
-MASQUERADE_KEYS: Final = frozenset({"as_user_id"})
-"""Parameters that make Canvas act as another user."""
+MASQUERADE_KEYS: Final = frozenset(
+    {"as_user_id", "become_user_id", "become_teacher", "become_student", "me"}
+)
+"""Parameters that make Canvas act as another user (``load_user`` in Canvas's
+``lib/authentication_methods.rb`` reads ``as_user_id`` for the API and the ``become_*`` and
+``me`` keys to start a masquerade)."""
+INCLUDE_KEYS: Final = frozenset({"include", "includes"})
+"""Parameters Canvas strips from a scoped developer key's calls unless it allows includes."""
+ALLOWED_INCLUDES: Final = frozenset({"uuid"})
+"""The one ``include`` value Canvas keeps for such keys (``ALLOWED_SCOPE_INCLUDES``)."""
 OVERRIDE_KEYS: Final = frozenset({"_method"})
 """Parameters Rack reads to override the HTTP method."""
 CREDENTIAL_KEYS: Final = frozenset({"access_token", "api_key"})
@@ -107,8 +118,12 @@ class RuleViolation(Exception):  # noqa: N818 - the name the rest of the broker 
 _PATH_NOT_PRINTABLE: Final = re.compile(rb"[^\x21-\x7e]")
 _PATH_FORBIDDEN: Final = ((b"\\", "a backslash"), (b";", "';'"), (b"#", "'#'"), (b"?", "'?'"))
 _BAD_PERCENT: Final = re.compile(rb"%(?![0-9A-Fa-f]{2})")
-# Encoded '/', '\', '.', '%' and control characters.
-_FORBIDDEN_ESCAPE: Final = re.compile(rb"%(?:2[Ff]|5[Cc]|2[Ee]|25|[01][0-9A-Fa-f]|7[Ff])")
+# Encoded '/', '\', '.', '%', control characters, and the delimiters '?', '#' and ';': Rails
+# decodes a path parameter, so `%3F` would reach a controller as '?', and a decoding hop in
+# front of Canvas would turn them into a query, a fragment or a path parameter.
+_FORBIDDEN_ESCAPE: Final = re.compile(
+    rb"%(?:2[Ff]|5[Cc]|2[Ee]|25|[01][0-9A-Fa-f]|7[Ff]|3[Ff]|23|3[Bb])"
+)
 
 
 def check_path(raw_path: bytes) -> str:
@@ -144,7 +159,7 @@ def _path_problem(raw_path: bytes) -> str | None:
         (_BAD_PERCENT.search(raw_path), "path has a '%' not followed by two hex digits"),
         (
             _FORBIDDEN_ESCAPE.search(raw_path),
-            "path must not percent-encode '/', '\\', '.', '%' or control characters",
+            "path must not percent-encode '/', '\\', '.', '%', '?', '#', ';' or controls",
         ),
     )
     problem = next((message for found, message in problems if found), None)
@@ -181,8 +196,10 @@ def check_headers(headers: Sequence[tuple[bytes, bytes]]) -> None:
 
     Method-override headers, in any case, are a 403 ``method_override_denied``. A repeated
     ``Host`` or ``Content-Type`` (RFC 9110 allows one; which one Canvas's stack would read is
-    not the broker's to guess) or a transfer coding other than ``chunked`` (whose body the
-    broker would check in a form Canvas might not read) is a 400 ``malformed_request``.
+    not the broker's to guess), a transfer coding other than ``chunked`` (whose body the
+    broker would check in a form Canvas might not read), or a ``Connection`` header naming
+    anything but a hop-by-hop header is a 400 ``malformed_request``: the broker forwards every
+    end-to-end header it checked, so a client cannot have one dropped on the way.
     """
     seen: set[bytes] = set()
     for name, value in headers:
@@ -202,33 +219,64 @@ def check_headers(headers: Sequence[tuple[bytes, bytes]]) -> None:
             raise RuleViolation(
                 400, "malformed_request", "the only transfer coding accepted is 'chunked'"
             )
+        if key == b"connection":
+            _check_connection(value)
 
 
-def check_query(query_string: bytes, *, allow_masquerade: bool) -> None:
+_CONNECTION_OPTIONS: Final = frozenset({b"close", b"keep-alive"}) | HOP_BY_HOP
+
+
+def _check_connection(value: bytes) -> None:
+    for token in value.split(b","):
+        option = _header_key(token)
+        if option and option not in _CONNECTION_OPTIONS:
+            raise RuleViolation(
+                400,
+                "malformed_request",
+                f"Connection names {_excerpt(token.strip())}, which is not a hop-by-hop "
+                "header: the broker never drops a header it has checked",
+            )
+
+
+def check_query(
+    query_string: bytes, *, allow_masquerade: bool, allow_includes: bool = False
+) -> None:
     """Refuse masquerade, method-override and credential parameters in a query string.
 
-    An unparseable query string (bad percent-escape, not UTF-8, or a raw ``#``, which starts a
+    Without ``allow_includes``, ``include``/``includes`` other than ``uuid`` are refused too
+    (403 ``include_not_allowed``), as Canvas would strip them from a scoped key's call. An
+    unparseable query string (bad percent-escape, not UTF-8, or a raw ``#``, which starts a
     fragment no client sends) is a 400 ``malformed_request``.
     """
     if b"#" in query_string:
         raise RuleViolation(400, "malformed_request", "query string must not contain '#'")
     try:
-        names = list(_form_names(query_string.decode("utf-8")))
+        pairs = list(_form_pairs(query_string.decode("utf-8")))
     except ValueError:
         raise RuleViolation(
             400, "malformed_request", "query string is not valid percent-encoded UTF-8"
         ) from None
-    for name in names:
+    for name, value in pairs:
         _check_name(name, allow_masquerade=allow_masquerade)
+        if not allow_includes:
+            _check_include(name, value)
 
 
-def check_body(content_type: str | None, body: bytes, *, allow_masquerade: bool) -> None:
+def check_body(
+    content_type: str | None,
+    body: bytes,
+    *,
+    allow_masquerade: bool,
+    allow_includes: bool = False,
+) -> None:
     """Check a request body's parameters as Canvas would read them.
 
     JSON (``application/json`` and ``+json`` types), form-urlencoded and multipart bodies are
-    checked for masquerade, method-override and credential keys; a body that does not parse as
-    its type (a form body that is JSON or holds control characters included) is a 400
-    ``malformed_body``; any other type with a non-empty body is a 415.
+    checked for masquerade, method-override and credential keys, and (without
+    ``allow_includes``) for includes; a body that does not parse as its type (a form body that
+    is JSON or holds control characters included) is a 400 ``malformed_body``; any other type
+    with a non-empty body, or a body without a type (Rack reads an untyped POST as a form),
+    is a 415.
     """
     if not body:
         return
@@ -236,18 +284,25 @@ def check_body(content_type: str | None, body: bytes, *, allow_masquerade: bool)
     if content_type is None or parsed is None:
         raise _unsupported("a request body needs a JSON, form-urlencoded or multipart type")
     media_type, params = parsed
+    pairs: Sequence[tuple[str, object]]
+    top: Sequence[tuple[str, object]]
     if media_type == "multipart/form-data":
-        names = _multipart_names(content_type, params, body)
+        pairs = _multipart_pairs(content_type, params, body)
+        top = pairs
     elif params is None:
         raise _unsupported(f"Content-Type {_excerpt(content_type.encode())} does not parse")
     elif media_type == "application/json" or media_type.endswith("+json"):
-        names = _json_names(body)
+        names, top = _json_params(body)
+        pairs = [(name, None) for name in names]
     elif media_type == "application/x-www-form-urlencoded":
-        names = _form_body_names(body)
+        pairs = top = _form_body_pairs(body)
     else:
         raise _unsupported(f"request bodies of type {_excerpt(media_type.encode())} are refused")
-    for name in names:
+    for name, _value in pairs:
         _check_name(name, allow_masquerade=allow_masquerade)
+    if not allow_includes:
+        for name, value in top:
+            _check_include(name, value)
 
 
 def _unsupported(message: str) -> RuleViolation:
@@ -255,6 +310,8 @@ def _unsupported(message: str) -> RuleViolation:
 
 
 _NAME_PART: Final = re.compile(r"[^\[\]]+")
+# Rack 2's top-level key: leading brackets dropped, then the first bracket-free run.
+_RACK2_TOP: Final = re.compile(r"[\[\]]*([^\[\]]+)")
 
 
 def _name_readings(name: str) -> set[str]:
@@ -265,10 +322,18 @@ def _name_readings(name: str) -> set[str]:
     the broker's to guess.
     """
     # Every bracket-free part: Rack 2 also drops leading brackets (`[as_user_id]`).
-    readings = {name, name.split("[", 1)[0], *_NAME_PART.findall(name)}
-    # Rack 3 and Rails look for the first '[' after the first character.
+    return {*_top_readings(name), *_NAME_PART.findall(name)}
+
+
+def _top_readings(name: str) -> set[str]:
+    """Every top-level key a Rack version could read from a parameter name."""
+    # Rack 3 and Rails look for the first '[' after the first character; Rack 2 skips
+    # leading brackets and takes the first bracket-free run.
     bracket = name.find("[", 1)
-    readings.add(name if bracket < 0 else name[:bracket])
+    readings = {name, name.split("[", 1)[0], name if bracket < 0 else name[:bracket]}
+    rack2 = _RACK2_TOP.match(name)
+    if rack2 is not None:
+        readings.add(rack2.group(1))
     return readings
 
 
@@ -293,6 +358,33 @@ def _check_name(name: str, *, allow_masquerade: bool) -> None:
         )
 
 
+_PLAIN_INCLUDES: Final = frozenset({"include", "include[]", "includes", "includes[]"})
+
+
+def _check_include(name: str, value: object) -> None:
+    """Refuse a top-level ``include``/``includes`` unless it is a plain list of ``uuid``.
+
+    Canvas keeps ``include`` on a scoped key's call only as an array, filtered to ``uuid``
+    (``filter_includes`` in ``lib/authentication_methods.rb``); the broker never strips a
+    parameter, so it refuses instead. Nested forms (``include[0]``, ``include[][x]``) are
+    refused whatever their values.
+    """
+    if not _top_readings(name) & INCLUDE_KEYS:
+        return
+    values = value if isinstance(value, list) else [value]
+    if name in _PLAIN_INCLUDES and all(
+        isinstance(item, str) and item in ALLOWED_INCLUDES for item in values
+    ):
+        return
+    shown = _excerpt(name.encode("utf-8", "backslashreplace"))
+    raise RuleViolation(
+        403,
+        "include_not_allowed",
+        f"parameter {shown} is refused: this client may not ask Canvas to include related "
+        "data (only include[]=uuid); an admin can set allow_includes on the client",
+    )
+
+
 # --- Form and query parsing (as Rack does it) --------------------------------------------
 
 # Rack 2 splits on '&' and ';' and swallows spaces after the separator; Rack 3 only on '&'.
@@ -308,20 +400,20 @@ def _form_decode(component: str) -> str:
     return unquote_plus(component, errors="strict")
 
 
-def _form_names(text: str) -> Iterator[str]:
+def _form_pairs(text: str) -> Iterator[tuple[str, str]]:
+    """Decoded ``(name, value)`` pairs of a query or form body, as Rack splits them."""
     for pair in _SEPARATOR.split(text):
         if not pair:
             continue
         key, _, value = pair.partition("=")
-        _form_decode(value)
-        yield _form_decode(key)
+        yield _form_decode(key), _form_decode(value)
 
 
 _FORM_CONTROL: Final = re.compile(rb"[\x00-\x1f\x7f]")
 _LOOKS_LIKE_JSON: Final = re.compile(rb"[ \t\r\n]*[\[{]")
 
 
-def _form_body_names(body: bytes) -> list[str]:
+def _form_body_pairs(body: bytes) -> list[tuple[str, str]]:
     # A body that is really JSON or multipart under a form Content-Type parses as harmless
     # odd keys here; it is refused anyway, since its sender means something else by it.
     if _LOOKS_LIKE_JSON.match(body):
@@ -329,7 +421,7 @@ def _form_body_names(body: bytes) -> list[str]:
     if _FORM_CONTROL.search(body.removesuffix(b"\n").removesuffix(b"\r")):
         raise RuleViolation(400, "malformed_body", "form body holds control characters")
     try:
-        return list(_form_names(body.decode("utf-8")))
+        return list(_form_pairs(body.decode("utf-8")))
     except ValueError:
         raise RuleViolation(
             400, "malformed_body", "form body is not valid percent-encoded UTF-8"
@@ -381,21 +473,32 @@ def _dequote(value: str) -> str:
 # --- JSON bodies -------------------------------------------------------------------------
 
 
-def _json_names(body: bytes) -> list[str]:
-    """Every object key anywhere in a JSON body (Rails merges nested params)."""
+class _JsonObject(list[tuple[str, Any]]):
+    """A JSON object as its ``(key, value)`` pairs, repeated keys kept."""
+
+
+def _json_params(body: bytes) -> tuple[list[str], list[tuple[str, object]]]:
+    """Every object key in a JSON body, at any depth, and the top-level ``(key, value)`` pairs.
+
+    Nested keys count because Rails merges nested params; top-level values come back as
+    lists, strings or other JSON values.
+    """
     names: list[str] = []
 
-    def collect(pairs: list[tuple[str, Any]]) -> None:
+    def collect(pairs: list[tuple[str, Any]]) -> _JsonObject:
         names.extend(key for key, _value in pairs)
+        return _JsonObject(pairs)
 
     def refuse_constant(constant: str) -> None:
         raise ValueError(f"{constant} is not JSON")
 
     try:
-        json.loads(body.decode("utf-8"), object_pairs_hook=collect, parse_constant=refuse_constant)
+        root = json.loads(
+            body.decode("utf-8"), object_pairs_hook=collect, parse_constant=refuse_constant
+        )
     except (ValueError, RecursionError):
         raise RuleViolation(400, "malformed_body", "request body is not valid UTF-8 JSON") from None
-    return names
+    return names, list(root) if isinstance(root, _JsonObject) else []
 
 
 # --- Multipart bodies --------------------------------------------------------------------
@@ -420,8 +523,10 @@ def _malformed_multipart(message: str) -> RuleViolation:
     return RuleViolation(400, "malformed_body", f"multipart body: {message}")
 
 
-def _multipart_names(content_type: str, params: dict[str, str] | None, body: bytes) -> list[str]:
-    """Every name Canvas could read from a multipart/form-data body's parts."""
+def _multipart_pairs(
+    content_type: str, params: dict[str, str] | None, body: bytes
+) -> list[tuple[str, str]]:
+    """Every ``(name, value)`` Canvas could read from a multipart/form-data body's parts."""
     boundary = None if params is None else params.get("boundary")
     if boundary is None or _BOUNDARY.fullmatch(boundary) is None:
         raise _malformed_multipart("Content-Type needs a plain boundary parameter")
@@ -433,14 +538,15 @@ def _multipart_names(content_type: str, params: dict[str, str] | None, body: byt
         or rack_boundary.group(1) != boundary
     ):
         raise _malformed_multipart("Content-Type must name exactly one plain boundary")
-    names: list[str] = []
-    for head in _part_heads(body, boundary.encode("ascii")):
-        names.extend(_part_names(head))
-    return names
+    pairs: list[tuple[str, str]] = []
+    for head, content in _parts(body, boundary.encode("ascii")):
+        value = content.decode("utf-8", "replace")
+        pairs.extend((name, value) for name in _part_names(head))
+    return pairs
 
 
-def _part_heads(body: bytes, boundary: bytes) -> list[bytes]:
-    """Split a multipart body strictly and return each part's header block.
+def _parts(body: bytes, boundary: bytes) -> list[tuple[bytes, bytes]]:
+    """Split a multipart body strictly and return each part's header block and content.
 
     Every occurrence of ``--boundary`` must be a proper delimiter: Rack also accepts one
     without the CRLF in front, so a stray one could hide a part from a laxer reading.
@@ -453,7 +559,7 @@ def _part_heads(body: bytes, boundary: bytes) -> list[bytes]:
         position = body.find(delimiter, position + 1)
     if not starts or starts[0] != 0:
         raise _malformed_multipart("body must start with the boundary")
-    heads: list[bytes] = []
+    heads: list[tuple[bytes, bytes]] = []
     for number, start in enumerate(starts):
         if start and body[start - 2 : start] != b"\r\n":
             raise _malformed_multipart("boundary not at the start of a line")
@@ -469,7 +575,7 @@ def _part_heads(body: bytes, boundary: bytes) -> list[bytes]:
         head_end = part.find(b"\r\n\r\n")
         if head_end < 0:
             raise _malformed_multipart("part without a blank line after its headers")
-        heads.append(part[:head_end])
+        heads.append((part[:head_end], part[head_end + 4 :]))
     raise _malformed_multipart("missing closing boundary")
 
 
@@ -538,14 +644,14 @@ def forward_request_headers(headers: Sequence[tuple[bytes, bytes]]) -> list[tupl
     """Return the client headers to send upstream, in order, as sent.
 
     Drops credentials (Authorization, Cookie), Host, Content-Length, Expect, Forwarded,
-    ``X-Forwarded-*``, client-address headers, method-override headers, hop-by-hop headers and
-    any header named in the client's Connection header.
+    ``X-Forwarded-*``, client-address headers, method-override headers and hop-by-hop
+    headers. A Connection header naming any other header was refused by
+    :func:`check_headers`, so nothing the checks read is dropped here.
     """
-    named = _connection_named(headers)
     kept: list[tuple[bytes, bytes]] = []
     for name, value in headers:
         key = _header_key(name)
-        if key in _REQUEST_DROP or key in named or key.startswith(b"x-forwarded-"):
+        if key in _REQUEST_DROP or key.startswith(b"x-forwarded-"):
             continue
         kept.append((name, value))
     return kept
@@ -563,6 +669,18 @@ def forward_response_headers(headers: Sequence[tuple[bytes, bytes]]) -> list[tup
         for name, value in headers
         if (key := _header_key(name)) not in _RESPONSE_DROP and key not in named
     ]
+
+
+def header_carrying(headers: Sequence[tuple[bytes, bytes]], secret: bytes) -> bytes | None:
+    """The name of the first header whose value holds ``secret``, as sent or percent-decoded.
+
+    Used on Canvas's response: the worker token must never reach a client, and a ``Location``
+    such as ``…?access_token=…`` would carry it.
+    """
+    for name, value in headers:
+        if secret in value or (b"%" in value and secret in unquote_to_bytes(value)):
+            return name
+    return None
 
 
 # --- Audit -------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from sqlalchemy.exc import IntegrityError
 
 from broker.core import rules
 from broker.core.assertions import InvalidKeySetError, public_key_set
+from broker.core.catalogue import unfamiliar_scopes
 from broker.core.scopes import Decision, Grant, ScopeError
 from broker.core.tokens import SecretKind, generate_secret, new_id
 from broker.errors import ConflictError, NotFoundError, ValidationFailedError
@@ -118,17 +119,28 @@ def check_worker_token(token: str) -> str:
 
 
 def check_grant(scopes: Sequence[str], constraints: Mapping[str, Sequence[str]]) -> Grant:
-    """Compile the grant, naming the offending scope string if one does not parse."""
+    """Compile the grant, naming the offending scope string.
+
+    A scope that does not parse, or could never match (docs/grants.md: inert scopes), is
+    refused.
+    """
     if not scopes:
         raise ValidationFailedError("scopes", "grant at least one scope")
     try:
-        Grant.compile(scopes)
+        parsed = Grant.compile(scopes)
     except ScopeError as exc:
         raise ValidationFailedError("scopes", str(exc)) from exc
+    for raw, why in parsed.inert_scopes():
+        raise ValidationFailedError("scopes", f"scope {raw!r} {why}")
     try:
         return Grant.compile(scopes, constraints)
     except ScopeError as exc:
         raise ValidationFailedError("constraints", str(exc)) from exc
+
+
+def scope_warnings(scopes: Sequence[str]) -> list[str]:
+    """Warnings for a saved grant's scopes that Canvas's scope catalogue does not list."""
+    return unfamiliar_scopes(Grant.compile(scopes))
 
 
 def check_cidrs(cidrs: Sequence[str]) -> list[str]:
@@ -197,6 +209,9 @@ def check_ttls(token_ttl: int, max_token_ttl: int, ceiling: int) -> None:
         )
 
 
+_GRANT_CACHE_SIZE = 1024
+
+
 class ManagementService:
     """The management API's use cases."""
 
@@ -211,6 +226,7 @@ class ManagementService:
         self._keyring = keyring
         self._settings = settings
         self._epoch = epoch or CacheEpoch()
+        self._grants: dict[tuple[str, int], Grant] = {}
 
     # Upstreams -----------------------------------------------------------------------------
 
@@ -393,6 +409,7 @@ class ManagementService:
         token_ttl: int = DEFAULT_TOKEN_TTL,
         max_token_ttl: int = DEFAULT_MAX_TOKEN_TTL,
         allow_masquerade: bool = False,
+        allow_includes: bool = False,
         allowed_cidrs: Sequence[str] = (),
         rate_limit: float | None = None,
         rate_burst: int | None = None,
@@ -427,6 +444,7 @@ class ManagementService:
                 token_ttl=token_ttl,
                 max_token_ttl=max_token_ttl,
                 allow_masquerade=allow_masquerade,
+                allow_includes=allow_includes,
                 allowed_cidrs=cidrs,
                 rate_limit=rate_limit,
                 rate_burst=rate_burst,
@@ -450,6 +468,7 @@ class ManagementService:
                 token_ttl=token_ttl,
                 max_token_ttl=max_token_ttl,
                 allow_masquerade=allow_masquerade,
+                allow_includes=allow_includes,
                 allowed_cidrs=cidrs,
                 rate_limit=rate_limit,
                 rate_burst=rate_burst,
@@ -556,8 +575,18 @@ class ManagementService:
             rules.check_path(path.encode())
         except rules.RuleViolation as exc:
             return client, Decision(allowed=False, scope=None, reason=exc.error, detail=exc.message)
-        grant = Grant.compile(client.scopes, client.constraints)
-        return client, grant.check(method, path)
+        return client, self._grant(client).check(method, path)
+
+    def _grant(self, client: Client) -> Grant:
+        """The client's compiled grant, built once per grant version (a large one takes ms)."""
+        key = (client.id, client.grant_version)
+        grant = self._grants.get(key)
+        if grant is None:
+            grant = Grant.compile(client.scopes, client.constraints)
+            if len(self._grants) >= _GRANT_CACHE_SIZE:
+                self._grants.clear()
+            self._grants[key] = grant
+        return grant
 
     # Tokens --------------------------------------------------------------------------------
 

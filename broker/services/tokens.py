@@ -89,6 +89,7 @@ class Authorized:
     worker_token: str
     grant: Grant
     allow_masquerade: bool
+    allow_includes: bool
     allowed_networks: tuple[IPNetwork, ...] = ()
     rate_limit: float | None = None
     rate_burst: int | None = None
@@ -398,6 +399,7 @@ class TokenService:
             worker_token=worker_token,
             grant=self._effective_grant(client, record.token.scopes),
             allow_masquerade=client.allow_masquerade,
+            allow_includes=client.allow_includes,
             allowed_networks=self._networks(client),
             rate_limit=client.rate_limit,
             rate_burst=client.rate_burst,

@@ -19,6 +19,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    false,
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -133,6 +134,8 @@ class Client(Base):
     token_ttl: Mapped[int] = mapped_column(Integer)
     max_token_ttl: Mapped[int] = mapped_column(Integer)
     allow_masquerade: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Whether calls may pass include[] other than uuid (Canvas's allow_includes on a key).
+    allow_includes: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     allowed_cidrs: Mapped[list[str]] = mapped_column(JSON)
     # Requests per second and bucket size; both null when the client is not rate limited.
     rate_limit: Mapped[float | None]

@@ -43,7 +43,9 @@ def test_rule_violation_carries_status_error_and_message() -> None:
 
 
 def test_key_sets_are_the_documented_ones() -> None:
-    assert {"as_user_id"} == MASQUERADE_KEYS
+    assert {"as_user_id", "become_user_id", "become_teacher", "become_student", "me"} == (
+        MASQUERADE_KEYS
+    )
     assert {"_method"} == OVERRIDE_KEYS
     assert {"access_token", "api_key"} == CREDENTIAL_KEYS
     assert {b"x-http-method-override", b"x-http-method", b"x-method-override"} == OVERRIDE_HEADERS
@@ -67,7 +69,7 @@ def test_key_sets_are_the_documented_ones() -> None:
         b"/api/v1/courses/.hidden",
         b"/api/v1/courses/a..b",
         b"/api/v1/files/a+b",
-        b"/api/v1/x/%3F%23%3B%26",
+        b"/api/v1/x/%26%3D%2B%40",
         b"/api/v1/x/%7E%20%2B",
     ],
 )
@@ -108,6 +110,11 @@ def test_check_path_returns_canonical_paths_as_text(path: bytes) -> None:
         b"/api/v1/courses/1%1f",
         b"/api/v1/courses/1%7f",
         b"/api/v1/courses/1%7F",
+        b"/api/v1/courses/1%3Fas_user_id=2",
+        b"/api/v1/courses/1%3fx",
+        b"/api/v1/courses/1%23frag",
+        b"/api/v1/courses/1%3Bas_user_id=2",
+        b"/api/v1/courses/1%3bx",
         b"/api/v1/courses/%252e%252e",
         b"/api/v1/courses/%252F",
         b"/api/v1/courses/%25",
@@ -335,7 +342,7 @@ def test_check_query_refuses_keys_canvas_would_read(query: bytes, error: str) ->
     [
         b"",
         b"per_page=100&page=2",
-        b"include[]=submission&include[]=rubric",
+        b"include[]=uuid&include=uuid",
         b"search_term=as_user_id",
         b"x=as_user_id=2",
         b"AS_USER_ID=2",
@@ -357,6 +364,49 @@ def test_check_query_refuses_keys_canvas_would_read(query: bytes, error: str) ->
 )
 def test_check_query_allows_ordinary_queries(query: bytes) -> None:
     check_query(query, allow_masquerade=False)
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        b"include[]=submission",
+        b"include[]=uuid&include[]=rubric",
+        b"includes[]=user",
+        b"include=submission",
+        b"include[0]=uuid",
+        b"include[][x]=uuid",
+        b"[include][]=rubric",
+        b"include][]=rubric",
+        b"include;include[]=x",
+    ],
+)
+def test_check_query_refuses_includes_other_than_uuid_without_allow_includes(
+    query: bytes,
+) -> None:
+    with pytest.raises(RuleViolation) as caught:
+        check_query(query, allow_masquerade=False)
+    assert violation(caught) == (403, "include_not_allowed")
+    assert "allow_includes" in caught.value.message
+    check_query(query, allow_masquerade=False, allow_includes=True)
+
+
+@pytest.mark.parametrize(
+    "query",
+    [b"assignment[include]=x", b"includes_x=1", b"x=include", b"xinclude[]=1", b"per_page=1"],
+)
+def test_check_query_leaves_nested_or_other_keys_named_like_include_alone(query: bytes) -> None:
+    check_query(query, allow_masquerade=False)
+
+
+@pytest.mark.parametrize(
+    "query",
+    [b"become_user_id=2", b"become_teacher=1", b"become_student", b"me", b"me=1", b"x[me]=1"],
+)
+def test_check_query_refuses_every_canvas_masquerade_key(query: bytes) -> None:
+    with pytest.raises(RuleViolation) as caught:
+        check_query(query, allow_masquerade=False)
+    assert violation(caught) == (403, "masquerade_denied")
+    check_query(query, allow_masquerade=True)
 
 
 def test_check_query_allows_masquerade_when_the_client_may() -> None:
@@ -841,16 +891,35 @@ def test_forward_request_headers_keeps_order_duplicates_and_encodings() -> None:
     assert forward_request_headers(headers) == headers
 
 
-def test_forward_request_headers_drops_headers_named_in_connection() -> None:
-    headers = [
-        (b"connection", b"close, X-Secret ,x-other"),
-        (b"Connection", b"x-third"),
-        (b"x-secret", b"1"),
-        (b"X-Other", b"2"),
-        (b"x-third", b"3"),
-        (b"x-kept", b"4"),
-    ]
-    assert forward_request_headers(headers) == [(b"x-kept", b"4")]
+@pytest.mark.parametrize(
+    "value",
+    [
+        b"close, Content-Type",
+        b"keep-alive, content-length",
+        b"Authorization",
+        b"x-job-name",
+        b"close, X-Secret ,x-other",
+        b"Host",
+        b"content_type",
+    ],
+)
+def test_check_headers_refuses_connection_naming_an_end_to_end_header(value: bytes) -> None:
+    with pytest.raises(RuleViolation) as caught:
+        check_headers([(b"content-type", b"application/json"), (b"connection", value)])
+    assert violation(caught) == (400, "malformed_request")
+
+
+@pytest.mark.parametrize(
+    "value",
+    [b"close", b"keep-alive", b"Keep-Alive, Upgrade", b"TE, close", b"", b" , close"],
+)
+def test_check_headers_allows_connection_naming_hop_by_hop_headers(value: bytes) -> None:
+    check_headers([(b"Connection", value)])
+
+
+def test_forward_request_headers_keeps_every_end_to_end_header() -> None:
+    headers = [(b"connection", b"close"), (b"x-job", b"1"), (b"content-type", b"text/plain")]
+    assert forward_request_headers(headers) == [(b"x-job", b"1"), (b"content-type", b"text/plain")]
 
 
 @pytest.mark.parametrize("name", sorted(HOP_BY_HOP))

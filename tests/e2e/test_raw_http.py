@@ -285,7 +285,47 @@ REFUSED_BY_THE_BROKER = [
     pytest.param(
         get(ASSIGNMENTS + b"?_method=DELETE"), 403, "method_override_denied", id="_method-query"
     ),
+    pytest.param(
+        get(ASSIGNMENTS + b"?become_user_id=2"), 403, "masquerade_denied", id="become_user_id"
+    ),
+    pytest.param(get(ASSIGNMENTS + b"?me"), 403, "masquerade_denied", id="me"),
+    pytest.param(
+        get(ASSIGNMENTS + b"?include[]=submission"), 403, "include_not_allowed", id="include"
+    ),
+    pytest.param(
+        get(b"/api/v1/courses/1201%3Fas_user_id=2"),
+        400,
+        "non_canonical_path",
+        id="encoded-question-mark",
+    ),
+    pytest.param(
+        get(b"/api/v1/courses/1201%3bas_user_id=2"),
+        400,
+        "non_canonical_path",
+        id="encoded-semicolon",
+    ),
+    pytest.param(
+        get(b"/api/v1/courses/1201%23/assignments"), 400, "non_canonical_path", id="encoded-hash"
+    ),
     # Headers.
+    pytest.param(
+        post(ASSIGNMENTS, b"as_user_id=2", JSON, (b"Connection", b"Content-Type")),
+        400,
+        "malformed_request",
+        id="connection-drops-content-type",
+    ),
+    pytest.param(
+        post(ASSIGNMENTS, NEW_ASSIGNMENT, JSON, (b"Connection", b"keep-alive, content-length")),
+        400,
+        "malformed_request",
+        id="connection-drops-content-length",
+    ),
+    pytest.param(
+        get(ASSIGNMENTS, (b"Connection", b"Authorization")),
+        400,
+        "malformed_request",
+        id="connection-drops-authorization",
+    ),
     pytest.param(
         get(ASSIGNMENTS, (b"X-HTTP-Method-Override", b"DELETE")),
         403,
@@ -559,6 +599,31 @@ def test_chunked_body_within_the_limit_is_forwarded_byte_for_byte(
     assert received.body == body
     assert received.header("content-length") == str(len(body))
     assert received.header("transfer-encoding") is None
+
+
+def test_chunked_trailers_are_neither_read_nor_forwarded(
+    broker: LiveBroker, caller: LiveCaller, sim: SimServer
+) -> None:
+    # The parser reports trailer fields like header fields; arriving in the same packet as the
+    # head, they would otherwise join the headers the broker checks and forwards.
+    trailers = (
+        b"X-HTTP-Method-Override: DELETE\r\n"
+        b"Content-Type: application/x-www-form-urlencoded\r\n"
+        b"X-Trailer-Marker: 1\r\n\r\n"
+    )
+    body = chunked(NEW_ASSIGNMENT).removesuffix(b"\r\n") + trailers
+    attempt = post(
+        ASSIGNMENTS, body, JSON, (b"Transfer-Encoding", b"chunked"), (b"Trailer", b"X-Trailer")
+    )
+    response = send(broker, caller, attempt)
+    assert response.status == 201, response.body
+    [received] = sim.state.received
+    assert received.body == NEW_ASSIGNMENT
+    assert received.header_values("content-type") == ["application/json"]
+    assert received.header("x-http-method-override") is None
+    assert received.header("x-trailer-marker") is None
+    assert received.header("trailer") is None
+    assert received.method == "POST"
 
 
 def test_pipelined_request_after_a_granted_one_is_checked_on_its_own(

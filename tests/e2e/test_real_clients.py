@@ -54,7 +54,8 @@ def _session(token: str) -> requests.Session:
 def test_requests_follows_every_next_link_through_the_broker(
     live_broker: LiveBroker, sim: SimServer
 ) -> None:
-    session = _session(live_broker.token(*live_broker.client(GRANT, ONLY_1201)))
+    client = live_broker.client(GRANT, ONLY_1201, allow_includes=True)
+    session = _session(live_broker.token(*client))
     url: str | None = f"{live_broker.url}{ASSIGNMENTS}?per_page=10&include[]=submission"
     ids: list[int] = []
     for _ in range(10):

@@ -36,7 +36,7 @@ async def test_allowed_call_is_forwarded_with_worker_token(env: BrokerEnv) -> No
 
 
 async def test_path_query_and_body_are_forwarded_exactly_as_sent(env: BrokerEnv) -> None:
-    caller = await make_caller(env)
+    caller = await make_caller(env, allow_includes=True)
     query = "include[]=submission&search_term=Week%201+ex&order_by=due_at;per_page=5"
     response = await env.http.get(f"{ASSIGNMENTS}?{query}", headers=caller.headers)
     assert response.status_code == 200, response.text

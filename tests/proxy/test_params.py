@@ -150,6 +150,117 @@ async def test_masquerading_client_acts_as_the_user_it_names(env: BrokerEnv) -> 
     assert created.json()["sim_created_by_user_id"] == 2
 
 
+# Canvas's other masquerade keys (`load_user` in lib/authentication_methods.rb).
+BECOME = [
+    pytest.param("GET", "/api/v1/users/self", {"params": {"become_user_id": "2"}}, id="query"),
+    pytest.param("GET", "/api/v1/users/self", {"params": {"become_teacher": "1"}}, id="teacher"),
+    pytest.param("GET", "/api/v1/users/self", {"params": {"become_student": ""}}, id="student"),
+    pytest.param("GET", "/api/v1/users/self?me", {}, id="me-bare"),
+    pytest.param("GET", "/api/v1/users/self", {"params": {"me": "1"}}, id="me"),
+    pytest.param(
+        "POST", ASSIGNMENTS, {"data": {**NEW_ASSIGNMENT, "become_user_id": "2"}}, id="form"
+    ),
+    pytest.param(
+        "POST",
+        ASSIGNMENTS,
+        {"data": {**NEW_ASSIGNMENT, "become_user_id": "2"}, "files": ATTACHMENT},
+        id="multipart",
+    ),
+    pytest.param(
+        "POST", ASSIGNMENTS, {"json": {"assignment": {"name": "x"}, "me": True}}, id="json"
+    ),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "request_args"), BECOME)
+async def test_every_canvas_masquerade_parameter_is_refused(
+    env: BrokerEnv, method: str, path: str, request_args: dict[str, Any]
+) -> None:
+    caller = await make_caller(env, scopes=GRANT)
+    response = await env.http.request(method, path, headers=caller.headers, **request_args)
+    await assert_refused(env, response, 403, "masquerade_denied", caller)
+
+
+@pytest.mark.parametrize(("method", "path", "request_args"), BECOME)
+async def test_other_masquerade_parameters_are_forwarded_when_the_client_may_masquerade(
+    env: BrokerEnv, method: str, path: str, request_args: dict[str, Any]
+) -> None:
+    caller = await make_caller(env, scopes=GRANT, allow_masquerade=True)
+    response = await env.http.request(method, path, headers=caller.headers, **request_args)
+    [received] = env.sim.state.received
+    assert received.target == response.request.url.raw_path.decode()
+
+
+INCLUDES = [
+    pytest.param("GET", ASSIGNMENTS, {"params": {"include[]": "submission"}}, id="query"),
+    pytest.param(
+        "GET", ASSIGNMENTS, {"params": {"include[]": ["uuid", "rubric"]}}, id="query-mixed"
+    ),
+    pytest.param("GET", ASSIGNMENTS, {"params": {"includes[]": "user"}}, id="includes"),
+    pytest.param("GET", ASSIGNMENTS, {"params": {"include": "submission"}}, id="scalar"),
+    pytest.param("GET", ASSIGNMENTS, {"params": {"include[0]": "uuid"}}, id="indexed"),
+    pytest.param(
+        "POST", ASSIGNMENTS, {"data": {**NEW_ASSIGNMENT, "include[]": "rubric"}}, id="form"
+    ),
+    pytest.param(
+        "POST",
+        ASSIGNMENTS,
+        {"data": {**NEW_ASSIGNMENT, "include[]": "rubric"}, "files": ATTACHMENT},
+        id="multipart",
+    ),
+    pytest.param(
+        "POST",
+        ASSIGNMENTS,
+        {"json": {"assignment": {"name": "x"}, "include": ["rubric"]}},
+        id="json",
+    ),
+    pytest.param(
+        "POST", ASSIGNMENTS, {"json": {"assignment": {"name": "x"}, "include": "x"}}, id="json-str"
+    ),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "request_args"), INCLUDES)
+async def test_include_other_than_uuid_is_refused_without_allow_includes(
+    env: BrokerEnv, method: str, path: str, request_args: dict[str, Any]
+) -> None:
+    caller = await make_caller(env, scopes=GRANT)
+    response = await env.http.request(method, path, headers=caller.headers, **request_args)
+    await assert_refused(env, response, 403, "include_not_allowed", caller)
+    assert "allow_includes" in response.json()["errors"][0]["message"]
+
+
+@pytest.mark.parametrize(("method", "path", "request_args"), INCLUDES)
+async def test_include_is_forwarded_as_sent_when_the_client_allows_includes(
+    env: BrokerEnv, method: str, path: str, request_args: dict[str, Any]
+) -> None:
+    caller = await make_caller(env, scopes=GRANT, allow_includes=True)
+    response = await env.http.request(method, path, headers=caller.headers, **request_args)
+    assert response.status_code < 400, response.text
+    [received] = env.sim.state.received
+    assert received.target == response.request.url.raw_path.decode()
+    assert received.body == await response.request.aread()
+
+
+@pytest.mark.parametrize(
+    "request_args",
+    [
+        pytest.param({"params": {"include[]": "uuid"}}, id="query-uuid"),
+        pytest.param({"params": {"include": "uuid"}}, id="query-scalar-uuid"),
+        pytest.param({"json": {"assignment": {"name": "x"}, "include": ["uuid"]}}, id="json-uuid"),
+        pytest.param({"params": {"assignment[include]": "x"}}, id="nested-key"),
+    ],
+)
+async def test_uuid_include_and_nested_include_keys_need_no_flag(
+    env: BrokerEnv, request_args: dict[str, Any]
+) -> None:
+    caller = await make_caller(env, scopes=GRANT)
+    method = "POST" if "json" in request_args else "GET"
+    response = await env.http.request(method, ASSIGNMENTS, headers=caller.headers, **request_args)
+    assert response.status_code < 400, response.text
+    assert len(env.sim.state.received) == 1
+
+
 OVERRIDE = [
     pytest.param({"params": {"_method": "DELETE"}}, id="query"),
     pytest.param({"data": {"_method": "DELETE"}}, id="form"),

@@ -54,6 +54,11 @@ NON_CANONICAL = [
     pytest.param(b"/api/v1/courses/1201/assignments;", id="trailing-semicolon"),
     pytest.param(b"/api/v1/courses/1201\x01/assignments", id="control-byte"),
     pytest.param(b"/api/v1/courses/1201/assignments#x", id="fragment"),
+    pytest.param(b"/api/v1/courses/1201%3Fas_user_id=2", id="encoded-question-mark"),
+    pytest.param(b"/api/v1/courses/1201%3fas_user_id=2", id="encoded-question-mark-lower"),
+    pytest.param(b"/api/v1/courses/1201%23x/assignments", id="encoded-hash"),
+    pytest.param(b"/api/v1/courses/1201%3Bas_user_id=2", id="encoded-semicolon"),
+    pytest.param(b"/api/v1/courses/1201%3b_method=DELETE", id="encoded-semicolon-lower"),
 ]
 
 
@@ -237,20 +242,70 @@ async def test_path_outside_the_canvas_api_is_forwarded_when_a_scope_names_it_ex
 
 
 @pytest.mark.parametrize(
-    ("scope", "path"),
+    "scope",
     [
-        ("url:POST|/login/:action", "/login/session_token"),
-        ("url:POST|/login/*rest", "/login/session_token"),
-        ("url:POST|/api/:endpoint", "/api/graphql"),
-        ("url:POST|/api/graphql(.:format)", "/api/graphql.json"),
+        "url:POST|/login/:action",
+        "url:POST|/login/*rest",
+        "url:POST|/api/:endpoint",
+        "url:POST|/api/graphql(.:format)",
     ],
 )
-async def test_path_outside_the_canvas_api_is_refused_when_a_scope_only_matches_a_pattern(
+async def test_pattern_scope_outside_the_canvas_api_is_refused_when_the_grant_is_saved(
+    env: BrokerEnv, scope: str
+) -> None:
+    response = await env.http.post(
+        "/broker/v1/clients",
+        headers=env.admin(),
+        json={"name": "job", "credential": "worker", "scopes": [GRANT[0], scope]},
+    )
+    assert response.status_code == 422, response.text
+    assert response.json()["error"] == "invalid_field"
+    assert repr(scope) in response.json()["message"]
+    listed = await env.http.get("/broker/v1/clients", headers=env.admin())
+    assert listed.json() == []
+
+
+@pytest.mark.parametrize(
+    ("scope", "path"),
+    [
+        ("url:GET|/api/v1/*path", "/api/v1/login/session_token"),
+        ("url:GET|/api/v1/:a/:b", "/api/v1/login/session_token"),
+        ("url:GET|/api/v1/*path", "/api/v1/login/session_token.json"),
+        ("url:POST|/api/v1/users/:user_id/*rest", "/api/v1/users/self/tokens"),
+        ("url:POST|/api/v1/:endpoint", "/api/v1/inst_access_tokens"),
+    ],
+)
+async def test_pattern_scope_never_reaches_an_exact_only_endpoint(
     env: BrokerEnv, scope: str, path: str
 ) -> None:
     caller = await make_caller(env, scopes=[scope])
-    response = await env.http.post(path, headers=caller.headers, json={})
-    await assert_refused(env, response, 403, "path_not_proxied", caller)
+    method = scope.split("|", maxsplit=1)[0].removeprefix("url:")
+    response = await env.http.request(method, path, headers=caller.headers)
+    event = await assert_refused(env, response, 403, "exact_scope_required", caller)
+    assert event["scope"] == scope
+
+
+async def test_exact_only_endpoint_is_forwarded_through_the_scope_naming_it(
+    env: BrokerEnv,
+) -> None:
+    scope = "url:GET|/api/v1/login/session_token"
+    caller = await make_caller(env, scopes=["url:GET|/api/v1/*path", scope])
+    await env.http.get("/api/v1/login/session_token", headers=caller.headers)
+    assert env.received == ["/api/v1/login/session_token"]
+    event = await last_proxy_event(env)
+    assert (event["decision"], event["scope"]) == ("allow", scope)
+
+
+async def test_sis_api_scope_is_forwarded_like_any_canvas_api_scope(env: BrokerEnv) -> None:
+    scope = "url:GET|/api/sis/courses/:course_id/assignments"
+    caller = await make_caller(env, scopes=[scope], constraints={"course_id": ["1201"]})
+    await env.http.get("/api/sis/courses/1201/assignments", headers=caller.headers)
+    assert env.received == ["/api/sis/courses/1201/assignments"]
+    event = await last_proxy_event(env)
+    assert (event["decision"], event["scope"]) == ("allow", scope)
+    refused = await env.http.get("/api/sis/courses/1202/assignments", headers=caller.headers)
+    assert refused.status_code == 403
+    assert env.received == ["/api/sis/courses/1201/assignments"]
 
 
 async def test_canvas_api_path_outside_the_grant_is_refused_as_scope_not_granted(

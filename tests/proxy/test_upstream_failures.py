@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import TYPE_CHECKING, Any
+
+import pytest
 
 from broker.app import create_app
 from tests.proxy.support import add_upstream_caller, last_proxy_event, serve_raw
@@ -128,3 +131,30 @@ async def test_upstream_failing_mid_stream_leaves_the_response_unfinished(
     event = await last_proxy_event(env)
     assert (event["status"], event["upstream_status"]) == (200, 200)
     assert (event["reason"], event["response_bytes"]) == ("upstream_body_failed", 16)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"Location: https://files.example.invalid/x?access_token=leak-worker-token",
+        b"Location: https://files.example.invalid/x?access_token=leak%2Dworker%2Dtoken",
+        b"X-Debug: Bearer leak-worker-token",
+        b'Link: <https://elsewhere.invalid/?t=leak-worker-token>; rel="next"',
+    ],
+)
+async def test_response_header_carrying_the_worker_token_is_not_relayed(
+    env: BrokerEnv, header: bytes
+) -> None:
+    reply = b"HTTP/1.1 302 Found\r\n" + header + b"\r\nContent-Length: 0\r\n\r\n"
+    async with serve_raw(reply) as upstream:
+        caller = await add_upstream_caller(env, "leak", upstream.base_url)
+        async with asyncio.timeout(BOUND):
+            response = await env.http.get(COURSE, headers=caller.headers)
+        assert upstream.requests == 1
+    event = await _assert_upstream_failure(
+        env, response, caller, 502, "upstream_credential_exposed"
+    )
+    assert event["upstream_status"] == 302
+    assert "leak-worker-token" not in response.text
+    assert all("leak-worker-token" not in value for value in response.headers.values())
+    assert "worker-token" not in json.dumps(event)
