@@ -15,8 +15,8 @@ Where the broker is stricter than Canvas, on purpose (each listed in docs/grants
 - Canvas pastes the rest of the path into its regex unescaped, so ``.`` in
   ``…/bounced_communication_channels.csv`` matches any character; the broker matches it
   literally. A scope using a character that Canvas reads as regex syntax in any other way
-  (``+ [ ] { } ^ $ | \``), or a ``(`` right after a parameter (which Canvas reads as part of
-  the parameter's name), would not mean what it says: it is *inert* (matches nothing) and
+  (``+ [ ] { } ^ $ | \``), or a ``(``, ``:`` or ``*`` inside what Canvas reads as one
+  parameter name (a name runs to the next ``/`` or ``)``), would not mean what it says: it is *inert* (matches nothing) and
   refused when a grant is saved. So is a ``url:HEAD|`` scope: Canvas checks HEAD as GET, so
   such a scope never matches there either.
 - Only ``/api/v1/``, ``/api/quiz/v1/`` and ``/api/sis/`` (the routes Canvas's own scope list
@@ -219,8 +219,12 @@ def _inert_reason(method: str, path: str, *, literal: bool) -> str | None:
             f"contains {syntax[0]!r}, which Canvas reads as regular-expression syntax, so the "
             "scope would not mean what it says"
         )
-    if _PLACEHOLDER_BEFORE_GROUP.search(path):
-        return "puts '(' right after a parameter, which Canvas reads as part of its name"
+    for name in _CANVAS_PARAMETER.findall(path):
+        if any(char in name[1:] for char in ":*("):
+            return (
+                f"has {name!r}, which Canvas reads as one parameter name (a name runs to the "
+                "next '/' or ')'), so the scope would not mean what it says"
+            )
     if not literal and not path.startswith(PROXIED_PREFIXES):
         return (
             "uses parameters or optional parts outside /api/v1/, /api/quiz/v1/ and /api/sis/, "
@@ -229,7 +233,8 @@ def _inert_reason(method: str, path: str, *, literal: bool) -> str | None:
     return None
 
 
-_PLACEHOLDER_BEFORE_GROUP: Final = re.compile(r"[:*][A-Za-z_][A-Za-z0-9_]*\(")
+# How Canvas finds a parameter or glob name: everything up to the next '/' or ')'.
+_CANVAS_PARAMETER: Final = re.compile(r"[:*][^/)]+")
 
 
 def _method_checked_as(method: str) -> str:

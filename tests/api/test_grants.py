@@ -53,7 +53,7 @@ async def check(env: BrokerEnv, method: str, path: str) -> dict[str, Any]:
     [
         ("url:HEAD|/api/v1/courses/:id", "HEAD"),
         ("url:GET|/api/v1/courses/a+b", "'+'"),
-        ("url:GET|/api/v1/courses/:id(.:format)", "'('"),
+        ("url:GET|/api/v1/courses/:id(.:format)", "one parameter name"),
         ("url:GET|/login/:action", "literally"),
         ("url:POST|/api/graphql(.:format)", "literally"),
     ],

@@ -64,7 +64,7 @@ def test_scope_with_a_group_right_after_a_parameter_is_inert() -> None:
     scope = parse_scope("url:GET|/api/v1/courses/:id(.:format)")
     assert scope.params == ("id", "format")
     assert scope.inert is not None
-    assert "'('" in scope.inert
+    assert "one parameter name" in scope.inert
     assert scope.match("GET", "/api/v1/courses/1") is None
 
 
@@ -79,8 +79,10 @@ def test_scope_with_a_group_right_after_a_parameter_is_inert() -> None:
         ("url:GET|/api/v1/^a", "'^'"),
         ("url:GET|/api/v1/a|/b", "'|'"),
         ("url:GET|/api/v1/a\\d", "'\\\\'"),
-        ("url:GET|/api/v1/courses/:id(/x)", "'('"),
-        ("url:GET|/api/v1/files/*path(/x)", "'('"),
+        ("url:GET|/api/v1/courses/:id(/x)", "one parameter name"),
+        ("url:GET|/api/v1/files/*path(/x)", "one parameter name"),
+        ("url:GET|/api/v1/files/:a*b", "one parameter name"),
+        ("url:GET|/api/v1/files/:a.json(/x)", "one parameter name"),
         ("url:POST|/login/:action", "literally"),
         ("url:POST|/login/*rest", "literally"),
         ("url:POST|/api/:endpoint", "literally"),
@@ -748,8 +750,9 @@ def test_match_agrees_with_a_reference_matcher(case: tuple[tuple[Node, ...], str
     scope = parse_scope(text)
     assert scope.params == tuple(names)
     values = scope.match("GET", path)
-    if re.search(r"[:*]p[0-9]+\(", text):
-        # Canvas would read the '(' as part of the parameter's name: inert, matches nothing.
+    canvas_names = re.findall(r"[:*][^/)]+", text.removeprefix("url:GET|"))
+    if any(char in name[1:] for name in canvas_names for char in ":*("):
+        # Canvas would read the '(' as part of a parameter's name: inert, matches nothing.
         assert scope.inert is not None
         assert values is None
         return
