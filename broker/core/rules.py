@@ -17,7 +17,9 @@ import json
 import re
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Final
-from urllib.parse import unquote, unquote_plus, unquote_to_bytes
+from urllib.parse import unquote_plus, unquote_to_bytes
+
+from broker.core import multipart
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
@@ -503,129 +505,22 @@ def _json_params(body: bytes) -> tuple[list[str], list[tuple[str, object]]]:
 
 # --- Multipart bodies --------------------------------------------------------------------
 
-# RFC 2046 boundary characters, minus space and ',' which Rack's boundary regex cuts at.
-_BOUNDARY: Final = re.compile(r"[0-9A-Za-z'()+_./:=?-]{1,70}")
-_HEADER_LINE: Final = re.compile(rf"({_TCHARS}):[ \t]*([^\r\n]*?)[ \t]*")
-_DISPOSITION: Final = re.compile(
-    rf"form-data[ \t]*((?:;[ \t]*{_TCHARS}=(?:{_TCHARS}|{_QUOTED})[ \t]*)*)", re.IGNORECASE
-)
-_DISPOSITION_PARAM: Final = re.compile(rf";[ \t]*({_TCHARS})=({_TCHARS}|{_QUOTED})")
-# What Rack's own regexes pick out of a part head as a name or file name, wherever it appears.
-_RACK_BOUNDARY: Final = re.compile(r'multipart/.*boundary="?([^";,]+)', re.IGNORECASE)
-# A lookahead, so that a `; name=` inside another parameter's quoted value is found too.
-_RACK_NAME_VALUE: Final = re.compile(
-    r'(?=;\s*(?:file)?name\*?=("(?:\\"|[^"])*"|[^\s()<>,;:\\"/\[\]?=]+))', re.IGNORECASE
-)
-_EXT_VALUE: Final = re.compile(r"[^']*'[^']*'(.*)")
-
-
-def _malformed_multipart(message: str) -> RuleViolation:
-    return RuleViolation(400, "malformed_body", f"multipart body: {message}")
-
 
 def _multipart_pairs(
     content_type: str, params: dict[str, str] | None, body: bytes
 ) -> list[tuple[str, str]]:
-    """Every ``(name, value)`` Canvas could read from a multipart/form-data body's parts."""
-    boundary = None if params is None else params.get("boundary")
-    if boundary is None or _BOUNDARY.fullmatch(boundary) is None:
-        raise _malformed_multipart("Content-Type needs a plain boundary parameter")
-    # Rack finds the boundary with its own loose regex: it must see exactly the same one.
-    rack_boundary = _RACK_BOUNDARY.match(content_type)
-    if (
-        content_type.lower().count("boundary=") != 1
-        or rack_boundary is None
-        or rack_boundary.group(1) != boundary
-    ):
-        raise _malformed_multipart("Content-Type must name exactly one plain boundary")
-    pairs: list[tuple[str, str]] = []
-    for head, content in _parts(body, boundary.encode("ascii")):
-        value = content.decode("utf-8", "replace")
-        pairs.extend((name, value) for name in _part_names(head))
-    return pairs
+    """The ``(name, value)`` of each part, in a form every Rack release reads alike.
 
-
-def _parts(body: bytes, boundary: bytes) -> list[tuple[bytes, bytes]]:
-    """Split a multipart body strictly and return each part's header block and content.
-
-    Every occurrence of ``--boundary`` must be a proper delimiter: Rack also accepts one
-    without the CRLF in front, so a stray one could hide a part from a laxer reading.
+    :mod:`broker.core.multipart` refuses every body that some Rack release could read
+    differently (docs/proxy-rules.md#multipart-bodies).
     """
-    delimiter = b"--" + boundary
-    starts: list[int] = []
-    position = body.find(delimiter)
-    while position >= 0:
-        starts.append(position)
-        position = body.find(delimiter, position + 1)
-    if not starts or starts[0] != 0:
-        raise _malformed_multipart("body must start with the boundary")
-    heads: list[tuple[bytes, bytes]] = []
-    for number, start in enumerate(starts):
-        if start and body[start - 2 : start] != b"\r\n":
-            raise _malformed_multipart("boundary not at the start of a line")
-        after = body[start + len(delimiter) : start + len(delimiter) + 2]
-        if after == b"--":
-            if number != len(starts) - 1:
-                raise _malformed_multipart("data after the closing boundary")
-            return heads
-        if after != b"\r\n":
-            raise _malformed_multipart("boundary not followed by a line break")
-        end = starts[number + 1] - 2 if number + 1 < len(starts) else len(body)
-        part = body[start + len(delimiter) + 2 : end]
-        head_end = part.find(b"\r\n\r\n")
-        if head_end < 0:
-            raise _malformed_multipart("part without a blank line after its headers")
-        heads.append((part[:head_end], part[head_end + 4 :]))
-    raise _malformed_multipart("missing closing boundary")
-
-
-def _part_names(head_bytes: bytes) -> list[str]:
     try:
-        head = head_bytes.decode("utf-8")
-    except UnicodeDecodeError:
-        raise _malformed_multipart("part headers are not UTF-8") from None
-    dispositions: list[str] = []
-    readings: list[str] = []
-    for line in head.split("\r\n"):
-        header = _HEADER_LINE.fullmatch(line)
-        if header is None:
-            raise _malformed_multipart("malformed part header line")
-        name = header.group(1).lower()
-        if name == "content-disposition":
-            dispositions.append(header.group(2))
-        elif name == "content-id":
-            # Rack names a part after its Content-ID when the disposition has no name.
-            readings.append(header.group(2))
-    if len(dispositions) != 1:
-        raise _malformed_multipart("each part needs exactly one Content-Disposition")
-    readings.append(_disposition_name(dispositions[0]))
-    readings.extend(_dequote(value) for value in _RACK_NAME_VALUE.findall(head))
-    return _decoded_readings(readings)
-
-
-def _disposition_name(value: str) -> str:
-    disposition = _DISPOSITION.fullmatch(value)
-    if disposition is None:
-        raise _malformed_multipart("Content-Disposition must be form-data with parameters")
-    found = [
-        _dequote(param_value)
-        for param_name, param_value in _DISPOSITION_PARAM.findall(disposition.group(1))
-        if param_name.lower() == "name"
-    ]
-    if len(found) != 1 or not found[0]:
-        raise _malformed_multipart("each part needs exactly one non-empty name")
-    return found[0]
-
-
-def _decoded_readings(readings: list[str]) -> list[str]:
-    """Add the percent-decoded forms Rack may apply to file names (RFC 5987 included)."""
-    result: list[str] = []
-    for reading in readings:
-        result += (reading, unquote(reading, errors="replace"))
-        extended = _EXT_VALUE.fullmatch(reading)
-        if extended is not None:
-            result.append(unquote(extended.group(1), errors="replace"))
-    return result
+        parts = multipart.parse(
+            content_type, None if params is None else params.get("boundary"), body
+        )
+    except multipart.MultipartError as exc:
+        raise RuleViolation(400, "malformed_body", str(exc)) from None
+    return [(part.name, part.content.decode("utf-8", "replace")) for part in parts]
 
 
 # --- Rule 6 and 10: header forwarding ----------------------------------------------------
