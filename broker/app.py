@@ -45,10 +45,11 @@ OPS_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 class BrokerApp:
     """The ASGI application: Canvas paths go straight to the proxy, the rest to FastAPI.
 
-    Every non-broker path reaches the proxy, which refuses what no scope names (SPEC §5
-    rule 2), so unknown paths are audited refusals rather than anonymous 404s. The proxy sits
-    in front of FastAPI rather than inside it: the hot path skips FastAPI's middleware stack
-    (error handling, body limits, telemetry), and the proxy answers its own errors.
+    Every non-broker path reaches the proxy, which refuses what no scope names
+    (docs/proxy-rules.md#only-canvas-api-paths), so unknown paths are audited refusals rather
+    than anonymous 404s. The proxy sits in front of FastAPI rather than inside it: the hot path
+    skips FastAPI's middleware stack (error handling, body limits, telemetry), and the proxy
+    answers its own errors.
     """
 
     def __init__(self, api: FastAPI) -> None:

@@ -1,4 +1,4 @@
-"""The ``broker`` command line (SPEC §3.5).
+"""The ``broker`` command line (docs/interfaces.md#command-line).
 
 Commands that create a secret print that secret alone on standard output and everything else
 on standard error, so ``KEY=$(broker admin-key create ...)`` works in scripts.

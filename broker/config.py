@@ -1,4 +1,4 @@
-"""Service settings, read from ``BROKER_*`` environment variables (SPEC §9).
+"""Service settings, read from ``BROKER_*`` environment variables (docs/configuration.md#settings).
 
 Every setting has a default that works for the embedded single-process setup (SQLite file and a
 key file in the working directory). ``Settings.validated()`` refuses unusable values with the

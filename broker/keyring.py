@@ -1,9 +1,11 @@
-"""The keyring: AES-256-GCM encryption of stored secrets and keyed hashes (SPEC §7).
+"""The keyring: AES-256-GCM encryption of stored secrets and keyed hashes.
 
 Keys never live in the database. They come from ``BROKER_KEYS`` (``id:base64,id2:base64``; the
 first is primary) or from a JSON key file (``{"primary": id, "keys": {id: base64}}``, mode
 0600). Each key is used only through HKDF-derived subkeys, one per purpose, so the encryption
 key, the secret-hash key and the audit HMAC key are independent.
+
+Contract: docs/storage-and-keys.md#keyring.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Prometheus metrics (SPEC §3.4), one registry per application instance."""
+"""Prometheus metrics (docs/interfaces.md#metrics), one registry per application instance."""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""Keyring: AES-256-GCM bound to record and purpose, key rotation, key sources (SPEC §7)."""
+"""Keyring: AES-256-GCM bound to record and purpose, key rotation, key sources.
+
+Contract: docs/storage-and-keys.md#keyring.
+"""
 
 from __future__ import annotations
 

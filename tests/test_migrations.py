@@ -1,4 +1,7 @@
-"""Alembic migrations and the SQLAlchemy models never drift (SPEC §7)."""
+"""Alembic migrations and the SQLAlchemy models never drift.
+
+Contract: docs/storage-and-keys.md#tables-and-migrations.
+"""
 
 from __future__ import annotations
 

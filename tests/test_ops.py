@@ -1,4 +1,4 @@
-"""Operations endpoints (SPEC §3.4)."""
+"""Operations endpoints (docs/interfaces.md#operations)."""
 
 from __future__ import annotations
 

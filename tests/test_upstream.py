@@ -1,4 +1,7 @@
-"""The upstream client against scripted HTTP/1.1 servers on loopback (SPEC §5 rules 8, 11, 12)."""
+"""The upstream client against scripted HTTP/1.1 servers on loopback.
+
+Contract: docs/proxy-rules.md#redirects, #bodies-byte-for-byte, #timeouts-and-pooling.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Audit API for the security team (SPEC §6): review, export, verify, hash, retention.
+"""Audit API for the security team (docs/audit.md): review, export, verify, hash, retention.
 
 Reading (query, export, verify, hash) needs an ``auditor`` or ``admin`` key; retention (prune)
 an ``admin`` key. Export, hash and prune are themselves audited, naming the key, never a

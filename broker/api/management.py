@@ -1,4 +1,7 @@
-"""Management API routers (SPEC §3.3): thin — parse, call a service, shape the response."""
+"""Management API routers: thin — parse, call a service, shape the response.
+
+Contract: docs/interfaces.md#management-api.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The proxy: a raw ASGI app serving Canvas paths at the root (SPEC §3.2 and §5).
+"""The proxy: a raw ASGI app serving Canvas paths at the root.
 
 It is deliberately not a FastAPI route: the hot path avoids routing and request-object
 overhead. Order of checks, each refused before anything is sent upstream and each audited:
@@ -8,6 +8,8 @@ checked) → headers and query (403) → grant (403) → body (413/415/400/403) 
 event committed (503 if not) → forward. The rate limit comes before anything costly, so a
 limited caller is refused cheaply. Paths outside ``/api/v1/`` and
 ``/api/quiz/v1/`` need a scope naming them literally.
+
+Contract: docs/interfaces.md#proxy, docs/proxy-rules.md.
 """
 
 from __future__ import annotations

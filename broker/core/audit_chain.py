@@ -1,4 +1,4 @@
-"""The audit chain (SPEC §6): canonical event content, MACs, and verification. Pure logic.
+"""The audit chain: canonical event content, MACs, and verification. Pure logic.
 
 Every audit event is one link of a single chain ordered by ``seq``. An event's MAC is
 HMAC-SHA256, keyed by a keyring subkey that never reaches the database, over the MAC of the
@@ -19,6 +19,8 @@ what lets verification tell kinds of tampering apart instead of only saying "bro
 
 Events written as ``pending`` before a call is forwarded are completed by a separate event
 (``completes`` names the pending one), so no event is ever updated after it is written.
+
+Contract: docs/audit.md#the-hmac-chain.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Rewriting upstream URLs to the broker's public URL (SPEC §5 rules 8 and 9).
+"""Rewriting upstream URLs to the broker's public URL (docs/proxy-rules.md#redirects, #pagination).
 
 Canvas builds ``Location``, ``Link`` and ``meta.pagination`` URLs from its own host. Clients
 that follow them must stay on the broker, so URLs whose origin is the upstream's get the

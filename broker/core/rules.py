@@ -1,4 +1,4 @@
-"""The proxy's request rules (SPEC §5) as pure functions on what the client sent.
+"""The proxy's request rules (docs/proxy-rules.md) as pure functions on what the client sent.
 
 Every check returns quietly or raises :class:`RuleViolation`, which carries the HTTP status
 and error code to answer with. Parameter names are read the way Canvas's Rack/Rails stack

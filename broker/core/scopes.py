@@ -16,9 +16,9 @@ Where the broker is stricter than Canvas, on purpose (each listed in docs/grants
   ``…/bounced_communication_channels.csv`` matches any character; the broker matches it
   literally. A scope using a character that Canvas reads as regex syntax in any other way
   (``+ [ ] { } ^ $ | \``), or a ``(``, ``:`` or ``*`` inside what Canvas reads as one
-  parameter name (a name runs to the next ``/`` or ``)``), would not mean what it says: it is *inert* (matches nothing) and
-  refused when a grant is saved. So is a ``url:HEAD|`` scope: Canvas checks HEAD as GET, so
-  such a scope never matches there either.
+  parameter name (a name runs to the next ``/`` or ``)``), would not mean what it says: it is
+  *inert* (matches nothing) and refused when a grant is saved. So is a ``url:HEAD|`` scope:
+  Canvas checks HEAD as GET, so such a scope never matches there either.
 - Only ``/api/v1/``, ``/api/quiz/v1/`` and ``/api/sis/`` (the routes Canvas's own scope list
   covers) are opened by patterns. A scope elsewhere (``/login/…``, ``/api/graphql``) must name
   its path literally; a pattern there is inert and refused when saved.

@@ -1,4 +1,4 @@
-"""Secret token format (SPEC §7).
+"""Secret token format (docs/storage-and-keys.md#token-format).
 
 ``<kind>_<30 base62 characters of randomness><6 base62 characters of CRC32>``: the prefix names
 the kind so secret scanners recognise a leaked value, 30 base62 characters carry 178 bits of

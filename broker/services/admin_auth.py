@@ -1,9 +1,11 @@
-"""Admin-key authentication for the management API, with every refusal audited (SPEC §6).
+"""Admin-key authentication for the management API, with every refusal audited.
 
 A missing, malformed, unknown or revoked admin key (401) and an auditor key attempting a
 mutation (403) each leave an ``admin`` event with decision ``deny``, so the security team sees
 who knocked and from where. The event never holds the key: a revoked key is named by its id,
 other keys not at all.
+
+Contract: docs/audit.md#what-is-audited.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Recording and reviewing audit events (SPEC §6): fail closed, never a silent gap.
+"""Recording and reviewing audit events: fail closed, never a silent gap.
 
 Every event is a link of one MAC chain (``broker.core.audit_chain``). Proxied calls are
 recorded in two events: ``begin`` commits a ``pending`` event before anything is sent
@@ -11,6 +11,8 @@ together.
 
 Review merges each pending event with its completion, so a call reads as one event whose
 ``state`` is ``complete`` or, if its outcome was never recorded, ``pending``.
+
+Contract: docs/audit.md#fail-closed.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""One audit writer for all the worker processes of a ``broker serve`` (SPEC §6).
+"""One audit writer for all the worker processes of a ``broker serve`` (docs/audit.md#audit-hub).
 
 With a writer per worker, every worker takes the database's write lock for its own small
 group of events, and while one holds it (through a commit and its fsync, and any wait for its

@@ -1,4 +1,4 @@
-"""Group commit of audit events: one writer thread per process (SPEC §6).
+"""Group commit of audit events: one writer thread per process (docs/audit.md#group-commit).
 
 A request hands its event to the writer and, when the broker must not act before the event is
 durable (the pending event of a call about to be forwarded, a refusal about to be answered),

@@ -1,7 +1,7 @@
-"""Per-client rate limits (SPEC §4): a token bucket per client, kept in the database.
+"""Per-client rate limits: a token bucket per client, kept in the database.
 
-Design. Every replica must see the same bucket (SPEC §10), so the bucket is a row of
-``rate_buckets`` and each call takes a token with one atomic upsert::
+Design. Every replica must see the same bucket (docs/deployment.md#what-replicas-share), so
+the bucket is a row of ``rate_buckets`` and each call takes a token with one atomic upsert::
 
     INSERT INTO rate_buckets (client_id, tokens, updated_at) VALUES (:id, :burst - 1, :now)
     ON CONFLICT (client_id) DO UPDATE
@@ -26,6 +26,8 @@ expected to keep their clocks in sync (NTP), and skew only shifts when tokens co
 
 Every call whose token resolves spends a token, including calls refused later by the grant:
 the limit bounds what a script may attempt, not only what reaches Canvas.
+
+Contract: docs/proxy-rules.md#rate-limit.
 """
 
 from __future__ import annotations

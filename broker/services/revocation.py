@@ -1,4 +1,4 @@
-"""Revocation reaching cached proxy tokens (SPEC §7): immediate here, within 1 s elsewhere.
+"""Revocation reaching cached proxy tokens: immediate here, within 1 s elsewhere.
 
 The proxy resolves bearer tokens from an in-process cache instead of a database round trip
 per call. Every change that can make a cached token unusable (revoking tokens, disabling or
@@ -19,6 +19,8 @@ still current:
   closed with it).
 
 Values are random, never reused, so a cache entry can never become valid again.
+
+Contract: docs/storage-and-keys.md#revocation.
 """
 
 from __future__ import annotations

@@ -166,7 +166,7 @@ class ProxyToken(Base):
 
 
 class RateBucket(Base):
-    """A client's token bucket, shared by every replica (SPEC §10).
+    """A client's token bucket, shared by every replica (docs/storage-and-keys.md).
 
     ``tokens`` is what was left after the last allowed call at ``updated_at`` (epoch
     seconds); the bucket refills at the client's ``rate_limit`` up to ``rate_burst``.
@@ -196,7 +196,7 @@ class AdminKey(Base):
 
 
 class AuditEvent(Base):
-    """One record per proxied call, refusal, token event or admin action (SPEC §6).
+    """One record per proxied call, refusal, token event or admin action (docs/audit.md).
 
     A forwarded call is written ``pending`` and committed before it is sent upstream; its
     outcome is a second event whose ``completes`` names the first. A pending event with no
@@ -266,7 +266,7 @@ class AuditEvent(Base):
 
 
 class AuditHead(Base):
-    """The one row recording the newest event of the audit chain, signed (SPEC §6).
+    """The one row recording the newest event of the audit chain, signed (docs/audit.md).
 
     Writers lock it to append, so every process extends one chain; its MAC makes events cut
     off the end of the log show up in verification.
@@ -299,7 +299,8 @@ class AuditCheckpoint(Base):
 class RevocationEpoch(Base):
     """A counter bumped by every change that can make a cached proxy token unusable.
 
-    Replicas poll it to drop their token caches (SPEC §7: revocation within 1 s everywhere).
+    Replicas poll it to drop their token caches: revocation reaches every replica within 1 s
+    (docs/storage-and-keys.md#revocation).
     """
 
     __tablename__ = "revocation_epoch"

@@ -81,7 +81,7 @@ Completion = aliased(AuditEvent, name="completion")
 
 @dataclass(frozen=True)
 class AuditFilter:
-    """Selection of audit events for review and export (SPEC §6).
+    """Selection of audit events for review and export (docs/audit.md#review).
 
     Conditions on the outcome (``status``, ``state``, ``reason``) look at the completion of a
     pending event when there is one.

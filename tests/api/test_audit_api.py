@@ -1,4 +1,7 @@
-"""Reviewing the audit log over HTTP (SPEC §6): filters, newest first, stable cursor paging."""
+"""Reviewing the audit log over HTTP: filters, newest first, stable cursor paging.
+
+Contract: docs/audit.md#review.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The audit chain against a malicious DBA (SPEC §6).
+"""The audit chain against a malicious DBA (docs/audit.md#verification).
 
 Real traffic first (proxied calls, refusals, token mints and revocations, admin actions through
 the API), then direct SQL on the test database. Verification through the API

@@ -1,8 +1,10 @@
-"""Searching the audit log for a leaked secret, and exporting it (SPEC §6).
+"""Searching the audit log for a leaked secret, and exporting it.
 
 A sensitive query value is stored only as a keyed HMAC; an investigator hashes the value they
 hold and searches for the hash. Export streams the review API's selection as NDJSON or CSV
 without loading it into memory.
+
+Contract: docs/audit.md#hash-search, #export.
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
-"""The management API (SPEC §3.3) over HTTP: resources, roles, audit of every mutation, and
-secrets that never come back after their one-time creation response."""
+"""The management API over HTTP: resources, roles, audit of every mutation, and
+secrets that never come back after their one-time creation response.
+
+Contract: docs/interfaces.md#management-api.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""Secret format: kind prefix, 178 bits of base62 randomness, CRC32 checksum (SPEC §7)."""
+"""Secret format: kind prefix, 178 bits of base62 randomness, CRC32 checksum.
+
+Contract: docs/storage-and-keys.md#token-format.
+"""
 
 from __future__ import annotations
 

@@ -1,10 +1,12 @@
-"""A broker killed with SIGKILL under load leaves no silent gap in the audit log (SPEC §6).
+"""A broker killed with SIGKILL under load leaves no silent gap in the audit log.
 
 A real ``broker serve`` process takes concurrent calls (allowed and refused) while one more
 call hangs at an upstream that accepts the connection and never answers. Once that call has
 reached the upstream (so its pending event was committed), the broker is killed. Afterwards
 every response a client received has its audit event, the chain verifies, and the hanging
 call is an incomplete (pending) event, visible as such.
+
+Contract: docs/audit.md#fail-closed.
 """
 
 from __future__ import annotations

@@ -142,3 +142,29 @@ def test_cli_without_admin_settings_says_what_to_set() -> None:
     )
     assert result.returncode == 1
     assert "BROKER_URL" in result.stderr
+
+
+def test_cli_warns_about_unfamiliar_scopes_and_sets_client_flags(
+    live_broker: LiveBroker,
+) -> None:
+    cli = Cli(live_broker.url, live_broker.admin_key)
+    typo = "url:GET|/api/v1/course/:id"
+    created = cli("clients", "create", "--name", "flags", "--credential", "worker", "--scope", typo)
+    assert created.returncode == 0, created.stderr
+    assert f"warning: scope {typo!r}" in created.stderr
+    assert re.fullmatch(r"cbs_[0-9A-Za-z]{36}", created.stdout.strip())
+    assert '"allow_includes": false' in created.stderr
+
+    changed = cli("clients", "set", "flags", "--allow-includes")
+    assert changed.returncode == 0, changed.stderr
+    assert json.loads(changed.stdout)["allow_includes"] is True
+    assert json.loads(changed.stdout)["allow_masquerade"] is False
+
+    nothing = cli("clients", "set", "flags")
+    assert nothing.returncode == 1
+    assert "--allow-includes" in nothing.stderr
+
+    inert = cli("clients", "grant", "flags", "--scope", "url:GET|/login/:action")
+    assert inert.returncode != 0
+    assert "url:GET|/login/:action" in inert.stderr
+    assert cli("clients", "get", "flags").stdout.count(typo) == 1

@@ -1,10 +1,12 @@
-"""SPEC §4: a constraint allows Canvas ID aliases only when they are listed literally.
+"""A constraint allows Canvas ID aliases only when they are listed literally.
 
 Canvas resolves ``sis_course_id:…``, ``uuid:…``, ``lti_context_id:…``, ``self`` and shard ids
 (``1~1201``) to the same records as their numeric ids, and so does the simulator: each alias
 below would reach course 1201 (or the worker user) if it were forwarded. A grant constrained
 to the numeric id must refuse every one, in every spelling; a grant that lists an alias
 accepts exactly that alias, also percent-encoded, and forwards it as sent.
+
+(docs/grants.md#constraints)
 """
 
 from __future__ import annotations

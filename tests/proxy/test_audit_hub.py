@@ -1,8 +1,8 @@
 """The audit hub: the one writer all workers of ``broker serve --workers N`` share.
 
 Each test runs brokers whose audit events go to a hub over its Unix socket, as the workers of
-a multi-worker server do, and checks the guarantees of SPEC §6 through it: one chain that
-verifies, and no request forwarded unless its event was committed.
+a multi-worker server do, and checks the guarantees of docs/audit.md#audit-hub through it: one
+chain that verifies, and no request forwarded unless its event was committed.
 """
 
 from __future__ import annotations

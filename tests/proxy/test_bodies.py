@@ -1,4 +1,7 @@
-"""SPEC §5 rule 7: request bodies are JSON, form or multipart, well formed and size-limited."""
+"""Request bodies are JSON, form or multipart, well formed and size-limited.
+
+Contract: docs/proxy-rules.md#bodies.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""SPEC §6: no request reaches Canvas unless its audit event is committed first."""
+"""No request reaches Canvas unless its audit event is committed first.
+
+Contract: docs/audit.md#fail-closed.
+"""
 
 from __future__ import annotations
 

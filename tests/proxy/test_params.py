@@ -1,4 +1,7 @@
-"""SPEC §5 rules 3 to 5: masquerading, method override and client-supplied credentials."""
+"""Masquerading, method override and client-supplied credentials.
+
+Contract: docs/proxy-rules.md#masquerade, #method-override, #client-credentials, #includes.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""SPEC §5 rules 1 and 2: only canonical paths, and only Canvas API paths, are forwarded."""
+"""Only canonical paths, and only Canvas API paths, are forwarded.
+
+Contract: docs/proxy-rules.md#canonical-paths, #only-canvas-api-paths.
+"""
 
 from __future__ import annotations
 

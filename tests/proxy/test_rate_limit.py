@@ -1,6 +1,8 @@
-"""Per-client rate limits (SPEC §4, §10): a token bucket per client, kept in the database.
+"""Per-client rate limits: a token bucket per client, kept in the database.
 
 The bucket's clock is replaced by a settable one, so refill is tested without sleeping.
+
+Contract: docs/proxy-rules.md#rate-limit, docs/deployment.md#what-replicas-share.
 """
 
 from __future__ import annotations

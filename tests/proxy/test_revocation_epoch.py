@@ -1,4 +1,7 @@
-"""Revocation reaching cached tokens on other replicas (SPEC §7), through the polled epoch."""
+"""Revocation reaching cached tokens on other replicas, through the polled epoch.
+
+Contract: docs/storage-and-keys.md#revocation.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""SPEC §5 rules 6, 8 and 9: forwarding headers, redirects and pagination links."""
+"""Forwarding headers, redirects and pagination links.
+
+Contract: docs/proxy-rules.md#forwarding-and-hop-by-hop-headers, #redirects, #pagination.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""SPEC §3.2: bad proxy tokens get a 401 challenge; revocation works on the very next call."""
+"""Bad proxy tokens get a 401 challenge; revocation works on the very next call.
+
+Contract: docs/interfaces.md#status-codes-and-error-codes, docs/storage-and-keys.md#revocation.
+"""
 
 from __future__ import annotations
 

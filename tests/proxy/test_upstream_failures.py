@@ -1,4 +1,7 @@
-"""SPEC §3.2 and §5 rule 12: an upstream that is down or silent gets a bounded 502/504."""
+"""An upstream that is down or silent gets a bounded 502/504.
+
+Contract: docs/proxy-rules.md#timeouts-and-pooling, #worker-token-never-relayed.
+"""
 
 from __future__ import annotations
 
