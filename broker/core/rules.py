@@ -201,7 +201,8 @@ def check_headers(headers: Sequence[tuple[bytes, bytes]]) -> None:
     not the broker's to guess), a transfer coding other than ``chunked`` (whose body the
     broker would check in a form Canvas might not read), or a ``Connection`` header naming
     anything but a hop-by-hop header is a 400 ``malformed_request``: the broker forwards every
-    end-to-end header it checked, so a client cannot have one dropped on the way.
+    end-to-end header it checked, so a client cannot have one dropped on the way. A
+    ``Content-Encoding`` other than ``identity`` is a 415: bodies are checked as sent.
     """
     seen: set[bytes] = set()
     for name, value in headers:
@@ -223,6 +224,14 @@ def check_headers(headers: Sequence[tuple[bytes, bytes]]) -> None:
             )
         if key == b"connection":
             _check_connection(value)
+        if key == b"content-encoding" and value.strip().lower() != b"identity":
+            # The broker checks a body as sent; a server or middleware in front of Canvas
+            # that inflated it would hand Rails parameters nobody checked.
+            raise RuleViolation(
+                415,
+                "unsupported_media_type",
+                "request bodies must not be content-encoded: send them uncompressed",
+            )
 
 
 _CONNECTION_OPTIONS: Final = frozenset({b"close", b"keep-alive"}) | HOP_BY_HOP

@@ -964,6 +964,14 @@ def test_check_headers_refuses_connection_naming_an_end_to_end_header(value: byt
     assert violation(caught) == (400, "malformed_request")
 
 
+@pytest.mark.parametrize("value", [b"gzip", b"deflate", b"br", b"x-gzip", b"identity, gzip"])
+def test_check_headers_refuses_a_content_encoded_request_body(value: bytes) -> None:
+    with pytest.raises(RuleViolation) as caught:
+        check_headers([(b"Content-Encoding", value)])
+    assert violation(caught) == (415, "unsupported_media_type")
+    check_headers([(b"Content-Encoding", b"identity")])
+
+
 @pytest.mark.parametrize(
     "value",
     [b"close", b"keep-alive", b"Keep-Alive, Upgrade", b"TE, close", b"", b" , close"],

@@ -321,6 +321,17 @@ REFUSED_BY_THE_BROKER = [
         id="connection-drops-content-length",
     ),
     pytest.param(
+        post(
+            ASSIGNMENTS,
+            gzip.compress(b"as_user_id=2&_method=DELETE"),
+            FORM,
+            (b"Content-Encoding", b"gzip"),
+        ),
+        415,
+        "unsupported_media_type",
+        id="gzipped-request-body",
+    ),
+    pytest.param(
         get(ASSIGNMENTS, (b"Connection", b"Authorization")),
         400,
         "malformed_request",
@@ -432,8 +443,8 @@ REFUSED_BY_THE_BROKER = [
             JSON,
             (b"Content-Encoding", b"gzip"),
         ),
-        400,
-        "malformed_body",
+        415,
+        "unsupported_media_type",
         id="gzipped-json-body",
     ),
 ]
