@@ -362,21 +362,21 @@ def audit_counts(database_url: str) -> dict[str, int]:
 
     from broker.config import normalise_database_url  # noqa: PLC0415
     from broker.storage.database import create_engine  # noqa: PLC0415
-    from broker.storage.models import AuditEvent  # noqa: PLC0415
+    from broker.storage.models import AuditEventRow  # noqa: PLC0415
     from broker.storage.queries import Completion  # noqa: PLC0415
 
-    state = case((Completion.seq.is_not(None), "complete"), else_=AuditEvent.state)
-    reason = func.coalesce(Completion.reason, AuditEvent.reason)
+    state = case((Completion.seq.is_not(None), "complete"), else_=AuditEventRow.state)
+    reason = func.coalesce(Completion.reason, AuditEventRow.reason)
 
     async def query() -> dict[str, int]:
         engine = create_engine(normalise_database_url(database_url), pool=False)
         try:
             async with engine.connect() as connection:
                 rows = await connection.execute(
-                    select(state, AuditEvent.decision, reason, func.count())
-                    .outerjoin(Completion, Completion.completes == AuditEvent.seq)
-                    .where(AuditEvent.kind == "proxy", AuditEvent.completes.is_(None))
-                    .group_by(state, AuditEvent.decision, reason)
+                    select(state, AuditEventRow.decision, reason, func.count())
+                    .outerjoin(Completion, Completion.completes == AuditEventRow.seq)
+                    .where(AuditEventRow.kind == "proxy", AuditEventRow.completes.is_(None))
+                    .group_by(state, AuditEventRow.decision, reason)
                 )
                 return {
                     "/".join(x for x in (state, decision, reason) if x): int(n)

@@ -27,6 +27,8 @@ from broker.requestid import current_request_id, new_request_id
 from broker.services.admin_auth import AdminAuthenticator
 from broker.services.audit import AuditService
 from broker.services.management import ManagementService
+from broker.services.proxy import ProxyService
+from broker.services.ratelimit import RateLimitService
 from broker.services.tokens import TokenService
 from broker.storage.models import ProxyToken, utcnow
 
@@ -144,7 +146,9 @@ def install(app: FastAPI, context: ProcessContext) -> None:
         audit=audit,
         admin_auth=AdminAuthenticator(context.sessions, context.keyring, audit),
     )
-    app.state.proxy = ProxyApp(context, tokens, audit, metrics)
+    rate_limits = RateLimitService(context.sessions)
+    app.state.rate_limits = rate_limits
+    app.state.proxy = ProxyApp(ProxyService(context, tokens, audit, rate_limits, metrics))
 
 
 def _add_ops_routes(app: FastAPI) -> None:

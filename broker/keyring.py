@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from broker.errors import ConfigurationError
+from broker.errors import ConfigurationError, DecryptionError
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -37,10 +37,6 @@ if TYPE_CHECKING:
 
 KEY_BYTES = 32
 NONCE_BYTES = 12
-
-
-class DecryptionError(Exception):
-    """A ciphertext did not decrypt: wrong key, wrong record, or tampered data."""
 
 
 @cache

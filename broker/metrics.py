@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from prometheus_client import Metric
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_COUNTED_CACHE_SIZE = 4096
 _AUDIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 
 
@@ -34,6 +35,7 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(_Refusals(self.requests))
+        self._counted: dict[tuple[str, str], Counter] = {}
         self.upstream_latency = Histogram(
             "broker_upstream_latency_seconds",
             "Time from forwarding to the upstream's response head",
@@ -67,6 +69,20 @@ class Metrics:
             "broker_live_tokens", "Proxy tokens neither expired nor revoked", registry=self.registry
         )
 
+    def count(self, client: str, outcome: str) -> None:
+        """Count one proxied request of ``client`` with ``outcome``.
+
+        The labelled child is looked up once per pair: ``labels()`` costs more than the
+        increment itself, and clients and outcomes are few.
+        """
+        key = (client, outcome)
+        child = self._counted.get(key)
+        if child is None:
+            if len(self._counted) >= _COUNTED_CACHE_SIZE:
+                self._counted.clear()
+            child = self._counted[key] = self.requests.labels(client=client, outcome=outcome)
+        child.inc()
+
     def observe_audit_batch(self, seconds: float, events: int) -> None:
         """Record one group commit of the audit writer (called from its thread)."""
         self.audit_commit.observe(seconds)
@@ -78,7 +94,13 @@ UNAUTHENTICATED: Final = "-"
 
 # Outcomes of calls that were forwarded; every other outcome is a refusal (nothing was sent).
 FORWARDED_OUTCOMES: Final = frozenset(
-    {"allow", "upstream_timeout", "upstream_unreachable", "upstream_body_failed"}
+    {
+        "allow",
+        "upstream_timeout",
+        "upstream_unreachable",
+        "upstream_body_failed",
+        "upstream_credential_exposed",
+    }
 )
 
 

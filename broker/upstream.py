@@ -35,6 +35,8 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from broker.errors import UpstreamError
+
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Sequence
 
@@ -43,14 +45,6 @@ _ORIGIN: Final = re.compile(r"https?://[^/?#]*")
 _ORIGIN_CACHE_SIZE: Final = 1024
 _HIGH_WATER: Final = 256 * 1024
 _LOW_WATER: Final = 64 * 1024
-
-
-class UpstreamError(Exception):
-    """The upstream could not be reached (``timeout`` False) or did not answer in time."""
-
-    def __init__(self, message: str, *, timeout: bool) -> None:
-        super().__init__(message)
-        self.timeout = timeout
 
 
 class UpstreamResponse(Protocol):

@@ -13,15 +13,8 @@ from typing import TYPE_CHECKING
 import pytest
 
 from broker.config import Settings
-from broker.errors import ConfigurationError
-from broker.keyring import (
-    DecryptionError,
-    Keyring,
-    load_key_file,
-    load_keyring,
-    parse_keys_setting,
-    write_key_file,
-)
+from broker.errors import ConfigurationError, DecryptionError
+from broker.keyring import Keyring, load_key_file, load_keyring, parse_keys_setting, write_key_file
 
 if TYPE_CHECKING:
     from pathlib import Path

@@ -20,7 +20,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from broker.upstream import HttpForwarder, UpstreamError
+from broker.errors import UpstreamError
+from broker.upstream import HttpForwarder
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable

@@ -19,6 +19,8 @@ from joserfc import jws, jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 
+from broker.errors import InvalidAssertionError, InvalidKeySetError
+
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
@@ -36,14 +38,6 @@ _PUBLIC_MEMBERS = {
 }
 _CURVES = {"EC": {"P-256", "P-384", "P-521"}}
 _PRIVATE_MEMBERS = {"d", "p", "q", "dp", "dq", "qi", "oth", "k"}
-
-
-class InvalidAssertionError(ValueError):
-    """The assertion cannot authenticate the client; the message says why (never a key)."""
-
-
-class InvalidKeySetError(ValueError):
-    """The key set cannot be registered; the message names the problem."""
 
 
 @dataclass(frozen=True, slots=True)

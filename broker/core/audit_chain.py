@@ -85,13 +85,66 @@ _TIME_POSITIONS: Final = tuple(CHAINED_FIELDS.index(name) for name in _TIME_FIEL
 _FLOAT_POSITIONS: Final = tuple(CHAINED_FIELDS.index(name) for name in _FLOAT_FIELDS)
 
 
-def canonical_values(event: Mapping[Any, Any]) -> list[Any]:
+PENDING: Final = "pending"
+COMPLETE: Final = "complete"
+
+
+@dataclass(slots=True, kw_only=True)
+class AuditEvent:
+    """One audit event as the broker writes it: every chained column (docs/audit.md#event-fields).
+
+    A complete event's ``completed_at`` is its ``time`` unless given. ``details`` holds what a
+    management action changed (never a secret); ``completes`` names the pending event an
+    outcome completes.
+    """
+
+    kind: str
+    action: str
+    time: datetime = field(default_factory=lambda: datetime.now(UTC))
+    request_id: str | None = None
+    state: str = COMPLETE
+    decision: str = "allow"
+    reason: str | None = None
+    client_id: str | None = None
+    token_id: str | None = None
+    credential_id: str | None = None
+    upstream: str | None = None
+    actor_key_id: str | None = None
+    source_ip: str | None = None
+    user_agent: str | None = None
+    method: str | None = None
+    path: str | None = None
+    query: str | None = None
+    scope: str | None = None
+    status: int | None = None
+    upstream_status: int | None = None
+    response_bytes: int | None = None
+    duration_ms: float | None = None
+    canvas_context_id: str | None = None
+    details: dict[str, Any] | None = None
+    completes: int | None = None
+    completed_at: datetime | None = None
+
+    def __post_init__(self) -> None:
+        if self.completed_at is None and self.state == COMPLETE:
+            self.completed_at = self.time
+
+    def values(self) -> list[Any]:
+        """The chained fields' values, in :data:`CHAINED_FIELDS` order, as given."""
+        return [getattr(self, name) for name in CHAINED_FIELDS]
+
+
+def canonical_values(event: AuditEvent | Mapping[Any, Any]) -> list[Any]:
     """Every chained field, in order, as the database gives it back.
 
-    Times become UTC ISO text with microseconds and durations floats, so the writer and the
+    ``event`` is an event being written, or a stored row's mapping being verified. Times
+    become UTC ISO text with microseconds and durations floats, so the writer and the
     verifier see the same thing.
     """
-    values = [event.get(name) for name in CHAINED_FIELDS]
+    if isinstance(event, AuditEvent):
+        values = event.values()
+    else:
+        values = [event.get(name) for name in CHAINED_FIELDS]
     for position in _TIME_POSITIONS:
         if values[position] is not None:
             values[position] = _time_text(CHAINED_FIELDS[position], values[position])
@@ -107,7 +160,7 @@ def encode(values: list[Any]) -> bytes:
     return _ENCODE(values).encode()
 
 
-def canonical(event: Mapping[Any, Any]) -> bytes:
+def canonical(event: AuditEvent | Mapping[Any, Any]) -> bytes:
     """The bytes a MAC covers: every chained field, in order, as compact sorted JSON."""
     return encode(canonical_values(event))
 

@@ -43,6 +43,8 @@ import re
 from dataclasses import dataclass
 from typing import Final
 
+from broker.errors import MultipartError
+
 __all__ = ["MAX_DISPOSITION_BYTES", "MultipartError", "Part", "parse"]
 
 MAX_DISPOSITION_BYTES: Final = 1536
@@ -68,13 +70,6 @@ _PART_TYPE: Final = re.compile(
 )
 _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
 _ONCE: Final = {"content-disposition": 1, "content-type": 1, "content-transfer-encoding": 1}
-
-
-class MultipartError(ValueError):
-    """A multipart body outside the form every Rack release reads alike; the message says why."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(f"multipart body: {message}")
 
 
 @dataclass(frozen=True, slots=True)

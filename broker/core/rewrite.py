@@ -8,15 +8,27 @@ hosts (pre-signed file storage) and relative URLs pass through untouched.
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
+import zlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
+
+from broker.core import rules
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-__all__ = ["Rewriter"]
+__all__ = [
+    "REWRITE_LIMIT",
+    "Rewriter",
+    "header",
+    "public_base",
+    "relayed_headers",
+    "rewritable_json",
+    "rewrite_json",
+]
 
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 _ABSOLUTE: Final = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://([^/?#]*)")
@@ -224,3 +236,99 @@ def _is_surrogate_pair(token: str, index: int) -> bool:
         and token.startswith("\\u", low)
         and int(token[low + 2 : low + 6], 16) in _LOW_SURROGATE
     )
+
+
+# --- Responses as relayed (docs/proxy-rules.md#response-headers, #bodies-byte-for-byte) -----
+
+REWRITE_LIMIT: Final = 8 * 1024 * 1024
+"""Largest JSON response whose ``meta.pagination`` URLs are rewritten (others pass as sent)."""
+_PUBLIC_HOST: Final = re.compile(r"[A-Za-z0-9.:\[\]-]+")
+
+
+def public_base(
+    configured: str | None, host: bytes | None, scheme: str, server: tuple[str, int | None]
+) -> str:
+    """The broker's public base for this response's links.
+
+    ``BROKER_PUBLIC_URL`` if set; otherwise the ``Host`` the client used (it only shapes the
+    response to that same client), or the server's own address if that ``Host`` is unusable.
+    """
+    if configured:
+        return configured
+    host_text = host.decode("latin-1") if host else ""
+    if not _PUBLIC_HOST.fullmatch(host_text):
+        host_text = f"{server[0]}:{server[1]}" if server[1] else str(server[0])
+    return f"{scheme}://{host_text}"
+
+
+def relayed_headers(
+    rewriter: Rewriter, upstream: list[tuple[bytes, bytes]]
+) -> list[tuple[bytes, bytes]]:
+    """Canvas's response headers as relayed: dropped as rule 10 says, links pointed here.
+
+    Canvas's ``X-Request-Id`` is dropped too: the broker's own replaces it
+    (``X-Request-Context-Id`` still names Canvas's).
+    """
+    headers: list[tuple[bytes, bytes]] = []
+    for name, value in rules.forward_response_headers(upstream):
+        if name == b"x-request-id":
+            continue
+        if name == b"link":
+            value = rewriter.link_header(value.decode("latin-1")).encode("latin-1")  # noqa: PLW2901
+        elif name == b"location":
+            value = rewriter.location(value.decode("latin-1")).encode("latin-1")  # noqa: PLW2901
+        headers.append((name, value))
+    return headers
+
+
+def header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    """The first value of header ``name`` (lower case), or None."""
+    for key, value in headers:
+        if key == name:
+            return value
+    return None
+
+
+def rewritable_json(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether a response is JSON whose ``meta.pagination`` may need rewriting.
+
+    JSON, plain or gzipped (Canvas gzips for every client that accepts it), with a
+    ``Content-Length`` of at most :data:`REWRITE_LIMIT`.
+    """
+    content_type = header(headers, b"content-type") or b""
+    encoding = header(headers, b"content-encoding")
+    if b"json" not in content_type.lower() or (encoding is not None and not _gzip(encoding)):
+        return False
+    length = header(headers, b"content-length")
+    return length is not None and length.isdigit() and int(length) <= REWRITE_LIMIT
+
+
+def _gzip(encoding: bytes) -> bool:
+    return encoding.strip().lower() in {b"gzip", b"x-gzip"}
+
+
+def rewrite_json(rewriter: Rewriter, payload: bytes, encoding: bytes | None) -> bytes | None:
+    """The body with its ``meta.pagination`` URLs rewritten, or None to pass it on as is.
+
+    A gzipped body is decompressed, bounded, to look for pagination URLs. Only a body that
+    actually changes is compressed again; every other body keeps its exact bytes.
+    """
+    if encoding is None:
+        return rewriter.json_body(payload) if b'"pagination"' in payload else None
+    plain = _gunzip(payload, REWRITE_LIMIT)
+    if plain is None or b'"pagination"' not in plain:
+        return None
+    rewritten = rewriter.json_body(plain)
+    return None if rewritten is None else gzip.compress(rewritten, compresslevel=6, mtime=0)
+
+
+def _gunzip(payload: bytes, limit: int) -> bytes | None:
+    """Decompress a single-member gzip body of at most ``limit`` bytes, else None."""
+    inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    try:
+        plain = inflater.decompress(payload, limit + 1)
+    except zlib.error:
+        return None
+    if len(plain) > limit or not inflater.eof or inflater.unused_data:
+        return None
+    return plain

@@ -1,14 +1,10 @@
 """The proxy's request rules (docs/proxy-rules.md) as pure functions on what the client sent.
 
-Every check returns quietly or raises :class:`RuleViolation`, which carries the HTTP status
+Every check returns quietly or raises :class:`Refusal`, which carries the HTTP status
 and error code to answer with. Parameter names are read the way Canvas's Rack/Rails stack
 would read them, and where Rack versions disagree every reading is checked, so that the broker
 refuses whatever Canvas might act on.
 
-Exceptions::
-
-    Exception
-     └── RuleViolation    a request the broker refuses (status, error, message)
 """
 
 from __future__ import annotations
@@ -20,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import unquote_plus, unquote_to_bytes
 
 from broker.core import multipart
+from broker.errors import MultipartError, Refusal
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
@@ -34,7 +31,6 @@ __all__ = [
     "OVERRIDE_HEADERS",
     "OVERRIDE_KEYS",
     "SENSITIVE_QUERY_KEYS",
-    "RuleViolation",
     "check_body",
     "check_headers",
     "check_path",
@@ -105,16 +101,6 @@ MAX_PATH_BYTES: Final = 2048
 every forwarded path whole)."""
 
 
-class RuleViolation(Exception):  # noqa: N818 - the name the rest of the broker uses
-    """A request the broker refuses before anything is sent upstream."""
-
-    def __init__(self, status: int, error: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.error = error
-        self.message = message
-
-
 # --- Rule 1: canonical paths -------------------------------------------------------------
 
 _PATH_NOT_PRINTABLE: Final = re.compile(rb"[^\x21-\x7e]")
@@ -136,10 +122,10 @@ def check_path(raw_path: bytes) -> str:
     """
     if len(raw_path) > MAX_PATH_BYTES:
         message = f"paths are limited to {MAX_PATH_BYTES} bytes: {_excerpt(raw_path)}"
-        raise RuleViolation(414, "path_too_long", message)
+        raise Refusal(414, "path_too_long", message)
     problem = _path_problem(raw_path)
     if problem is not None:
-        raise RuleViolation(400, "non_canonical_path", f"{problem}: {_excerpt(raw_path)}")
+        raise Refusal(400, "non_canonical_path", f"{problem}: {_excerpt(raw_path)}")
     return raw_path.decode("ascii")
 
 
@@ -208,18 +194,18 @@ def check_headers(headers: Sequence[tuple[bytes, bytes]]) -> None:
     for name, value in headers:
         key = _header_key(name)
         if key in OVERRIDE_HEADERS:
-            raise RuleViolation(
+            raise Refusal(
                 403,
                 "method_override_denied",
                 f"header {name.decode('latin-1')!r} is refused: method override is not allowed",
             )
         if key in _SINGLE_HEADERS and key in seen:
-            raise RuleViolation(
+            raise Refusal(
                 400, "malformed_request", f"header {name.decode('latin-1')!r} is repeated"
             )
         seen.add(key)
         if key == b"transfer-encoding" and value.strip().lower() != b"chunked":
-            raise RuleViolation(
+            raise Refusal(
                 400, "malformed_request", "the only transfer coding accepted is 'chunked'"
             )
         if key == b"connection":
@@ -227,7 +213,7 @@ def check_headers(headers: Sequence[tuple[bytes, bytes]]) -> None:
         if key == b"content-encoding" and value.strip().lower() != b"identity":
             # The broker checks a body as sent; a server or middleware in front of Canvas
             # that inflated it would hand Rails parameters nobody checked.
-            raise RuleViolation(
+            raise Refusal(
                 415,
                 "unsupported_media_type",
                 "request bodies must not be content-encoded: send them uncompressed",
@@ -241,7 +227,7 @@ def _check_connection(value: bytes) -> None:
     for token in value.split(b","):
         option = _header_key(token)
         if option and option not in _CONNECTION_OPTIONS:
-            raise RuleViolation(
+            raise Refusal(
                 400,
                 "malformed_request",
                 f"Connection names {_excerpt(token.strip())}, which is not a hop-by-hop "
@@ -260,11 +246,11 @@ def check_query(
     fragment no client sends) is a 400 ``malformed_request``.
     """
     if b"#" in query_string:
-        raise RuleViolation(400, "malformed_request", "query string must not contain '#'")
+        raise Refusal(400, "malformed_request", "query string must not contain '#'")
     try:
         pairs = list(_form_pairs(query_string.decode("utf-8")))
     except ValueError:
-        raise RuleViolation(
+        raise Refusal(
             400, "malformed_request", "query string is not valid percent-encoded UTF-8"
         ) from None
     for name, value in pairs:
@@ -316,8 +302,8 @@ def check_body(
             _check_include(name, value)
 
 
-def _unsupported(message: str) -> RuleViolation:
-    return RuleViolation(415, "unsupported_media_type", message)
+def _unsupported(message: str) -> Refusal:
+    return Refusal(415, "unsupported_media_type", message)
 
 
 _NAME_PART: Final = re.compile(r"[^\[\]]+")
@@ -352,17 +338,17 @@ def _check_name(name: str, *, allow_masquerade: bool) -> None:
     readings = _name_readings(name)
     shown = _excerpt(name.encode("utf-8", "backslashreplace"))
     if not allow_masquerade and readings & MASQUERADE_KEYS:
-        raise RuleViolation(
+        raise Refusal(
             403, "masquerade_denied", f"parameter {shown} is refused: masquerading is not allowed"
         )
     if readings & OVERRIDE_KEYS:
-        raise RuleViolation(
+        raise Refusal(
             403,
             "method_override_denied",
             f"parameter {shown} is refused: method override is not allowed",
         )
     if readings & CREDENTIAL_KEYS:
-        raise RuleViolation(
+        raise Refusal(
             403,
             "credential_param_denied",
             f"parameter {shown} is refused: credentials come from the broker",
@@ -388,7 +374,7 @@ def _check_include(name: str, value: object) -> None:
     ):
         return
     shown = _excerpt(name.encode("utf-8", "backslashreplace"))
-    raise RuleViolation(
+    raise Refusal(
         403,
         "include_not_allowed",
         f"parameter {shown} is refused: this client may not ask Canvas to include related "
@@ -428,13 +414,13 @@ def _form_body_pairs(body: bytes) -> list[tuple[str, str]]:
     # A body that is really JSON or multipart under a form Content-Type parses as harmless
     # odd keys here; it is refused anyway, since its sender means something else by it.
     if _LOOKS_LIKE_JSON.match(body):
-        raise RuleViolation(400, "malformed_body", "form body looks like JSON, not a form")
+        raise Refusal(400, "malformed_body", "form body looks like JSON, not a form")
     if _FORM_CONTROL.search(body.removesuffix(b"\n").removesuffix(b"\r")):
-        raise RuleViolation(400, "malformed_body", "form body holds control characters")
+        raise Refusal(400, "malformed_body", "form body holds control characters")
     try:
         return list(_form_pairs(body.decode("utf-8")))
     except ValueError:
-        raise RuleViolation(
+        raise Refusal(
             400, "malformed_body", "form body is not valid percent-encoded UTF-8"
         ) from None
 
@@ -508,7 +494,7 @@ def _json_params(body: bytes) -> tuple[list[str], list[tuple[str, object]]]:
             body.decode("utf-8"), object_pairs_hook=collect, parse_constant=refuse_constant
         )
     except (ValueError, RecursionError):
-        raise RuleViolation(400, "malformed_body", "request body is not valid UTF-8 JSON") from None
+        raise Refusal(400, "malformed_body", "request body is not valid UTF-8 JSON") from None
     return names, list(root) if isinstance(root, _JsonObject) else []
 
 
@@ -527,8 +513,8 @@ def _multipart_pairs(
         parts = multipart.parse(
             content_type, None if params is None else params.get("boundary"), body
         )
-    except multipart.MultipartError as exc:
-        raise RuleViolation(400, "malformed_body", str(exc)) from None
+    except MultipartError as exc:
+        raise Refusal(400, "malformed_body", str(exc)) from None
     return [(part.name, part.content.decode("utf-8", "replace")) for part in parts]
 
 

@@ -45,6 +45,8 @@ from types import MappingProxyType
 from typing import Final
 from urllib.parse import unquote
 
+from broker.errors import Refusal, ScopeError
+
 __all__ = [
     "EXACT_ONLY",
     "METHODS",
@@ -135,10 +137,6 @@ def _endpoint_regex(path: str) -> str:
 _EXACT_ONLY_PATH: Final = re.compile(
     "|".join(f"(?:{_endpoint_regex(endpoint.path)})" for endpoint in EXACT_ONLY)
 )
-
-
-class ScopeError(ValueError):
-    """An invalid scope string or constraint; the message names the offending string."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,6 +311,10 @@ class Decision:
     reason: str | None
     detail: str
     params: Mapping[str, str] = field(default_factory=dict, compare=False)
+
+    def refusal(self) -> Refusal:
+        """The 403 refusal of a call this decision does not allow."""
+        return Refusal(403, self.reason or "scope_not_granted", self.detail)
 
 
 @dataclass(frozen=True, slots=True)

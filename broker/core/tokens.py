@@ -11,6 +11,8 @@ import secrets
 import zlib
 from enum import StrEnum
 
+from broker.errors import MalformedSecretError
+
 ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 RANDOM_LENGTH = 30
 CHECKSUM_LENGTH = 6
@@ -23,10 +25,6 @@ class SecretKind(StrEnum):
     PROXY_TOKEN = "cbt"  # noqa: S105 - a prefix, not a secret
     CLIENT_SECRET = "cbs"  # noqa: S105 - a prefix, not a secret
     ADMIN_KEY = "cba"
-
-
-class MalformedSecretError(ValueError):
-    """The value is not a well-formed secret of the expected kind."""
 
 
 def _base62(number: int, width: int) -> str:

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Final
 
-from broker.core.tokens import MalformedSecretError, SecretKind, check_secret
-from broker.errors import AuthenticationError, PermissionDeniedError
+from broker.core.tokens import SecretKind, check_secret
+from broker.errors import AuthenticationError, MalformedSecretError, PermissionDeniedError
 from broker.services.audit import admin_event
 from broker.services.management import Actor
 from broker.storage.queries import find_admin_key
@@ -79,7 +79,7 @@ class AdminAuthenticator:
         key_id: str | None = None,
     ) -> None:
         await self._audit.record(
-            **admin_event(
+            admin_event(
                 **audit,
                 action=action,
                 decision="deny",

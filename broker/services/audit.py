@@ -26,14 +26,20 @@ from sqlalchemy.orm import Session
 
 from broker.core.audit_chain import (
     GENESIS,
+    PENDING,
+    AuditEvent,
     ChainVerifier,
     Checkpoint,
     Problem,
     beyond_head,
     checkpoint_sound,
 )
-from broker.errors import AuditUnavailableError, ConflictError, ValidationFailedError
-from broker.services.audit_writer import AuditWriteError, EventWriter
+from broker.errors import (
+    AuditUnavailableError,
+    AuditWriteError,
+    ChainBrokenError,
+    ValidationFailedError,
+)
 from broker.storage import audit_chain as chain
 from broker.storage.database import create_sync_engine
 from broker.storage.models import RevocationEpoch, utcnow
@@ -53,29 +59,22 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
     from broker.keyring import Keyring
+    from broker.services.audit_writer import EventWriter
 
 logger = logging.getLogger(__name__)
 
-PENDING = "pending"
-COMPLETE = "complete"
-Event = dict[str, Any]
 
-
-def new_event(**fields: Any) -> Event:  # noqa: ANN401 - column values of many types
-    """An event with defaults filled in (complete, now)."""
+def new_event(**fields: Any) -> AuditEvent:  # noqa: ANN401 - column values of many types
+    """An event with defaults filled in (complete, now); an unknown field is a TypeError."""
     fields.setdefault("time", utcnow())
-    fields.setdefault("state", COMPLETE)
-    if fields["state"] == COMPLETE:
-        fields.setdefault("completed_at", fields["time"])
-    return fields
+    return AuditEvent(**fields)
 
 
-def admin_event(**fields: Any) -> Event:  # noqa: ANN401 - column values of many types
+def admin_event(**fields: Any) -> AuditEvent:  # noqa: ANN401 - column values of many types
     """A management-action event (``actor_key_id`` names who; ``details`` what changed).
 
     Allowed unless ``decision`` says otherwise (a refused attempt is recorded too).
     """
-    fields.setdefault("decision", "allow")
     return new_event(kind="admin", **fields)
 
 
@@ -84,7 +83,7 @@ def chain_key(keyring: Keyring) -> chain.ChainKey:
     return chain.ChainKey(keyring.primary_id, keyring.audit_chain_keys()[keyring.primary_id])
 
 
-async def add_events(session: AsyncSession, keyring: Keyring, *events: Event) -> None:
+async def add_events(session: AsyncSession, keyring: Keyring, *events: AuditEvent) -> None:
     """Chain events inside the caller's transaction (atomic with the change they record)."""
     key = chain_key(keyring)
     await session.run_sync(lambda sync: chain.append(sync.connection(), key, list(events)))
@@ -118,28 +117,26 @@ def _drop_after_commit(session: Session) -> None:
     session.info.pop(_AFTER_COMMIT, None)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Begun:
     """A committed pending event: its seq and what it recorded."""
 
     seq: int
-    event: Event
+    event: AuditEvent
 
 
-def _completion(begun: Begun, **outcome: Any) -> Event:  # noqa: ANN401 - column values
+def _completion(begun: Begun, **outcome: Any) -> AuditEvent:  # noqa: ANN401 - column values
     """The event recording the outcome of a pending one."""
-    now = utcnow()
-    return {
-        "time": now,
-        "request_id": begun.event["request_id"],
-        "kind": begun.event["kind"],
-        "action": f"{begun.event['action']}.complete",
-        "state": COMPLETE,
-        "decision": begun.event["decision"],
-        "completed_at": now,
-        "completes": begun.seq,
+    pending = begun.event
+    return AuditEvent(
+        time=utcnow(),
+        request_id=pending.request_id,
+        kind=pending.kind,
+        action=f"{pending.action}.complete",
+        decision=pending.decision,
+        completes=begun.seq,
         **outcome,
-    }
+    )
 
 
 @dataclass
@@ -215,18 +212,19 @@ class AuditService:
         self._keyring = keyring
         self._database_url = database_url
 
-    async def record(self, *, alone: bool = False, **fields: Any) -> int:  # noqa: ANN401
+    async def record(self, event: AuditEvent, *, alone: bool = False) -> int:
         """Commit one complete event; raise ``AuditUnavailableError`` if it cannot be.
 
         ``alone``: the caller is the only request in progress (see ``AuditWriter.write``).
         """
-        return await self._write(new_event(**fields), alone=alone)
+        return await self._write(event, alone=alone)
 
-    async def begin(self, *, alone: bool = False, **fields: Any) -> Begun:  # noqa: ANN401
-        """Commit a pending event for a call about to be forwarded."""
-        event = new_event(state=PENDING, **fields)
+    async def begin(self, event: AuditEvent, *, alone: bool = False) -> Begun:
+        """Commit ``event`` as the pending event of a call about to be forwarded."""
+        event.state = PENDING
+        event.completed_at = None
 
-        def abandoned(seq: int) -> Event:
+        def abandoned(seq: int) -> AuditEvent:
             return _completion(Begun(seq, event), reason="client_disconnected", status=499)
 
         return Begun(await self._write(event, abandoned=abandoned, alone=alone), event)
@@ -238,7 +236,7 @@ class AuditService:
         except AuditWriteError:
             logger.exception("could not queue the completion of audit event %s", begun.seq)
 
-    async def _write(self, event: Event, **options: Any) -> int:  # noqa: ANN401
+    async def _write(self, event: AuditEvent, **options: Any) -> int:  # noqa: ANN401
         try:
             return await self._writer.write(event, **options)
         except AuditWriteError as exc:
@@ -292,7 +290,7 @@ class AuditService:
         agent). Committed before the action is carried out: no record, no action.
         """
         return await self.record(
-            **admin_event(**audit, action=action, actor_key_id=actor_key_id, details=dict(details))
+            admin_event(**audit, action=action, actor_key_id=actor_key_id, details=dict(details))
         )
 
     async def search_hashes(
@@ -331,13 +329,7 @@ def _anchor(connection: Connection, keyring: Keyring) -> Checkpoint | None:
     return None
 
 
-_CHAIN_BROKEN: Final = "audit_chain_broken"
-
-
-class ChainBrokenError(ConflictError):
-    """Retention refused: the events it would remove do not verify."""
-
-    error = _CHAIN_BROKEN
+_CHAIN_BROKEN: Final = ChainBrokenError.error
 
 
 def verify_database(

@@ -38,8 +38,8 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, Final, cast
 
-from broker.errors import ConfigurationError
-from broker.services.audit_writer import AuditWriteError, ChainCommitter, WriteLockBusy
+from broker.errors import AuditWriteError, ConfigurationError, WriteLockBusy
+from broker.services.audit_writer import ChainCommitter
 from broker.storage.audit_chain import Prepared, canonical_form, stored
 from broker.storage.database import sqlite_path
 
@@ -47,8 +47,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from pathlib import Path
 
+    from broker.core.audit_chain import AuditEvent
     from broker.keyring import Keyring
-    from broker.services.audit_writer import Event
 
 logger = logging.getLogger(__name__)
 
@@ -346,15 +346,17 @@ class RemoteAuditWriter:
         self._connecting: asyncio.Task[None] | None = None
         self._outbox: list[tuple[int, bool, bytes | None, list[Any] | None]] = []
         self._send_soon = False
-        self._waiters: dict[int, tuple[asyncio.Future[int], Callable[[int], Event] | None]] = {}
+        self._waiters: dict[
+            int, tuple[asyncio.Future[int], Callable[[int], AuditEvent] | None]
+        ] = {}
         self._ids = itertools.count(1)
         self._closing = False
 
     async def write(
         self,
-        event: Event,
+        event: AuditEvent,
         *,
-        abandoned: Callable[[int], Event] | None = None,
+        abandoned: Callable[[int], AuditEvent] | None = None,
         alone: bool = False,
     ) -> int:
         """Have ``event`` committed; return its seq or raise ``AuditWriteError``.
@@ -393,7 +395,7 @@ class RemoteAuditWriter:
             raise AuditWriteError("the audit event could not be committed") from result
         return result
 
-    def write_later(self, event: Event) -> None:
+    def write_later(self, event: AuditEvent) -> None:
         """Queue ``event`` for the hub's next commit; nobody waits for it."""
         content, values = canonical_form(event)
         self._queue((next(self._ids), False, content, values))
@@ -424,7 +426,7 @@ class RemoteAuditWriter:
         self,
         content: bytes | None,
         values: list[Any] | None,
-        abandoned: Callable[[int], Event] | None,
+        abandoned: Callable[[int], AuditEvent] | None,
     ) -> int:
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         ident = next(self._ids)

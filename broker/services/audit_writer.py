@@ -29,8 +29,9 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
+from broker.errors import AuditWriteError, WriteLockBusy
 from broker.storage.audit_chain import (
     ChainKey,
     ChainStatements,
@@ -46,11 +47,10 @@ if TYPE_CHECKING:
 
     from sqlalchemy import Engine, PoolProxiedConnection
 
+    from broker.core.audit_chain import AuditEvent
     from broker.keyring import Keyring
 
 logger = logging.getLogger(__name__)
-
-Event = dict[str, Any]
 
 
 class EventWriter(Protocol):
@@ -64,14 +64,14 @@ class EventWriter(Protocol):
 
     async def write(
         self,
-        event: Event,
+        event: AuditEvent,
         *,
-        abandoned: Callable[[int], Event] | None = None,
+        abandoned: Callable[[int], AuditEvent] | None = None,
         alone: bool = False,
     ) -> int:
         """Commit ``event``; return its seq or raise ``AuditWriteError``."""
 
-    def write_later(self, event: Event) -> None:
+    def write_later(self, event: AuditEvent) -> None:
         """Queue ``event`` for the next commit; nobody waits for it."""
 
     async def flush(self) -> None:
@@ -81,22 +81,14 @@ class EventWriter(Protocol):
         """Commit what is queued and release the writer."""
 
 
-class AuditWriteError(Exception):
-    """An audit event could not be committed."""
-
-
-class WriteLockBusy(Exception):  # noqa: N818 - a signal to hand the event on, not an error
-    """The database's write lock is taken and the caller may not wait for it."""
-
-
 @dataclass
 class _Item:
     """A queued event (None for a flush marker) and who waits for it, if anyone."""
 
-    event: Event | None
+    event: AuditEvent | None
     future: asyncio.Future[int] | None
     # What to record if the waiter went away before its pending event was committed.
-    abandoned: Callable[[int], Event] | None = None
+    abandoned: Callable[[int], AuditEvent] | None = None
 
 
 class ChainCommitter:
@@ -148,7 +140,7 @@ class ChainCommitter:
 
     def commit(
         self,
-        events: Sequence[Event | Prepared],
+        events: Sequence[AuditEvent | Prepared],
         *,
         wait: bool = True,
         observe: Callable[[float, int], None] | None = None,
@@ -178,7 +170,7 @@ class ChainCommitter:
             observe(time.perf_counter() - started, len(events))
         return seqs
 
-    def _append(self, events: Sequence[Event | Prepared], *, wait: bool = True) -> list[int]:
+    def _append(self, events: Sequence[AuditEvent | Prepared], *, wait: bool = True) -> list[int]:
         """One transaction on the writer's own DB-API connection."""
         engine, statements = self._engine, self._sql
         if engine is None or statements is None:  # pragma: no cover - started on first put
@@ -273,9 +265,9 @@ class AuditWriter:
 
     async def write(
         self,
-        event: Event,
+        event: AuditEvent,
         *,
-        abandoned: Callable[[int], Event] | None = None,
+        abandoned: Callable[[int], AuditEvent] | None = None,
         alone: bool = False,
     ) -> int:
         """Commit ``event`` and return its seq; raise ``AuditWriteError`` if it cannot be.
@@ -296,7 +288,7 @@ class AuditWriter:
         self._put(_Item(event, future, abandoned))
         return await future
 
-    def _commit_inline(self, event: Event) -> int | None:
+    def _commit_inline(self, event: AuditEvent) -> int | None:
         """Commit ``event`` with the queued completions on this thread; None if busy.
 
         Never waits for the database's write lock: another worker, or a management
@@ -325,7 +317,7 @@ class AuditWriter:
             raise AuditWriteError("the audit event could not be committed") from result
         return result
 
-    def write_later(self, event: Event) -> None:
+    def write_later(self, event: AuditEvent) -> None:
         """Queue ``event`` for the next commit; nobody waits for it."""
         self._put(_Item(event, None))
 

@@ -17,11 +17,18 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 
 from broker.core import rules
-from broker.core.assertions import InvalidKeySetError, public_key_set
+from broker.core.assertions import public_key_set
 from broker.core.catalogue import unfamiliar_scopes
-from broker.core.scopes import Decision, Grant, ScopeError
+from broker.core.scopes import Decision, Grant
 from broker.core.tokens import SecretKind, generate_secret, new_id
-from broker.errors import ConflictError, NotFoundError, ValidationFailedError
+from broker.errors import (
+    ConflictError,
+    InvalidKeySetError,
+    NotFoundError,
+    Refusal,
+    ScopeError,
+    ValidationFailedError,
+)
 from broker.requestid import current_request_facts, current_request_id
 from broker.services.audit import add_events, admin_event, bump_revocation_epoch
 from broker.services.ratelimit import default_burst
@@ -573,7 +580,7 @@ class ManagementService:
         client = await self.get_client(ref)
         try:
             rules.check_path(path.encode())
-        except rules.RuleViolation as exc:
+        except Refusal as exc:
             return client, Decision(allowed=False, scope=None, reason=exc.error, detail=exc.message)
         return client, self._grant(client).check(method, path)
 

@@ -42,7 +42,7 @@ from sqlalchemy import Double, func, literal
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 
-from broker.errors import BrokerError
+from broker.errors import UnavailableError
 from broker.storage.models import RateBucket
 
 if TYPE_CHECKING:
@@ -52,13 +52,6 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 logger = logging.getLogger(__name__)
-
-
-class RateLimitUnavailableError(BrokerError):
-    """The bucket could not be read or written; the call is refused, never let through."""
-
-    status = 503
-    error = "rate_limit_unavailable"
 
 
 @dataclass(frozen=True)
@@ -84,7 +77,8 @@ class RateLimitService:
     async def take(self, client_id: str, rate_limit: float, rate_burst: int | None) -> RateDecision:
         """Spend one of the client's tokens, or say how long until one is back.
 
-        Raises ``RateLimitUnavailableError`` if the database cannot answer: fail closed.
+        Raises ``UnavailableError`` (503 ``rate_limit_unavailable``) if the database cannot
+        answer: the call is refused, never let through.
         """
         rate = float(rate_limit)
         burst = float(rate_burst or default_burst(rate))
@@ -98,8 +92,9 @@ class RateLimitService:
                 bucket = await session.get(RateBucket, client_id)
         except (SQLAlchemyError, OSError) as exc:
             logger.exception("rate limit store unavailable")
-            raise RateLimitUnavailableError(
-                "the rate limit store is unavailable; nothing was forwarded"
+            raise UnavailableError(
+                "the rate limit store is unavailable; nothing was forwarded",
+                error="rate_limit_unavailable",
             ) from exc
         return RateDecision(allowed=False, retry_after=_retry_after(bucket, rate, burst, now))
 

@@ -5,29 +5,31 @@ from __future__ import annotations
 import logging
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
+from broker.core.admission import CallPolicy
 from broker.core.assertions import LEEWAY as ASSERTION_LEEWAY
-from broker.core.assertions import InvalidAssertionError, claimed_issuer, verify_assertion
+from broker.core.assertions import claimed_issuer, verify_assertion
 from broker.core.net import address_allowed, parse_networks
-from broker.core.scopes import Grant, ScopeError
-from broker.core.tokens import (
+from broker.core.scopes import Grant
+from broker.core.tokens import SecretKind, check_secret, generate_secret, new_id
+from broker.errors import (
+    Attribution,
+    DecryptionError,
+    InvalidAssertionError,
     MalformedSecretError,
-    SecretKind,
-    check_secret,
-    generate_secret,
-    new_id,
+    OAuthError,
+    Refusal,
+    ScopeError,
+    UnavailableError,
 )
-from broker.errors import BrokerError, OAuthError
-from broker.keyring import DecryptionError
 from broker.services.audit import (
     AuditService,
-    Event,
     add_events,
     bump_revocation_epoch,
     new_event,
@@ -50,6 +52,7 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
     from broker.config import Settings
+    from broker.core.audit_chain import AuditEvent
     from broker.core.net import IPNetwork
     from broker.keyring import Keyring
 
@@ -60,26 +63,13 @@ _TOKEN_CACHE_SIZE = 65536
 _CLIENT_ID = re.compile(r"[A-Za-z0-9_]{1,40}")
 
 
-class TokenStoreUnavailableError(BrokerError):
-    """Tokens cannot be checked because the database does not answer: fail closed (503)."""
-
-    status = 503
-    error = "token_store_unavailable"
-
-
-class TokenRejectedError(Exception):
-    """The bearer token cannot be used; ``reason`` is the audit reason."""
-
-    def __init__(self, reason: str, message: str, record: TokenRecord | None = None) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
-        self.record = record
-
-
 @dataclass(frozen=True)
 class Authorized:
-    """A resolved proxy token: who is calling, with what grant, through which credential."""
+    """A resolved proxy token: who is calling, with what grant, through which credential.
+
+    ``policy`` is what the grant and the client's flags let the call do; ``bearer`` the
+    ``Authorization`` value that carries the worker token upstream.
+    """
 
     token_id: str
     client_id: str
@@ -87,12 +77,22 @@ class Authorized:
     upstream_name: str
     upstream_url: str
     worker_token: str
-    grant: Grant
-    allow_masquerade: bool
-    allow_includes: bool
+    policy: CallPolicy
     allowed_networks: tuple[IPNetwork, ...] = ()
     rate_limit: float | None = None
     rate_burst: int | None = None
+    bearer: bytes = field(init=False, repr=False, compare=False)
+    worker_token_bytes: bytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        token = self.worker_token.encode()
+        object.__setattr__(self, "worker_token_bytes", token)
+        object.__setattr__(self, "bearer", b"Bearer " + token)
+
+    @property
+    def grant(self) -> Grant:
+        """The token's effective grant."""
+        return self.policy.grant
 
 
 @dataclass(frozen=True)
@@ -112,6 +112,16 @@ class MintedToken:
     token_id: str
     expires_in: int
     scope: str
+
+
+def _attribution(record: TokenRecord) -> Attribution:
+    """Who a known but unusable token belongs to, for the audit event of its refusal."""
+    return Attribution(
+        client_id=record.client.id,
+        token_id=record.token.id,
+        credential_id=record.credential.id,
+        upstream=record.upstream.name,
+    )
 
 
 def credential_usable(credential: WorkerCredential, now: datetime) -> bool:
@@ -310,19 +320,25 @@ class TokenService:
     ) -> None:
         """Record a refused token request; ``audit`` may name the action (default mint)."""
         await self._audit.record(
-            **{
-                "action": "token.mint",
-                **audit,
-                "kind": "token",
-                "decision": "deny",
-                "reason": reason,
-                "status": status,
-                **fields,
-            }
+            new_event(
+                **{
+                    "action": "token.mint",
+                    **audit,
+                    "kind": "token",
+                    "decision": "deny",
+                    "reason": reason,
+                    "status": status,
+                    **fields,
+                }
+            )
         )
 
     async def resolve(self, value: str) -> Authorized:
-        """What a bearer token may do right now, or ``TokenRejectedError``.
+        """What a bearer token may do right now, or a 401 ``Refusal`` saying why.
+
+        The refusal names the token's client, token and credential when the token is known
+        (its ``attribution``), so the audit event says who tried. A database that does not
+        answer is an ``UnavailableError`` (503 ``token_store_unavailable``): fail closed.
 
         Served from the process's cache while the revocation epoch it was cached under is
         current (``services.revocation``) and neither the token nor the worker credential has
@@ -343,7 +359,7 @@ class TokenService:
         try:
             check_secret(value, SecretKind.PROXY_TOKEN)
         except MalformedSecretError as exc:
-            raise TokenRejectedError("malformed_token", "the access token is malformed") from exc
+            raise Refusal(401, "malformed_token", "the access token is malformed") from exc
         authorized, usable_until = await self._resolve_stored(value)
         if epoch is not None:
             if len(self._cache) >= _TOKEN_CACHE_SIZE:
@@ -358,11 +374,12 @@ class TokenService:
                 record = await find_token(session, self._keyring.secret_hash_candidates(value))
         except (SQLAlchemyError, OSError) as exc:
             logger.exception("token store unavailable")
-            raise TokenStoreUnavailableError(
-                "the token store is unavailable; nothing was forwarded"
+            raise UnavailableError(
+                "the token store is unavailable; nothing was forwarded",
+                error="token_store_unavailable",
             ) from exc
         if record is None:
-            raise TokenRejectedError("unknown_token", "the access token is not valid")
+            raise Refusal(401, "unknown_token", "the access token is not valid")
         now = utcnow()
         checks = (
             (record.token.revoked_at is None, "token_revoked", "the access token was revoked"),
@@ -377,7 +394,7 @@ class TokenService:
         )
         for ok, reason, message in checks:
             if not ok:
-                raise TokenRejectedError(reason, message, record)
+                raise Refusal(401, reason, message, attribution=_attribution(record))
         try:
             worker_token = self._keyring.decrypt(
                 record.credential.token_key_id,
@@ -386,8 +403,11 @@ class TokenService:
                 record_id=record.credential.id,
             ).decode()
         except DecryptionError as exc:
-            raise TokenRejectedError(
-                "credential_undecryptable", "the worker credential cannot be used", record
+            raise Refusal(
+                401,
+                "credential_undecryptable",
+                "the worker credential cannot be used",
+                attribution=_attribution(record),
             ) from exc
         client = record.client
         authorized = Authorized(
@@ -397,9 +417,11 @@ class TokenService:
             upstream_name=record.upstream.name,
             upstream_url=record.upstream.base_url,
             worker_token=worker_token,
-            grant=self._effective_grant(client, record.token.scopes),
-            allow_masquerade=client.allow_masquerade,
-            allow_includes=client.allow_includes,
+            policy=CallPolicy(
+                grant=self._effective_grant(client, record.token.scopes),
+                allow_masquerade=client.allow_masquerade,
+                allow_includes=client.allow_includes,
+            ),
             allowed_networks=self._networks(client),
             rate_limit=client.rate_limit,
             rate_burst=client.rate_burst,
@@ -476,7 +498,7 @@ class TokenService:
         """RFC 7662 response for ``value`` (``{"active": false}`` for anything unusable)."""
         try:
             authorized = await self.resolve(value)
-        except TokenRejectedError:
+        except Refusal:
             return {"active": False}
         async with self._sessions() as session:
             token = await session.get(ProxyToken, authorized.token_id)
@@ -499,7 +521,7 @@ def _token_event(
     client: Client,
     token_id: str,
     **fields: Any,  # noqa: ANN401 - further column values
-) -> Event:
+) -> AuditEvent:
     """A successful token event of ``client`` for ``token_id``."""
     return new_event(
         **{

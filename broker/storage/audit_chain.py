@@ -20,6 +20,7 @@ from sqlalchemy import delete, exists, func, insert, select, update
 from broker.core.audit_chain import (
     CHAINED_FIELDS,
     GENESIS,
+    AuditEvent,
     Checkpoint,
     Head,
     Link,
@@ -30,24 +31,20 @@ from broker.core.audit_chain import (
     event_mac,
     head_mac,
 )
-from broker.storage.models import AuditCheckpoint, AuditEvent, AuditHead, utcnow
+from broker.errors import UnsealedLogError
+from broker.storage.models import AuditCheckpoint, AuditEventRow, AuditHead, utcnow
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator, Mapping, Sequence
+    from collections.abc import Callable, Iterator, Sequence
 
     from sqlalchemy import Connection, Dialect, Row, Table
 
-EVENTS: Final = cast("Table", AuditEvent.__table__)
+EVENTS: Final = cast("Table", AuditEventRow.__table__)
 HEAD: Final = cast("Table", AuditHead.__table__)
 CHECKPOINTS: Final = cast("Table", AuditCheckpoint.__table__)
 HEAD_ID: Final = 1
 PENDING: Final = "pending"
-_ALLOWED: Final = frozenset(CHAINED_FIELDS)
 _READ_CHUNK: Final = 2000
-
-
-class UnsealedLogError(Exception):
-    """Events written before the chain existed are still unsigned: run ``broker init``."""
 
 
 @dataclass(frozen=True)
@@ -78,7 +75,7 @@ def lock_head(connection: Connection) -> Head:
     return _lock_head(connection.connection, ChainStatements.of(connection.dialect))
 
 
-def append(connection: Connection, key: ChainKey, events: Sequence[Mapping[str, Any]]) -> list[int]:
+def append(connection: Connection, key: ChainKey, events: Sequence[AuditEvent]) -> list[int]:
     """Chain ``events`` after the current head, in order, in the connection's transaction."""
     return append_raw(connection.connection, ChainStatements.of(connection.dialect), key, events)
 
@@ -166,24 +163,19 @@ class Prepared:
     values: tuple[Any, ...]
 
 
-def prepare(sql: ChainStatements, events: Sequence[Mapping[str, Any]]) -> list[Prepared]:
+def prepare(sql: ChainStatements, events: Sequence[AuditEvent]) -> list[Prepared]:
     """Everything about ``events`` that does not depend on the chain's head.
 
-    Done before the head is locked, so the lock is held only to link and insert. Each event
-    maps column names to values; a name that is not a chained column is a bug and raises
-    ``ValueError``.
+    Done before the head is locked, so the lock is held only to link and insert.
     """
     return [stored(sql, *canonical_form(event)) for event in events]
 
 
-def canonical_form(event: Mapping[str, Any]) -> tuple[bytes, list[Any]]:
+def canonical_form(event: AuditEvent) -> tuple[bytes, list[Any]]:
     """An event's canonical bytes and values: the part of ``prepare`` that needs no database.
 
     A worker does it before handing the event to the writer it shares with other workers.
     """
-    unknown = event.keys() - _ALLOWED
-    if unknown:
-        raise ValueError(f"not audit event fields: {sorted(unknown)}")
     values = canonical_values(event)
     return encode(values), values
 
@@ -202,7 +194,7 @@ def append_raw(
     dbapi: Any,  # noqa: ANN401 - a DB-API connection inside the caller's write transaction
     sql: ChainStatements,
     key: ChainKey,
-    events: Sequence[Mapping[str, Any]] | Sequence[Prepared],
+    events: Sequence[AuditEvent] | Sequence[Prepared],
 ) -> list[int]:
     """Chain ``events`` (or events already prepared) after the current head; return seqs."""
     ready = [e if isinstance(e, Prepared) else prepare(sql, [e])[0] for e in events]

@@ -195,7 +195,7 @@ class AdminKey(Base):
     created_by: Mapped[str | None] = mapped_column(String(40))
 
 
-class AuditEvent(Base):
+class AuditEventRow(Base):
     """One record per proxied call, refusal, token event or admin action (docs/audit.md).
 
     A forwarded call is written ``pending`` and committed before it is sent upstream; its

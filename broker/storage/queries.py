@@ -13,7 +13,7 @@ from sqlalchemy.orm import aliased
 from broker.errors import BadRequestError, NotFoundError
 from broker.storage.models import (
     AdminKey,
-    AuditEvent,
+    AuditEventRow,
     Client,
     ProxyToken,
     Upstream,
@@ -76,7 +76,7 @@ async def find_admin_key(session: AsyncSession, hashes: Sequence[str]) -> AdminK
 
 
 # The event a completion event completes; reviewing merges the two into one call.
-Completion = aliased(AuditEvent, name="completion")
+Completion = aliased(AuditEventRow, name="completion")
 
 
 @dataclass(frozen=True)
@@ -109,32 +109,32 @@ class AuditFilter:
         """Add this filter's conditions to ``query`` (which joins ``Completion``)."""
         conditions: list[ColumnElement[bool]] = []
         if self.since is not None:
-            conditions.append(AuditEvent.time >= self.since)
+            conditions.append(AuditEventRow.time >= self.since)
         if self.until is not None:
-            conditions.append(AuditEvent.time < self.until)
+            conditions.append(AuditEventRow.time < self.until)
         equal: dict[Any, object] = {
-            AuditEvent.client_id: self.client_id,
-            AuditEvent.token_id: self.token_id,
-            AuditEvent.credential_id: self.credential_id,
-            AuditEvent.upstream: self.upstream,
-            AuditEvent.kind: self.kind,
-            AuditEvent.action: self.action,
-            AuditEvent.decision: self.decision,
-            AuditEvent.method: self.method,
-            AuditEvent.request_id: self.request_id,
-            AuditEvent.actor_key_id: self.actor_key_id,
-            func.coalesce(Completion.status, AuditEvent.status): self.status,
-            func.coalesce(Completion.reason, AuditEvent.reason): self.reason,
-            func.coalesce(Completion.state, AuditEvent.state): self.state,
+            AuditEventRow.client_id: self.client_id,
+            AuditEventRow.token_id: self.token_id,
+            AuditEventRow.credential_id: self.credential_id,
+            AuditEventRow.upstream: self.upstream,
+            AuditEventRow.kind: self.kind,
+            AuditEventRow.action: self.action,
+            AuditEventRow.decision: self.decision,
+            AuditEventRow.method: self.method,
+            AuditEventRow.request_id: self.request_id,
+            AuditEventRow.actor_key_id: self.actor_key_id,
+            func.coalesce(Completion.status, AuditEventRow.status): self.status,
+            func.coalesce(Completion.reason, AuditEventRow.reason): self.reason,
+            func.coalesce(Completion.state, AuditEventRow.state): self.state,
         }
         conditions.extend(column == value for column, value in equal.items() if value is not None)
         if self.path_prefix:
             conditions.append(
-                AuditEvent.path.like(f"{_like_escaped(self.path_prefix)}%", escape="\\")
+                AuditEventRow.path.like(f"{_like_escaped(self.path_prefix)}%", escape="\\")
             )
         if self.query_contains:
             conditions.append(
-                AuditEvent.query.like(f"%{_like_escaped(self.query_contains)}%", escape="\\")
+                AuditEventRow.query.like(f"%{_like_escaped(self.query_contains)}%", escape="\\")
             )
         return query.where(*conditions)
 
@@ -163,20 +163,20 @@ def decode_cursor(cursor: str) -> int:
 
 async def audit_page(
     session: AsyncSession, selection: AuditFilter, *, before: int | None, limit: int
-) -> tuple[list[tuple[AuditEvent, AuditEvent | None]], int | None]:
+) -> tuple[list[tuple[AuditEventRow, AuditEventRow | None]], int | None]:
     """Newest-first page of events with ``seq < before``, each with its completion if any.
 
     The cursor stays stable as events arrive: it names a position in the append-only
     sequence, not an offset. Completion events are shown only through what they complete.
     """
     query = selection.apply(
-        select(AuditEvent, Completion)
-        .outerjoin(Completion, Completion.completes == AuditEvent.seq)
-        .where(AuditEvent.completes.is_(None))
+        select(AuditEventRow, Completion)
+        .outerjoin(Completion, Completion.completes == AuditEventRow.seq)
+        .where(AuditEventRow.completes.is_(None))
     )
     if before is not None:
-        query = query.where(AuditEvent.seq < before)
-    result = await session.execute(query.order_by(AuditEvent.seq.desc()).limit(limit + 1))
+        query = query.where(AuditEventRow.seq < before)
+    result = await session.execute(query.order_by(AuditEventRow.seq.desc()).limit(limit + 1))
     rows = [(row[0], row[1]) for row in result]
     if len(rows) > limit:
         return rows[:limit], rows[limit - 1][0].seq
@@ -193,10 +193,10 @@ _OUTCOME = (
 )
 
 
-def merged_event(begin: AuditEvent, done: AuditEvent | None) -> dict[str, Any]:
+def merged_event(begin: AuditEventRow, done: AuditEventRow | None) -> dict[str, Any]:
     """One call as the review API shows it: the event, with its completion's outcome."""
     fields = {
-        column.key: getattr(begin, column.key) for column in AuditEvent.__mapper__.column_attrs
+        column.key: getattr(begin, column.key) for column in AuditEventRow.__mapper__.column_attrs
     }
     for chain_column in ("prev_mac", "mac", "mac_key", "completes"):
         fields.pop(chain_column)

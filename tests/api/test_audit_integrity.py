@@ -21,7 +21,7 @@ from broker.app import create_app
 from broker.context import ProcessContext
 from broker.core.tokens import SecretKind, generate_secret
 from broker.keyring import Keyring, load_key_file, write_key_file
-from broker.services.audit import AuditService
+from broker.services.audit import AuditService, new_event
 from tests.support.audit import Dba, forged_mac, keys_setting, local_env, run_broker
 from tests.support.env import bearer
 
@@ -477,12 +477,14 @@ async def test_pending_event_without_completion_is_shown_pending_and_counted(
 ) -> None:
     # What a crash between forwarding and recording the outcome leaves behind.
     begun = await audit_service.begin(
-        request_id="crashed-call",
-        kind="proxy",
-        action="proxy",
-        decision="allow",
-        method="GET",
-        path=COURSE,
+        new_event(
+            request_id="crashed-call",
+            kind="proxy",
+            action="proxy",
+            decision="allow",
+            method="GET",
+            path=COURSE,
+        )
     )
     [pending] = await env.audit(state="pending")
     assert (pending["seq"], pending["request_id"]) == (begun.seq, "crashed-call")

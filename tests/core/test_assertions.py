@@ -11,14 +11,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from joserfc import jwt
 from joserfc.jwk import ECKey, OctKey, OKPKey, RSAKey
 
-from broker.core.assertions import (
-    MAX_LIFETIME,
-    InvalidAssertionError,
-    InvalidKeySetError,
-    claimed_issuer,
-    public_key_set,
-    verify_assertion,
-)
+from broker.core.assertions import MAX_LIFETIME, claimed_issuer, public_key_set, verify_assertion
+from broker.errors import InvalidAssertionError, InvalidKeySetError
 
 if TYPE_CHECKING:
     from collections.abc import Callable

@@ -16,7 +16,8 @@ import pytest
 
 from broker.core import rules
 from broker.core.catalogue import canvas_scopes
-from broker.core.scopes import EXACT_ONLY, Grant, ScopeError
+from broker.core.scopes import EXACT_ONLY, Grant
+from broker.errors import Refusal, ScopeError
 from tests.support.canvas_matcher import Restrictions, canvas_allows
 
 CALLS = 40_000
@@ -101,7 +102,7 @@ def broker_grant(scopes: tuple[str, ...]) -> Grant | None:
 def broker_allows(grant: Grant, method: str, path: str) -> bool:
     try:
         rules.check_path(path.encode("ascii"))
-    except (rules.RuleViolation, UnicodeEncodeError):
+    except (Refusal, UnicodeEncodeError):
         return False
     return grant.check(method, path).allowed
 

@@ -23,10 +23,10 @@ from broker.core.rules import (
     INCLUDE_KEYS,
     MASQUERADE_KEYS,
     OVERRIDE_KEYS,
-    RuleViolation,
     _parse_content_type,
     check_body,
 )
+from broker.errors import Refusal
 from tests.support.multipart_cases import Case, random_case
 from tests.support.rack_readings import (
     RackReading,
@@ -47,7 +47,7 @@ def accepted_names(case: Case) -> list[str] | None:
     """The broker's part names if it accepts the body, else None."""
     try:
         check_body(case.content_type, case.body, allow_masquerade=False)
-    except RuleViolation:
+    except Refusal:
         return None
     parsed = _parse_content_type(case.content_type)
     assert parsed is not None

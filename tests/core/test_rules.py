@@ -17,7 +17,6 @@ from broker.core.rules import (
     OVERRIDE_HEADERS,
     OVERRIDE_KEYS,
     SENSITIVE_QUERY_KEYS,
-    RuleViolation,
     check_body,
     check_headers,
     check_path,
@@ -26,14 +25,15 @@ from broker.core.rules import (
     forward_response_headers,
     redact_query,
 )
+from broker.errors import Refusal
 
 
-def violation(excinfo: pytest.ExceptionInfo[RuleViolation]) -> tuple[int, str]:
+def violation(excinfo: pytest.ExceptionInfo[Refusal]) -> tuple[int, str]:
     return excinfo.value.status, excinfo.value.error
 
 
 def test_rule_violation_carries_status_error_and_message() -> None:
-    error = RuleViolation(403, "masquerade_denied", "no")
+    error = Refusal(403, "masquerade_denied", "no")
     assert (error.status, error.error, error.message, str(error)) == (
         403,
         "masquerade_denied",
@@ -136,7 +136,7 @@ def test_check_path_returns_canonical_paths_as_text(path: bytes) -> None:
     ],
 )
 def test_check_path_refuses_non_canonical_paths(path: bytes) -> None:
-    with pytest.raises(RuleViolation) as caught:
+    with pytest.raises(Refusal) as caught:
         check_path(path)
     assert violation(caught) == (400, "non_canonical_path")
 
@@ -154,7 +154,7 @@ def test_check_path_refuses_non_canonical_paths(path: bytes) -> None:
     ],
 )
 def test_check_path_refuses_escapes_that_are_not_utf8(path: bytes) -> None:
-    with pytest.raises(RuleViolation) as caught:
+    with pytest.raises(Refusal) as caught:
         check_path(path)
     assert violation(caught) == (400, "non_canonical_path")
     assert "UTF-8" in caught.value.message
@@ -164,20 +164,20 @@ def test_check_path_refuses_a_path_over_the_length_limit_with_414() -> None:
     prefix = b"/api/v1/courses/"
     longest = prefix + b"1" * (MAX_PATH_BYTES - len(prefix))
     assert check_path(longest) == longest.decode()
-    with pytest.raises(RuleViolation) as caught:
+    with pytest.raises(Refusal) as caught:
         check_path(longest + b"1")
     assert violation(caught) == (414, "path_too_long")
     assert len(caught.value.message) < 300
 
 
 def test_check_path_message_truncates_huge_input() -> None:
-    with pytest.raises(RuleViolation) as caught:
+    with pytest.raises(Refusal) as caught:
         check_path(b"/" + b"a" * 10_000 + b"/..")
     assert len(caught.value.message) < 250
 
 
 def test_check_path_message_says_what_was_wrong() -> None:
-    with pytest.raises(RuleViolation, match="empty segments"):
+    with pytest.raises(Refusal, match="empty segments"):
         check_path(b"/api//x")
 
 
@@ -196,7 +196,7 @@ def test_check_path_output_never_holds_dot_or_empty_segments_or_encoded_slashes(
 ) -> None:
     try:
         result = check_path(path)
-    except RuleViolation as error:
+    except Refusal as error:
         refusal = (error.status, error.error)
         result = None
     if result is None:
@@ -217,7 +217,7 @@ def test_check_path_output_never_holds_dot_or_empty_segments_or_encoded_slashes(
 def test_check_path_accepts_only_printable_ascii(path: bytes) -> None:
     try:
         result = check_path(b"/" + path)
-    except RuleViolation:
+    except Refusal:
         return
     assert all(0x21 <= byte <= 0x7E and byte not in b"\\;#?" for byte in result.encode())
 
@@ -239,7 +239,7 @@ def test_check_path_accepts_only_printable_ascii(path: bytes) -> None:
     ],
 )
 def test_check_headers_refuses_method_override_headers(name: bytes) -> None:
-    with pytest.raises(RuleViolation) as caught:
+    with pytest.raises(Refusal) as caught:
         check_headers([(b"accept", b"*/*"), (name, b"DELETE")])
     assert violation(caught) == (403, "method_override_denied")
 
@@ -266,14 +266,14 @@ def test_check_headers_allows_ordinary_headers() -> None:
 def test_check_headers_refuses_a_repeated_host_or_content_type(
     headers: list[tuple[bytes, bytes]],
 ) -> None:
-    with pytest.raises(RuleViolation) as caught:
+    with pytest.raises(Refusal) as caught:
         check_headers(headers)
     assert violation(caught) == (400, "malformed_request")
 
 
 @pytest.mark.parametrize("coding", [b"gzip, chunked", b"identity", b"chunked, chunked", b"gzip"])
 def test_check_headers_refuses_transfer_codings_other_than_chunked(coding: bytes) -> None:
-    with pytest.raises(RuleViolation) as caught:
+    with pytest.raises(Refusal) as caught:
         check_headers([(b"transfer-encoding", coding)])
     assert violation(caught) == (400, "malformed_request")
 
@@ -332,7 +332,7 @@ def test_check_headers_allows_chunked_and_repeated_ordinary_headers() -> None:
     ],
 )
 def test_check_query_refuses_keys_canvas_would_read(query: bytes, error: str) -> None:
-    with pytest.raises(RuleViolation) as caught:
+    with pytest.raises(Refusal) as caught:
         check_query(query, allow_masquerade=False)
     assert violation(caught) == (403, error)
 
@@ -383,7 +383,7 @@ def test_check_query_allows_ordinary_queries(query: bytes) -> None:
 def test_check_query_refuses_includes_other_than_uuid_without_allow_includes(
     query: bytes,
 ) -> None:
-    with pytest.raises(RuleViolation) as caught:
+    with pytest.raises(Refusal) as caught:
         check_query(query, allow_masquerade=False)
     assert violation(caught) == (403, "include_not_allowed")
     assert "allow_includes" in caught.value.message
@@ -403,7 +403,7 @@ def test_check_query_leaves_nested_or_other_keys_named_like_include_alone(query:
     [b"become_user_id=2", b"become_teacher=1", b"become_student", b"me", b"me=1", b"x[me]=1"],
 )
 def test_check_query_refuses_every_canvas_masquerade_key(query: bytes) -> None:
-    with pytest.raises(RuleViolation) as caught:
+    with pytest.raises(Refusal) as caught:
         check_query(query, allow_masquerade=False)
     assert violation(caught) == (403, "masquerade_denied")
     check_query(query, allow_masquerade=True)
@@ -421,7 +421,7 @@ def test_check_query_allows_masquerade_when_the_client_may() -> None:
     ],
 )
 def test_allow_masquerade_does_not_allow_other_keys(query: bytes, error: str) -> None:
-    with pytest.raises(RuleViolation) as caught:
+    with pytest.raises(Refusal) as caught:
         check_query(query, allow_masquerade=True)
     assert violation(caught) == (403, error)
 
@@ -442,7 +442,7 @@ def test_allow_masquerade_does_not_allow_other_keys(query: bytes, error: str) ->
     ],
 )
 def test_check_query_refuses_unparseable_queries(query: bytes) -> None:
-    with pytest.raises(RuleViolation) as caught:
+    with pytest.raises(Refusal) as caught:
         check_query(query, allow_masquerade=False)
     assert violation(caught) == (400, "malformed_request")
 
@@ -477,7 +477,7 @@ def test_check_body_accepts_an_empty_body_of_any_type() -> None:
     ],
 )
 def test_check_body_refuses_other_types_with_a_body(content_type: str | None) -> None:
-    with pytest.raises(RuleViolation) as caught:
+    with pytest.raises(Refusal) as caught:
         check_body(content_type, b"as_user_id=1", allow_masquerade=False)
     assert violation(caught) == (415, "unsupported_media_type")
 
@@ -500,7 +500,7 @@ def test_check_body_refuses_other_types_with_a_body(content_type: str | None) ->
 )
 def test_check_body_reads_json_types(content_type: str) -> None:
     check_body(content_type, b'{"assignment": {"name": "x"}}', allow_masquerade=False)
-    with pytest.raises(RuleViolation) as caught:
+    with pytest.raises(Refusal) as caught:
         check_body(content_type, b'{"as_user_id": 2}', allow_masquerade=False)
     assert violation(caught) == (403, "masquerade_denied")
 
@@ -520,7 +520,7 @@ def test_check_body_reads_json_types(content_type: str) -> None:
     ],
 )
 def test_check_body_refuses_keys_anywhere_in_json(body: object, error: str) -> None:
-    with pytest.raises(RuleViolation) as caught:
+    with pytest.raises(Refusal) as caught:
         check_body("application/json", json.dumps(body).encode(), allow_masquerade=False)
     assert violation(caught) == (403, error)
 
@@ -535,18 +535,18 @@ def test_check_body_refuses_keys_anywhere_in_json(body: object, error: str) -> N
     ],
 )
 def test_check_body_refuses_bracketed_keys_in_json(body: object, error: str) -> None:
-    with pytest.raises(RuleViolation) as caught:
+    with pytest.raises(Refusal) as caught:
         check_body("application/json", json.dumps(body).encode(), allow_masquerade=False)
     assert violation(caught) == (403, error)
 
 
 def test_check_body_sees_duplicate_json_keys() -> None:
-    with pytest.raises(RuleViolation, match="as_user_id"):
+    with pytest.raises(Refusal, match="as_user_id"):
         check_body("application/json", b'{"a": 1, "as_user_id": 2, "a": 3}', allow_masquerade=False)
 
 
 def test_check_body_sees_escaped_json_keys() -> None:
-    with pytest.raises(RuleViolation) as caught:
+    with pytest.raises(Refusal) as caught:
         check_body("application/json", b'{"as\\u005fuser_id": 2}', allow_masquerade=False)
     assert violation(caught) == (403, "masquerade_denied")
 
@@ -587,7 +587,7 @@ def test_check_body_allows_masquerade_in_json_when_the_client_may() -> None:
     ],
 )
 def test_check_body_refuses_malformed_json(body: bytes) -> None:
-    with pytest.raises(RuleViolation) as caught:
+    with pytest.raises(Refusal) as caught:
         check_body("application/json", body, allow_masquerade=False)
     assert violation(caught) == (400, "malformed_body")
 
@@ -610,7 +610,7 @@ FORM = "application/x-www-form-urlencoded"
     ],
 )
 def test_check_body_refuses_keys_in_form_bodies(body: bytes, error: str) -> None:
-    with pytest.raises(RuleViolation) as caught:
+    with pytest.raises(Refusal) as caught:
         check_body(f"{FORM}; charset=UTF-8", body, allow_masquerade=False)
     assert violation(caught) == (403, error)
 
@@ -636,7 +636,7 @@ def test_check_body_allows_a_form_body_as_curl_sends_it(body: bytes) -> None:
     ],
 )
 def test_check_body_refuses_nested_keys_in_form_bodies(body: bytes, error: str) -> None:
-    with pytest.raises(RuleViolation) as caught:
+    with pytest.raises(Refusal) as caught:
         check_body(FORM, body, allow_masquerade=False)
     assert violation(caught) == (403, error)
 
@@ -659,7 +659,7 @@ def test_check_body_refuses_nested_keys_in_form_bodies(body: bytes, error: str) 
     ],
 )
 def test_check_body_refuses_malformed_form_bodies(body: bytes) -> None:
-    with pytest.raises(RuleViolation) as caught:
+    with pytest.raises(Refusal) as caught:
         check_body(FORM, body, allow_masquerade=False)
     assert violation(caught) == (400, "malformed_body")
 
@@ -736,7 +736,7 @@ def test_check_body_refuses_keys_in_multipart_part_names(
     part: tuple[str, bytes], error: str
 ) -> None:
     body = multipart(form_part("a"), part)
-    with pytest.raises(RuleViolation) as caught:
+    with pytest.raises(Refusal) as caught:
         check_body(MULTIPART, body, allow_masquerade=False)
     assert violation(caught) == (403, error)
 
@@ -806,7 +806,7 @@ VALID = multipart(form_part("a"))
     ],
 )
 def test_check_body_refuses_malformed_multipart(content_type: str, body: bytes) -> None:
-    with pytest.raises(RuleViolation) as caught:
+    with pytest.raises(Refusal) as caught:
         check_body(content_type, body, allow_masquerade=False)
     assert violation(caught) == (400, "malformed_body")
 
@@ -859,7 +859,7 @@ RACK_TRAPS = {
 @pytest.mark.parametrize("head", RACK_TRAPS.values(), ids=RACK_TRAPS.keys())
 def test_check_body_refuses_a_part_head_rack_releases_could_read_differently(head: str) -> None:
     body = multipart(form_part("ok"), (head, b"1"))
-    with pytest.raises(RuleViolation) as caught:
+    with pytest.raises(Refusal) as caught:
         check_body(MULTIPART, body, allow_masquerade=True)
     assert violation(caught) == (400, "malformed_body")
 
@@ -880,7 +880,7 @@ def test_check_body_refuses_a_part_head_rack_releases_could_read_differently(hea
 def test_check_body_refuses_a_boundary_rack_releases_could_read_differently(
     content_type: str,
 ) -> None:
-    with pytest.raises(RuleViolation) as caught:
+    with pytest.raises(Refusal) as caught:
         check_body(content_type, multipart(form_part("a")), allow_masquerade=False)
     assert violation(caught)[0] in {400, 415}
 
@@ -959,14 +959,14 @@ def test_forward_request_headers_keeps_order_duplicates_and_encodings() -> None:
     ],
 )
 def test_check_headers_refuses_connection_naming_an_end_to_end_header(value: bytes) -> None:
-    with pytest.raises(RuleViolation) as caught:
+    with pytest.raises(Refusal) as caught:
         check_headers([(b"content-type", b"application/json"), (b"connection", value)])
     assert violation(caught) == (400, "malformed_request")
 
 
 @pytest.mark.parametrize("value", [b"gzip", b"deflate", b"br", b"x-gzip", b"identity, gzip"])
 def test_check_headers_refuses_a_content_encoded_request_body(value: bytes) -> None:
-    with pytest.raises(RuleViolation) as caught:
+    with pytest.raises(Refusal) as caught:
         check_headers([(b"Content-Encoding", value)])
     assert violation(caught) == (415, "unsupported_media_type")
     check_headers([(b"Content-Encoding", b"identity")])

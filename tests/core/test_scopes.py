@@ -10,15 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broker.core.catalogue import canvas_scopes
-from broker.core.scopes import (
-    EXACT_ONLY,
-    Decision,
-    ExactOnly,
-    Grant,
-    Scope,
-    ScopeError,
-    parse_scope,
-)
+from broker.core.scopes import EXACT_ONLY, Decision, ExactOnly, Grant, Scope, parse_scope
+from broker.errors import ScopeError
 
 ASSIGNMENTS = "url:GET|/api/v1/courses/:course_id/assignments"
 COURSE = "url:GET|/api/v1/courses/:id"

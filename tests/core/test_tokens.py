@@ -9,13 +9,8 @@ import re
 
 import pytest
 
-from broker.core.tokens import (
-    ALPHABET,
-    MalformedSecretError,
-    SecretKind,
-    check_secret,
-    generate_secret,
-)
+from broker.core.tokens import ALPHABET, SecretKind, check_secret, generate_secret
+from broker.errors import MalformedSecretError
 
 
 @pytest.mark.parametrize("kind", list(SecretKind))

@@ -19,16 +19,17 @@ from sqlalchemy import func, select
 
 from broker.app import create_app
 from broker.context import ProcessContext
+from broker.errors import AuditWriteError
 from broker.keyring import Keyring
 from broker.services.audit import new_event
 from broker.services.audit_hub import RemoteAuditWriter
-from broker.services.audit_writer import AuditWriteError
-from broker.storage.models import AuditEvent
+from broker.storage.models import AuditEventRow
 from tests.conftest import running_hub
 from tests.proxy.support import make_caller
 from tests.support.env import BrokerEnv
 
 if TYPE_CHECKING:
+    from broker.core.audit_chain import AuditEvent
     from collections.abc import AsyncIterator, Iterator
     from pathlib import Path
 
@@ -96,7 +97,7 @@ async def test_two_workers_extend_one_chain_through_the_hub(workers: list[Broker
     report = await second.verify_audit()
     assert report["ok"], report
     async with first.context.sessions() as session:
-        stored = await session.scalar(select(func.count()).select_from(AuditEvent))
+        stored = await session.scalar(select(func.count()).select_from(AuditEventRow))
     assert report["checked"] == stored
     assert report["incomplete"] == {"count": 0, "oldest": []}
     events = await first.audit(kind="proxy", limit=200)
@@ -181,7 +182,7 @@ async def test_a_waiter_that_went_away_is_recorded_as_abandoned(
 ) -> None:
     writer = workers[0].context.audit_writer
 
-    def abandoned(seq: int) -> dict[str, object]:
+    def abandoned(seq: int) -> AuditEvent:
         return new_event(
             request_id="gone", kind="proxy", action="proxy", decision="error", completes=seq
         )
@@ -199,9 +200,9 @@ async def test_a_waiter_that_went_away_is_recorded_as_abandoned(
     async with workers[0].context.sessions() as session:
         rows = (
             await session.execute(
-                select(AuditEvent.seq, AuditEvent.completes, AuditEvent.decision)
-                .where(AuditEvent.request_id == "gone")
-                .order_by(AuditEvent.seq)
+                select(AuditEventRow.seq, AuditEventRow.completes, AuditEventRow.decision)
+                .where(AuditEventRow.request_id == "gone")
+                .order_by(AuditEventRow.seq)
             )
         ).all()
     assert len(rows) == 2

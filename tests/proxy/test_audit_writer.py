@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from sqlalchemy import func, select, update
 
 from broker.services.audit import new_event
-from broker.storage.models import AuditEvent, RevocationEpoch
+from broker.storage.models import AuditEventRow, RevocationEpoch
 from tests.proxy.support import make_caller
 from tests.support.env import AUDIT_HUB
 
 if TYPE_CHECKING:
+    from broker.core.audit_chain import AuditEvent
     from tests.support.env import BrokerEnv
 
 ASSIGNMENTS = "/api/v1/courses/1201/assignments"
@@ -33,7 +34,7 @@ async def test_mixed_traffic_forms_one_chain_that_verifies(env: BrokerEnv) -> No
     report = await env.verify_audit()
     assert report["ok"], report
     async with env.context.sessions() as session:
-        stored = await session.scalar(select(func.count()).select_from(AuditEvent))
+        stored = await session.scalar(select(func.count()).select_from(AuditEventRow))
     # Every event written (admin actions, token mint, calls and their completions) is checked.
     assert report["checked"] == stored
     assert report["incomplete"] == {"count": 0, "oldest": []}
@@ -62,9 +63,9 @@ async def test_a_forwarded_call_is_pending_until_its_completion_is_committed(
     async with env.context.sessions() as session:
         rows = (
             await session.scalars(
-                select(AuditEvent)
-                .where(AuditEvent.request_id == request_id)
-                .order_by(AuditEvent.seq)
+                select(AuditEventRow)
+                .where(AuditEventRow.request_id == request_id)
+                .order_by(AuditEventRow.seq)
             )
         ).all()
     # The pending event was durable before forwarding; its completion may still be queued.
@@ -75,7 +76,7 @@ async def test_a_forwarded_call_is_pending_until_its_completion_is_committed(
     assert event["response_bytes"] == int(response.headers["content-length"])
 
 
-def _event(request_id: str, **fields: object) -> dict[str, object]:
+def _event(request_id: str, **fields: Any) -> AuditEvent:
     return new_event(
         request_id=request_id, kind="proxy", action="proxy", decision="allow", **fields
     )
@@ -102,7 +103,7 @@ async def test_a_lone_request_commits_on_the_loop_thread_with_the_queued_complet
     assert threads == {threading.current_thread().name if on_sqlite else "audit-writer"}
     assert second == first + 2
     async with env.context.sessions() as session:
-        rows = (await session.execute(select(AuditEvent.seq, AuditEvent.request_id))).all()
+        rows = (await session.execute(select(AuditEventRow.seq, AuditEventRow.request_id))).all()
     assert sorted(rows)[-3:] == [(first, "first"), (first + 1, "first-done"), (second, "second")]
 
 
@@ -133,5 +134,7 @@ async def test_a_lone_request_never_waits_on_the_loop_for_a_held_write_lock(
             assert not pending.done()
         seq = await pending
     async with env.context.sessions() as session:
-        stored = await session.scalar(select(AuditEvent.request_id).where(AuditEvent.seq == seq))
+        stored = await session.scalar(
+            select(AuditEventRow.request_id).where(AuditEventRow.seq == seq)
+        )
     assert stored == "lone"

@@ -21,7 +21,7 @@ from tests.proxy.support import make_caller
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
-    from broker.api.proxy import ProxyApp
+    from broker.services.ratelimit import RateLimitService
     from tests.support.env import BrokerEnv
 
 COURSE = "/api/v1/courses/1201"
@@ -61,8 +61,8 @@ async def limited(env: BrokerEnv) -> AsyncIterator[Limited]:
     """``env``'s database and simulator behind an app whose limiter uses a fake clock."""
     app = create_app(context=env.context)
     clock = Clock()
-    proxy: ProxyApp = app.state.proxy
-    proxy.rate_limits.clock = clock
+    rate_limits: RateLimitService = app.state.rate_limits
+    rate_limits.clock = clock
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://broker.test") as http:
         yield Limited(env=env, http=http, clock=clock)

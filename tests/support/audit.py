@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import text
 
+from broker.core.audit_chain import AuditEvent
 from broker.storage.database import create_sync_engine
 
 if TYPE_CHECKING:
@@ -180,7 +181,7 @@ def fill_audit_log(database_url: str, keyring: Keyring, calls: int, *, batch: in
                             "details": {"expires_in": 900, "scopes": [call["scope"]]},
                         },
                     ]
-                append(connection, key, events)
+                append(connection, key, [AuditEvent(**event) for event in events])
     finally:
         engine.dispose()
     return calls * 3

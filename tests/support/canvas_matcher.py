@@ -16,6 +16,7 @@ from functools import lru_cache
 
 from broker.core import rules
 from broker.core.scopes import EXACT_ONLY, Grant
+from broker.errors import Refusal
 
 _DYNAMIC = re.compile(r":[^/)]+")
 _GLOB = re.compile(r"\*[^/)]+")
@@ -80,7 +81,7 @@ def canvas_allows(
     if chosen.canonical_paths:
         try:
             rules.check_path(path.encode("ascii"))
-        except (rules.RuleViolation, UnicodeEncodeError):
+        except (Refusal, UnicodeEncodeError):
             return False
     # `request.method.upcase`, HEAD as GET; the broker compares methods exactly instead.
     request_method = "GET" if method.upper() == "HEAD" else method.upper()

@@ -1,0 +1,403 @@
+"""The proxied call as one use case: admit, audit, forward, finish (docs/proxy-rules.md).
+
+``ProxyService`` owns a call from the moment its head arrives to its completion event; the
+ASGI adapter (``broker.api.proxy``) only turns the ASGI scope into a
+:class:`~broker.core.admission.ProxyRequest`, reads the body within its limit, streams the
+response and shapes the answers. The order of the rules is ``broker.core.admission``'s; this
+module runs them, interleaving what needs the database:
+
+1. :meth:`ProxyService.admit`: the target and head (400/414), the bearer token (401), the
+   source address (403), the rate limit (429/503), headers and query (403/400/415), the
+   grant (403).
+2. The adapter reads the body, refusing it past the limit (:meth:`ProxyService.refuse`).
+3. :meth:`ProxyService.admit_body`: the body (415/400/403), then the pending audit event,
+   committed before anything is sent (503 and nothing forwarded if it cannot be).
+4. :meth:`ProxyService.forward`: the call goes to Canvas with the worker token; the answer
+   is a :class:`Relay` (headers as relayed, and the body whole or to stream) or, if Canvas
+   cannot be reached or its headers carry the worker token, a :class:`Refused`.
+5. :meth:`ProxyService.finish`: the completion event and the metrics.
+
+Every refusal is audited before it is answered; if its event cannot be committed the answer is
+``503 audit_unavailable``. Nothing here raises for a refusal: outcomes are typed values.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final, TypeVar
+
+from broker.core import admission, rules
+from broker.core.audit_chain import AuditEvent
+from broker.core.net import client_address
+from broker.core.rewrite import (
+    Rewriter,
+    header,
+    public_base,
+    relayed_headers,
+    rewritable_json,
+    rewrite_json,
+)
+from broker.errors import AuditUnavailableError, BrokerError, Refusal, UpstreamError
+from broker.metrics import UNAUTHENTICATED
+from broker.requestid import new_request_id
+from broker.storage.models import utcnow
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable
+
+    from broker.context import ProcessContext
+    from broker.core.admission import ProxyRequest
+    from broker.metrics import Metrics
+    from broker.services.audit import AuditService, Begun
+    from broker.services.ratelimit import RateLimitService
+    from broker.services.tokens import Authorized, TokenService
+    from broker.upstream import UpstreamResponse
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_REWRITER_CACHE_SIZE: Final = 256
+_USER_AGENT_LIMIT: Final = 500
+_METHOD_LIMIT: Final = 16
+_CONTEXT_ID_LIMIT: Final = 100
+CLIENT_WENT_AWAY: Final = 499
+"""The status recorded for a call whose client left before its answer was complete."""
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """A call answered with a refusal; its audit event is committed (or the refusal is 503)."""
+
+    request_id: str
+    status: int
+    error: str
+    message: str
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Relay:
+    """Canvas's answer as it goes to the client.
+
+    ``body`` is the whole body when the broker read it (a JSON list whose pagination URLs it
+    rewrote, or left as it was); otherwise ``stream`` is Canvas's response, to stream byte for
+    byte.
+    """
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes | None
+    stream: UpstreamResponse | None
+    upstream: UpstreamResponse
+
+
+@dataclass(slots=True)
+class Call:
+    """One proxied call on its way through the use case."""
+
+    request: ProxyRequest
+    request_id: str
+    started: float
+    event: AuditEvent
+    path: str = ""
+    authorized: Authorized | None = None
+    begun: Begun | None = None
+    answered: bool = False  # the response has started: no other answer can follow
+    finished: bool = False  # the outcome is recorded
+
+    def elapsed_ms(self) -> float:
+        """Milliseconds since the request arrived."""
+        return round((time.perf_counter() - self.started) * 1000, 3)
+
+    @property
+    def client(self) -> str:
+        """The ``client`` metric label: the client's id, or ``-`` when no token named one."""
+        return self.event.client_id or UNAUTHENTICATED
+
+
+class ProxyService:
+    """Runs proxied calls: the rules, the audit trail and the upstream, in order."""
+
+    def __init__(
+        self,
+        context: ProcessContext,
+        tokens: TokenService,
+        audit: AuditService,
+        rate_limits: RateLimitService,
+        metrics: Metrics,
+    ) -> None:
+        self._context = context
+        self._settings = context.settings
+        self._tokens = tokens
+        self._audit = audit
+        self._rate_limits = rate_limits
+        self._metrics = metrics
+        self.max_body = context.settings.max_body_bytes
+        self._rewriters: dict[tuple[str, str], Rewriter] = {}
+        self._active = 0  # calls begun and not yet ended, in this process
+
+    # A call's life ----------------------------------------------------------------------------
+
+    def start(self, request: ProxyRequest) -> Call:
+        """Begin a call: its request id and the audit facts of what the client sent."""
+        self._active += 1
+        request_id = new_request_id()
+        settings = self._settings
+        trusted = settings.trusted_networks
+        forwarded = (
+            [v.decode("latin-1") for k, v in request.headers if k == b"x-forwarded-for"]
+            if trusted
+            else []
+        )
+        user_agent = request.header(b"user-agent")
+        event = AuditEvent(
+            time=utcnow(),
+            request_id=request_id,
+            kind="proxy",
+            action="proxy",
+            method=request.method[:_METHOD_LIMIT],
+            path=admission.audit_text(request.raw_path, rules.MAX_PATH_BYTES),
+            query=admission.audit_text(
+                rules.redact_query(
+                    request.query, self._context.keyring.audit_hmac, settings.sensitive_query_keys
+                ).encode(),
+                len(request.query) * 4 + 64,
+            )
+            if request.query
+            else None,
+            source_ip=client_address(request.peer, forwarded, trusted),
+            user_agent=admission.audit_text(user_agent, _USER_AGENT_LIMIT) if user_agent else None,
+        )
+        return Call(
+            request=request, request_id=request_id, started=time.perf_counter(), event=event
+        )
+
+    def end(self, call: Call) -> None:
+        """The call is over (answered, failed or abandoned): it no longer counts as active."""
+        del call
+        self._active -= 1
+
+    async def admit(self, call: Call) -> Refused | None:
+        """Run every rule up to the body; None if the call may go on, else the refusal sent."""
+        try:
+            await self._admit(call)
+        except BrokerError as exc:
+            return await self._refused(call, exc)
+        return None
+
+    async def _admit(self, call: Call) -> None:
+        request = call.request
+        try:
+            call.path = admission.admit_target(request)
+        except Refusal:
+            # 400 whatever the token, but a good token still names the caller in the audit
+            # log: a traversal attempt is worth attributing.
+            with contextlib.suppress(BrokerError):
+                await self._authenticate(call)
+            raise
+        authorized = await self._authenticate(call)
+        admission.check_source(call.event.source_ip, authorized.allowed_networks)
+        if authorized.rate_limit is not None:
+            taken = await self._rate_limits.take(
+                authorized.client_id, authorized.rate_limit, authorized.rate_burst
+            )
+            if not taken.allowed:
+                raise admission.rate_limited(taken.retry_after)
+        admission.admit_head(request, authorized.policy)
+        decision = admission.check_grant(authorized.policy, request.method, call.path)
+        call.event.scope = decision.scope
+        if not decision.allowed:
+            raise decision.refusal()
+        admission.check_declared_length(request, self.max_body)
+
+    async def _authenticate(self, call: Call) -> Authorized:
+        token = admission.bearer_token(call.request)
+        try:
+            authorized = await self._tokens.resolve(token)
+        except Refusal as exc:
+            if exc.attribution is not None:
+                who = exc.attribution
+                call.event.client_id = who.client_id
+                call.event.token_id = who.token_id
+                call.event.credential_id = who.credential_id
+                call.event.upstream = who.upstream
+            raise
+        call.authorized = authorized
+        call.event.client_id = authorized.client_id
+        call.event.token_id = authorized.token_id
+        call.event.credential_id = authorized.credential_id
+        call.event.upstream = authorized.upstream_name
+        return authorized
+
+    async def refuse(self, call: Call, refusal: Refusal) -> Refused:
+        """Refuse a call the adapter could not read (body over the limit, client gone)."""
+        return await self._refused(call, refusal)
+
+    async def admit_body(self, call: Call, body: bytes) -> Refused | None:
+        """Check the body, then commit the pending event; None once the call may be sent."""
+        authorized = call.authorized
+        if authorized is None:  # pragma: no cover - admit() ran first
+            raise RuntimeError("the call was not admitted")
+        try:
+            admission.admit_body(call.request, authorized.policy, body)
+        except Refusal as exc:
+            return await self._refused(call, exc)
+        try:
+            call.begun = await self._committed(self._audit.begin(call.event, alone=self._alone))
+        except AuditUnavailableError as exc:
+            self._metrics.count(call.client, exc.error)
+            return Refused(call.request_id, exc.status, exc.error, exc.message)
+        return None
+
+    async def forward(self, call: Call, body: bytes) -> Relay | Refused:
+        """Send the admitted call to Canvas; its answer as relayed, or why there is none."""
+        authorized = call.authorized
+        if authorized is None or call.begun is None:  # pragma: no cover - admitted first
+            raise RuntimeError("forwarding a call that was not admitted")
+        request = call.request
+        target = authorized.upstream_url + request.raw_path.decode("ascii")
+        if request.query:
+            target += "?" + request.query.decode("latin-1")
+        headers = rules.forward_request_headers(request.headers)
+        headers.append((b"authorization", authorized.bearer))
+        sent_at = time.perf_counter()
+        try:
+            response = await self._context.forwarder.send(request.method, target, headers, body)
+        except UpstreamError as exc:
+            return self._failed(call, exc, upstream_status=None)
+        self._metrics.upstream_latency.observe(time.perf_counter() - sent_at)
+        relayed = relayed_headers(self._rewriter(call), response.headers)
+        leaked = rules.header_carrying(relayed, authorized.worker_token_bytes)
+        if leaked is not None:
+            return self._exposed(call, response, leaked)
+        relayed.append((b"x-request-id", call.request_id.encode()))
+        if not rewritable_json(response.headers):
+            return Relay(response.status, relayed, None, response, response)
+        try:
+            payload = await response.read()
+        except UpstreamError as exc:
+            # Nothing has been sent yet, so the client can still get a proper answer.
+            response.release()
+            return self._failed(call, exc, upstream_status=response.status)
+        rewritten = rewrite_json(
+            self._rewriter(call), payload, header(response.headers, b"content-encoding")
+        )
+        if rewritten is not None:
+            payload = rewritten
+            relayed = [(k, v) for k, v in relayed if k != b"content-length"]
+            relayed.append((b"content-length", str(len(payload)).encode()))
+        return Relay(response.status, relayed, payload, None, response)
+
+    def finish(
+        self, call: Call, relay: Relay, *, sent: int | None, reason: str | None = None
+    ) -> None:
+        """Record the outcome of a relayed call: its completion event and its metrics.
+
+        ``sent`` is the body bytes that reached the client (None if the answer never
+        started); ``reason`` says why it fell short, if it did.
+        """
+        if call.finished:
+            return
+        call.finished = True
+        relay.upstream.release()
+        status = relay.status if sent is not None else CLIENT_WENT_AWAY
+        self._metrics.count(call.client, reason or "allow")
+        context_id = header(relay.upstream.headers, b"x-request-context-id")
+        self._complete(
+            call,
+            status=status,
+            upstream_status=relay.upstream.status,
+            response_bytes=sent,
+            reason=reason,
+            canvas_context_id=context_id.decode("latin-1")[:_CONTEXT_ID_LIMIT]
+            if context_id
+            else None,
+        )
+
+    # Refusals and failures -----------------------------------------------------------------
+
+    async def _refused(self, call: Call, error: BrokerError) -> Refused:
+        """Audit a refusal (fail closed: 503 if it cannot be) and say what to answer."""
+        event = call.event
+        event.decision = "deny"
+        event.reason = error.error
+        event.status = error.status
+        event.duration_ms = call.elapsed_ms()
+        try:
+            await self._committed(self._audit.record(event, alone=self._alone))
+        except AuditUnavailableError as exc:
+            self._metrics.count(call.client, exc.error)
+            return Refused(call.request_id, exc.status, exc.error, exc.message)
+        self._metrics.count(call.client, error.error)
+        return Refused(call.request_id, error.status, error.error, error.message, error.headers)
+
+    def _failed(self, call: Call, exc: UpstreamError, *, upstream_status: int | None) -> Refused:
+        """Canvas could not be reached or did not answer in time: 502 or 504, completed."""
+        status, error = (504, "upstream_timeout") if exc.timeout else (502, "upstream_unreachable")
+        self._metrics.count(call.client, error)
+        call.finished = True
+        self._complete(call, status=status, reason=error, upstream_status=upstream_status)
+        return Refused(call.request_id, status, error, str(exc))
+
+    def _exposed(self, call: Call, response: UpstreamResponse, leaked: bytes) -> Refused:
+        """Canvas's headers carry the worker token: not relayed (502), recorded."""
+        name = leaked.decode("latin-1")
+        logger.warning(
+            "Canvas's response to request %s carried the worker token in %r; not relayed",
+            call.request_id,
+            name,
+        )
+        response.release()
+        error = "upstream_credential_exposed"
+        self._metrics.count(call.client, error)
+        call.finished = True
+        self._complete(call, status=502, reason=error, upstream_status=response.status)
+        return Refused(
+            call.request_id,
+            502,
+            error,
+            f"Canvas's response carried the worker credential in its {name} header; "
+            "the broker does not relay it",
+        )
+
+    def _complete(self, call: Call, **outcome: object) -> None:
+        if call.begun is not None:
+            self._audit.complete(call.begun, duration_ms=call.elapsed_ms(), **outcome)
+
+    # Helpers -----------------------------------------------------------------------------
+
+    @property
+    def _alone(self) -> bool:
+        """Whether this is the only call in progress (the audit writer may commit inline)."""
+        return self._active == 1
+
+    async def _committed(self, write: Awaitable[T]) -> T:
+        """Await an audit commit, measuring it; failures are counted and re-raised."""
+        started = time.perf_counter()
+        try:
+            result = await write
+        except AuditUnavailableError:
+            self._metrics.audit_failures.inc()
+            raise
+        self._metrics.audit_latency.observe(time.perf_counter() - started)
+        return result
+
+    def _rewriter(self, call: Call) -> Rewriter:
+        """The rewriter for this call's pair of origins, built once (they are few)."""
+        authorized = call.authorized
+        upstream = authorized.upstream_url if authorized is not None else ""
+        request = call.request
+        public = public_base(
+            self._settings.public_base, request.header(b"host"), request.scheme, request.server
+        )
+        key = (upstream, public)
+        rewriter = self._rewriters.get(key)
+        if rewriter is None:
+            rewriter = Rewriter(upstream_origin=upstream, public_base=public)
+            if len(self._rewriters) >= _REWRITER_CACHE_SIZE:
+                self._rewriters.clear()
+            self._rewriters[key] = rewriter
+        return rewriter
