@@ -17,46 +17,61 @@ def _brokers(points: list[dict[str, Any]]) -> list[str]:
     return list(dict.fromkeys(p["target"] for p in points if p["target"].startswith("broker")))
 
 
-def _ratios(
-    points: list[dict[str, Any]], brokers: list[str]
-) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
-    """Per concurrency: each broker leg over direct and nginx, and over the first broker leg."""
-    ratios: dict[str, dict[str, float]] = {}
-    scaling: dict[str, dict[str, float]] = {}
+Ratios = dict[str, dict[str, float]]
+"""Per concurrency (as text), ratio name such as ``broker/floor`` -> value."""
+
+
+def _ratios(points: list[dict[str, Any]], brokers: list[str]) -> tuple[Ratios, Ratios, Ratios]:
+    """Per concurrency, each broker leg's throughput over direct, nginx and the floor, its CPU
+    per request over nginx's and the floor's, and its throughput over the first broker leg's.
+    """
+    ratios: Ratios = {}
+    cpu: Ratios = {}
+    scaling: Ratios = {}
     for point in points:
         if point["target"] not in brokers:
             continue
         concurrency = str(point["concurrency"])
         row = ratios.setdefault(concurrency, {})
-        for base in ("direct", "nginx"):
+        cpu_row = cpu.setdefault(concurrency, {})
+        for base in ("direct", "nginx", "floor"):
             other = _point(points, base, point["concurrency"])
             if other and other["rps"]:
                 row[f"{point['target']}/{base}"] = point["rps"] / other["rps"]
+            # 'direct' has no proxy: its CPU column is the upstream's.
+            if other and base != "direct" and other["cpu_us_per_request"]:
+                cpu_row[f"{point['target']}/{base}"] = (
+                    point["cpu_us_per_request"] / other["cpu_us_per_request"]
+                )
         first = _point(points, brokers[0], point["concurrency"])
         if point["target"] != brokers[0] and first and first["rps"]:
             scaling.setdefault(concurrency, {})[f"{point['target']}/{brokers[0]}"] = (
                 point["rps"] / first["rps"]
             )
-    return ratios, scaling
+    return ratios, cpu, scaling
 
 
 def summarise(points: list[dict[str, Any]]) -> dict[str, Any]:
     """Latency added over direct at concurrency 1, throughput ratios, broker CPU per request.
 
-    With several broker legs (one per worker count), also each leg's throughput over the
-    first leg's (``worker_scaling``), concurrency by concurrency.
+    Per concurrency, ``throughput_ratios`` holds each broker leg's req/s over direct's,
+    nginx's and the floor's, and ``cpu_ratios`` its CPU per request over nginx's and the
+    floor's. With several broker legs (one per worker count), also each leg's throughput over
+    the first leg's (``worker_scaling``).
     """
     summary: dict[str, Any] = {}
     brokers = _brokers(points)
     direct1 = _point(points, "direct", 1)
-    for proxy in ("nginx", *brokers):
+    for proxy in ("nginx", "floor", *brokers):
         proxied = _point(points, proxy, 1)
         if direct1 and proxied:
             summary[f"{proxy}_added_p50_ms_c1"] = proxied["p50_ms"] - direct1["p50_ms"]
             summary[f"{proxy}_added_p99_ms_c1"] = proxied["p99_ms"] - direct1["p99_ms"]
-    ratios, scaling = _ratios(points, brokers)
+    ratios, cpu, scaling = _ratios(points, brokers)
     if any(ratios.values()):
         summary["throughput_ratios"] = ratios
+    if any(cpu.values()):
+        summary["cpu_ratios"] = cpu
     if scaling:
         summary["worker_scaling"] = scaling
     if brokers:
@@ -128,7 +143,7 @@ def markdown(results: dict[str, Any]) -> str:
         )
     summary = results["summary"]
     lines.append("")
-    for proxy in ("nginx", *_brokers(results["points"])):
+    for proxy in ("nginx", "floor", *_brokers(results["points"])):
         key = f"{proxy}_added_p50_ms_c1"
         if key in summary:
             lines.append(
@@ -136,19 +151,31 @@ def markdown(results: dict[str, Any]) -> str:
                 f"({summary[f'{proxy}_added_p99_ms_c1'] * 1000:.0f} us at p99) "
                 "over direct at concurrency 1"
             )
-    for concurrency, row in summary.get("throughput_ratios", {}).items():
-        text = ", ".join(f"{name} {value:.3f}" for name, value in row.items())
-        if text:
-            lines.append(f"- throughput at c={concurrency}: {text}")
-    for concurrency, row in summary.get("worker_scaling", {}).items():
-        text = ", ".join(f"{name} {value:.2f}x" for name, value in row.items())
-        lines.append(f"- worker scaling at c={concurrency}: {text}")
+    lines.extend(_ratio_lines(summary))
     audit = results.get("audit")
     if audit:
         lines.append(f"- {audit['summary']}")
     lines.append(f"- errors (non-200 + socket) across all points: {summary['total_errors']}")
     lines.extend(f"- note: {note}" for note in results.get("notes", []))
     return "\n".join(lines) + "\n"
+
+
+# Summary key, label and number format of the per-concurrency ratio lines, in report order.
+_RATIO_LINES = (
+    ("throughput_ratios", "throughput", "{:.3f}"),
+    ("cpu_ratios", "proxy CPU per request", "{:.2f}x"),
+    ("worker_scaling", "worker scaling", "{:.2f}x"),
+)
+
+
+def _ratio_lines(summary: dict[str, Any]) -> list[str]:
+    lines = []
+    for key, label, number in _RATIO_LINES:
+        for concurrency, row in summary.get(key, {}).items():
+            text = ", ".join(f"{name} {number.format(value)}" for name, value in row.items())
+            if text:
+                lines.append(f"- {label} at c={concurrency}: {text}")
+    return lines
 
 
 def _disk(env: dict[str, Any]) -> str:

@@ -1,4 +1,6 @@
-"""The proxy benchmark: direct upstream vs nginx vs the broker, on loopback (see README.md).
+"""The proxy benchmark: direct upstream vs nginx vs a minimal Python proxy vs the broker.
+
+All on loopback; see README.md.
 
 ./dev bench                                   # SQLite, 10 s per point, c = 1, 8, 32, 128
 ./dev bench --duration 3 --concurrency 1,32   # a quick look
@@ -39,7 +41,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 CANVAS_PATH = "/api/v1/courses/1201/assignments"
 SCOPE = "url:GET|/api/v1/courses/:course_id/assignments"
-TARGETS = ("direct", "nginx", "broker")
+TARGETS = ("direct", "nginx", "floor", "broker")
 PACKAGES = (
     "canvas-token-broker",
     "uvicorn",
@@ -125,7 +127,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
     parser.add_argument("--duration", type=int, default=10, help="seconds per point (10)")
     parser.add_argument("--warmup", type=int, default=2, help="warm-up seconds per target (2)")
     parser.add_argument("--concurrency", default="1,8,32,128", help="connections per point")
-    parser.add_argument("--targets", default=",".join(TARGETS), help="direct,nginx,broker")
+    parser.add_argument("--targets", default=",".join(TARGETS), help="direct,nginx,floor,broker")
     parser.add_argument(
         "--database",
         default=None,
@@ -468,6 +470,29 @@ http {{
     return Target("nginx", url, auth, child)
 
 
+def start_floor(run: Run) -> Target:
+    """The minimal Python proxy (``bench/floor.py``) in front of the upstream, checked.
+
+    Load carries a token of the floor's client, not the worker token: the upstream answers
+    200 only if the floor really put the worker token in its place.
+    """
+    port = free_port()
+    argv = [sys.executable, str(BENCH_DIR / "floor.py"), "--port", str(port)]
+    child = run.children.start(
+        "floor", [*argv, "--upstream", run.upstream_url, "--token", run.worker_token]
+    )
+    url = f"http://127.0.0.1:{port}{CANVAS_PATH}"
+    auth = f"Bearer bench-client-{secrets.token_urlsafe(24)}"
+    wait_authorized(url, auth, child)
+    request = urllib.request.Request(url, headers={"Authorization": auth})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        body = response.read()
+    if body != upstream_page(run):
+        raise BenchError(f"the floor's body differs from the upstream's: {body[:200]!r}")
+    say(f"floor ready at http://127.0.0.1:{port} (1 process)")
+    return Target("floor", url, auth, child)
+
+
 def wait_authorized(url: str, authorization: str, child: Child) -> None:
     """Poll ``url`` with the header until it answers 200 (bounded)."""
     deadline = time.monotonic() + START_TIMEOUT_S
@@ -692,21 +717,31 @@ def quiesce(run: Run) -> dict[str, int]:
 
 def bench_targets(
     run: Run, loadgen: str, targets: list[Target]
-) -> tuple[list[dict[str, Any]], int]:
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Warm each up, then every concurrency, the targets' points of one concurrency in turn.
 
-    Interleaving keeps the points compared with each other (one broker leg per worker count)
-    close in time on a host whose speed drifts. Returns the points and the requests the
-    upstream received meanwhile.
+    Interleaving keeps the points compared with each other (the floor and one broker leg per
+    worker count) close in time on a host whose speed drifts. Returns the points and, per
+    target, the requests the upstream received while it was driven (warm-up included): the
+    upstream's counter is read before each run of load and again once it has settled after
+    it, so each leg's count is its own even when legs interleave.
     """
-    before = upstream_stats(run)["ok"]
-    for target in targets:
-        if run.options.warmup:
-            drive(run, loadgen, target, min(8, max(run.options.concurrency)), run.options.warmup)
-    points = [
-        measure(run, loadgen, target, c) for c in run.options.concurrency for target in targets
-    ]
-    return points, quiesce(run)["ok"] - before
+    received = dict.fromkeys((target.name for target in targets), 0)
+
+    def load(target: Target, concurrency: int, *, warmup: bool = False) -> dict[str, Any]:
+        before = upstream_stats(run)["ok"]
+        if warmup:
+            result = drive(run, loadgen, target, concurrency, run.options.warmup)
+        else:
+            result = measure(run, loadgen, target, concurrency)
+        received[target.name] += quiesce(run)["ok"] - before
+        return result
+
+    if run.options.warmup:
+        for target in targets:
+            load(target, min(8, max(run.options.concurrency)), warmup=True)
+    points = [load(target, c) for c in run.options.concurrency for target in targets]
+    return points, received
 
 
 # Main -----------------------------------------------------------------------------------------
@@ -733,6 +768,7 @@ def execute(run: Run) -> dict[str, Any]:
     start_upstream(run)
     assert run.upstream is not None
     targets: list[Target] = []
+    floor: list[Target] = []
     brokers: list[Target] = []
     for name in run.options.targets:
         if name == "direct":
@@ -742,6 +778,8 @@ def execute(run: Run) -> dict[str, Any]:
             nginx = start_nginx(run)
             if nginx is not None:
                 targets.append(nginx)
+        elif name == "floor":
+            floor = [start_floor(run)]
         else:
             brokers = [start_broker(run, workers) for workers in run.options.workers]
     env = environment(run, loadgen)
@@ -756,17 +794,26 @@ def execute(run: Run) -> dict[str, Any]:
         say(f"{target.name}: {target.url}")
         target_points, _ = bench_targets(run, loadgen, [target])
         points.extend(target_points)
-    if brokers:
-        say(", ".join(f"{broker.name}: {broker.url}" for broker in brokers))
-        events_before = audit_counts(run.database_url)
-        broker_points, forwarded = bench_targets(run, loadgen, brokers)
-        points.extend(broker_points)
-        events = audit_counts(run.database_url)
-        audit = audit_summary(events_before, events, forwarded, broker_points)
-        audit["chain"] = verify_chain(run)
-        audit["summary"] += f"; audit chain: {audit['chain']['summary']}"
-        say(audit["summary"])
-        targets.extend(brokers)
+    # The floor's points interleave with the broker legs', so broker/floor compares points
+    # measured moments apart.
+    interleaved = floor + brokers
+    if interleaved:
+        say(", ".join(f"{target.name}: {target.url}" for target in interleaved))
+        events_before = audit_counts(run.database_url) if brokers else {}
+        group_points, received = bench_targets(run, loadgen, interleaved)
+        points.extend(group_points)
+        targets.extend(interleaved)
+        if brokers:
+            names = {broker.name for broker in brokers}
+            audit = audit_summary(
+                events_before,
+                audit_counts(run.database_url),
+                sum(received[name] for name in names),
+                [point for point in group_points if point["target"] in names],
+            )
+            audit["chain"] = verify_chain(run)
+            audit["summary"] += f"; audit chain: {audit['chain']['summary']}"
+            say(audit["summary"])
     upstream = upstream_stats(run)
     if upstream["unauthorized"] or upstream["not_found"] or upstream["bad_request"]:
         run.notes.append(f"the upstream refused some requests: {upstream}")
@@ -779,7 +826,7 @@ def execute(run: Run) -> dict[str, Any]:
             "targets": [t.name for t in targets],
             "workers": list(run.options.workers),
             "path": CANVAS_PATH,
-            "response_bytes": response_size(run),
+            "response_bytes": len(upstream_page(run)),
         },
         "points": points,
         "summary": summarise(points),
@@ -789,13 +836,14 @@ def execute(run: Run) -> dict[str, Any]:
     }
 
 
-def response_size(run: Run) -> int:
-    """Bytes of the upstream's JSON page."""
+def upstream_page(run: Run) -> bytes:
+    """The upstream's JSON page, asked for directly."""
     request = urllib.request.Request(
         f"{run.upstream_url}{CANVAS_PATH}", headers={"Authorization": f"Bearer {run.worker_token}"}
     )
     with urllib.request.urlopen(request, timeout=5) as response:
-        return len(response.read())
+        page: bytes = response.read()
+        return page
 
 
 def verify_chain(run: Run) -> dict[str, Any]:
