@@ -503,7 +503,7 @@ def _json_params(body: bytes) -> tuple[list[str], list[tuple[str, object]]]:
 
 def _multipart_pairs(
     content_type: str, params: dict[str, str] | None, body: bytes
-) -> list[tuple[str, str]]:
+) -> list[tuple[str, str | None]]:
     """The ``(name, value)`` of each part, in a form every Rack release reads alike.
 
     :mod:`broker.core.multipart` refuses every body that some Rack release could read
@@ -515,7 +515,12 @@ def _multipart_pairs(
         )
     except MultipartError as exc:
         raise Refusal(400, "malformed_body", str(exc)) from None
-    return [(part.name, part.content.decode("utf-8", "replace")) for part in parts]
+    # A part with a file name is an upload to Rack, never a text value (``include[]`` as a
+    # file is no ``uuid``).
+    return [
+        (part.name, None if part.filename is not None else part.content.decode("utf-8", "replace"))
+        for part in parts
+    ]
 
 
 # --- Rule 6 and 10: header forwarding ----------------------------------------------------

@@ -811,6 +811,14 @@ def test_check_body_refuses_malformed_multipart(content_type: str, body: bytes) 
     assert violation(caught) == (400, "malformed_body")
 
 
+def test_check_body_refuses_an_include_part_that_is_a_file_even_if_it_holds_uuid() -> None:
+    part = ('Content-Disposition: form-data; name="include[]"; filename="x.txt"', b"uuid")
+    with pytest.raises(Refusal) as caught:
+        check_body(MULTIPART, multipart(part), allow_masquerade=False)
+    assert violation(caught) == (403, "include_not_allowed")
+    check_body(MULTIPART, multipart(form_part("include[]", b"uuid")), allow_masquerade=False)
+
+
 def test_check_body_reads_part_names_as_rack_does_without_percent_decoding() -> None:
     check_body(MULTIPART, multipart(form_part("as%5Fuser%5Fid")), allow_masquerade=False)
 
