@@ -3,7 +3,8 @@
 - every YAML file parses; Kubernetes documents have apiVersion/kind/metadata.name;
 - every BROKER_* variable the compose file, manifests and Dockerfile set is a real setting;
 - the containers run the `broker` commands that exist (`serve`, `init --no-admin-key`);
-- the Dockerfile installs requirements.txt with --require-hashes, and nothing else resolves;
+- the Dockerfile installs requirements.txt with --require-hashes, and every other pip install
+  or pip wheel in it passes --no-deps;
 - requirements.txt pins every package with == and hashes, and names no index;
 - the wheel the image installs contains the package and the Alembic migrations, and every
   package its metadata requires is pinned in requirements.txt within the wheel's range.
@@ -91,7 +92,7 @@ def instructions(text: str) -> list[tuple[str, str]]:
 
 def pip_commands(steps: list[tuple[str, str]]) -> list[list[str]]:
     """The words of every `pip install` and `pip wheel` that a RUN step runs."""
-    found = []
+    found: list[list[str]] = []
     for instruction, arguments in steps:
         if instruction != "RUN":
             continue
