@@ -3,24 +3,35 @@
 - every YAML file parses; Kubernetes documents have apiVersion/kind/metadata.name;
 - every BROKER_* variable the compose file, manifests and Dockerfile set is a real setting;
 - the containers run the `broker` commands that exist (`serve`, `init --no-admin-key`);
-- the wheel the image installs contains the package and the Alembic migrations.
+- the Dockerfile installs requirements.txt with --require-hashes, and every other pip install
+  or pip wheel in it passes --no-deps;
+- requirements.txt pins every package with == and hashes, and names no index;
+- the wheel the image installs contains the package and the Alembic migrations, and every
+  package its metadata requires is pinned in requirements.txt within the wheel's range.
 
 Usage: python deploy/check.py dist/canvas_token_broker-*.whl
 """
 
 from __future__ import annotations
 
+import itertools
 import re
+import shlex
 import sys
 import zipfile
+from email.parser import Parser
 from pathlib import Path
 
 import yaml
+from lock_files import Lock, read_lock  # beside this script: run as deploy/check.py
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from broker.cli import app as cli_app
 from broker.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
+LOCK = "requirements.txt"  # the runtime lock, which the image installs
 SETTINGS = {f"BROKER_{name.upper()}" for name in Settings.model_fields}
 COMMANDS = {
     command.name or command.callback.__name__.replace("_", "-")
@@ -73,16 +84,90 @@ def check_kubernetes(problems: list[str]) -> None:
         check_env_names(path.read_text(), path.name, problems)
 
 
+def instructions(text: str) -> list[tuple[str, str]]:
+    """``(INSTRUCTION, arguments)`` for each Dockerfile instruction, continuations joined."""
+    joined = re.sub(r"\\\n", " ", text)
+    return re.findall(r"^\s*([A-Z]+)\s+(.*)$", joined, flags=re.MULTILINE)
+
+
+def pip_commands(steps: list[tuple[str, str]]) -> list[list[str]]:
+    """The words of every `pip install` and `pip wheel` that a RUN step runs."""
+    found: list[list[str]] = []
+    for instruction, arguments in steps:
+        if instruction != "RUN":
+            continue
+        lexer = shlex.shlex(arguments, posix=True, punctuation_chars=True)
+        lexer.whitespace_split = True
+        commands: list[list[str]] = [[]]
+        for token in lexer:
+            if token in {"&&", "||", ";", "|", "&"}:
+                commands.append([])
+            else:
+                commands[-1].append(token)
+        for words in commands:
+            pip = words[2:] if words[:2] in (["python", "-m"], ["python3", "-m"]) else words
+            if pip[:1] == ["pip"] and pip[1:2] in (["install"], ["wheel"]):
+                found.append(pip)
+    return found
+
+
+def requirement_files(words: list[str]) -> list[str]:
+    """The files a pip command installs from (``-r F``, ``--requirement F`` or ``=F``)."""
+    files = [after for word, after in itertools.pairwise(words) if word in {"-r", "--requirement"}]
+    return files + [word.partition("=")[2] for word in words if word.startswith("--requirement=")]
+
+
 def check_dockerfile(problems: list[str]) -> None:
-    """The image runs `broker serve` and copies files that exist."""
+    """The image runs `broker serve`, copies files that exist, and installs only the lock."""
     text = (ROOT / "Dockerfile").read_text()
     check_env_names(text, "Dockerfile", problems)
     if 'ENTRYPOINT ["broker"]' not in text or 'CMD ["serve"]' not in text:
         problems.append("Dockerfile must run `broker serve`")
-    copied = re.findall(r"^COPY (?!--)(\S+)", text, flags=re.MULTILINE)
+    steps = instructions(text)
+    copies = [shlex.split(a) for i, a in steps if i == "COPY" and not a.startswith("--")]
     problems.extend(
-        f"Dockerfile copies {c}, which does not exist" for c in copied if not (ROOT / c).exists()
+        f"Dockerfile copies {source}, which does not exist"
+        for *sources, _ in copies
+        for source in sources
+        if not (ROOT / source).exists()
     )
+    # Where the lock lands in the image: a file destination, or a directory ending in "/".
+    lock_paths = {
+        destination + LOCK if destination.endswith("/") else destination
+        for *sources, destination in copies
+        if LOCK in sources
+    }
+    installs_lock = False
+    for words in pip_commands(steps):
+        command = " ".join(words)
+        if "--require-hashes" not in words and "--no-deps" not in words:
+            problems.append(f"Dockerfile: `{command}` resolves dependencies afresh")
+        for file in requirement_files(words):
+            if file not in lock_paths:
+                problems.append(f"Dockerfile: `{command}` installs {file}, not the copied {LOCK}")
+            elif "--require-hashes" in words:
+                installs_lock = True
+    if not installs_lock:
+        problems.append(f"Dockerfile must copy {LOCK} and `pip install --require-hashes -r` it")
+
+
+def check_wheel_requirements(wheel: Path, lock: Lock, problems: list[str]) -> None:
+    """Every package the wheel requires is pinned in the lock, within the wheel's range.
+
+    Markers are evaluated for this interpreter, which CI keeps the image's: Python 3.11 on Linux.
+    """
+    with zipfile.ZipFile(wheel) as archive:
+        metadata = next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))
+        message = Parser().parsestr(archive.read(metadata).decode())
+    for line in message.get_all("Requires-Dist") or []:
+        requirement = Requirement(line)
+        if requirement.marker and not requirement.marker.evaluate({"extra": ""}):
+            continue
+        pinned = lock.pins.get(canonicalize_name(requirement.name))
+        if pinned is None:
+            problems.append(f"{wheel.name} requires {requirement.name}, which {LOCK} lacks")
+        elif not requirement.specifier.contains(pinned, prereleases=True):
+            problems.append(f"{wheel.name} requires {requirement}; {LOCK} pins {pinned}")
 
 
 def check_wheel(wheel: Path, problems: list[str]) -> None:
@@ -105,8 +190,11 @@ def main() -> int:
     check_compose(problems)
     check_kubernetes(problems)
     check_dockerfile(problems)
+    lock = read_lock(ROOT / LOCK)
+    problems.extend(lock.problems)
     for wheel in sys.argv[1:]:
         check_wheel(Path(wheel), problems)
+        check_wheel_requirements(Path(wheel), lock, problems)
     for problem in problems:
         print(f"deploy check: {problem}", file=sys.stderr)
     print(f"deploy check: {'FAILED' if problems else 'ok'}", file=sys.stderr)
