@@ -132,9 +132,7 @@ def install(app: FastAPI, context: ProcessContext) -> None:
     """Attach the process context and the services built on it."""
     metrics = Metrics()
     context.audit_writer.observe = metrics.observe_audit_batch
-    audit = AuditService(
-        context.sessions, context.audit_writer, context.keyring, context.settings.async_database_url
-    )
+    audit = AuditService(context.sessions, context.audit_writer, context.keyring, context.database)
     tokens = TokenService(context.sessions, context.keyring, context.settings, audit, context.epoch)
     app.state.context = context
     app.state.metrics = metrics

@@ -12,12 +12,7 @@ from broker.keyring import Keyring, load_keyring, write_key_file
 from broker.services.audit import chain_key
 from broker.services.management import Actor, ManagementService
 from broker.storage.audit_chain import seal_unchained
-from broker.storage.database import (
-    create_engine,
-    create_sync_engine,
-    session_factory,
-    upgrade_schema,
-)
+from broker.storage.database import Database, upgrade_schema
 from broker.storage.models import AdminKey
 
 if TYPE_CHECKING:
@@ -40,8 +35,9 @@ def migrate(settings: Settings, keyring: Keyring) -> int:
     Returns how many events were sealed (only ever non-zero on the first upgrade past the
     revision that introduced the chain).
     """
-    upgrade_schema(settings.async_database_url)
-    engine = create_sync_engine(settings.async_database_url, write=True)
+    database = Database(settings.async_database_url)
+    upgrade_schema(database.url)
+    engine = database.blocking(write=True)
     try:
         with engine.begin() as connection:
             return seal_unchained(connection, chain_key(keyring))
@@ -52,9 +48,9 @@ def migrate(settings: Settings, keyring: Keyring) -> int:
 async def _create_admin_key(
     settings: Settings, keyring: Keyring, *, name: str, role: str, only_if_none: bool
 ) -> str | None:
-    engine = create_engine(settings.async_database_url, pool=False)
+    database = Database(settings.async_database_url, pool=False)
     try:
-        sessions = session_factory(engine)
+        sessions = database.sessions
         if only_if_none:
             async with sessions() as session:
                 if await session.scalar(select(func.count()).select_from(AdminKey)):
@@ -63,7 +59,7 @@ async def _create_admin_key(
         _key, value = await service.create_admin_key(LOCAL, name=name, role=role)
         return value
     finally:
-        await engine.dispose()
+        await database.aclose()
 
 
 def rotate_keys(settings: Settings) -> tuple[str, int]:
@@ -80,11 +76,11 @@ def rotate_keys(settings: Settings) -> tuple[str, int]:
         write_key_file(settings.key_file, keyring)
 
     async def run() -> int:
-        engine = create_engine(settings.async_database_url, pool=False)
+        database = Database(settings.async_database_url, pool=False)
         try:
-            return await reencrypt_credentials(session_factory(engine), keyring)
+            return await reencrypt_credentials(database.sessions, keyring)
         finally:
-            await engine.dispose()
+            await database.aclose()
 
     return keyring.primary_id, asyncio.run(run())
 

@@ -21,6 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from broker.config import Settings
 from broker.errors import ConfigurationError
+from broker.storage.database import Database
 
 if TYPE_CHECKING:
     from broker.keyring import Keyring
@@ -181,7 +182,7 @@ def serve(
     try:
         if settings.epoch_file is None:
             os.environ["BROKER_EPOCH_FILE"] = str(shared / "revocation-epoch")
-        hub = AuditHub(settings.async_database_url, keyring, shared / "audit.sock")
+        hub = AuditHub(Database(settings.async_database_url), keyring, shared / "audit.sock")
         hub.start()
     except (ConfigurationError, RuntimeError) as exc:
         shutil.rmtree(shared, ignore_errors=True)
@@ -768,7 +769,7 @@ def audit_verify(
         raise typer.BadParameter(str(exc), param_hint="--expect-head") from exc
     settings, keyring = _local_audit()
     try:
-        report = verify_database(settings.async_database_url, keyring, earlier)
+        report = verify_database(Database(settings.async_database_url), keyring, earlier)
     except SQLAlchemyError as exc:
         fail(f"cannot read the audit log: {_database_problem(exc)}", UNUSABLE)
     if as_json:
@@ -797,7 +798,7 @@ def audit_prune(
     settings, keyring = _local_audit()
     record = {"request_id": current_request_id(), "actor_key_id": None}
     try:
-        report = prune_database(settings.async_database_url, keyring, cut, record)
+        report = prune_database(Database(settings.async_database_url), keyring, cut, record)
     except BrokerError as exc:
         fail(exc.message)
     except SQLAlchemyError as exc:

@@ -9,29 +9,40 @@ from broker.keyring import Keyring, load_keyring
 from broker.services.audit_hub import RemoteAuditWriter
 from broker.services.audit_writer import AuditWriter, EventWriter
 from broker.services.revocation import CacheEpoch
-from broker.storage.database import create_engine, session_factory
+from broker.storage.database import Database
 from broker.upstream import Forwarder, HttpForwarder
 
 if TYPE_CHECKING:
-    from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
     from broker.config import Settings
+    from broker.storage.database import Sessions
 
 
 @dataclass(frozen=True)
 class ProcessContext:
     """What every request handler shares.
 
-    Settings, database, keys, the upstream pool, the audit writer and the revocation epoch.
+    Settings, the database (its engines), keys, the upstream pool, the audit writer and the
+    revocation epoch.
     """
 
     settings: Settings
-    engine: AsyncEngine
-    sessions: async_sessionmaker[AsyncSession]
+    database: Database
     keyring: Keyring
     forwarder: Forwarder
     audit_writer: EventWriter
     epoch: CacheEpoch
+
+    @property
+    def engine(self) -> AsyncEngine:
+        """The database's async engine."""
+        return self.database.engine
+
+    @property
+    def sessions(self) -> Sessions:
+        """Read and write sessions on the database."""
+        return self.database.sessions
 
     @classmethod
     def from_settings(
@@ -43,23 +54,18 @@ class ProcessContext:
     ) -> ProcessContext:
         """Build the context; raises ``ConfigurationError`` naming a bad setting."""
         settings.validated()
-        engine = create_engine(settings.async_database_url)
+        database = Database(settings.async_database_url)
         keyring = keyring or load_keyring(settings)
         return cls(
             settings=settings,
-            engine=engine,
-            sessions=session_factory(engine),
+            database=database,
             keyring=keyring,
             audit_writer=(
-                RemoteAuditWriter(
-                    settings.audit_socket,
-                    database_url=settings.async_database_url,
-                    keyring=keyring,
-                )
+                RemoteAuditWriter(settings.audit_socket, database=database, keyring=keyring)
                 if settings.audit_socket is not None
-                else AuditWriter(settings.async_database_url, keyring)
+                else AuditWriter(database, keyring)
             ),
-            epoch=CacheEpoch(settings.epoch_file, database_url=settings.async_database_url),
+            epoch=CacheEpoch(settings.epoch_file, database=database),
             forwarder=forwarder
             or HttpForwarder(
                 connect_timeout=settings.upstream_connect_timeout,
@@ -73,4 +79,4 @@ class ProcessContext:
         await self.audit_writer.aclose()
         await self.epoch.aclose()
         await self.forwarder.aclose()
-        await self.engine.dispose()
+        await self.database.aclose()

@@ -21,7 +21,7 @@ from broker.services.management import ManagementService
 from broker.serving import BackgroundServer, RequestTargetProtocol
 from broker.sim.server import SimServer
 from broker.sim.state import SimState
-from broker.storage.database import create_engine, session_factory
+from broker.storage.database import Database
 
 if TYPE_CHECKING:
     from broker.keyring import Keyring
@@ -51,9 +51,9 @@ def _err(text: str) -> None:
 async def _provision(
     settings: Settings, keyring: Keyring, sim_url: str, worker_token: str
 ) -> DemoSetup:
-    engine = create_engine(settings.async_database_url, pool=False)
+    database = Database(settings.async_database_url, pool=False)
     try:
-        service = ManagementService(session_factory(engine), keyring, settings)
+        service = ManagementService(database.sessions, keyring, settings)
         actor = bootstrap.LOCAL
         _admin, admin_key = await service.create_admin_key(actor, name="demo-admin", role="admin")
         _auditor, auditor_key = await service.create_admin_key(
@@ -78,7 +78,7 @@ async def _provision(
         if secret is None:  # pragma: no cover - a client_secret client always gets one
             raise RuntimeError("the demo client was created without a secret")
     finally:
-        await engine.dispose()
+        await database.aclose()
     return DemoSetup(
         broker_url=settings.public_base or "",
         client_id=client.id,

@@ -22,7 +22,7 @@ from broker.services.audit_hub import AuditHub
 from broker.sim.data import seed_data
 from broker.sim.server import SimServer
 from broker.sim.state import SimState
-from broker.storage.database import upgrade_schema
+from broker.storage.database import Database, upgrade_schema
 from broker.storage.models import Base
 from tests.support.env import AUDIT_HUB, WORKER_TOKEN, BrokerEnv
 
@@ -132,7 +132,7 @@ async def context(settings: Settings) -> AsyncIterator[ProcessContext]:
 def running_hub(settings: Settings, keyring: Keyring) -> Iterator[AuditHub]:
     """An audit hub for ``settings``' database, on a socket in a fresh private directory."""
     directory = Path(tempfile.mkdtemp(prefix="cth-"))  # short: a socket path has a limit
-    hub = AuditHub(settings.async_database_url, keyring, directory / "audit.sock")
+    hub = AuditHub(Database(settings.async_database_url), keyring, directory / "audit.sock")
     hub.start()
     try:
         yield hub

@@ -182,11 +182,11 @@ def admit_body(request: ProxyRequest, policy: CallPolicy, body: bytes) -> None:
     )
 
 
-def audit_text(raw: bytes, limit: int) -> str:
+def audit_text(raw: bytes, limit: int | None = None) -> str:
     r"""What the client sent, for the audit log: printable ASCII as is, other bytes as ``\xNN``.
 
     The log shows unambiguously what was sent, and no byte can break the store (PostgreSQL
-    refuses NUL in text) or a reader of an export. Cut to ``limit`` characters.
+    refuses NUL in text) or a reader of an export. Cut to ``limit`` characters, if given.
     """
     if _PRINTABLE.fullmatch(raw):
         return raw[:limit].decode("ascii")

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import operator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final
@@ -87,6 +88,7 @@ _FLOAT_POSITIONS: Final = tuple(CHAINED_FIELDS.index(name) for name in _FLOAT_FI
 
 PENDING: Final = "pending"
 COMPLETE: Final = "complete"
+_CHAINED_VALUES: Final = operator.attrgetter(*CHAINED_FIELDS)
 
 
 @dataclass(slots=True, kw_only=True)
@@ -131,7 +133,7 @@ class AuditEvent:
 
     def values(self) -> list[Any]:
         """The chained fields' values, in :data:`CHAINED_FIELDS` order, as given."""
-        return [getattr(self, name) for name in CHAINED_FIELDS]
+        return list(_CHAINED_VALUES(self))
 
 
 def canonical_values(event: AuditEvent | Mapping[Any, Any]) -> list[Any]:

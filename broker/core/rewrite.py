@@ -46,6 +46,7 @@ _AFTER_ORIGIN: Final = frozenset({"", "/", "?", "#"})
 _HIGH_SURROGATE: Final = range(0xD800, 0xDC00)
 _LOW_SURROGATE: Final = range(0xDC00, 0xE000)
 _UNICODE_ESCAPE_LENGTH: Final = 6
+_LINK_CACHE_SIZE: Final = 1024
 
 Origin = tuple[str, str, int]
 
@@ -90,6 +91,7 @@ class Rewriter:
     public_base: str
     _upstream: Origin = field(init=False, repr=False, compare=False)
     _prefix: str = field(init=False, repr=False, compare=False)
+    _links: dict[bytes, bytes] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         found = _ABSOLUTE.match(self.upstream_origin)
@@ -127,6 +129,16 @@ class Rewriter:
             return value
         # The header parses, so link-values tile it and each match below is the next one.
         return _LINK_VALUE.sub(self._link_value, value)
+
+    def link_bytes(self, value: bytes) -> bytes:
+        """:meth:`link_header` on a header's bytes, remembered: pages repeat their links."""
+        rewritten = self._links.get(value)
+        if rewritten is None:
+            rewritten = self.link_header(value.decode("latin-1")).encode("latin-1")
+            if len(self._links) >= _LINK_CACHE_SIZE:
+                self._links.clear()
+            self._links[value] = rewritten
+        return rewritten
 
     def _link_value(self, link: re.Match[str]) -> str:
         whole, start, end = link.group(0), link.start(1) - link.start(), link.end(1) - link.start()
@@ -274,7 +286,7 @@ def relayed_headers(
         if name == b"x-request-id":
             continue
         if name == b"link":
-            value = rewriter.link_header(value.decode("latin-1")).encode("latin-1")  # noqa: PLW2901
+            value = rewriter.link_bytes(value)  # noqa: PLW2901
         elif name == b"location":
             value = rewriter.location(value.decode("latin-1")).encode("latin-1")  # noqa: PLW2901
         headers.append((name, value))

@@ -41,7 +41,6 @@ from broker.errors import (
     ValidationFailedError,
 )
 from broker.storage import audit_chain as chain
-from broker.storage.database import create_sync_engine
 from broker.storage.models import RevocationEpoch, utcnow
 from broker.storage.queries import (
     AuditFilter,
@@ -60,6 +59,7 @@ if TYPE_CHECKING:
 
     from broker.keyring import Keyring
     from broker.services.audit_writer import EventWriter
+    from broker.storage.database import Database
 
 logger = logging.getLogger(__name__)
 
@@ -205,12 +205,12 @@ class AuditService:
         sessions: async_sessionmaker[AsyncSession],
         writer: EventWriter,
         keyring: Keyring,
-        database_url: str,
+        database: Database,
     ) -> None:
         self._sessions = sessions
         self._writer = writer
         self._keyring = keyring
-        self._database_url = database_url
+        self._database = database
 
     async def record(self, event: AuditEvent, *, alone: bool = False) -> int:
         """Commit one complete event; raise ``AuditUnavailableError`` if it cannot be.
@@ -309,7 +309,7 @@ class AuditService:
 
     def verify(self, earlier: EarlierHead | None = None) -> VerifyReport:
         """Check the whole chain, and an earlier head if given (blocking: run it in a thread)."""
-        return verify_database(self._database_url, self._keyring, earlier)
+        return verify_database(self._database, self._keyring, earlier)
 
     def prune(self, before: datetime, record: Mapping[str, Any]) -> PruneReport:
         """Remove events older than ``before`` behind a signed checkpoint (blocking).
@@ -317,7 +317,7 @@ class AuditService:
         ``record`` holds the fields of the admin event that records the prune (who, from
         where); raises ``ConflictError`` if the part to prune does not verify.
         """
-        return prune_database(self._database_url, self._keyring, before, record)
+        return prune_database(self._database, self._keyring, before, record)
 
 
 def _anchor(connection: Connection, keyring: Keyring) -> Checkpoint | None:
@@ -333,14 +333,14 @@ _CHAIN_BROKEN: Final = ChainBrokenError.error
 
 
 def verify_database(
-    database_url: str, keyring: Keyring, earlier: EarlierHead | None = None
+    database: Database, keyring: Keyring, earlier: EarlierHead | None = None
 ) -> VerifyReport:
-    """Verify the audit log of the database at ``database_url`` (blocking).
+    """Verify the audit log of ``database`` (blocking: run it in a thread).
 
     The whole walk reads one snapshot (a read transaction; REPEATABLE READ on PostgreSQL), so
     events appended or pruned meanwhile never look like tampering.
     """
-    engine = create_sync_engine(database_url)
+    engine = database.blocking()
     try:
         with engine.connect() as connection:
             if connection.dialect.name == "postgresql":
@@ -351,13 +351,13 @@ def verify_database(
 
 
 def prune_database(
-    database_url: str, keyring: Keyring, before: datetime, record: Mapping[str, Any]
+    database: Database, keyring: Keyring, before: datetime, record: Mapping[str, Any]
 ) -> PruneReport:
-    """Prune the audit log of the database at ``database_url`` (blocking); see ``prune_log``.
+    """Prune the audit log of ``database`` (blocking); see ``prune_log``.
 
     A refused prune is recorded too (as a denied ``audit.prune``), then raised.
     """
-    engine = create_sync_engine(database_url, write=True)
+    engine = database.blocking(write=True)
     try:
         with engine.connect() as connection:
             try:

@@ -35,13 +35,12 @@ import socket
 import struct
 import threading
 import time
-from collections import deque
 from typing import TYPE_CHECKING, Any, Final, cast
 
 from broker.errors import AuditWriteError, ConfigurationError, WriteLockBusy
 from broker.services.audit_writer import ChainCommitter
+from broker.services.group_commit import GroupCommit
 from broker.storage.audit_chain import Prepared, canonical_form, stored
-from broker.storage.database import sqlite_path
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -49,6 +48,7 @@ if TYPE_CHECKING:
 
     from broker.core.audit_chain import AuditEvent
     from broker.keyring import Keyring
+    from broker.storage.database import Database
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +94,13 @@ class _Frames:
             start = end
         del buffer[:start]
         return payloads
+
+
+_Message = tuple[int, bool, bytes | None, list[Any] | None]
+"""A worker's message: its id, whether someone waits, the event's content and values."""
+_Waiter = tuple["asyncio.Future[int]", "Callable[[int], AuditEvent] | None"]
+MAX_MESSAGES: Final = 1000
+"""The most events a worker sends in one frame."""
 
 
 def _frame(payload: Any) -> bytes:  # noqa: ANN401 - any marshal-able value
@@ -149,7 +156,7 @@ class AuditHub:
 
     def __init__(
         self,
-        database_url: str,
+        database: Database,
         keyring: Keyring,
         path: Path,
         *,
@@ -158,15 +165,12 @@ class AuditHub:
     ) -> None:
         check_socket_path(path)
         self.path = path
-        self._committer = ChainCommitter(database_url, keyring)
-        self._completion_delay = completion_delay
-        self._max_batch = max_batch
+        self._committer = ChainCommitter(database, keyring)
         # (peer, id if someone waits for the answer else None, the event, a flush marker
         # (None) or why the event cannot be chained)
-        self._queue: deque[tuple[_Peer, int | None, Prepared | ValueError | None]] = deque()
-        self._waited = 0
-        self._soon = False  # a commit is due in this turn of the loop
-        self._timer: asyncio.TimerHandle | None = None  # a commit of completions only
+        self._batches: GroupCommit[tuple[_Peer, int | None, Prepared | ValueError | None]] = (
+            GroupCommit(self._commit_batch, completion_delay=completion_delay, max_batch=max_batch)
+        )
         self.peers: set[_Peer] = set()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -224,8 +228,7 @@ class AuditHub:
             await self._stop.wait()
         finally:
             server.close()
-            while self._queue:
-                self._commit_batch()
+            self._batches.flush_now()
             for peer in list(self.peers):
                 if peer.transport is not None:
                     peer.transport.close()
@@ -233,9 +236,11 @@ class AuditHub:
                 self.path.unlink()
 
     def enqueue(self, peer: _Peer, messages: list[tuple[int, bool, bytes | None, Any]]) -> None:
-        """Queue one frame's events; commit now if someone waits, else after the delay."""
+        """Queue one frame's events; committed at the end of this turn if someone waits.
+
+        Frames that arrive in the same turn of the hub's loop join the same batch.
+        """
         statements = self._committer.statements
-        waited = 0
         for ident, wait, content, values in messages:
             event: Prepared | ValueError | None = None
             if content is not None:
@@ -243,37 +248,11 @@ class AuditHub:
                     event = stored(statements, content, list(values))
                 except (ValueError, TypeError) as exc:
                     event = ValueError(str(exc))
-            self._queue.append((peer, ident if wait else None, event))
-            waited += bool(wait)
-        self._waited += waited
-        self._schedule()
+            self._batches.put((peer, ident if wait else None, event), waited=bool(wait))
 
-    def _schedule(self) -> None:
-        loop = self._loop
-        if loop is None or not self._queue or self._soon:
-            return
-        if self._waited:
-            # After this turn's I/O callbacks, so frames that arrived with it join the batch.
-            self._soon = True
-            loop.call_soon(self._commit)
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-        elif self._timer is None:
-            self._timer = loop.call_later(self._completion_delay, self._commit)
-
-    def _commit(self) -> None:
-        self._soon = False
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._queue:
-            self._commit_batch()
-        self._schedule()
-
-    def _commit_batch(self) -> None:
-        count = min(len(self._queue), self._max_batch)
-        batch = [self._queue.popleft() for _ in range(count)]
+    def _commit_batch(
+        self, batch: list[tuple[_Peer, int | None, Prepared | ValueError | None]]
+    ) -> None:
         events = [event for _, _, event in batch if isinstance(event, Prepared)]
         started = time.perf_counter()
         results = iter(self._committer.commit(events))
@@ -286,7 +265,6 @@ class AuditHub:
             else:
                 seq = 0 if event is None else FAILED
             if ident is not None:
-                self._waited -= 1
                 answers.setdefault(peer, []).append((ident, seq))
         for peer, results_of_peer in answers.items():
             peer.answer(seconds, len(events), results_of_peer)
@@ -317,35 +295,37 @@ class _Link(asyncio.Protocol):
 class RemoteAuditWriter:
     """Stands in for ``AuditWriter`` in a worker: the hub of ``broker serve`` commits.
 
-    Given the database (``database_url`` and ``keyring``) and on SQLite, a lone request's
-    event is committed right here instead, as ``AuditWriter`` does: when the worker has no
-    other request in progress and nothing waits for the hub, a round trip through the hub
-    costs more than the commit. It never waits for the database's write lock; if the hub (or
-    anyone) holds it, the event goes to the hub after all.
+    Messages are batched by the same policy as every writer (``GroupCommit``): what one turn
+    of the worker's loop produced goes to the hub as one frame. Given the database
+    (``database`` and ``keyring``) and on SQLite, a lone request's event is committed
+    right here instead, as ``AuditWriter`` does: when the worker has no other request in
+    progress and nothing waits for the hub, a round trip through the hub costs more than the
+    commit. It never waits for the database's write lock; if the hub (or anyone) holds it,
+    the event goes to the hub after all.
     """
 
     def __init__(
         self,
         path: Path,
         *,
-        database_url: str | None = None,
+        database: Database | None = None,
         keyring: Keyring | None = None,
         connect_timeout: float = 5.0,
         completion_delay: float = 0.02,
     ) -> None:
         self.observe: Callable[[float, int], None] | None = None
-        self._completion_delay = completion_delay
-        self._later: asyncio.TimerHandle | None = None
         self._local: ChainCommitter | None = None
-        if database_url is not None and keyring is not None and sqlite_path(database_url):
-            self._local = ChainCommitter(database_url, keyring)
+        if database is not None and keyring is not None and database.sqlite_file is not None:
+            self._local = ChainCommitter(database, keyring)
         self._path = path
         self._connect_timeout = connect_timeout
         self._transport: asyncio.Transport | None = None
         self._link: _Link | None = None
         self._connecting: asyncio.Task[None] | None = None
-        self._outbox: list[tuple[int, bool, bytes | None, list[Any] | None]] = []
-        self._send_soon = False
+        self._batches: GroupCommit[_Message] = GroupCommit(
+            self._send_batch, completion_delay=completion_delay, max_batch=MAX_MESSAGES
+        )
+        self._unsent: list[_Message] = []  # batches waiting for the connection
         self._waiters: dict[
             int, tuple[asyncio.Future[int], Callable[[int], AuditEvent] | None]
         ] = {}
@@ -361,7 +341,8 @@ class RemoteAuditWriter:
     ) -> int:
         """Have ``event`` committed; return its seq or raise ``AuditWriteError``.
 
-        ``abandoned`` and ``alone`` are as for ``AuditWriter.write``.
+        ``abandoned`` is as for ``AuditWriter.write``; ``alone`` says the caller is the only
+        request in progress in this worker (see the class docstring).
         """
         try:
             content, values = canonical_form(event)
@@ -378,18 +359,20 @@ class RemoteAuditWriter:
     ) -> int | None:
         """Commit the event and the completions not yet sent here; None if the lock is taken.
 
-        Nothing waits for the hub, so the outbox holds completions only.
+        Nothing waits for the hub, so what is queued and unsent is completions only.
         """
         local.open()
         statements = local.statements
-        queued = self._outbox
+        queued = [*self._unsent, *self._batches.take()]
         events = [stored(statements, c, list(v)) for _, _, c, v in queued if c is not None and v]
         events.append(stored(statements, content, list(values)))
         try:
             results = local.commit(events, wait=False, observe=self.observe)
         except WriteLockBusy:
+            self._unsent = []
+            self._batches.put_back(queued)
             return None
-        self._outbox = []
+        self._unsent = []
         result = results[-1]
         if isinstance(result, BaseException):
             raise AuditWriteError("the audit event could not be committed") from result
@@ -402,7 +385,12 @@ class RemoteAuditWriter:
 
     async def flush(self) -> None:
         """Wait until the hub has committed everything this worker sent before the call."""
-        if self._transport is None and not self._outbox and self._connecting is None:
+        if (
+            self._transport is None
+            and not self._batches
+            and not self._unsent
+            and self._connecting is None
+        ):
             return
         with contextlib.suppress(AuditWriteError):
             await self._waited(None, None, None)
@@ -413,9 +401,7 @@ class RemoteAuditWriter:
         self._closing = True
         if self._connecting is not None:
             self._connecting.cancel()
-        if self._later is not None:
-            self._later.cancel()
-            self._later = None
+        self._batches.take()
         if self._transport is not None:
             self._transport.close()
             self._transport = None
@@ -434,7 +420,7 @@ class RemoteAuditWriter:
         self._waiters[ident] = (future, abandoned)
         return await future
 
-    def _queue(self, message: tuple[int, bool, bytes | None, list[Any] | None]) -> None:
+    def _queue(self, message: _Message) -> None:
         """Queue a message: sent this turn if someone waits for it, else within the delay.
 
         Completions nobody waits for ride with the next event someone waits for (to the hub,
@@ -443,30 +429,21 @@ class RemoteAuditWriter:
         """
         if self._closing:
             raise AuditWriteError("the audit writer is closed")
-        self._outbox.append(message)
-        if message[1]:
-            self._kick()
-        elif self._later is None and not self._send_soon:
-            self._later = asyncio.get_running_loop().call_later(self._completion_delay, self._kick)
+        self._batches.put(message, waited=message[1])
 
-    def _kick(self) -> None:
-        """Send the outbox at the end of this turn, connecting first if need be."""
-        if self._later is not None:
-            self._later.cancel()
-            self._later = None
+    def _send_batch(self, batch: list[_Message]) -> None:
+        """One batch to the hub as one frame, connecting first if need be."""
+        self._unsent.extend(batch)
         if self._transport is not None:
-            if not self._send_soon:
-                self._send_soon = True
-                asyncio.get_running_loop().call_soon(self._send)
-        elif self._connecting is None and self._outbox:
+            self._send()
+        elif self._connecting is None:
             self._connecting = asyncio.get_running_loop().create_task(self._connect())
 
     def _send(self) -> None:
-        self._send_soon = False
-        if self._transport is None or not self._outbox:
+        if self._transport is None or not self._unsent:
             return
-        outbox, self._outbox = self._outbox, []
-        self._transport.write(_frame(outbox))
+        unsent, self._unsent = self._unsent, []
+        self._transport.write(_frame(unsent))
 
     async def _connect(self) -> None:
         loop = asyncio.get_running_loop()
@@ -519,7 +496,7 @@ class RemoteAuditWriter:
         An event someone waited for is never sent after its waiter was refused; completions
         nobody waits for stay queued for the next connection.
         """
-        self._outbox = [message for message in self._outbox if not message[1]]
+        self._unsent = [message for message in self._unsent if not message[1]]
         waiters, self._waiters = self._waiters, {}
         for future, _ in waiters.values():
             if not future.done():

@@ -1,20 +1,24 @@
-"""Group commit of audit events: one writer thread per process (docs/audit.md#group-commit).
+"""Committing audit events: the chain's committer and the process's writer (docs/audit.md).
 
 A request hands its event to the writer and, when the broker must not act before the event is
 durable (the pending event of a call about to be forwarded, a refusal about to be answered),
-waits for the event's ``seq``. The writer commits everything queued since its last commit in
-one transaction — one fsync for many requests — chaining the events (``storage.audit_chain``).
-So each request still waits for its own event to be durable, but requests share commits.
+waits for the event's ``seq``. Events are committed in batches (``GroupCommit`` decides
+when): everything queued by the end of a turn of the event loop goes in one transaction, one
+fsync for many requests, chained by ``storage.audit_chain``. So each request still waits for
+its own event to be durable, but requests share commits.
 
-Completions of forwarded calls are not waited for: they ride along with the next commit that
-someone waits for, or go on their own after ``completion_delay`` seconds. A crash in between
-leaves the pending event without completion: visible as incomplete, never a silent gap.
+Completions of forwarded calls are not waited for: they ride along with the next batch, or go
+on their own after ``completion_delay`` seconds. A crash in between leaves the pending event
+without completion: visible as incomplete, never a silent gap.
 
-Why a thread: the driver's blocking work (SQLite's fsync, PostgreSQL's commit round trip) runs
-there with the GIL released, and the event loop only appends to a queue and, once per batch,
-resolves futures. Several processes sharing one SQLite file take a lock file (``flock``)
-around each transaction, so their writers queue in the kernel and wake the moment the lock is
-free, rather than polling in SQLite's sleeping busy handler.
+Where a batch is committed: on SQLite, on the event loop's own thread, as long as the
+database's write lock is free (taking it never waits: ``BEGIN IMMEDIATE`` with no busy
+timeout); the fsync is short, and no thread hand-off, wake-up or contention for the GIL
+costs anything per call. If the lock is taken (another process, or a management transaction
+of this one, whose next step needs the loop), and always on PostgreSQL, where a commit is a
+network round trip, the batch goes to the writer's thread, which may wait. Several processes
+sharing one SQLite file take a lock file (``flock``) around each transaction, so their
+writers queue in the kernel rather than polling in SQLite's busy handler.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from broker.errors import AuditWriteError, WriteLockBusy
+from broker.services.group_commit import GroupCommit
 from broker.storage.audit_chain import (
     ChainKey,
     ChainStatements,
@@ -40,7 +45,7 @@ from broker.storage.audit_chain import (
     chain_statements,
     prepare,
 )
-from broker.storage.database import SQLITE_BUSY_TIMEOUT_MS, create_sync_engine, sqlite_path
+from broker.storage.database import SQLITE_BUSY_TIMEOUT_MS
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
@@ -49,6 +54,7 @@ if TYPE_CHECKING:
 
     from broker.core.audit_chain import AuditEvent
     from broker.keyring import Keyring
+    from broker.storage.database import Database
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +87,7 @@ class EventWriter(Protocol):
         """Commit what is queued and release the writer."""
 
 
-@dataclass
+@dataclass(slots=True)
 class _Item:
     """A queued event (None for a flush marker) and who waits for it, if anyone."""
 
@@ -99,12 +105,12 @@ class ChainCommitter:
     hub that all workers of one ``broker serve`` share (``services.audit_hub``).
     """
 
-    def __init__(self, database_url: str, keyring: Keyring) -> None:
-        self._url = database_url
+    def __init__(self, database: Database, keyring: Keyring) -> None:
+        self._database = database
         self._key = ChainKey(keyring.primary_id, keyring.audit_chain_keys()[keyring.primary_id])
         self._engine: Engine | None = None
         self._raw: PoolProxiedConnection | None = None
-        self._sqlite = sqlite_path(database_url) is not None
+        self._sqlite = database.sqlite_file is not None
         self._sql: ChainStatements | None = None
         self._lock_file: int | None = None
 
@@ -119,9 +125,9 @@ class ChainCommitter:
         """Build the engine and, on SQLite, open the lock file; connects on first commit."""
         if self._engine is not None:
             return
-        self._engine = create_sync_engine(self._url)
+        self._engine = self._database.blocking()
         self._sql = chain_statements(self._engine.dialect)
-        path = sqlite_path(self._url)
+        path = self._database.sqlite_file
         if path is not None:
             lock_path = path.with_name(path.name + ".audit-lock")
             self._lock_file = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -237,29 +243,30 @@ class ChainCommitter:
 
 
 class AuditWriter:
-    """Appends audit events to the chain in batches, from one thread."""
+    """The process's audit writer: batches on the event loop, commits there or in its thread."""
 
     def __init__(
         self,
-        database_url: str,
+        database: Database,
         keyring: Keyring,
         *,
         completion_delay: float = 0.02,
         max_batch: int = 1000,
         observe: Callable[[float, int], None] | None = None,
     ) -> None:
-        self._committer = ChainCommitter(database_url, keyring)
+        self._committer = ChainCommitter(database, keyring)
         self._completion_delay = completion_delay
         self._max_batch = max_batch
         self.observe = observe
-        self._queue: deque[_Item] = deque()
-        self._waited = 0  # queued items someone is waiting for
+        self._on_loop = database.sqlite_file is not None
+        self._batches: GroupCommit[_Item] | None = None  # made on the first event's loop
+        # Batches the loop could not commit itself, for the thread.
+        self._handed: deque[list[_Item]] = deque()
         self._cond = threading.Condition(threading.Lock())
-        # Held while a batch is committed, by the writer thread or an inline commit.
+        # Held while a batch is committed, by the thread or the loop: one connection, one user.
         self._busy = threading.Lock()
         self._closing = False
         self._thread: threading.Thread | None = None
-        self._sqlite = sqlite_path(database_url) is not None
 
     # Event-loop side ------------------------------------------------------------------------
 
@@ -268,70 +275,34 @@ class AuditWriter:
         event: AuditEvent,
         *,
         abandoned: Callable[[int], AuditEvent] | None = None,
-        alone: bool = False,
+        alone: bool = False,  # noqa: ARG002 - every batch is committed on the loop if it can be
     ) -> int:
         """Commit ``event`` and return its seq; raise ``AuditWriteError`` if it cannot be.
 
         ``abandoned(seq)`` is written in turn if the caller is cancelled while waiting and the
         event was committed anyway, so the log says why the call went no further.
-
-        ``alone`` says the caller is the only request in progress. Then, on SQLite and with
-        the writer idle, the event is committed right here, on the event loop's thread:
-        nothing else is waiting for the loop, and the two thread hand-offs (to the writer and
-        back) cost more than a third of the commit itself.
         """
-        if alone and self._sqlite:
-            seq = self._commit_inline(event)
-            if seq is not None:
-                return seq
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._put(_Item(event, future, abandoned))
+        self._queue().put(_Item(event, future, abandoned), waited=True)
         return await future
-
-    def _commit_inline(self, event: AuditEvent) -> int | None:
-        """Commit ``event`` with the queued completions on this thread; None if busy.
-
-        Never waits for the database's write lock: another worker, or a management
-        transaction of this very process (whose next step needs this thread), may hold it.
-        """
-        if not self._busy.acquire(blocking=False):
-            return None
-        try:
-            with self._cond:
-                if self._waited or self._closing:
-                    return None  # others wait for the writer: join their batch instead
-                if self._thread is None:
-                    self._start()
-                batch = [*self._queue, _Item(event, None)]
-                self._queue.clear()
-            try:
-                results = self._commit(batch, wait=False)
-            except WriteLockBusy:
-                with self._cond:  # the completions go back, first in line
-                    self._queue.extendleft(reversed(batch[:-1]))
-                return None
-        finally:
-            self._busy.release()
-        result = results[-1]
-        if isinstance(result, BaseException):
-            raise AuditWriteError("the audit event could not be committed") from result
-        return result
 
     def write_later(self, event: AuditEvent) -> None:
         """Queue ``event`` for the next commit; nobody waits for it."""
-        self._put(_Item(event, None))
+        self._queue().put(_Item(event, None), waited=False)
 
     async def flush(self) -> None:
         """Wait until everything queued before this call is committed (or has failed)."""
-        if self._thread is None:
+        if self._batches is None and self._thread is None:
             return
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._put(_Item(None, future))
+        self._queue().put(_Item(None, future), waited=True)
         with contextlib.suppress(AuditWriteError):
             await future
 
     async def aclose(self) -> None:
         """Commit what is queued and stop the thread."""
+        if self._batches is not None and not self._closing:
+            self._batches.flush_now()
         with self._cond:
             self._closing = True
             self._cond.notify()
@@ -340,43 +311,46 @@ class AuditWriter:
             self._thread = None
         self._committer.close()
 
-    def _put(self, item: _Item) -> None:
-        with self._cond:
-            if self._closing:
-                raise AuditWriteError("the audit writer is closed")
-            if self._thread is None:
-                self._start()
-            self._queue.append(item)
-            if item.future is not None:
-                self._waited += 1
-                self._cond.notify()
-            # Nobody waits for a completion: the writer picks it up on its next round (at
-            # most ``completion_delay`` away), so queuing one wakes no thread.
+    def _queue(self) -> GroupCommit[_Item]:
+        if self._closing:
+            raise AuditWriteError("the audit writer is closed")
+        if self._batches is None:
+            self._committer.open()
+            self._batches = GroupCommit(
+                self._flush, completion_delay=self._completion_delay, max_batch=self._max_batch
+            )
+        return self._batches
 
-    def _start(self) -> None:
-        self._committer.open()
-        self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
-        self._thread.start()
+    def _flush(self, batch: list[_Item]) -> None:
+        """Commit ``batch`` here if the loop may, else hand it to the thread."""
+        if self._on_loop and not self._handed and self._busy.acquire(blocking=False):
+            try:
+                results = self._commit(batch, wait=False)
+            except WriteLockBusy:
+                results = None
+            finally:
+                self._busy.release()
+            # A failed batch goes to the thread, which retries it event by event.
+            if results is not None and not any(isinstance(r, BaseException) for r in results):
+                self._settle(list(zip(batch, results, strict=True)))
+                return
+        with self._cond:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
+                self._thread.start()
+            self._handed.append(batch)
+            self._cond.notify()
 
     # Writer thread --------------------------------------------------------------------------
 
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._queue and not self._closing:
-                    self._cond.wait(self._completion_delay)
-                if not self._queue:
+                while not self._handed and not self._closing:
+                    self._cond.wait()
+                if not self._handed:
                     return
-                if not self._waited and not self._closing:
-                    # Only completions: let a request someone waits for carry them.
-                    self._cond.wait_for(
-                        lambda: self._waited > 0 or self._closing, self._completion_delay
-                    )
-                if not self._queue:
-                    continue  # an inline commit took the completions
-                count = min(len(self._queue), self._max_batch)
-                batch = [self._queue.popleft() for _ in range(count)]
-                self._waited -= sum(1 for item in batch if item.future is not None)
+                batch = self._handed.popleft()
             with self._busy:
                 results = self._commit(batch)
             self._resolve(batch, results)
@@ -387,6 +361,7 @@ class AuditWriter:
         return [next(results) if item.event is not None else 0 for item in batch]
 
     def _resolve(self, batch: list[_Item], results: list[int | BaseException]) -> None:
+        """From the thread: settle the waiters on their loops."""
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Item, int | BaseException]]] = {}
         for item, result in zip(batch, results, strict=True):
             if item.future is not None:
@@ -399,7 +374,7 @@ class AuditWriter:
         """On the event loop: hand each waiter its seq or the failure."""
         for item, result in outcomes:
             future = item.future
-            if future is None:  # pragma: no cover - only waited items are settled
+            if future is None:
                 continue
             if future.done():
                 if isinstance(result, int) and item.abandoned is not None:

@@ -163,8 +163,7 @@ class ProxyService:
             query=admission.audit_text(
                 rules.redact_query(
                     request.query, self._context.keyring.audit_hmac, settings.sensitive_query_keys
-                ).encode(),
-                len(request.query) * 4 + 64,
+                ).encode()
             )
             if request.query
             else None,

@@ -38,13 +38,14 @@ from typing import TYPE_CHECKING
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
-from broker.storage.database import create_sync_engine
 from broker.storage.models import RevocationEpoch
 
 if TYPE_CHECKING:
     from pathlib import Path
 
     from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+    from broker.storage.database import Database
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ _SIZE = 8
 class CacheEpoch:
     """The current epoch value, shared with sibling processes through ``shared_file``."""
 
-    def __init__(self, shared_file: Path | None = None, database_url: str | None = None) -> None:
+    def __init__(self, shared_file: Path | None = None, database: Database | None = None) -> None:
         self._map: mmap.mmap | None = None
         self._local = secrets.token_bytes(_SIZE)
         if shared_file is not None:
@@ -71,7 +72,7 @@ class CacheEpoch:
         self._seen: int | None = None
         self._poller: asyncio.Task[None] | None = None
         self._stopping: asyncio.Event | None = None
-        self._url = database_url
+        self._database = database
         self._thread: threading.Thread | None = None
         self._thread_stopping = threading.Event()
 
@@ -91,7 +92,7 @@ class CacheEpoch:
 
     def start(self, sessions: async_sessionmaker[AsyncSession]) -> None:
         """Start polling the database counter, if not yet polling."""
-        if self._url is not None:
+        if self._database is not None:
             if self._thread is None or not self._thread.is_alive():
                 self._thread_stopping.clear()
                 self._thread = threading.Thread(
@@ -123,8 +124,8 @@ class CacheEpoch:
                 await asyncio.wait_for(stopping.wait(), POLL_INTERVAL)
 
     def _poll_thread(self) -> None:
-        assert self._url is not None  # noqa: S101 - started only with a URL
-        engine = create_sync_engine(self._url)
+        assert self._database is not None  # noqa: S101 - started only with a database
+        engine = self._database.blocking()
         try:
             while not self._thread_stopping.is_set():
                 started = time.monotonic()

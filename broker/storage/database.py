@@ -1,7 +1,8 @@
-"""Engine creation and schema management (Alembic)."""
+"""The database: its engines, built in one place (``Database``), and the schema (Alembic)."""
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +122,43 @@ class Sessions(async_sessionmaker[AsyncSession]):
 def session_factory(engine: AsyncEngine) -> Sessions:
     """The read and write sessions of ``engine``."""
     return Sessions(engine)
+
+
+class Database:
+    """The broker's database: its URL and every engine the broker uses on it.
+
+    ``engine`` and ``sessions`` serve requests on the event loop (built on first use);
+    ``blocking()`` gives a thread (the audit writer, the revocation poller, verification and
+    retention) an engine of its own. Nothing else builds engines.
+    """
+
+    def __init__(self, url: str, *, pool: bool = True) -> None:
+        self.url = url
+        self._pool = pool
+
+    @cached_property
+    def engine(self) -> AsyncEngine:
+        """The async engine (SQLite: WAL, full fsync, foreign keys, busy timeout)."""
+        return create_engine(self.url, pool=self._pool)
+
+    @cached_property
+    def sessions(self) -> Sessions:
+        """Read and write sessions on :attr:`engine`."""
+        return session_factory(self.engine)
+
+    @property
+    def sqlite_file(self) -> Path | None:
+        """The database file, if it is SQLite."""
+        return sqlite_path(self.url)
+
+    def blocking(self, *, write: bool = False) -> Engine:
+        """A new blocking engine of one connection for a thread; dispose of it when done."""
+        return create_sync_engine(self.url, write=write)
+
+    async def aclose(self) -> None:
+        """Release the async engine's connections (if it was ever built)."""
+        if "engine" in self.__dict__:
+            await self.engine.dispose()
 
 
 def migrations_dir() -> Path:

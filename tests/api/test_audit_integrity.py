@@ -467,9 +467,7 @@ async def test_malformed_earlier_head_is_refused(env: BrokerEnv, verify: Verify,
 def audit_service(env: BrokerEnv) -> AuditService:
     """The audit service of the env's process (same writer, same keyring)."""
     context = env.context
-    return AuditService(
-        context.sessions, context.audit_writer, context.keyring, context.settings.async_database_url
-    )
+    return AuditService(context.sessions, context.audit_writer, context.keyring, context.database)
 
 
 async def test_pending_event_without_completion_is_shown_pending_and_counted(

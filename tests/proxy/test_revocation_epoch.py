@@ -16,6 +16,7 @@ from sqlalchemy import delete, update
 from broker.app import create_app
 from broker.context import ProcessContext
 from broker.services.revocation import CacheEpoch
+from broker.storage.database import Database
 from broker.storage.models import RevocationEpoch
 from tests.proxy.support import make_caller
 
@@ -77,7 +78,7 @@ async def test_a_revocation_on_one_replica_reaches_the_others_cache(
 @pytest.fixture
 async def polling(database_url: str) -> AsyncIterator[CacheEpoch]:
     """An epoch polling the test's database from its own thread, once it has read it."""
-    epoch = CacheEpoch(database_url=database_url)
+    epoch = CacheEpoch(database=Database(database_url))
     try:
         # It polls with a connection of its own: no sessions needed.
         epoch.start(None)  # type: ignore[arg-type]
@@ -117,7 +118,7 @@ async def test_a_poller_that_cannot_read_turns_the_cache_off(
 ) -> None:
     monkeypatch.setattr("broker.services.revocation.STALE_AFTER", 0.3)
     missing = f"sqlite+aiosqlite:///{tmp_path}/no-such-dir/none.sqlite3"
-    epoch = CacheEpoch(database_url=missing)
+    epoch = CacheEpoch(database=Database(missing))
     try:
         epoch.start(None)  # type: ignore[arg-type]
         await asyncio.sleep(0.6)
@@ -132,7 +133,7 @@ async def test_without_the_counter_row_the_cache_stays_off(
     # Revocations bump that row; without it they could not reach other replicas' caches.
     async with context.sessions.begin() as session:
         await session.execute(delete(RevocationEpoch))
-    epoch = CacheEpoch(database_url=database_url)
+    epoch = CacheEpoch(database=Database(database_url))
     try:
         epoch.start(None)  # type: ignore[arg-type]
         await asyncio.sleep(0.6)  # two polls or more

@@ -125,7 +125,7 @@ class BrokerEnv:
             context.sessions,
             context.audit_writer,
             context.keyring,
-            context.settings.async_database_url,
+            context.database,
         )
         await audit.flush()
         report = await asyncio.to_thread(audit.verify)
