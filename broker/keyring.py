@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import hmac
 import json
 import os
@@ -145,12 +144,12 @@ def _aad(purpose: str, record_id: str) -> bytes:
 
 
 def _audit_hmac(key: bytes, value: str) -> str:
-    digest = hmac.new(_subkey(key, "audit-hmac"), value.encode(), hashlib.sha256).hexdigest()
+    digest = hmac.digest(_subkey(key, "audit-hmac"), value.encode(), "sha256").hex()
     return f"hmac-sha256:{digest[:32]}"
 
 
 def _keyed_hash(key: bytes, value: str) -> str:
-    return hmac.new(_subkey(key, "secret-hash"), value.encode(), hashlib.sha256).hexdigest()
+    return hmac.digest(_subkey(key, "secret-hash"), value.encode(), "sha256").hex()
 
 
 def _decode_key(setting: str, key_id: str, text: str) -> bytes:

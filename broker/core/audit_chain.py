@@ -169,7 +169,7 @@ def canonical(event: AuditEvent | Mapping[Any, Any]) -> bytes:
 
 def event_mac(key: bytes, prev_mac: str, content: bytes) -> str:
     """HMAC-SHA256 of an event's predecessor MAC and its canonical content, as hex."""
-    return hmac.new(key, b"event\x00" + prev_mac.encode() + b"\x00" + content, "sha256").hexdigest()
+    return hmac.digest(key, b"event\x00" + prev_mac.encode() + b"\x00" + content, "sha256").hex()
 
 
 def head_mac(key: bytes, last_seq: int, last_mac: str) -> str:

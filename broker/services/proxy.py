@@ -389,8 +389,8 @@ class ProxyService:
         authorized = call.authorized
         upstream = authorized.upstream_url if authorized is not None else ""
         request = call.request
-        public = public_base(
-            self._settings.public_base, request.header(b"host"), request.scheme, request.server
+        public = self._settings.public_base or public_base(
+            None, request.header(b"host"), request.scheme, request.server
         )
         key = (upstream, public)
         rewriter = self._rewriters.get(key)

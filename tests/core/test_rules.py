@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import TYPE_CHECKING
 
 import pytest
 from hypothesis import given, settings
@@ -21,11 +22,16 @@ from broker.core.rules import (
     check_headers,
     check_path,
     check_query,
+    check_query_pairs,
     forward_request_headers,
     forward_response_headers,
+    redact_pairs,
     redact_query,
 )
 from broker.errors import Refusal
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 
 def violation(excinfo: pytest.ExceptionInfo[Refusal]) -> tuple[int, str]:
@@ -1098,3 +1104,41 @@ def test_redact_query_never_leaks_a_token_value(secret: str) -> None:
     query = b"a=1&access_token=" + secret.encode().replace(b"%", b"%25")
     expected = "a=1&access_token=" + fake_hmac(secret.replace("+", " "))
     assert redact_query(query, fake_hmac) == expected
+
+
+# --- Shortcuts agree with the full readings ------------------------------------------------
+
+QUERY_ALPHABET = st.sampled_from(
+    ["a", "page", "per_page", "as_user_id", "_method", "me", "include", "includes", "uuid",
+     "x", "1", "=", "&", "[", "]", "%", "%41", ";", " ", "+", "token", "Token", ".", "~"]
+)  # fmt: skip
+
+
+def _outcome(check: Callable[[], None]) -> tuple[int, str] | None:
+    try:
+        check()
+    except Refusal as exc:
+        return exc.status, exc.error
+    return None
+
+
+@settings(max_examples=3000)
+@given(st.lists(QUERY_ALPHABET, max_size=12), st.booleans(), st.booleans())
+def test_the_plain_query_shortcut_decides_as_reading_every_pair(
+    parts: list[str], masquerade: bool, includes: bool
+) -> None:
+    query = "".join(parts).encode()
+    flags = {"allow_masquerade": masquerade, "allow_includes": includes}
+    assert _outcome(lambda: check_query(query, **flags)) == _outcome(
+        lambda: check_query_pairs(query, **flags)
+    )
+
+
+@settings(max_examples=3000)
+@given(st.lists(QUERY_ALPHABET, max_size=12))
+def test_the_redaction_shortcut_redacts_as_reading_every_pair(parts: list[str]) -> None:
+    query = "".join(parts).encode()
+    keys = SENSITIVE_QUERY_KEYS | {"Per_Page"}
+    assert redact_query(query, lambda v: f"<{v}>", keys) == redact_pairs(
+        query, lambda v: f"<{v}>", keys
+    )
