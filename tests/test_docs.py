@@ -95,3 +95,16 @@ def test_nothing_cites_the_first_contract_outside_the_repository() -> None:
         if source.is_file() and OLD_CONTRACT in source.read_text(encoding="utf-8", errors="replace")
     ]
     assert citing == []
+
+
+def test_the_layout_the_readme_draws_is_the_tree() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    layout = readme.split("## Development", 1)[1].split("```", 2)[1]
+    named = set(re.findall(r"\b((?:broker|tests|docs|migrations)(?:/[\w.]+)*/?)(?![*\w])", layout))
+    assert len(named) > 10
+    missing = [name for name in sorted(named) if not (ROOT / name).exists()]
+    assert missing == []
+    packages = {
+        path.name for path in (ROOT / "broker").iterdir() if (path / "__init__.py").is_file()
+    }
+    assert {f"broker/{package}/" for package in packages} <= named
