@@ -29,11 +29,11 @@ from tests.proxy.support import make_caller
 from tests.support.env import BrokerEnv
 
 if TYPE_CHECKING:
-    from broker.core.audit_chain import AuditEvent
     from collections.abc import AsyncIterator, Iterator
     from pathlib import Path
 
     from broker.config import Settings
+    from broker.core.audit_chain import AuditEvent
     from broker.services.audit_hub import AuditHub
     from broker.sim.server import SimServer
 
