@@ -21,9 +21,6 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
-from sqlalchemy import event, update
-from sqlalchemy.orm import Session
-
 from broker.core.audit_chain import (
     GENESIS,
     PENDING,
@@ -42,7 +39,7 @@ from broker.errors import (
 )
 from broker.storage import audit_chain as chain
 from broker.storage.database import create_sync_engine
-from broker.storage.models import RevocationEpoch, utcnow
+from broker.storage.models import utcnow
 from broker.storage.queries import (
     AuditFilter,
     audit_page,
@@ -52,7 +49,7 @@ from broker.storage.queries import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Mapping
+    from collections.abc import AsyncIterator, Mapping
     from datetime import datetime
 
     from sqlalchemy import Connection
@@ -87,34 +84,6 @@ async def add_events(session: AsyncSession, keyring: Keyring, *events: AuditEven
     """Chain events inside the caller's transaction (atomic with the change they record)."""
     key = chain_key(keyring)
     await session.run_sync(lambda sync: chain.append(sync.connection(), key, list(events)))
-
-
-async def bump_revocation_epoch(session: AsyncSession, after_commit: Callable[[], None]) -> None:
-    """Tell every replica to drop cached tokens once the caller's transaction commits.
-
-    The counter changes in the same transaction; ``after_commit`` tells this host's processes
-    at once (other replicas poll the counter).
-    """
-    await session.execute(
-        update(RevocationEpoch)
-        .where(RevocationEpoch.id == 1)
-        .values(epoch=RevocationEpoch.epoch + 1)
-    )
-    session.sync_session.info.setdefault(_AFTER_COMMIT, []).append(after_commit)
-
-
-_AFTER_COMMIT = "broker_after_commit"
-
-
-@event.listens_for(Session, "after_commit")
-def _run_after_commit(session: Session) -> None:
-    for callback in session.info.pop(_AFTER_COMMIT, []):
-        callback()
-
-
-@event.listens_for(Session, "after_rollback")
-def _drop_after_commit(session: Session) -> None:
-    session.info.pop(_AFTER_COMMIT, None)
 
 
 @dataclass(frozen=True, slots=True)

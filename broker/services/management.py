@@ -30,9 +30,9 @@ from broker.errors import (
     ValidationFailedError,
 )
 from broker.requestid import current_request_facts, current_request_id
-from broker.services.audit import add_events, admin_event, bump_revocation_epoch
+from broker.services.audit import add_events, admin_event
 from broker.services.ratelimit import default_burst
-from broker.services.revocation import CacheEpoch
+from broker.services.revocation import CacheEpoch, bump_revocation_epoch
 from broker.services.tokens import WORKER_TOKEN_PURPOSE
 from broker.storage.models import (
     CLIENT_SECRET,

@@ -31,10 +31,9 @@ from broker.errors import (
 from broker.services.audit import (
     AuditService,
     add_events,
-    bump_revocation_epoch,
     new_event,
 )
-from broker.services.revocation import CacheEpoch
+from broker.services.revocation import CacheEpoch, bump_revocation_epoch
 from broker.storage.models import (
     CLIENT_SECRET,
     PRIVATE_KEY_JWT,
