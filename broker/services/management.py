@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
 from broker.core import rules
@@ -34,13 +34,13 @@ from broker.services.audit import add_events, admin_event
 from broker.services.ratelimit import default_burst
 from broker.services.revocation import CacheEpoch, bump_revocation_epoch
 from broker.services.tokens import WORKER_TOKEN_PURPOSE
+from broker.storage import rate_buckets
 from broker.storage.models import (
     CLIENT_SECRET,
     PRIVATE_KEY_JWT,
     AdminKey,
     Client,
     ProxyToken,
-    RateBucket,
     Upstream,
     WorkerCredential,
     utcnow,
@@ -508,10 +508,7 @@ class ManagementService:
                     client.rate_limit if rate_limit is _UNSET else rate_limit, rate_burst
                 )
                 if changes["rate_limit"] is None:
-                    # A limit set again later starts from a full bucket.
-                    await session.execute(
-                        delete(RateBucket).where(RateBucket.client_id == client.id)
-                    )
+                    await rate_buckets.forget(session, client.id)
             if "scopes" in changes or "constraints" in changes:
                 grant = check_grant(
                     changes.get("scopes", client.scopes),
