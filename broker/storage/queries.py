@@ -5,14 +5,13 @@ from __future__ import annotations
 import base64
 import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import ColumnElement, Select, func, select
 from sqlalchemy.orm import aliased
 
-from broker.errors import BadRequestError, NotFoundError
+from broker.errors import BadRequestError
 from broker.storage.models import (
-    AdminKey,
     AuditEventRow,
     Client,
     ProxyToken,
@@ -26,21 +25,7 @@ if TYPE_CHECKING:
 
     from sqlalchemy.ext.asyncio import AsyncSession
 
-Named = TypeVar("Named", Upstream, WorkerCredential, Client)
 _MAX_SEQ = 2**63 - 1
-
-
-async def get_by_ref(session: AsyncSession, model: type[Named], ref: str, label: str) -> Named:
-    """Fetch a resource by id or by its unique name, or raise ``NotFoundError``.
-
-    An id wins over a name equal to it, so a reference by id always means that resource.
-    """
-    row = await session.get(model, ref) or await session.scalar(
-        select(model).where(model.name == ref)
-    )
-    if row is None:
-        raise NotFoundError(f"no {label} {ref!r}")
-    return row
 
 
 @dataclass(frozen=True)
@@ -68,11 +53,6 @@ async def find_token(session: AsyncSession, hashes: Sequence[str]) -> TokenRecor
         return None
     token, client, credential, upstream = row
     return TokenRecord(token, client, credential, upstream)
-
-
-async def find_admin_key(session: AsyncSession, hashes: Sequence[str]) -> AdminKey | None:
-    """The admin key whose keyed hash is one of ``hashes``."""
-    return await session.scalar(select(AdminKey).where(AdminKey.key_hash.in_(list(hashes))))
 
 
 # The event a completion event completes; reviewing merges the two into one call.
