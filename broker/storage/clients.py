@@ -82,6 +82,23 @@ async def get(session: AsyncSession, ref: str) -> Client:
     return record(await row_by_ref(session, models.Client, ref, "client"))
 
 
+async def find(session: AsyncSession, client_id: str) -> Client | None:
+    """The client with this id, if any (names are not looked at)."""
+    row = await session.get(models.Client, client_id)
+    return None if row is None else record(row)
+
+
+async def with_secret_hash(
+    session: AsyncSession, client_id: str
+) -> tuple[Client, str | None] | None:
+    """The client with this id and its secret hash (None if it has no secret), if any.
+
+    For client authentication only, which compares the hash and drops it.
+    """
+    row = await session.get(models.Client, client_id)
+    return None if row is None else (record(row), row.secret_hash)
+
+
 async def all_by_name(session: AsyncSession) -> list[Client]:
     """Every client, by name."""
     return [record(row) for row in await rows_by_name(session, models.Client)]

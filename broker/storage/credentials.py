@@ -52,6 +52,12 @@ async def get(session: AsyncSession, ref: str) -> WorkerCredential:
     return record(await row_by_ref(session, models.WorkerCredential, ref, "credential"))
 
 
+async def find(session: AsyncSession, credential_id: str) -> WorkerCredential | None:
+    """The credential with this id, if any (names are not looked at)."""
+    row = await session.get(models.WorkerCredential, credential_id)
+    return None if row is None else record(row)
+
+
 async def all_by_name(session: AsyncSession) -> list[WorkerCredential]:
     """Every credential, by name."""
     return [record(row) for row in await rows_by_name(session, models.WorkerCredential)]

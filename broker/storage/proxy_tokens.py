@@ -15,6 +15,7 @@ from broker.errors import NotFoundError
 from broker.storage import models
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
     from datetime import datetime
 
     from sqlalchemy.ext.asyncio import AsyncSession
@@ -36,9 +37,37 @@ def record(row: models.ProxyToken) -> ProxyToken:
     )
 
 
+async def add(session: AsyncSession, token: ProxyToken, *, token_hash: str) -> ProxyToken:
+    """Insert a newly minted token, stored as its keyed hash."""
+    row = _Row(
+        id=token.id,
+        token_hash=token_hash,
+        client_id=token.client_id,
+        scopes=list(token.scopes),
+        created_at=token.created_at,
+        expires_at=token.expires_at,
+        revoked_at=token.revoked_at,
+        revoked_by=token.revoked_by,
+        source_ip=token.source_ip,
+    )
+    session.add(row)
+    await session.flush()
+    return record(row)
+
+
 async def find(session: AsyncSession, token_id: str) -> ProxyToken | None:
     """The token with this id, if any."""
     row = await session.get(_Row, token_id)
+    return None if row is None else record(row)
+
+
+async def find_of_client(
+    session: AsyncSession, hashes: Sequence[str], client_id: str
+) -> ProxyToken | None:
+    """The token of ``client_id`` whose keyed hash is one of ``hashes``, if any."""
+    row = await session.scalar(
+        select(_Row).where(_Row.token_hash.in_(list(hashes)), _Row.client_id == client_id)
+    )
     return None if row is None else record(row)
 
 
