@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
+from sqlalchemy import select, update
+
 from broker.domain import WorkerCredential
 from broker.storage import models
 from broker.storage.lookup import apply, row_by_ref, rows_by_name
@@ -107,3 +109,26 @@ async def replace_token(
     row.rotated_at = row.updated_at = at
     await session.flush()
     return record(row)
+
+
+async def sealed_not_under(session: AsyncSession, key_id: str) -> dict[str, SealedToken]:
+    """The sealed token of every credential not encrypted under ``key_id``, by credential id."""
+    rows = await session.execute(
+        select(
+            models.WorkerCredential.id,
+            models.WorkerCredential.token_key_id,
+            models.WorkerCredential.token_ciphertext,
+        ).where(models.WorkerCredential.token_key_id != key_id)
+    )
+    return {row.id: SealedToken(row.token_key_id, row.token_ciphertext) for row in rows}
+
+
+async def reseal(
+    session: AsyncSession, credential_id: str, token: SealedToken, *, at: datetime
+) -> None:
+    """Store the same worker token sealed anew (key rotation)."""
+    await session.execute(
+        update(models.WorkerCredential)
+        .where(models.WorkerCredential.id == credential_id)
+        .values(token_key_id=token.key_id, token_ciphertext=token.ciphertext, updated_at=at)
+    )
