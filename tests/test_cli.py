@@ -250,3 +250,12 @@ def test_serve_refuses_absolute_form_targets_and_ignores_forwarding_headers(
     assert event["request_id"] == response.header("x-request-id")
     assert event["path"] == "http://other-host/api/v1/courses/1"
     assert (event["decision"], event["source_ip"]) == ("deny", "127.0.0.1")
+
+
+def test_audit_filter_the_api_would_refuse_is_refused_before_calling_it(tmp_path: Path) -> None:
+    nobody = f"http://127.0.0.1:{_free_port()}"
+    env = _env(tmp_path, BROKER_URL=nobody, BROKER_ADMIN_KEY="cba_" + "A" * 36)
+    result = _run(["audit", "query", "--status", "99"], env)
+    assert result.returncode == 2, result.stderr
+    assert "--status" in result.stderr
+    assert "cannot reach" not in result.stderr

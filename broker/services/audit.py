@@ -38,15 +38,9 @@ from broker.errors import (
     ValidationFailedError,
 )
 from broker.storage import audit_chain as chain
+from broker.storage import audit_events
 from broker.storage.database import create_sync_engine
 from broker.storage.models import utcnow
-from broker.storage.queries import (
-    AuditFilter,
-    audit_page,
-    decode_cursor,
-    encode_cursor,
-    merged_event,
-)
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Mapping
@@ -55,6 +49,7 @@ if TYPE_CHECKING:
     from sqlalchemy import Connection
     from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+    from broker.audit_filter import AuditFilter
     from broker.keyring import Keyring
     from broker.services.audit_writer import EventWriter
 
@@ -221,12 +216,11 @@ class AuditService:
         self, selection: AuditFilter, *, cursor: str | None, limit: int
     ) -> tuple[list[dict[str, Any]], str | None]:
         """One newest-first page of events and the cursor of the next page."""
-        before = decode_cursor(cursor) if cursor else None
+        before = audit_events.decode_cursor(cursor) if cursor else None
         await self.flush()
         async with self._sessions() as session:
-            rows, last = await audit_page(session, selection, before=before, limit=limit)
-        events = [merged_event(begin, done) for begin, done in rows]
-        return events, (encode_cursor(last) if last is not None else None)
+            events, last = await audit_events.page(session, selection, before=before, limit=limit)
+        return events, (audit_events.encode_cursor(last) if last is not None else None)
 
     async def export(
         self, selection: AuditFilter, *, page_size: int = 1000
@@ -236,11 +230,13 @@ class AuditService:
         before: int | None = None
         while True:
             async with self._sessions() as session:
-                rows, last = await audit_page(session, selection, before=before, limit=page_size)
-            for begin, done in rows:
-                yield merged_event(begin, done)
+                events, last = await audit_events.page(
+                    session, selection, before=before, limit=page_size
+                )
+            for event in events:
+                yield event
             # Let this page go before reading the next, so only one is ever held.
-            del rows
+            del events
             if last is None:
                 return
             before = last
