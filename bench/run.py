@@ -363,9 +363,9 @@ def audit_counts(database_url: str) -> dict[str, int]:
     from sqlalchemy import case, func, select  # noqa: PLC0415
 
     from broker.config import normalise_database_url  # noqa: PLC0415
+    from broker.storage.audit_events import Completion  # noqa: PLC0415
     from broker.storage.database import create_engine  # noqa: PLC0415
     from broker.storage.models import AuditEventRow  # noqa: PLC0415
-    from broker.storage.queries import Completion  # noqa: PLC0415
 
     state = case((Completion.seq.is_not(None), "complete"), else_=AuditEventRow.state)
     reason = func.coalesce(Completion.reason, AuditEventRow.reason)

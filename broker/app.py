@@ -12,7 +12,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from sqlalchemy import func, select, text
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
@@ -30,7 +29,7 @@ from broker.services.management import ManagementService
 from broker.services.proxy import ProxyService
 from broker.services.ratelimit import RateLimitService
 from broker.services.tokens import TokenService
-from broker.storage.models import ProxyToken, utcnow
+from broker.storage.database import ping
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -162,7 +161,7 @@ def _add_ops_routes(app: FastAPI) -> None:
         checks: dict[str, str] = {}
         try:
             async with context.sessions() as session:
-                await session.execute(text("SELECT 1"))
+                await ping(session)
             checks["database"] = "ok"
         except Exception:  # noqa: BLE001 - any failure means not ready
             checks["database"] = "unavailable"
@@ -178,15 +177,9 @@ def _add_ops_routes(app: FastAPI) -> None:
     @app.get("/metrics", tags=["operations"], response_class=PlainTextResponse)
     async def metrics(request: Request) -> PlainTextResponse:
         """Prometheus text format."""
-        context: ProcessContext = request.app.state.context
+        services: Services = request.app.state.services
         registry: Metrics = request.app.state.metrics
-        async with context.sessions() as session:
-            live = await session.scalar(
-                select(func.count())
-                .select_from(ProxyToken)
-                .where(ProxyToken.revoked_at.is_(None), ProxyToken.expires_at > utcnow())
-            )
-        registry.live_tokens.set(live or 0)
+        registry.live_tokens.set(await services.management.count_live_tokens())
         return PlainTextResponse(generate_latest(registry.registry), media_type=CONTENT_TYPE_LATEST)
 
 

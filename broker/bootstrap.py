@@ -6,14 +6,11 @@ import asyncio
 import sys
 from typing import TYPE_CHECKING
 
-from sqlalchemy import func, select
-
 from broker.keyring import Keyring, load_keyring, write_key_file
 from broker.services.audit import chain_key
 from broker.services.management import Actor, ManagementService
 from broker.storage.audit_chain import seal_unchained
 from broker.storage.database import Database, upgrade_schema
-from broker.storage.models import AdminKey
 
 if TYPE_CHECKING:
     from broker.config import Settings
@@ -51,11 +48,9 @@ async def _create_admin_key(
     database = Database(settings.async_database_url, pool=False)
     try:
         sessions = database.sessions
-        if only_if_none:
-            async with sessions() as session:
-                if await session.scalar(select(func.count()).select_from(AdminKey)):
-                    return None
         service = ManagementService(sessions, keyring, settings)
+        if only_if_none and await service.list_admin_keys():
+            return None
         _key, value = await service.create_admin_key(LOCAL, name=name, role=role)
         return value
     finally:

@@ -6,6 +6,8 @@ on standard error, so ``KEY=$(broker admin-key create ...)`` works in scripts.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
 import shutil
@@ -13,17 +15,22 @@ import sys
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, get_args
 
 import httpx
 import typer
+from pydantic import AwareDatetime, ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 
+from broker import audit_filter
+from broker.audit_filter import AuditFilter
 from broker.config import Settings
 from broker.errors import ConfigurationError
 from broker.storage.database import Database
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from broker.keyring import Keyring
 
 # Tracebacks never show local variables: they would print secrets (client secrets, worker
@@ -585,26 +592,6 @@ def tokens_revoke(token_id: str) -> None:
 UNUSABLE = 2
 """Exit status of local audit commands that could not run (settings, keyring, database)."""
 
-Since = Annotated[
-    str | None, typer.Option(help="ISO date or date-time, inclusive (UTC if no offset)")
-]
-Until = Annotated[
-    str | None, typer.Option(help="ISO date or date-time, exclusive (UTC if no offset)")
-]
-Text = Annotated[str | None, typer.Option()]
-ClientOpt = Annotated[str | None, typer.Option("--client", help="client id")]
-TokenOpt = Annotated[str | None, typer.Option("--token", help="token id")]
-CredentialOpt = Annotated[str | None, typer.Option("--credential", help="credential id")]
-KindOpt = Annotated[str | None, typer.Option(help="proxy, token or admin")]
-DecisionOpt = Annotated[str | None, typer.Option(help="allow or deny")]
-StatusOpt = Annotated[int | None, typer.Option("--status", help="HTTP status answered")]
-StateOpt = Annotated[str | None, typer.Option(help="complete or pending")]
-ActorOpt = Annotated[str | None, typer.Option("--actor", help="admin key id that acted")]
-QueryContainsOpt = Annotated[
-    str | None,
-    typer.Option(help="text in the stored query string, e.g. a hash from `broker audit hash`"),
-]
-
 
 def utc_time(text: str) -> datetime:
     """An ISO date or date-time; UTC if it names no offset (a date means its midnight)."""
@@ -615,92 +602,97 @@ def utc_time(text: str) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value
 
 
-_FILTER_NAMES = (
-    "client",
-    "credential",
-    "upstream",
-    "kind",
-    "action",
-    "decision",
-    "reason",
-    "status",
-    "method",
-    "path_prefix",
-    "state",
-    "request_id",
-    "actor",
-    "query_contains",
-)
+def _filter_kind(name: str) -> type:
+    """What the audit filter field ``name`` takes on the command line: text, number or time."""
+    kinds = get_args(AuditFilter.model_fields[name].annotation)
+    if AwareDatetime in kinds:
+        return datetime
+    return int if int in kinds else str
 
 
-def _filters(options: dict[str, Any]) -> dict[str, Any]:
-    """Query parameters of ``GET /audit`` and ``GET /audit/export`` from a command's options.
+def _filter_option(name: str) -> inspect.Parameter:
+    """The option of the audit filter field ``name``: named after its query parameter."""
+    param = audit_filter.parameter(name)
+    kind = _filter_kind(name)
+    description = AuditFilter.model_fields[name].description or ""
+    if kind is datetime:
+        description += " (ISO date or date-time; UTC if no offset)"
+    return inspect.Parameter(
+        param,
+        inspect.Parameter.KEYWORD_ONLY,
+        default=typer.Option(None, f"--{param.replace('_', '-')}", help=description),
+        annotation=int | None if kind is int else str | None,
+    )
 
-    The audit commands take the same filter options; each passes its ``locals()`` here.
-    """
-    since, until = options["since"], options["until"]
-    return {
-        **{name: options[name] for name in _FILTER_NAMES},
-        "token": options["token_id"],
-        "since": utc_time(since).isoformat() if since else None,
-        "until": utc_time(until).isoformat() if until else None,
+
+def _selection(given: dict[str, Any]) -> AuditFilter:
+    """The audit filter options given, validated as the API validates its parameters."""
+    times = {
+        audit_filter.parameter(n) for n in AuditFilter.model_fields if _filter_kind(n) is datetime
     }
+    values = {}
+    for param, value in given.items():
+        # A blank time is no bound, as it always was.
+        parsed = (utc_time(value) if value else None) if param in times else value
+        if parsed is not None:
+            values[param] = parsed
+    try:
+        return AuditFilter.model_validate(values)
+    except ValidationError as exc:
+        [error, *_] = exc.errors()
+        option = "--" + str(error["loc"][0]).replace("_", "-")
+        raise typer.BadParameter(error["msg"], param_hint=option) from exc
+
+
+def audit_filter_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Give an audit command one option per audit filter (``broker.audit_filter``).
+
+    The command takes a ``selection`` parameter instead, the options given as one validated
+    ``AuditFilter``; its other parameters are its own options. A filter added to
+    ``AuditFilter`` is thereby an option of every audit command.
+    """
+    signature = inspect.signature(command, eval_str=True)
+    parameters = [
+        *(p for p in signature.parameters.values() if p.name != "selection"),
+        *(_filter_option(name) for name in AuditFilter.model_fields),
+    ]
+    params = [audit_filter.parameter(name) for name in AuditFilter.model_fields]
+
+    @functools.wraps(command)
+    def with_filters(**options: Any) -> None:  # noqa: ANN401 - the command's own options
+        given = {param: options.pop(param) for param in params}
+        command(selection=_selection(given), **options)
+
+    # Typer reads the options from the signature and annotations.
+    with_filters.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
+    with_filters.__annotations__ = {p.name: p.annotation for p in parameters}
+    return with_filters
 
 
 @audit_app.command("query")
+@audit_filter_options
 def audit_query(
-    client: ClientOpt = None,
-    token_id: TokenOpt = None,
-    credential: CredentialOpt = None,
-    upstream: Text = None,
-    kind: KindOpt = None,
-    action: Text = None,
-    decision: DecisionOpt = None,
-    reason: Text = None,
-    status: StatusOpt = None,
-    method: Text = None,
-    path_prefix: Text = None,
-    state: StateOpt = None,
-    request_id: Text = None,
-    actor: ActorOpt = None,
-    query_contains: QueryContainsOpt = None,
-    since: Since = None,
-    until: Until = None,
+    selection: AuditFilter,
     limit: Annotated[int, typer.Option(help="events per page (at most 1000)")] = 50,
     cursor: Annotated[str | None, typer.Option(help="next_cursor of the previous page")] = None,
 ) -> None:
     """Audit events, newest first: one page, with next_cursor for the next."""
-    params = _filters(locals())
-    show(api("GET", "/audit", params={**params, "limit": limit, "cursor": cursor}))
+    params = {**selection.query_params(), "limit": limit, "cursor": cursor}
+    show(api("GET", "/audit", params=params))
 
 
 @audit_app.command("export")
+@audit_filter_options
 def audit_export(
+    selection: AuditFilter,
     export_format: Annotated[
         str, typer.Option("--format", help="ndjson (one JSON event per line) or csv")
     ] = "ndjson",
-    client: ClientOpt = None,
-    token_id: TokenOpt = None,
-    credential: CredentialOpt = None,
-    upstream: Text = None,
-    kind: KindOpt = None,
-    action: Text = None,
-    decision: DecisionOpt = None,
-    reason: Text = None,
-    status: StatusOpt = None,
-    method: Text = None,
-    path_prefix: Text = None,
-    state: StateOpt = None,
-    request_id: Text = None,
-    actor: ActorOpt = None,
-    query_contains: QueryContainsOpt = None,
-    since: Since = None,
-    until: Until = None,
 ) -> None:
     """Stream every selected event, newest first, to standard output (`> file`)."""
     if export_format not in {"ndjson", "csv"}:
         raise typer.BadParameter("use ndjson or csv", param_hint="--format")
-    params = _filters(locals())
+    params = selection.query_params()
     url, key = _management_access()
     written = 0
     try:

@@ -104,12 +104,15 @@ def test_keys_rotate_reencrypts_credentials_under_a_new_primary_key(tmp_path: Pa
     import asyncio  # noqa: PLC0415
     import json  # noqa: PLC0415
 
+    from sqlalchemy import select  # noqa: PLC0415
+
     from broker.bootstrap import LOCAL  # noqa: PLC0415
     from broker.config import Settings  # noqa: PLC0415
     from broker.keyring import load_key_file  # noqa: PLC0415
     from broker.services.management import ManagementService  # noqa: PLC0415
     from broker.services.tokens import WORKER_TOKEN_PURPOSE  # noqa: PLC0415
     from broker.storage.database import create_engine, session_factory  # noqa: PLC0415
+    from broker.storage.models import WorkerCredential  # noqa: PLC0415
 
     env = _env(tmp_path)
     assert _run(["init"], env).returncode == 0
@@ -127,11 +130,10 @@ def test_keys_rotate_reencrypts_credentials_under_a_new_primary_key(tmp_path: Pa
         await engine.dispose()
 
     async def stored_key_id() -> tuple[str, str]:
+        # What is at rest: the service hands out a credential's metadata only.
         engine = create_engine(settings.async_database_url, pool=False)
-        service = ManagementService(
-            session_factory(engine), load_key_file(settings.key_file), settings
-        )
-        [credential] = await service.list_credentials()
+        async with session_factory(engine)() as session:
+            [credential] = await session.scalars(select(WorkerCredential))
         plaintext = load_key_file(settings.key_file).decrypt(
             credential.token_key_id,
             credential.token_ciphertext,
@@ -248,3 +250,12 @@ def test_serve_refuses_absolute_form_targets_and_ignores_forwarding_headers(
     assert event["request_id"] == response.header("x-request-id")
     assert event["path"] == "http://other-host/api/v1/courses/1"
     assert (event["decision"], event["source_ip"]) == ("deny", "127.0.0.1")
+
+
+def test_audit_filter_the_api_would_refuse_is_refused_before_calling_it(tmp_path: Path) -> None:
+    nobody = f"http://127.0.0.1:{_free_port()}"
+    env = _env(tmp_path, BROKER_URL=nobody, BROKER_ADMIN_KEY="cba_" + "A" * 36)
+    result = _run(["audit", "query", "--status", "99"], env)
+    assert result.returncode == 2, result.stderr
+    assert "--status" in result.stderr
+    assert "cannot reach" not in result.stderr

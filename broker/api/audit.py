@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Annotated, Any, Final, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import StreamingResponse
-from pydantic import AwareDatetime
 
 from broker.api.deps import Admin, Reader, ServicesDep, reject_nul, request_facts
 from broker.api.schemas import (
@@ -29,9 +28,9 @@ from broker.api.schemas import (
     AuditVerification,
     ErrorOut,
 )
+from broker.audit_filter import AuditFilter
 from broker.errors import BadRequestError
 from broker.services.audit import EarlierHead
-from broker.storage.queries import AuditFilter
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -52,50 +51,8 @@ _FORMULA_START: Final = ("=", "+", "-", "@", "\t", "\r")
 _MEDIA_TYPES: Final = {"ndjson": "application/x-ndjson", "csv": "text/csv; charset=utf-8"}
 
 
-async def audit_filter(  # noqa: PLR0917 - one parameter per documented filter
-    since: AwareDatetime | None = None,
-    until: AwareDatetime | None = None,
-    client: Annotated[str | None, Query(description="client id")] = None,
-    token: Annotated[str | None, Query(description="token id")] = None,
-    credential: Annotated[str | None, Query(description="credential id")] = None,
-    upstream: Annotated[str | None, Query(description="upstream name")] = None,
-    kind: Annotated[str | None, Query(description="proxy, token or admin")] = None,
-    action: Annotated[str | None, Query(description="e.g. token.mint, client.update")] = None,
-    decision: Annotated[str | None, Query(description="allow or deny")] = None,
-    reason: Annotated[str | None, Query(description="e.g. scope_not_granted")] = None,
-    status_code: Annotated[int | None, Query(alias="status", ge=100, le=599)] = None,
-    method: str | None = None,
-    path_prefix: str | None = None,
-    state: Annotated[str | None, Query(description="complete or pending")] = None,
-    request_id: str | None = None,
-    actor: Annotated[str | None, Query(description="admin key id that acted")] = None,
-    query_contains: Annotated[
-        str | None, Query(description="text in the stored query string, e.g. an audit HMAC")
-    ] = None,
-) -> AuditFilter:
-    """The selection the review and export endpoints share."""
-    return AuditFilter(
-        since=since,
-        until=until,
-        client_id=client,
-        token_id=token,
-        credential_id=credential,
-        upstream=upstream,
-        kind=kind,
-        action=action,
-        decision=decision,
-        reason=reason,
-        status=status_code,
-        method=method,
-        path_prefix=path_prefix,
-        state=state,
-        request_id=request_id,
-        actor_key_id=actor,
-        query_contains=query_contains,
-    )
-
-
-Selection = Annotated[AuditFilter, Depends(audit_filter)]
+Selection = Annotated[AuditFilter, Query()]
+"""The review and export endpoints' filters: one query parameter per ``AuditFilter`` field."""
 
 
 @router.get("/audit")
@@ -131,7 +88,7 @@ async def export_audit(
     fixed header row, ``details`` as JSON text, and text cells that a spreadsheet would take
     for a formula prefixed with ``'``.
     """
-    filters = {k: _text(v) for k, v in vars(selection).items() if v is not None}
+    filters = selection.set_filters()
     await services.audit.record_admin(
         "audit.export",
         request_facts(request),
@@ -149,10 +106,6 @@ async def export_audit(
             "Cache-Control": "no-store",
         },
     )
-
-
-def _text(value: object) -> object:
-    return value.isoformat() if isinstance(value, datetime) else value
 
 
 async def _ndjson(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:

@@ -5,6 +5,7 @@ Contract: docs/interfaces.md#management-api.
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, status
@@ -33,8 +34,8 @@ from broker.api.schemas import (
     UpstreamOut,
     UpstreamUpdate,
 )
+from broker.domain import Client, WorkerCredential
 from broker.services.management import scope_warnings
-from broker.storage.models import Client, WorkerCredential
 
 ERRORS: dict[int | str, dict[str, object]] = {
     code: {"model": ErrorOut} for code in (400, 401, 403, 404, 409, 422)
@@ -43,17 +44,13 @@ router = APIRouter(prefix="/broker/v1", responses=ERRORS, dependencies=[Depends(
 
 
 def _client_out(client: Client) -> ClientOut:
-    return ClientOut.model_validate({**_columns(client), "client_id": client.id})
+    return ClientOut.model_validate({**asdict(client), "client_id": client.id})
 
 
 def _credential_out(credential: WorkerCredential, upstreams: dict[str, str]) -> CredentialOut:
     return CredentialOut.model_validate(
-        {**_columns(credential), "upstream": upstreams.get(credential.upstream_id)}
+        {**asdict(credential), "upstream": upstreams.get(credential.upstream_id)}
     )
-
-
-def _columns(row: Client | WorkerCredential) -> dict[str, object]:
-    return {column.key: getattr(row, column.key) for column in row.__table__.columns}
 
 
 # Upstreams ----------------------------------------------------------------------------------

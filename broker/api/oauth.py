@@ -22,7 +22,7 @@ from broker.errors import OAuthError
 if TYPE_CHECKING:
     from starlette.datastructures import FormData
 
-    from broker.storage.models import Client
+    from broker.domain import Client
 
 # RFC 6749 §5.2 errors; introspection is authenticated by admin key, whose errors are the
 # management API's.

@@ -38,7 +38,7 @@ def _holds_nul(value: object) -> bool:
 
 
 class Output(BaseModel):
-    """Response bodies read attributes from ORM rows."""
+    """Response bodies read attributes from ``broker.domain`` records (or keys of dicts)."""
 
     model_config = ConfigDict(from_attributes=True)
 

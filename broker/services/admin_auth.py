@@ -16,7 +16,7 @@ from broker.core.tokens import SecretKind, check_secret
 from broker.errors import AuthenticationError, MalformedSecretError, PermissionDeniedError
 from broker.services.audit import admin_event
 from broker.services.management import Actor
-from broker.storage.queries import find_admin_key
+from broker.storage import admin_keys
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -60,7 +60,9 @@ class AdminAuthenticator:
             await self._refuse(audit, AUTHENTICATE, "malformed_admin_key", 401)
             raise AuthenticationError("the admin key is malformed", error=_INVALID) from exc
         async with self._sessions() as session:
-            key = await find_admin_key(session, self._keyring.secret_hash_candidates(key_value))
+            key = await admin_keys.find_by_hash(
+                session, self._keyring.secret_hash_candidates(key_value)
+            )
         if key is None or key.revoked_at is not None:
             reason = "unknown_admin_key" if key is None else "revoked_admin_key"
             await self._refuse(audit, AUTHENTICATE, reason, 401, key.id if key else None)

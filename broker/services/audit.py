@@ -21,9 +21,6 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
-from sqlalchemy import event, update
-from sqlalchemy.orm import Session
-
 from broker.core.audit_chain import (
     GENESIS,
     PENDING,
@@ -41,22 +38,17 @@ from broker.errors import (
     ValidationFailedError,
 )
 from broker.storage import audit_chain as chain
-from broker.storage.models import RevocationEpoch, utcnow
-from broker.storage.queries import (
-    AuditFilter,
-    audit_page,
-    decode_cursor,
-    encode_cursor,
-    merged_event,
-)
+from broker.storage import audit_events
+from broker.storage.models import utcnow
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Mapping
+    from collections.abc import AsyncIterator, Mapping
     from datetime import datetime
 
     from sqlalchemy import Connection
     from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+    from broker.audit_filter import AuditFilter
     from broker.keyring import Keyring
     from broker.services.audit_writer import EventWriter
     from broker.storage.database import Database
@@ -87,34 +79,6 @@ async def add_events(session: AsyncSession, keyring: Keyring, *events: AuditEven
     """Chain events inside the caller's transaction (atomic with the change they record)."""
     key = chain_key(keyring)
     await session.run_sync(lambda sync: chain.append(sync.connection(), key, list(events)))
-
-
-async def bump_revocation_epoch(session: AsyncSession, after_commit: Callable[[], None]) -> None:
-    """Tell every replica to drop cached tokens once the caller's transaction commits.
-
-    The counter changes in the same transaction; ``after_commit`` tells this host's processes
-    at once (other replicas poll the counter).
-    """
-    await session.execute(
-        update(RevocationEpoch)
-        .where(RevocationEpoch.id == 1)
-        .values(epoch=RevocationEpoch.epoch + 1)
-    )
-    session.sync_session.info.setdefault(_AFTER_COMMIT, []).append(after_commit)
-
-
-_AFTER_COMMIT = "broker_after_commit"
-
-
-@event.listens_for(Session, "after_commit")
-def _run_after_commit(session: Session) -> None:
-    for callback in session.info.pop(_AFTER_COMMIT, []):
-        callback()
-
-
-@event.listens_for(Session, "after_rollback")
-def _drop_after_commit(session: Session) -> None:
-    session.info.pop(_AFTER_COMMIT, None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,12 +216,11 @@ class AuditService:
         self, selection: AuditFilter, *, cursor: str | None, limit: int
     ) -> tuple[list[dict[str, Any]], str | None]:
         """One newest-first page of events and the cursor of the next page."""
-        before = decode_cursor(cursor) if cursor else None
+        before = audit_events.decode_cursor(cursor) if cursor else None
         await self.flush()
         async with self._sessions() as session:
-            rows, last = await audit_page(session, selection, before=before, limit=limit)
-        events = [merged_event(begin, done) for begin, done in rows]
-        return events, (encode_cursor(last) if last is not None else None)
+            events, last = await audit_events.page(session, selection, before=before, limit=limit)
+        return events, (audit_events.encode_cursor(last) if last is not None else None)
 
     async def export(
         self, selection: AuditFilter, *, page_size: int = 1000
@@ -267,11 +230,13 @@ class AuditService:
         before: int | None = None
         while True:
             async with self._sessions() as session:
-                rows, last = await audit_page(session, selection, before=before, limit=page_size)
-            for begin, done in rows:
-                yield merged_event(begin, done)
+                events, last = await audit_events.page(
+                    session, selection, before=before, limit=page_size
+                )
+            for event in events:
+                yield event
             # Let this page go before reading the next, so only one is ever held.
-            del rows
+            del events
             if last is None:
                 return
             before = last

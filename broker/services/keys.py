@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from sqlalchemy import select
-
 from broker.requestid import current_request_id
 from broker.services.audit import add_events, admin_event
 from broker.services.tokens import WORKER_TOKEN_PURPOSE
-from broker.storage.models import WorkerCredential, utcnow
+from broker.storage import credentials
+from broker.storage.credentials import SealedToken
+from broker.storage.models import utcnow
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -25,23 +25,19 @@ async def reencrypt_credentials(
     One transaction: either every credential moves to the new key or none does, so an
     interrupted rotation can simply be run again.
     """
-    changed = 0
     async with sessions.begin() as session:
-        credentials = await session.scalars(
-            select(WorkerCredential).where(WorkerCredential.token_key_id != keyring.primary_id)
-        )
-        for credential in credentials:
+        stale = await credentials.sealed_not_under(session, keyring.primary_id)
+        for credential_id, sealed in stale.items():
             plaintext = keyring.decrypt(
-                credential.token_key_id,
-                credential.token_ciphertext,
+                sealed.key_id,
+                sealed.ciphertext,
                 purpose=WORKER_TOKEN_PURPOSE,
-                record_id=credential.id,
+                record_id=credential_id,
             )
-            credential.token_key_id, credential.token_ciphertext = keyring.encrypt(
-                plaintext, purpose=WORKER_TOKEN_PURPOSE, record_id=credential.id
+            resealed = SealedToken(
+                *keyring.encrypt(plaintext, purpose=WORKER_TOKEN_PURPOSE, record_id=credential_id)
             )
-            credential.updated_at = utcnow()
-            changed += 1
+            await credentials.reseal(session, credential_id, resealed, at=utcnow())
         await add_events(
             session,
             keyring,
@@ -49,7 +45,10 @@ async def reencrypt_credentials(
                 request_id=current_request_id(),
                 action="keys.rotate",
                 actor_key_id=None,
-                details={"primary_key_id": keyring.primary_id, "credentials_reencrypted": changed},
+                details={
+                    "primary_key_id": keyring.primary_id,
+                    "credentials_reencrypted": len(stale),
+                },
             ),
         )
-    return changed
+    return len(stale)

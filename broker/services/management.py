@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 
 from broker.core import rules
@@ -21,6 +20,7 @@ from broker.core.assertions import public_key_set
 from broker.core.catalogue import unfamiliar_scopes
 from broker.core.scopes import Decision, Grant
 from broker.core.tokens import SecretKind, generate_secret, new_id
+from broker.domain import AdminKey, Client, ProxyToken, Upstream, WorkerCredential
 from broker.errors import (
     ConflictError,
     InvalidKeySetError,
@@ -30,22 +30,20 @@ from broker.errors import (
     ValidationFailedError,
 )
 from broker.requestid import current_request_facts, current_request_id
-from broker.services.audit import add_events, admin_event, bump_revocation_epoch
+from broker.services.audit import add_events, admin_event
 from broker.services.ratelimit import default_burst
-from broker.services.revocation import CacheEpoch
+from broker.services.revocation import CacheEpoch, bump_revocation_epoch
 from broker.services.tokens import WORKER_TOKEN_PURPOSE
-from broker.storage.models import (
-    CLIENT_SECRET,
-    PRIVATE_KEY_JWT,
-    AdminKey,
-    Client,
-    ProxyToken,
-    RateBucket,
-    Upstream,
-    WorkerCredential,
-    utcnow,
+from broker.storage import (
+    admin_keys,
+    clients,
+    credentials,
+    proxy_tokens,
+    rate_buckets,
+    upstreams,
 )
-from broker.storage.queries import Named, get_by_ref
+from broker.storage.credentials import SealedToken
+from broker.storage.models import CLIENT_SECRET, PRIVATE_KEY_JWT, utcnow
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -217,6 +215,7 @@ def check_ttls(token_ttl: int, max_token_ttl: int, ceiling: int) -> None:
 
 
 _GRANT_CACHE_SIZE = 1024
+_TOKEN_LIST_LIMIT = 1000
 
 
 class ManagementService:
@@ -249,7 +248,7 @@ class ManagementService:
             updated_at=now,
         )
         async with self._write("upstream") as session:
-            session.add(upstream)
+            upstream = await upstreams.add(session, upstream)
             await self._event(
                 session,
                 actor,
@@ -262,11 +261,13 @@ class ManagementService:
 
     async def list_upstreams(self) -> list[Upstream]:
         """All upstreams by name."""
-        return await self._all(Upstream)
+        async with self._sessions() as session:
+            return await upstreams.all_by_name(session)
 
     async def get_upstream(self, ref: str) -> Upstream:
         """One upstream by id or name."""
-        return await self._one(Upstream, ref, "upstream")
+        async with self._sessions() as session:
+            return await upstreams.get(session, ref)
 
     async def update_upstream(
         self,
@@ -286,8 +287,7 @@ class ManagementService:
         if enabled is not None:
             changes["enabled"] = enabled
         async with self._write("upstream") as session:
-            upstream = await get_by_ref(session, Upstream, ref, "upstream")
-            _apply(upstream, changes)
+            upstream = await upstreams.change(session, ref, changes)
             action = "upstream.update"
             if set(changes) == {"enabled"}:
                 action = "upstream.enable" if enabled else "upstream.disable"
@@ -312,15 +312,12 @@ class ManagementService:
         check_worker_token(token)
         now = utcnow()
         async with self._write("credential") as session:
-            target = await get_by_ref(session, Upstream, upstream, "upstream")
+            target = await upstreams.get(session, upstream)
             credential_id = new_id("cred")
-            key_id, blob = self._seal(token, credential_id)
             credential = WorkerCredential(
                 id=credential_id,
                 name=name,
                 upstream_id=target.id,
-                token_ciphertext=blob,
-                token_key_id=key_id,
                 token_last4=token[-4:],
                 canvas_user_id=canvas_user_id,
                 notes=notes,
@@ -330,7 +327,9 @@ class ManagementService:
                 rotated_at=None,
                 updated_at=now,
             )
-            session.add(credential)
+            credential = await credentials.add(
+                session, credential, self._seal(token, credential_id)
+            )
             await self._event(
                 session,
                 actor,
@@ -344,18 +343,22 @@ class ManagementService:
             )
         return credential
 
-    def _seal(self, token: str, credential_id: str) -> tuple[str, bytes]:
-        return self._keyring.encrypt(
-            token.encode(), purpose=WORKER_TOKEN_PURPOSE, record_id=credential_id
+    def _seal(self, token: str, credential_id: str) -> SealedToken:
+        return SealedToken(
+            *self._keyring.encrypt(
+                token.encode(), purpose=WORKER_TOKEN_PURPOSE, record_id=credential_id
+            )
         )
 
     async def list_credentials(self) -> list[WorkerCredential]:
-        """All worker credentials (metadata only leaves the API)."""
-        return await self._all(WorkerCredential)
+        """All worker credentials (metadata only)."""
+        async with self._sessions() as session:
+            return await credentials.all_by_name(session)
 
     async def get_credential(self, ref: str) -> WorkerCredential:
         """One credential by id or name."""
-        return await self._one(WorkerCredential, ref, "credential")
+        async with self._sessions() as session:
+            return await credentials.get(session, ref)
 
     async def upstream_names(self) -> dict[str, str]:
         """Upstream id → name, for presenting credentials."""
@@ -365,10 +368,14 @@ class ManagementService:
         """Replace the stored Canvas token (for example after regenerating it in Canvas)."""
         check_worker_token(token)
         async with self._write("credential") as session:
-            credential = await get_by_ref(session, WorkerCredential, ref, "credential")
-            credential.token_key_id, credential.token_ciphertext = self._seal(token, credential.id)
-            credential.token_last4 = token[-4:]
-            credential.rotated_at = credential.updated_at = utcnow()
+            credential = await credentials.get(session, ref)
+            credential = await credentials.replace_token(
+                session,
+                credential.id,
+                self._seal(token, credential.id),
+                last4=token[-4:],
+                at=utcnow(),
+            )
             await self._event(
                 session, actor, "credential.rotate", credential, token_last4=token[-4:]
             )
@@ -393,9 +400,7 @@ class ManagementService:
         if enabled is not None:
             changes["enabled"] = enabled
         async with self._write("credential") as session:
-            credential = await get_by_ref(session, WorkerCredential, ref, "credential")
-            _apply(credential, changes)
-            credential.updated_at = utcnow()
+            credential = await credentials.change(session, ref, {**changes, "updated_at": utcnow()})
             action = {True: "credential.enable", False: "credential.disable"}.get(
                 enabled if set(changes) == {"enabled"} else None,  # type: ignore[arg-type]
                 "credential.update",
@@ -437,22 +442,23 @@ class ManagementService:
         key_set = check_auth(auth_method, jwks)
         secret = generate_secret(SecretKind.CLIENT_SECRET) if key_set is None else None
         now = utcnow()
+        scope_strings = grant.scope_strings()
+        constraint_values = {k: sorted(v) for k, v in grant.constraints.items()}
         async with self._write("client") as session:
-            owner = await get_by_ref(session, WorkerCredential, credential, "credential")
+            owner = await credentials.get(session, credential)
             client = Client(
                 id=new_id("cli"),
                 name=name,
                 credential_id=owner.id,
-                secret_hash=self._keyring.hash_secret(secret) if secret else None,
                 auth_method=auth_method,
                 jwks=key_set,
-                scopes=grant.scope_strings(),
-                constraints={k: sorted(v) for k, v in grant.constraints.items()},
+                scopes=tuple(scope_strings),
+                constraints={k: tuple(v) for k, v in constraint_values.items()},
                 token_ttl=token_ttl,
                 max_token_ttl=max_token_ttl,
                 allow_masquerade=allow_masquerade,
                 allow_includes=allow_includes,
-                allowed_cidrs=cidrs,
+                allowed_cidrs=tuple(cidrs),
                 rate_limit=rate_limit,
                 rate_burst=rate_burst,
                 description=description,
@@ -462,7 +468,9 @@ class ManagementService:
                 updated_at=now,
                 secret_rotated_at=None,
             )
-            session.add(client)
+            client = await clients.add(
+                session, client, secret_hash=self._keyring.hash_secret(secret) if secret else None
+            )
             await self._event(
                 session,
                 actor,
@@ -470,8 +478,8 @@ class ManagementService:
                 client,
                 name=name,
                 credential=owner.name,
-                scopes=client.scopes,
-                constraints=client.constraints,
+                scopes=scope_strings,
+                constraints=constraint_values,
                 token_ttl=token_ttl,
                 max_token_ttl=max_token_ttl,
                 allow_masquerade=allow_masquerade,
@@ -486,11 +494,13 @@ class ManagementService:
 
     async def list_clients(self) -> list[Client]:
         """All clients by name."""
-        return await self._all(Client)
+        async with self._sessions() as session:
+            return await clients.all_by_name(session)
 
     async def get_client(self, ref: str) -> Client:
         """One client by id or name."""
-        return await self._one(Client, ref, "client")
+        async with self._sessions() as session:
+            return await clients.get(session, ref)
 
     async def update_client(self, actor: Actor, ref: str, **fields: Any) -> Client:  # noqa: ANN401
         """Change a client's grant or settings; live tokens follow the new grant at once.
@@ -501,17 +511,14 @@ class ManagementService:
         rate_limit = fields.pop("rate_limit", _UNSET)
         rate_burst = fields.pop("rate_burst", None)
         async with self._write("client") as session:
-            client = await get_by_ref(session, Client, ref, "client")
+            client = await clients.get(session, ref)
             changes = {k: v for k, v in fields.items() if v is not None}
             if rate_limit is not _UNSET or rate_burst is not None:
                 changes["rate_limit"], changes["rate_burst"] = check_rate(
                     client.rate_limit if rate_limit is _UNSET else rate_limit, rate_burst
                 )
                 if changes["rate_limit"] is None:
-                    # A limit set again later starts from a full bucket.
-                    await session.execute(
-                        delete(RateBucket).where(RateBucket.client_id == client.id)
-                    )
+                    await rate_buckets.forget(session, client.id)
             if "scopes" in changes or "constraints" in changes:
                 grant = check_grant(
                     changes.get("scopes", client.scopes),
@@ -531,9 +538,11 @@ class ManagementService:
                 check_name(changes["name"])
             if "jwks" in changes:
                 changes["jwks"] = check_auth(client.auth_method, changes["jwks"])
-            _apply(client, changes)
-            client.grant_version += 1
-            client.updated_at = utcnow()
+            client = await clients.change(
+                session,
+                client.id,
+                {**changes, "grant_version": client.grant_version + 1, "updated_at": utcnow()},
+            )
             enabled = changes.get("enabled") if set(changes) == {"enabled"} else None
             action = {True: "client.enable", False: "client.disable"}.get(
                 enabled,  # type: ignore[arg-type]
@@ -551,14 +560,15 @@ class ManagementService:
         """Issue a new client secret (shown once); optionally revoke every live token."""
         secret = generate_secret(SecretKind.CLIENT_SECRET)
         async with self._write("client") as session:
-            client = await get_by_ref(session, Client, ref, "client")
+            client = await clients.get(session, ref)
             if client.auth_method != CLIENT_SECRET:
                 raise ConflictError(
                     "this client authenticates with private_key_jwt and has no secret; "
                     "replace its jwks instead"
                 )
-            client.secret_hash = self._keyring.hash_secret(secret)
-            client.secret_rotated_at = client.updated_at = utcnow()
+            client = await clients.replace_secret_hash(
+                session, client.id, self._keyring.hash_secret(secret), at=utcnow()
+            )
             revoked = (
                 await self._revoke_client_tokens(session, actor, client.id) if revoke_tokens else 0
             )
@@ -600,26 +610,28 @@ class ManagementService:
     async def list_tokens(self, *, client: str | None, include_inactive: bool) -> list[ProxyToken]:
         """Proxy tokens (metadata only), newest first; live ones unless asked otherwise."""
         async with self._sessions() as session:
-            query = select(ProxyToken).order_by(ProxyToken.created_at.desc()).limit(1000)
-            if client is not None:
-                owner = await get_by_ref(session, Client, client, "client")
-                query = query.where(ProxyToken.client_id == owner.id)
-            if not include_inactive:
-                query = query.where(
-                    ProxyToken.revoked_at.is_(None), ProxyToken.expires_at > utcnow()
-                )
-            return list(await session.scalars(query))
+            owner = None if client is None else await clients.get(session, client)
+            return await proxy_tokens.newest(
+                session,
+                client_id=None if owner is None else owner.id,
+                live_at=None if include_inactive else utcnow(),
+                limit=_TOKEN_LIST_LIMIT,
+            )
+
+    async def count_live_tokens(self) -> int:
+        """How many proxy tokens are neither revoked nor expired (for ``/metrics``)."""
+        async with self._sessions() as session:
+            return await proxy_tokens.count_live(session, utcnow())
 
     async def revoke_token(self, actor: Actor, token_id: str) -> ProxyToken:
         """Revoke one proxy token by id; it fails on its next use."""
         async with self._sessions.begin() as session:
-            token = await session.get(ProxyToken, token_id)
+            token = await proxy_tokens.find(session, token_id)
             if token is None:
                 raise NotFoundError(f"no token {token_id!r}")
             already = token.revoked_at is not None
             if not already:
-                token.revoked_at = utcnow()
-                token.revoked_by = actor.label
+                token = await proxy_tokens.revoke(session, token_id, at=utcnow(), by=actor.label)
             await self._event(
                 session,
                 actor,
@@ -633,7 +645,7 @@ class ManagementService:
     async def revoke_client_tokens(self, actor: Actor, ref: str) -> int:
         """Revoke every live token of a client; returns how many."""
         async with self._sessions.begin() as session:
-            client = await get_by_ref(session, Client, ref, "client")
+            client = await clients.get(session, ref)
             count = await self._revoke_client_tokens(session, actor, client.id)
             await self._event(session, actor, "client.revoke_tokens", client, tokens_revoked=count)
         return count
@@ -641,12 +653,7 @@ class ManagementService:
     async def _revoke_client_tokens(
         self, session: AsyncSession, actor: Actor, client_id: str
     ) -> int:
-        result = await session.execute(
-            update(ProxyToken)
-            .where(ProxyToken.client_id == client_id, ProxyToken.revoked_at.is_(None))
-            .values(revoked_at=utcnow(), revoked_by=actor.label)
-        )
-        return int(result.rowcount)  # type: ignore[attr-defined]
+        return await proxy_tokens.revoke_of_client(session, client_id, at=utcnow(), by=actor.label)
 
     # Admin keys ----------------------------------------------------------------------------
 
@@ -660,30 +667,29 @@ class ManagementService:
             id=new_id("key"),
             name=name,
             role=role,
-            key_hash=self._keyring.hash_secret(value),
             created_at=utcnow(),
             revoked_at=None,
             created_by=actor.key_id,
         )
         async with self._sessions.begin() as session:
-            session.add(key)
+            key = await admin_keys.add(session, key, key_hash=self._keyring.hash_secret(value))
             await self._event(session, actor, "admin_key.create", key, name=name, role=role)
         return key, value
 
     async def list_admin_keys(self) -> list[AdminKey]:
         """All admin keys (never their values)."""
         async with self._sessions() as session:
-            return list(await session.scalars(select(AdminKey).order_by(AdminKey.created_at)))
+            return await admin_keys.oldest_first(session)
 
     async def revoke_admin_key(self, actor: Actor, key_id: str) -> AdminKey:
         """Revoke a management key."""
         async with self._sessions.begin() as session:
-            key = await session.get(AdminKey, key_id)
+            key = await admin_keys.find(session, key_id)
             if key is None:
                 raise NotFoundError(f"no admin key {key_id!r}")
             already = key.revoked_at is not None
             if not already:
-                key.revoked_at = utcnow()
+                key = await admin_keys.revoke(session, key_id, at=utcnow())
             await self._event(
                 session,
                 actor,
@@ -697,16 +703,6 @@ class ManagementService:
         return key
 
     # Helpers -------------------------------------------------------------------------------
-
-    async def _all(self, model: type[Named]) -> list[Named]:
-        """Every row of a named resource, by name."""
-        async with self._sessions() as session:
-            return list(await session.scalars(select(model).order_by(model.name)))
-
-    async def _one(self, model: type[Named], ref: str, label: str) -> Named:
-        """One named resource by id or name, or ``NotFoundError``."""
-        async with self._sessions() as session:
-            return await get_by_ref(session, model, ref, label)
 
     def _write(self, label: str) -> _WriteTransaction:
         return _WriteTransaction(self._sessions, label)
@@ -762,22 +758,17 @@ class _WriteTransaction:
             raise ConflictError(f"a {self._label} with that name already exists") from exc_info[1]
 
 
-def _subject(row: object) -> dict[str, str]:
+def _subject(target: object) -> dict[str, str]:
     """The audit columns naming what an admin action touched, so the review filters find it."""
-    if isinstance(row, Upstream):
-        return {"upstream": row.name}
-    if isinstance(row, WorkerCredential):
-        return {"credential_id": row.id}
-    if isinstance(row, Client):
-        return {"client_id": row.id, "credential_id": row.credential_id}
-    if isinstance(row, ProxyToken):
-        return {"token_id": row.id, "client_id": row.client_id}
+    if isinstance(target, Upstream):
+        return {"upstream": target.name}
+    if isinstance(target, WorkerCredential):
+        return {"credential_id": target.id}
+    if isinstance(target, Client):
+        return {"client_id": target.id, "credential_id": target.credential_id}
+    if isinstance(target, ProxyToken):
+        return {"token_id": target.id, "client_id": target.client_id}
     return {}
-
-
-def _apply(row: object, changes: Mapping[str, Any]) -> None:
-    for field, value in changes.items():
-        setattr(row, field, value)
 
 
 def _printable(changes: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """Per-client rate limits: a token bucket per client, kept in the database.
 
 Design. Every replica must see the same bucket (docs/deployment.md#what-replicas-share), so
-the bucket is a row of ``rate_buckets`` and each call takes a token with one atomic upsert::
+the bucket is a row of ``rate_buckets`` and each call takes a token with one atomic upsert
+(``storage.rate_buckets.take``)::
 
     INSERT INTO rate_buckets (client_id, tokens, updated_at) VALUES (:id, :burst - 1, :now)
     ON CONFLICT (client_id) DO UPDATE
@@ -36,20 +37,19 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from sqlalchemy import Double, func, literal
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 
 from broker.errors import UnavailableError
-from broker.storage.models import RateBucket
+from broker.storage import rate_buckets
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from sqlalchemy import ColumnElement
     from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+    from broker.domain import RateBucket
 
 logger = logging.getLogger(__name__)
 
@@ -85,11 +85,11 @@ class RateLimitService:
         try:
             now = self.clock()
             async with self._sessions.begin() as session:
-                taken = await session.scalar(_take_statement(session, client_id, rate, burst, now))
-            if taken is not None:
+                taken = await rate_buckets.take(session, client_id, rate=rate, burst=burst, now=now)
+            if taken:
                 return ALLOWED
             async with self._sessions() as session:
-                bucket = await session.get(RateBucket, client_id)
+                bucket = await rate_buckets.find(session, client_id)
         except (SQLAlchemyError, OSError) as exc:
             logger.exception("rate limit store unavailable")
             raise UnavailableError(
@@ -102,32 +102,6 @@ class RateLimitService:
 def default_burst(rate: float) -> int:
     """The bucket size when none is given: one second's worth of calls, at least one."""
     return max(1, math.ceil(rate))
-
-
-def _take_statement(
-    session: AsyncSession, client_id: str, rate: float, burst: float, now: float
-) -> Any:  # noqa: ANN401 - the dialect's Insert construct
-    """The upsert that spends a token atomically (see the module docstring)."""
-    on_sqlite = session.get_bind().dialect.name == "sqlite"
-    # SQLite's two-argument min()/max() are the scalar least()/greatest() of PostgreSQL.
-    least, greatest = (func.min, func.max) if on_sqlite else (func.least, func.greatest)
-    insert = sqlite.insert if on_sqlite else postgresql.insert
-    now_: ColumnElement[float] = literal(now, Double())
-    zero: ColumnElement[float] = literal(0.0, Double())
-    refilled = least(
-        literal(burst, Double()),
-        RateBucket.tokens + greatest(zero, now_ - RateBucket.updated_at) * rate,
-    )
-    return (
-        insert(RateBucket)
-        .values(client_id=client_id, tokens=burst - 1, updated_at=now)
-        .on_conflict_do_update(
-            index_elements=[RateBucket.client_id],
-            set_={"tokens": refilled - 1, "updated_at": greatest(RateBucket.updated_at, now_)},
-            where=refilled >= 1,
-        )
-        .returning(RateBucket.tokens)
-    )
 
 
 def _retry_after(bucket: RateBucket | None, rate: float, burst: float, now: float) -> int:

@@ -19,6 +19,8 @@ still current:
   closed with it).
 
 Values are random, never reused, so a cache entry can never become valid again.
+``bump_revocation_epoch`` is how a change moves the counter and, once it commits, this
+host's value; SQLAlchemy session listeners here run (or, on rollback, drop) that last step.
 
 Contract: docs/storage-and-keys.md#revocation.
 """
@@ -33,14 +35,16 @@ import os
 import secrets
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
-from sqlalchemy import select
+from sqlalchemy import event
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
 
-from broker.storage.models import RevocationEpoch
+from broker.storage import revocation_epoch
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from pathlib import Path
 
     from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -52,6 +56,29 @@ logger = logging.getLogger(__name__)
 POLL_INTERVAL = 0.25
 STALE_AFTER = 0.9
 _SIZE = 8
+_AFTER_COMMIT: Final = "broker_after_commit"
+
+
+async def bump_revocation_epoch(session: AsyncSession, after_commit: Callable[[], None]) -> None:
+    """Tell every replica to drop cached tokens once the caller's transaction commits.
+
+    The counter changes in the same transaction; ``after_commit`` (usually
+    ``CacheEpoch.bump``) tells this host's processes at once; other replicas poll the counter.
+    A rollback drops ``after_commit`` unrun.
+    """
+    await revocation_epoch.bump(session)
+    session.sync_session.info.setdefault(_AFTER_COMMIT, []).append(after_commit)
+
+
+@event.listens_for(Session, "after_commit")
+def _run_after_commit(session: Session) -> None:
+    for callback in session.info.pop(_AFTER_COMMIT, []):
+        callback()
+
+
+@event.listens_for(Session, "after_rollback")
+def _drop_after_commit(session: Session) -> None:
+    session.info.pop(_AFTER_COMMIT, None)
 
 
 class CacheEpoch:
@@ -113,9 +140,7 @@ class CacheEpoch:
             started = time.monotonic()
             try:
                 async with sessions() as session:
-                    counter = await session.scalar(
-                        select(RevocationEpoch.epoch).where(RevocationEpoch.id == 1)
-                    )
+                    counter = await revocation_epoch.read(session)
             except (SQLAlchemyError, OSError):
                 logger.warning("cannot read the revocation epoch; token cache off until it can")
             else:
@@ -131,9 +156,7 @@ class CacheEpoch:
                 started = time.monotonic()
                 try:
                     with engine.connect() as connection:
-                        counter = connection.scalar(
-                            select(RevocationEpoch.epoch).where(RevocationEpoch.id == 1)
-                        )
+                        counter = revocation_epoch.read_sync(connection)
                 except (SQLAlchemyError, OSError):
                     logger.warning("cannot read the revocation epoch; token cache off until it can")
                 else:

@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
+from broker import domain
 from broker.core.admission import CallPolicy
 from broker.core.assertions import LEEWAY as ASSERTION_LEEWAY
 from broker.core.assertions import claimed_issuer, verify_assertion
@@ -31,16 +31,14 @@ from broker.errors import (
 from broker.services.audit import (
     AuditService,
     add_events,
-    bump_revocation_epoch,
     new_event,
 )
-from broker.services.revocation import CacheEpoch
+from broker.services.revocation import CacheEpoch, bump_revocation_epoch
+from broker.storage import clients, credentials, proxy_tokens, used_assertions
 from broker.storage.models import (
     CLIENT_SECRET,
     PRIVATE_KEY_JWT,
     Client,
-    ProxyToken,
-    UsedAssertion,
     WorkerCredential,
     utcnow,
 )
@@ -124,7 +122,9 @@ def _attribution(record: TokenRecord) -> Attribution:
     )
 
 
-def credential_usable(credential: WorkerCredential, now: datetime) -> bool:
+def credential_usable(
+    credential: WorkerCredential | domain.WorkerCredential, now: datetime
+) -> bool:
     """Enabled and not past its expiry."""
     return credential.enabled and (credential.expires_at is None or credential.expires_at > now)
 
@@ -154,13 +154,13 @@ class TokenService:
 
     async def authenticate_client(
         self, client_id: str, secret: str, *, audit: dict[str, Any]
-    ) -> Client:
+    ) -> domain.Client:
         """The client with this id and secret, or ``invalid_client`` (audited)."""
         # Anything that cannot be a client id (NUL, huge, non-ASCII) never reaches the database.
         plausible = _CLIENT_ID.fullmatch(client_id) is not None
         async with self._sessions() as session:
-            client = await session.get(Client, client_id) if plausible else None
-        stored = client.secret_hash if client is not None and client.secret_hash else None
+            found = await clients.with_secret_hash(session, client_id) if plausible else None
+        client, stored = found or (None, None)
         stored = stored or self._dummy_hash
         try:
             well_formed = bool(check_secret(secret, SecretKind.CLIENT_SECRET))
@@ -184,7 +184,7 @@ class TokenService:
         *,
         audiences: Sequence[str],
         audit: dict[str, Any],
-    ) -> Client:
+    ) -> domain.Client:
         """The client that signed ``assertion`` (``private_key_jwt``), or ``invalid_client``.
 
         Each ``jti`` is accepted once: it is remembered in the database until the assertion
@@ -197,7 +197,7 @@ class TokenService:
             raise OAuthError("invalid_client", str(exc), status=401) from exc
         plausible = _CLIENT_ID.fullmatch(issuer) is not None and client_id in {None, issuer}
         async with self._sessions() as session:
-            client = await session.get(Client, issuer) if plausible else None
+            client = await clients.find(session, issuer) if plausible else None
         if client is None or client.auth_method != PRIVATE_KEY_JWT or not client.jwks:
             await self.refuse(
                 audit, "invalid_client", status=401, client_id=client.id if client else None
@@ -229,19 +229,14 @@ class TokenService:
         expiry = datetime.fromtimestamp(expires_at + ASSERTION_LEEWAY, tz=UTC)
         try:
             async with self._sessions.begin() as session:
-                await session.execute(
-                    delete(UsedAssertion).where(
-                        UsedAssertion.client_id == client_id, UsedAssertion.expires_at < now
-                    )
-                )
-                session.add(UsedAssertion(client_id=client_id, jti=jti, expires_at=expiry))
+                await used_assertions.remember(session, client_id, jti, expires_at=expiry, now=now)
         except IntegrityError:
             return False
         return True
 
     async def mint(
         self,
-        client: Client,
+        client: domain.Client,
         *,
         scope: str | None,
         expires_in: str | None,
@@ -264,7 +259,7 @@ class TokenService:
         lifetime = await self._lifetime(client, expires_in, audit)
         now = utcnow()
         async with self._sessions() as session:
-            credential = await session.get(WorkerCredential, client.credential_id)
+            credential = await credentials.find(session, client.credential_id)
         if credential is None or not credential_usable(credential, now):
             # Refused outside any write transaction: the audit writer needs the write lock.
             await self.refuse(audit, "credential_disabled", status=400, client_id=client.id)
@@ -273,16 +268,20 @@ class TokenService:
             )
         async with self._sessions.begin() as session:
             value = generate_secret(SecretKind.PROXY_TOKEN)
-            token = ProxyToken(
-                id=new_id("tok"),
+            token = await proxy_tokens.add(
+                session,
+                domain.ProxyToken(
+                    id=new_id("tok"),
+                    client_id=client.id,
+                    scopes=tuple(wanted.scope_strings()),
+                    created_at=now,
+                    expires_at=now + timedelta(seconds=lifetime),
+                    revoked_at=None,
+                    revoked_by=None,
+                    source_ip=audit.get("source_ip"),
+                ),
                 token_hash=self._keyring.hash_secret(value),
-                client_id=client.id,
-                scopes=wanted.scope_strings(),
-                created_at=now,
-                expires_at=now + timedelta(seconds=lifetime),
-                source_ip=audit.get("source_ip"),
             )
-            session.add(token)
             await add_events(
                 session,
                 self._keyring,
@@ -291,12 +290,14 @@ class TokenService:
                     "token.mint",
                     client,
                     token.id,
-                    details={"expires_in": lifetime, "scopes": token.scopes},
+                    details={"expires_in": lifetime, "scopes": list(token.scopes)},
                 ),
             )
         return MintedToken(value, token.id, lifetime, " ".join(token.scopes))
 
-    async def _lifetime(self, client: Client, requested: str | None, audit: dict[str, Any]) -> int:
+    async def _lifetime(
+        self, client: domain.Client, requested: str | None, audit: dict[str, Any]
+    ) -> int:
         ceiling = min(client.max_token_ttl, self._settings.max_token_ttl)
         if requested is None or requested == "":
             return min(client.token_ttl, ceiling)
@@ -430,7 +431,7 @@ class TokenService:
         usable_until = min(e.timestamp() for e in expiries if e is not None)
         return authorized, usable_until
 
-    def _networks(self, client: Client) -> tuple[IPNetwork, ...]:
+    def _networks(self, client: Client | domain.Client) -> tuple[IPNetwork, ...]:
         """The client's allowed source networks, parsed once per grant version."""
         key = (client.id, client.grant_version)
         networks = self._network_cache.get(key)
@@ -456,7 +457,7 @@ class TokenService:
             self._grants[key] = grant
         return grant
 
-    async def revoke_own(self, client: Client, value: str, *, audit: dict[str, Any]) -> None:
+    async def revoke_own(self, client: domain.Client, value: str, *, audit: dict[str, Any]) -> None:
         """RFC 7009: revoke ``value`` if it belongs to ``client``.
 
         The caller answers 200 either way (the RFC's rule), but the log tells the cases
@@ -469,7 +470,9 @@ class TokenService:
                 {**audit, "action": "token.revoke"}, reason, status=200, client_id=client.id
             )
 
-    async def _revoke_own(self, client: Client, value: str, audit: dict[str, Any]) -> str | None:
+    async def _revoke_own(
+        self, client: domain.Client, value: str, audit: dict[str, Any]
+    ) -> str | None:
         """Revoke; None if a token was revoked, else the reason nothing was."""
         try:
             check_secret(value, SecretKind.PROXY_TOKEN)
@@ -477,17 +480,12 @@ class TokenService:
             return "malformed_token"
         hashes = self._keyring.secret_hash_candidates(value)
         async with self._sessions.begin() as session:
-            token = await session.scalar(
-                select(ProxyToken).where(
-                    ProxyToken.token_hash.in_(hashes), ProxyToken.client_id == client.id
-                )
-            )
+            token = await proxy_tokens.find_of_client(session, hashes, client.id)
             if token is None:
                 return "unknown_token"  # also another client's: the same answer, on purpose
             if token.revoked_at is not None:
                 return "token_revoked"
-            token.revoked_at = utcnow()
-            token.revoked_by = f"client:{client.id}"
+            await proxy_tokens.revoke(session, token.id, at=utcnow(), by=f"client:{client.id}")
             await add_events(
                 session, self._keyring, _token_event(audit, "token.revoke", client, token.id)
             )
@@ -501,7 +499,7 @@ class TokenService:
         except Refusal:
             return {"active": False}
         async with self._sessions() as session:
-            token = await session.get(ProxyToken, authorized.token_id)
+            token = await proxy_tokens.find(session, authorized.token_id)
         if token is None:
             return {"active": False}
         return {
@@ -518,7 +516,7 @@ class TokenService:
 def _token_event(
     audit: dict[str, Any],
     action: str,
-    client: Client,
+    client: domain.Client,
     token_id: str,
     **fields: Any,  # noqa: ANN401 - further column values
 ) -> AuditEvent:

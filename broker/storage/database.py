@@ -9,7 +9,7 @@ from typing import Any
 import sqlalchemy
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, Engine, event, make_url
+from sqlalchemy import Connection, Engine, event, make_url, text
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -117,6 +117,11 @@ class Sessions(async_sessionmaker[AsyncSession]):
     def begin(self) -> Any:  # noqa: ANN401 - SQLAlchemy's private context-manager type
         """A write transaction: committed on success, rolled back on error."""
         return self._writer.begin()
+
+
+async def ping(session: AsyncSession) -> None:
+    """One round trip to the database (readiness checks)."""
+    await session.execute(text("SELECT 1"))
 
 
 def session_factory(engine: AsyncEngine) -> Sessions:

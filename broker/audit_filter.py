@@ -1,0 +1,152 @@
+"""The audit review filters, defined once (docs/audit.md#review).
+
+``AuditFilter`` is the one definition of every filter: its name, type, validation and
+description, the query parameter (its alias) and the audit column it selects on. Everything
+else derives from it, so a new filter is one field here:
+
+- the API takes it as its query parameters (``broker.api.audit``, a FastAPI query model);
+- the CLI builds one option per field, named after the query parameter, and sends the
+  validated selection as those parameters (``broker.cli``);
+- storage turns each set field into a condition on the column its ``Selects`` names
+  (``broker.storage.audit_events``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import TYPE_CHECKING, Annotated, Final
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+
+class Match(StrEnum):
+    """How a filter's value selects events by its column."""
+
+    SINCE = "since"
+    """The column is at or after the value."""
+    UNTIL = "until"
+    """The column is before the value."""
+    EQUAL = "equal"
+    """The column equals the value."""
+    OUTCOME = "outcome"
+    """The column of the call's completion, if there is one, else of the event, equals it."""
+    PREFIX = "prefix"
+    """The column starts with the value, literally (no wildcards); blank selects all."""
+    CONTAINS = "contains"
+    """The column contains the value, literally (no wildcards); blank selects all."""
+
+
+@dataclass(frozen=True)
+class Selects:
+    """The audit column a filter looks at, and how."""
+
+    column: str
+    match: Match = Match.EQUAL
+
+
+class AuditFilter(BaseModel):
+    """Selection of audit events for review and export.
+
+    Field names are what storage and the export's audit record call a filter; aliases are
+    the query parameters and CLI options. Conditions on the outcome (``status``, ``state``,
+    ``reason``) look at the completion of a pending event when there is one.
+    """
+
+    # Only the aliases are parameters: ``?client_id=`` is not a filter, as it never was.
+    model_config = ConfigDict(frozen=True)
+
+    since: Annotated[
+        AwareDatetime | None,
+        Selects("time", Match.SINCE),
+        Field(description="events at or after this time"),
+    ] = None
+    until: Annotated[
+        AwareDatetime | None,
+        Selects("time", Match.UNTIL),
+        Field(description="events before this time"),
+    ] = None
+    client_id: Annotated[
+        str | None, Selects("client_id"), Field(alias="client", description="client id")
+    ] = None
+    token_id: Annotated[
+        str | None, Selects("token_id"), Field(alias="token", description="token id")
+    ] = None
+    credential_id: Annotated[
+        str | None,
+        Selects("credential_id"),
+        Field(alias="credential", description="credential id"),
+    ] = None
+    upstream: Annotated[str | None, Selects("upstream"), Field(description="upstream name")] = None
+    kind: Annotated[str | None, Selects("kind"), Field(description="proxy, token or admin")] = None
+    action: Annotated[
+        str | None, Selects("action"), Field(description="e.g. token.mint, client.update")
+    ] = None
+    decision: Annotated[str | None, Selects("decision"), Field(description="allow or deny")] = None
+    reason: Annotated[
+        str | None,
+        Selects("reason", Match.OUTCOME),
+        Field(description="e.g. scope_not_granted"),
+    ] = None
+    status: Annotated[
+        int | None,
+        Selects("status", Match.OUTCOME),
+        Field(ge=100, le=599, description="HTTP status answered"),
+    ] = None
+    method: Annotated[str | None, Selects("method"), Field(description="request method")] = None
+    path_prefix: Annotated[
+        str | None,
+        Selects("path", Match.PREFIX),
+        Field(description="start of the request path, matched literally"),
+    ] = None
+    state: Annotated[
+        str | None, Selects("state", Match.OUTCOME), Field(description="complete or pending")
+    ] = None
+    request_id: Annotated[
+        str | None, Selects("request_id"), Field(description="X-Request-Id of the request")
+    ] = None
+    actor_key_id: Annotated[
+        str | None,
+        Selects("actor_key_id"),
+        Field(alias="actor", description="admin key id that acted"),
+    ] = None
+    query_contains: Annotated[
+        str | None,
+        Selects("query", Match.CONTAINS),
+        Field(
+            description="text in the stored query string, e.g. a hash from `broker audit hash` "
+            "or POST /audit/hash"
+        ),
+    ] = None
+
+    def set_filters(self) -> dict[str, str | int]:
+        """The filters given, by field name (``datetime`` values as ISO text)."""
+        return {
+            name: value.isoformat() if isinstance(value, datetime) else value
+            for name, value in self.model_dump(exclude_none=True).items()
+        }
+
+    def query_params(self) -> dict[str, str | int]:
+        """The filters given, as the review and export endpoints' query parameters."""
+        return {parameter(name): value for name, value in self.set_filters().items()}
+
+
+def parameter(name: str) -> str:
+    """The query parameter (and, dashed, the CLI option) of the filter field ``name``."""
+    return AuditFilter.model_fields[name].alias or name
+
+
+def _selectors() -> Mapping[str, Selects]:
+    found: dict[str, Selects] = {}
+    for name, info in AuditFilter.model_fields.items():
+        [selects] = [m for m in info.metadata if isinstance(m, Selects)]
+        found[name] = selects
+    return found
+
+
+SELECTS: Final = _selectors()
+"""Each filter field's ``Selects``: what storage turns into a condition."""
