@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields, replace
 from datetime import datetime
+from itertools import compress, repeat
+from operator import is_not
 from typing import TYPE_CHECKING, Any, ClassVar, Final, cast
 
 from sqlalchemy import delete, exists, func, insert, select, update
@@ -105,10 +107,8 @@ class ChainStatements:
             f"INSERT INTO {HEAD.name} (id, last_seq, last_mac) "  # noqa: S608 - fixed names
             f"VALUES ({HEAD_ID}, 0, '{GENESIS}') ON CONFLICT (id) DO NOTHING"
         )
-        self.insert = (
-            f"INSERT INTO {EVENTS.name} ({', '.join(_INSERTED)}) "  # noqa: S608 - fixed names
-            f"VALUES ({markers(len(_INSERTED))})"
-        )
+        self._markers = markers
+        self._inserts: dict[tuple[int, ...], str] = {}
         self.set_head = (
             f"UPDATE {HEAD.name} SET (last_seq, last_mac, mac_key, mac) "  # noqa: S608
             f"= ({markers(4)}) WHERE id = {HEAD_ID}"
@@ -124,6 +124,23 @@ class ChainStatements:
         self.converted = [
             (CHAINED_FIELDS.index(name), convert) for name, convert in converters.items()
         ]
+
+    def insert(self, shape: tuple[int, ...]) -> str:
+        """The INSERT naming ``seq``, the chained fields at ``shape`` and the link columns.
+
+        An event sets a dozen of its thirty chained fields; the rest are NULL, which every
+        column stores when it is not named. Binding a NULL still costs the driver and SQLite
+        a value each, about as much as the insert itself (measured: 30 vs 13 µs per row), so
+        each shape of event gets the statement that names only what it sets.
+        """
+        statement = self._inserts.get(shape)
+        if statement is None:
+            names = ("seq", *(CHAINED_FIELDS[i] for i in shape), *_LINK_COLUMNS)
+            statement = self._inserts[shape] = (
+                f"INSERT INTO {EVENTS.name} ({', '.join(names)}) "  # noqa: S608 - fixed names
+                f"VALUES ({self._markers(len(names))})"
+            )
+        return statement
 
     @classmethod
     def of(cls, dialect: Dialect) -> ChainStatements:
@@ -155,12 +172,18 @@ def _lock_head(dbapi: Any, sql: ChainStatements) -> Head:  # noqa: ANN401 - a DB
     return Head(last_seq=int(row[0]), last_mac=str(row[1]), mac_key=None, mac=None)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Prepared:
-    """An event ready to chain: its canonical content and its column values as stored."""
+    """An event ready to chain: its canonical content and the values it sets, as stored.
+
+    ``shape`` holds the positions in ``CHAINED_FIELDS`` of the fields that are not NULL and
+    ``values`` their stored values, in that order; the MAC covers ``content``, which has all
+    of them.
+    """
 
     content: bytes
     values: tuple[Any, ...]
+    shape: tuple[int, ...]
 
 
 def prepare(sql: ChainStatements, events: Sequence[AuditEvent]) -> list[Prepared]:
@@ -187,7 +210,9 @@ def stored(sql: ChainStatements, content: bytes, values: list[Any]) -> Prepared:
     for index, convert in sql.converted:
         if values[index] is not None:
             values[index] = convert(values[index])
-    return Prepared(content, tuple(values))
+    # In C, not a Python loop over thirty values: the positions of the values that are set.
+    shape = tuple(compress(_POSITIONS, map(is_not, values, repeat(None))))
+    return Prepared(content, tuple(compress(values, map(is_not, values, repeat(None)))), shape)
 
 
 def append_raw(
@@ -200,16 +225,22 @@ def append_raw(
     ready = [e if isinstance(e, Prepared) else prepare(sql, [e])[0] for e in events]
     head = _lock_head(dbapi, sql)
     seq, prev = head.last_seq, head.last_mac
-    rows = []
+    # Events of one shape go in one executemany. Rows carry their seq, so inserting them by
+    # shape rather than in chain order stores the same table in the same transaction.
+    by_shape: dict[tuple[int, ...], list[tuple[Any, ...]]] = {}
     for event in ready:
         seq += 1
         mac = event_mac(key.key, prev, event.content)
+        rows = by_shape.get(event.shape)
+        if rows is None:
+            rows = by_shape[event.shape] = []
         rows.append((seq, *event.values, prev, mac, key.key_id))
         prev = mac
-    if rows:
+    if by_shape:
         cursor = dbapi.cursor()
         try:
-            cursor.executemany(sql.insert, rows)
+            for shape, rows in by_shape.items():
+                cursor.executemany(sql.insert(shape), rows)
             cursor.execute(sql.set_head, (seq, prev, key.key_id, head_mac(key.key, seq, prev)))
         finally:
             cursor.close()
@@ -229,7 +260,8 @@ def _set_head(connection: Connection, key: ChainKey, last_seq: int, last_mac: st
     )
 
 
-_INSERTED: Final = ("seq", *CHAINED_FIELDS, "prev_mac", "mac", "mac_key")
+_LINK_COLUMNS: Final = ("prev_mac", "mac", "mac_key")
+_POSITIONS: Final = range(len(CHAINED_FIELDS))
 
 
 def _naive_utc(text: str) -> datetime:
