@@ -382,10 +382,12 @@ class TokenService:
         if record is None:
             raise Refusal(401, "unknown_token", "the access token is not valid")
         now = utcnow()
+        # A disabled client's tokens are revoked too (services.management): its refusal
+        # says why, while enabling it again leaves them revoked.
         checks = (
+            (record.client.enabled, "client_disabled", "the client is disabled"),
             (record.token.revoked_at is None, "token_revoked", "the access token was revoked"),
             (record.token.expires_at > now, "token_expired", "the access token has expired"),
-            (record.client.enabled, "client_disabled", "the client is disabled"),
             (
                 credential_usable(record.credential, now),
                 "credential_disabled",
