@@ -34,7 +34,7 @@ from broker.services.audit import (
     new_event,
 )
 from broker.services.revocation import CacheEpoch, bump_revocation_epoch
-from broker.storage import clients, credentials, proxy_tokens, used_assertions
+from broker.storage import clients, credentials, proxy_tokens, upstreams, used_assertions
 from broker.storage.models import (
     CLIENT_SECRET,
     PRIVATE_KEY_JWT,
@@ -260,12 +260,20 @@ class TokenService:
         now = utcnow()
         async with self._sessions() as session:
             credential = await credentials.find(session, client.credential_id)
+            upstream = (
+                None
+                if credential is None
+                else await upstreams.find(session, credential.upstream_id)
+            )
+        # Refused outside any write transaction: the audit writer needs the write lock.
         if credential is None or not credential_usable(credential, now):
-            # Refused outside any write transaction: the audit writer needs the write lock.
             await self.refuse(audit, "credential_disabled", status=400, client_id=client.id)
             raise OAuthError(
                 "unauthorized_client", "the client's worker credential is disabled or expired"
             )
+        if upstream is None or not upstream.enabled:
+            await self.refuse(audit, "upstream_disabled", status=400, client_id=client.id)
+            raise OAuthError("unauthorized_client", "the client's upstream (Canvas) is disabled")
         async with self._sessions.begin() as session:
             value = generate_secret(SecretKind.PROXY_TOKEN)
             token = await proxy_tokens.add(
