@@ -606,8 +606,8 @@ class ManagementService:
         only the scopes change, and must still name a parameter of the new scopes; clearing
         them takes an explicit ``constraints={}``. A new rate keeps the client's burst (the
         default burst if it had none). Disabling revokes every live token of the client, so
-        enabling it again revives none (docs/interfaces.md#changing-a-client). Returns the client and
-        what changed, old and new, which the audit event records too.
+        enabling it again revives none (docs/interfaces.md#changing-a-client). Returns the
+        client and what changed, old and new, which the audit event records too.
         """
         rate_limit = fields.pop("rate_limit", _UNSET)
         rate_burst = fields.pop("rate_burst", None)
