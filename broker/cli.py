@@ -743,11 +743,15 @@ def _selection(given: dict[str, Any]) -> AuditFilter:
         if parsed is not None:
             values[param] = parsed
     try:
-        return AuditFilter.model_validate(values)
+        selection = AuditFilter.model_validate(values)
     except ValidationError as exc:
         [error, *_] = exc.errors()
         option = "--" + str(error["loc"][0]).replace("_", "-")
         raise typer.BadParameter(error["msg"], param_hint=option) from exc
+    unknown = selection.unknown_value()
+    if unknown is not None:
+        raise typer.BadParameter(unknown[1], param_hint="--" + unknown[0].replace("_", "-"))
+    return selection
 
 
 def audit_filter_options(command: Callable[..., None]) -> Callable[..., None]:
