@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Annotated, Final
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-from broker.core.audit_values import ACTIONS, REASONS, Decision, Kind, State
+from broker.core.audit_values import REASONS, REVIEWED_ACTIONS, Decision, Kind, State
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
@@ -107,7 +107,7 @@ class AuditFilter(BaseModel):
     action: Annotated[
         str | None,
         Selects("action"),
-        OneOf.of(ACTIONS),
+        OneOf.of(REVIEWED_ACTIONS),
         Field(description="e.g. token.mint, client.update"),
     ] = None
     decision: Annotated[

@@ -65,6 +65,9 @@ ACTIONS: Final = frozenset(
 )
 """Every ``action`` an event may have."""
 
+REVIEWED_ACTIONS: Final = ACTIONS - {"proxy.complete"}
+"""The actions review selects by: a completion shows only merged into the call it completes."""
+
 PROXY_REASONS: Final = frozenset(
     {
         # The token (services.tokens).

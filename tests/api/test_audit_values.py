@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from broker.core.audit_values import ACTIONS, REASONS, Decision, Kind, State
+from broker.core.audit_values import REASONS, REVIEWED_ACTIONS, Decision, Kind, State
 from tests.support.env import bearer
 
 if TYPE_CHECKING:
@@ -24,7 +24,8 @@ COURSE = "/api/v1/courses/1201"
         ("decision", "maybe", sorted(Decision)),
         ("kind", "Proxy", sorted(Kind)),
         ("state", "done", sorted(State)),
-        ("action", "client.updated", sorted(ACTIONS)),
+        ("action", "client.updated", sorted(REVIEWED_ACTIONS)),
+        ("action", "proxy.complete", sorted(REVIEWED_ACTIONS)),  # shown merged, never alone
         ("reason", "scope_not_grantd", sorted(REASONS)),
     ],
 )
