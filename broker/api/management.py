@@ -35,7 +35,7 @@ from broker.api.schemas import (
     UpstreamUpdate,
 )
 from broker.domain import Client, WorkerCredential
-from broker.services.management import ClientChange, scope_warnings
+from broker.services.management import ClientChange, grant_warnings, scope_warnings
 
 ERRORS: dict[int | str, dict[str, object]] = {
     code: {"model": ErrorOut} for code in (400, 401, 403, 404, 409, 422)
@@ -217,7 +217,7 @@ async def update_client(
 def _client_updated(change: ClientChange) -> ClientUpdated:
     return ClientUpdated(
         **_client_out(change.client).model_dump(),
-        warnings=scope_warnings(change.client.scopes),
+        warnings=grant_warnings(change.client),
         changes=change.changes,
         tokens_revoked=change.tokens_revoked,
     )

@@ -181,6 +181,22 @@ def scope_warnings(scopes: Sequence[str]) -> list[str]:
     return unfamiliar_scopes(Grant.compile(scopes))
 
 
+def grant_warnings(client: Client) -> list[str]:
+    """:func:`scope_warnings`, and each constraint naming no parameter of the scopes.
+
+    Saving such a constraint is refused now; one saved before constrains nothing.
+    """
+    grant = Grant.compile(client.scopes, client.constraints)
+    return [
+        *unfamiliar_scopes(grant),
+        *(
+            f"constraint {name!r} names no parameter of the grant's scopes, so it constrains "
+            "nothing; replace it (broker clients grant --constraint) or clear it"
+            for name in grant.unknown_constraints()
+        ),
+    ]
+
+
 def check_cidrs(cidrs: Sequence[str]) -> list[str]:
     """Normalised CIDR strings."""
     result = []

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from broker.storage import clients
 from tests.support.env import bearer
 
 if TYPE_CHECKING:
@@ -255,3 +256,15 @@ async def test_grant_version_moves_by_one_per_change(env: BrokerEnv) -> None:
     await patch(env, {"token_ttl": 600})
     await patch(env, {"token_ttl": 700})
     assert (await management.get_client("job")).grant_version == first.grant_version + 2
+
+
+async def test_a_constraint_saved_before_the_check_is_named_in_the_warnings_of_an_update(
+    env: BrokerEnv,
+) -> None:
+    await make_job(env)
+    async with env.context.sessions.begin() as session:
+        stored = await clients.get(session, "job")
+        await clients.change(session, stored.id, {"constraints": {"courseid": ["1201"]}})
+    result = await patch(env, {"token_ttl": 600})
+    [warning] = result["warnings"]
+    assert warning.startswith("constraint 'courseid' names no parameter")
