@@ -8,7 +8,10 @@ else derives from it, so a new filter is one field here:
 - the CLI builds one option per field, named after the query parameter, and sends the
   validated selection as those parameters (``broker.cli``);
 - storage turns each set field into a condition on the column its ``Selects`` names
-  (``broker.storage.audit_events``).
+  (``broker.storage.audit_events``);
+- a field with a closed set of values (``OneOf``, from ``broker.core.audit_values``) refuses
+  any other: :meth:`AuditFilter.problem` names the field and the allowed values, which the
+  API answers as ``400`` and the CLI as exit status 2.
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ from typing import TYPE_CHECKING, Annotated, Final
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
+from broker.core.audit_values import REASONS, REVIEWED_ACTIONS, Decision, Kind, State
+
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Iterable, Mapping
 
 
 class Match(StrEnum):
@@ -49,6 +54,18 @@ class Selects:
     match: Match = Match.EQUAL
 
 
+@dataclass(frozen=True)
+class OneOf:
+    """The only values a filter may take: those its column can hold."""
+
+    values: frozenset[str]
+
+    @classmethod
+    def of(cls, values: Iterable[str]) -> OneOf:
+        """The closed set ``values`` (an enumeration or a catalogue)."""
+        return cls(frozenset(str(value) for value in values))
+
+
 class AuditFilter(BaseModel):
     """Selection of audit events for review and export.
 
@@ -71,7 +88,9 @@ class AuditFilter(BaseModel):
         Field(description="events before this time"),
     ] = None
     client_id: Annotated[
-        str | None, Selects("client_id"), Field(alias="client", description="client id")
+        str | None,
+        Selects("client_id"),
+        Field(alias="client", description="client id or name"),
     ] = None
     token_id: Annotated[
         str | None, Selects("token_id"), Field(alias="token", description="token id")
@@ -79,17 +98,25 @@ class AuditFilter(BaseModel):
     credential_id: Annotated[
         str | None,
         Selects("credential_id"),
-        Field(alias="credential", description="credential id"),
+        Field(alias="credential", description="credential id or name"),
     ] = None
     upstream: Annotated[str | None, Selects("upstream"), Field(description="upstream name")] = None
-    kind: Annotated[str | None, Selects("kind"), Field(description="proxy, token or admin")] = None
-    action: Annotated[
-        str | None, Selects("action"), Field(description="e.g. token.mint, client.update")
+    kind: Annotated[
+        str | None, Selects("kind"), OneOf.of(Kind), Field(description="proxy, token or admin")
     ] = None
-    decision: Annotated[str | None, Selects("decision"), Field(description="allow or deny")] = None
+    action: Annotated[
+        str | None,
+        Selects("action"),
+        OneOf.of(REVIEWED_ACTIONS),
+        Field(description="e.g. token.mint, client.update"),
+    ] = None
+    decision: Annotated[
+        str | None, Selects("decision"), OneOf.of(Decision), Field(description="allow or deny")
+    ] = None
     reason: Annotated[
         str | None,
         Selects("reason", Match.OUTCOME),
+        OneOf.of(REASONS),
         Field(description="e.g. scope_not_granted"),
     ] = None
     status: Annotated[
@@ -104,7 +131,10 @@ class AuditFilter(BaseModel):
         Field(description="start of the request path, matched literally"),
     ] = None
     state: Annotated[
-        str | None, Selects("state", Match.OUTCOME), Field(description="complete or pending")
+        str | None,
+        Selects("state", Match.OUTCOME),
+        OneOf.of(State),
+        Field(description="complete or pending"),
     ] = None
     request_id: Annotated[
         str | None, Selects("request_id"), Field(description="X-Request-Id of the request")
@@ -122,6 +152,23 @@ class AuditFilter(BaseModel):
             "or POST /audit/hash"
         ),
     ] = None
+
+    def unknown_value(self) -> tuple[str, str] | None:
+        """``(query parameter, what to do)`` for a value outside its filter's closed set.
+
+        The value itself is not repeated (it may be anything a caller typed).
+        """
+        for name, allowed in ONE_OF.items():
+            value = getattr(self, name)
+            if value is not None and value not in allowed.values:
+                listed = ", ".join(sorted(allowed.values))
+                return parameter(name), f"not a value the audit log holds; use one of {listed}"
+        return None
+
+    def problem(self) -> str | None:
+        """:meth:`unknown_value` as one line naming the parameter, or None."""
+        unknown = self.unknown_value()
+        return None if unknown is None else f"{unknown[0]}: {unknown[1]}"
 
     def set_filters(self) -> dict[str, str | int]:
         """The filters given, by field name (``datetime`` values as ISO text)."""
@@ -150,3 +197,12 @@ def _selectors() -> Mapping[str, Selects]:
 
 SELECTS: Final = _selectors()
 """Each filter field's ``Selects``: what storage turns into a condition."""
+
+
+ONE_OF: Final = {
+    name: one_of
+    for name, info in AuditFilter.model_fields.items()
+    for one_of in info.metadata
+    if isinstance(one_of, OneOf)
+}
+"""The filters with a closed set of values, and those values."""

@@ -497,14 +497,33 @@ def clients_get(ref: str) -> None:
 @clients_app.command("grant")
 def clients_grant(
     ref: str,
-    scope: Annotated[list[str], typer.Option(help="Canvas scope string (repeatable)")],
-    constraint: Annotated[list[str] | None, typer.Option(help="param=v1,v2 (repeatable)")] = None,
+    scope: Annotated[
+        list[str] | None,
+        typer.Option(help="Canvas scope string (repeatable); replaces the scopes"),
+    ] = None,
+    constraint: Annotated[
+        list[str] | None,
+        typer.Option(help="param=v1,v2 (repeatable); replaces the constraints"),
+    ] = None,
+    clear_constraints: Annotated[
+        bool, typer.Option("--clear-constraints", help="remove every constraint")
+    ] = False,
 ) -> None:
-    """Replace a client's grant (scopes and constraints)."""
-    body = {"scopes": scope, "constraints": _constraints(constraint)}
-    saved = api("PATCH", f"/clients/{ref}", body=body)
-    _warn(saved.pop("warnings", []))
-    show(saved)
+    """Change a client's grant; prints each change as `field: old -> new`.
+
+    Constraints not given are kept (they must fit the new scopes); only --clear-constraints
+    removes them.
+    """
+    if constraint and clear_constraints:
+        fail("give --constraint or --clear-constraints, not both", 2)
+    body: dict[str, Any] = {}
+    if scope:
+        body["scopes"] = scope
+    if constraint or clear_constraints:
+        body["constraints"] = _constraints(constraint)
+    if not body:
+        fail("name what to change: --scope, --constraint or --clear-constraints", 2)
+    _update_client(ref, body)
 
 
 @clients_app.command("set")
@@ -533,9 +552,87 @@ def clients_set(
     }
     if not body:
         fail("name at least one setting to change, e.g. --allow-includes")
-    saved = api("PATCH", f"/clients/{ref}", body=body)
+    _update_client(ref, body)
+
+
+@clients_app.command("update")
+def clients_update(
+    ref: str,
+    token_ttl: Annotated[int | None, typer.Option(help="default token lifetime, seconds")] = None,
+    max_token_ttl: Annotated[
+        int | None, typer.Option(help="longest lifetime a script may ask for, seconds")
+    ] = None,
+    rate_limit: Annotated[float | None, typer.Option(help="requests per second")] = None,
+    no_rate_limit: Annotated[
+        bool, typer.Option("--no-rate-limit", help="remove the rate limit")
+    ] = False,
+    rate_burst: Annotated[
+        int | None, typer.Option(help="calls allowed at once (needs a rate limit)")
+    ] = None,
+    cidr: Annotated[
+        list[str] | None,
+        typer.Option(help="network tokens may be requested from (repeatable); replaces the list"),
+    ] = None,
+    clear_cidrs: Annotated[
+        bool, typer.Option("--clear-cidrs", help="allow token requests from anywhere")
+    ] = False,
+    allow_includes: Annotated[
+        bool | None,
+        typer.Option(
+            "--allow-includes/--no-allow-includes",
+            help="may pass include[] other than uuid (Canvas's allow_includes)",
+        ),
+    ] = None,
+    allow_masquerade: Annotated[
+        bool | None,
+        typer.Option("--allow-masquerade/--no-allow-masquerade", help="may pass as_user_id"),
+    ] = None,
+) -> None:
+    """Change a client's settings; only the options given change.
+
+    Prints each change as `field: old -> new`. The grant itself: `broker clients grant`.
+    """
+    if rate_limit is not None and no_rate_limit:
+        fail("give --rate-limit or --no-rate-limit, not both", 2)
+    if cidr and clear_cidrs:
+        fail("give --cidr or --clear-cidrs, not both", 2)
+    given: dict[str, Any] = {
+        "token_ttl": token_ttl,
+        "max_token_ttl": max_token_ttl,
+        "rate_limit": rate_limit,
+        "rate_burst": rate_burst,
+        "allowed_cidrs": cidr or ([] if clear_cidrs else None),
+        "allow_includes": allow_includes,
+        "allow_masquerade": allow_masquerade,
+    }
+    body = {key: value for key, value in given.items() if value is not None}
+    if no_rate_limit:
+        body["rate_limit"] = None
+    if not body:
+        fail("name at least one setting to change, e.g. --token-ttl 600", 2)
+    _update_client(ref, body)
+
+
+def _update_client(ref: str, body: dict[str, Any]) -> None:
+    """PATCH the client, print its warnings and each change, then the client."""
+    saved: dict[str, Any] = api("PATCH", f"/clients/{ref}", body=body)
+    saved.pop("tokens_revoked", None)
     _warn(saved.pop("warnings", []))
+    _say_changes(saved)
     show(saved)
+
+
+def _say_changes(saved: dict[str, Any]) -> None:
+    """Each change of a client update as `field: old -> new` (standard error)."""
+    changes: dict[str, dict[str, Any]] = saved.pop("changes", {})
+    if not changes:
+        say(f"no changes to {saved['name']}")
+    for name, change in changes.items():
+        say(f"{name}: {_shown(change['old'])} -> {_shown(change['new'])}")
+
+
+def _shown(value: Any) -> str:  # noqa: ANN401 - any JSON value
+    return json.dumps(value, separators=(", ", ": "))
 
 
 @clients_app.command("check")
@@ -548,14 +645,23 @@ def clients_check(ref: str, method: str, path: str) -> None:
 
 @clients_app.command("disable")
 def clients_disable(ref: str) -> None:
-    """Disable a client: its tokens fail at once."""
-    show(api("POST", f"/clients/{ref}/disable"))
+    """Disable a client: it cannot mint, and its live tokens are revoked."""
+    saved = api("POST", f"/clients/{ref}/disable")
+    saved.pop("warnings", None)
+    _say_changes(saved)
+    say(f"revoked {saved.pop('tokens_revoked', 0)} live token(s)")
+    show(saved)
 
 
 @clients_app.command("enable")
 def clients_enable(ref: str) -> None:
-    """Re-enable a client."""
-    show(api("POST", f"/clients/{ref}/enable"))
+    """Re-enable a client; tokens minted before it was disabled stay revoked."""
+    saved = api("POST", f"/clients/{ref}/enable")
+    saved.pop("warnings", None)
+    saved.pop("tokens_revoked", None)
+    _say_changes(saved)
+    say("tokens minted before it was disabled stay revoked; mint new ones")
+    show(saved)
 
 
 @clients_app.command("rotate-secret")
@@ -637,11 +743,15 @@ def _selection(given: dict[str, Any]) -> AuditFilter:
         if parsed is not None:
             values[param] = parsed
     try:
-        return AuditFilter.model_validate(values)
+        selection = AuditFilter.model_validate(values)
     except ValidationError as exc:
         [error, *_] = exc.errors()
         option = "--" + str(error["loc"][0]).replace("_", "-")
         raise typer.BadParameter(error["msg"], param_hint=option) from exc
+    unknown = selection.unknown_value()
+    if unknown is not None:
+        raise typer.BadParameter(unknown[1], param_hint="--" + unknown[0].replace("_", "-"))
+    return selection
 
 
 def audit_filter_options(command: Callable[..., None]) -> Callable[..., None]:

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
 ERRORS: dict[int | str, dict[str, object]] = {
-    code: {"model": ErrorOut} for code in (400, 401, 403, 409, 422, 503)
+    code: {"model": ErrorOut} for code in (400, 401, 403, 404, 409, 422, 503)
 }
 router = APIRouter(
     prefix="/broker/v1", tags=["audit"], responses=ERRORS, dependencies=[Depends(reject_nul)]
@@ -63,7 +63,12 @@ async def query_audit(
     cursor: str | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> AuditPage:
-    """Audit events, newest first, filtered and cursor-paginated."""
+    """Audit events, newest first, filtered and cursor-paginated.
+
+    An unknown ``kind``, ``decision``, ``state``, ``action`` or ``reason`` is a 400 listing
+    the allowed values; ``client`` and ``credential`` take an id or a name (404 if neither).
+    """
+    selection = await services.audit.resolve(selection)
     events, next_cursor = await services.audit.query(selection, cursor=cursor, limit=limit)
     return AuditPage(
         events=[AuditEventOut.model_validate(e) for e in events], next_cursor=next_cursor
@@ -88,6 +93,7 @@ async def export_audit(
     fixed header row, ``details`` as JSON text, and text cells that a spreadsheet would take
     for a formula prefixed with ``'``.
     """
+    selection = await services.audit.resolve(selection)
     filters = selection.set_filters()
     await services.audit.record_admin(
         "audit.export",

@@ -17,8 +17,8 @@ from broker.api.schemas import (
     AdminKeyOut,
     ClientCreate,
     ClientOut,
-    ClientSaved,
     ClientUpdate,
+    ClientUpdated,
     ClientWithSecret,
     CredentialCreate,
     CredentialOut,
@@ -35,7 +35,7 @@ from broker.api.schemas import (
     UpstreamUpdate,
 )
 from broker.domain import Client, WorkerCredential
-from broker.services.management import scope_warnings
+from broker.services.management import ClientChange, grant_warnings, scope_warnings
 
 ERRORS: dict[int | str, dict[str, object]] = {
     code: {"model": ErrorOut} for code in (400, 401, 403, 404, 409, 422)
@@ -203,12 +203,24 @@ async def get_client(ref: str, _: Reader, services: ServicesDep) -> ClientOut:
 @router.patch("/clients/{ref}", tags=["clients"])
 async def update_client(
     ref: str, body: ClientUpdate, actor: Admin, services: ServicesDep
-) -> ClientSaved:
-    """Change a client's grant or settings; live tokens follow the new grant at once."""
-    client = await services.management.update_client(
-        actor, ref, **body.model_dump(exclude_unset=True)
+) -> ClientUpdated:
+    """Change a client's grant or settings; live tokens follow the new grant at once.
+
+    Fields left out are unchanged (constraints too, when only the scopes change); the
+    response's ``changes`` lists what changed, old and new.
+    """
+    return _client_updated(
+        await services.management.update_client(actor, ref, **body.model_dump(exclude_unset=True))
     )
-    return ClientSaved(**_client_out(client).model_dump(), warnings=scope_warnings(client.scopes))
+
+
+def _client_updated(change: ClientChange) -> ClientUpdated:
+    return ClientUpdated(
+        **_client_out(change.client).model_dump(),
+        warnings=grant_warnings(change.client),
+        changes=change.changes,
+        tokens_revoked=change.tokens_revoked,
+    )
 
 
 @router.post("/clients/{ref}/rotate-secret", tags=["clients"])
@@ -223,15 +235,15 @@ async def rotate_client_secret(
 
 
 @router.post("/clients/{ref}/disable", tags=["clients"])
-async def disable_client(ref: str, actor: Admin, services: ServicesDep) -> ClientOut:
-    """Disable a client: its tokens fail at once and it cannot mint new ones."""
-    return _client_out(await services.management.update_client(actor, ref, enabled=False))
+async def disable_client(ref: str, actor: Admin, services: ServicesDep) -> ClientUpdated:
+    """Disable a client: it cannot mint, and its live tokens are revoked (``tokens_revoked``)."""
+    return _client_updated(await services.management.update_client(actor, ref, enabled=False))
 
 
 @router.post("/clients/{ref}/enable", tags=["clients"])
-async def enable_client(ref: str, actor: Admin, services: ServicesDep) -> ClientOut:
-    """Re-enable a client."""
-    return _client_out(await services.management.update_client(actor, ref, enabled=True))
+async def enable_client(ref: str, actor: Admin, services: ServicesDep) -> ClientUpdated:
+    """Re-enable a client. Tokens minted before it was disabled stay revoked; mint new ones."""
+    return _client_updated(await services.management.update_client(actor, ref, enabled=True))
 
 
 @router.post("/clients/{ref}/revoke-tokens", tags=["clients", "tokens"])

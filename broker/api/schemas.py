@@ -170,7 +170,11 @@ class ClientUpdate(Input):
 
     name: str | None = None
     scopes: list[str] | None = None
-    constraints: dict[str, list[str]] | None = None
+    constraints: dict[str, list[str]] | None = Field(
+        default=None,
+        description="replaces the constraints; left out, they are kept (and must fit new "
+        "scopes); {} clears them",
+    )
     token_ttl: int | None = None
     max_token_ttl: int | None = None
     allow_masquerade: bool | None = None
@@ -180,7 +184,9 @@ class ClientUpdate(Input):
         default=None, description="requests per second; null removes the limit"
     )
     rate_burst: int | None = Field(
-        default=None, description="defaults to max(1, ceil(rate_limit)) when rate_limit changes"
+        default=None,
+        description="calls allowed at once; a new rate_limit keeps the client's burst, or "
+        "gets max(1, ceil(rate_limit)) if it had none",
     )
     jwks: dict[str, Any] | None = Field(
         default=None, description="replace the public JWK Set (private_key_jwt clients)"
@@ -219,6 +225,28 @@ class ClientSaved(ClientOut):
     warnings: list[str] = Field(
         default_factory=list,
         description="scopes that name no endpoint in Canvas's scope list (likely typos)",
+    )
+
+
+class FieldChange(BaseModel):
+    """One field's value before and after a change."""
+
+    old: Any
+    new: Any
+
+
+class ClientUpdated(ClientSaved):
+    """A client just changed, and what changed."""
+
+    changes: dict[str, FieldChange] = Field(
+        description="each field whose value changed, old and new (empty when nothing did); "
+        "a key set is shown as key_ids",
+        examples=[{"token_ttl": {"old": 900, "new": 600}}],
+    )
+    tokens_revoked: int = Field(
+        default=0,
+        description="live tokens revoked because the change disabled the client; enabling it "
+        "again revives none",
     )
 
 

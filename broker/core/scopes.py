@@ -350,6 +350,21 @@ class Grant:
     def _of(cls, scopes: tuple[Scope, ...], constraints: Mapping[str, frozenset[str]]) -> Grant:
         return cls(scopes, constraints, _Matcher(scopes))
 
+    def parameters(self) -> list[str]:
+        """Every ``:param`` and ``*glob`` name the grant's scopes have, sorted."""
+        return sorted({name for scope in self.scopes for name in scope.params})
+
+    def unknown_constraints(self) -> list[str]:
+        """Constraint names that no scope of the grant has, sorted.
+
+        Such a constraint constrains nothing: a constraint applies only to the scopes naming
+        its parameter, so a misspelt one (``courseid`` for ``:course_id``) would leave every
+        scope unconstrained. Saving a grant refuses them (docs/grants.md#constraints); a
+        token's subset of the scopes may lack a constrained parameter, so compiling does not.
+        """
+        known = set(self.parameters())
+        return sorted(name for name in self.constraints if name not in known)
+
     def inert_scopes(self) -> list[tuple[str, str]]:
         """``(scope string, why it can never match)`` for each inert scope, in order."""
         return [(scope.raw, scope.inert) for scope in self.scopes if scope.inert is not None]

@@ -34,11 +34,12 @@ from broker.core.audit_chain import (
 from broker.errors import (
     AuditUnavailableError,
     AuditWriteError,
+    BadRequestError,
     ChainBrokenError,
     ValidationFailedError,
 )
 from broker.storage import audit_chain as chain
-from broker.storage import audit_events
+from broker.storage import audit_events, clients, credentials
 from broker.storage.models import utcnow
 
 if TYPE_CHECKING:
@@ -211,6 +212,27 @@ class AuditService:
     async def flush(self) -> None:
         """Wait until this process's queued events (completions included) are committed."""
         await self._writer.flush()
+
+    async def resolve(self, selection: AuditFilter) -> AuditFilter:
+        """The selection checked, its ``client`` and ``credential`` names turned into ids.
+
+        A value outside a closed filter's set is a ``BadRequestError`` naming the allowed
+        values, and a client or credential that does not exist a ``NotFoundError``: neither
+        may pass for a selection that matches nothing (docs/audit.md#review).
+        """
+        problem = selection.problem()
+        if problem is not None:
+            raise BadRequestError(problem)
+        client, credential = selection.client_id, selection.credential_id
+        if client is None and credential is None:
+            return selection
+        resolved: dict[str, str] = {}
+        async with self._sessions() as session:
+            if client is not None:
+                resolved["client_id"] = (await clients.get(session, client)).id
+            if credential is not None:
+                resolved["credential_id"] = (await credentials.get(session, credential)).id
+        return selection.model_copy(update=resolved)
 
     async def query(
         self, selection: AuditFilter, *, cursor: str | None, limit: int

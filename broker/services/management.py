@@ -10,7 +10,7 @@ import ipaddress
 import math
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
 
 from sqlalchemy.exc import IntegrityError
@@ -123,11 +123,19 @@ def check_worker_token(token: str) -> str:
     return token
 
 
-def check_grant(scopes: Sequence[str], constraints: Mapping[str, Sequence[str]]) -> Grant:
-    """Compile the grant, naming the offending scope string.
+def check_grant(
+    scopes: Sequence[str],
+    constraints: Mapping[str, Sequence[str]],
+    *,
+    kept_constraints: bool = False,
+) -> Grant:
+    """Compile the grant, naming the offending scope string or constraint.
 
     A scope that does not parse, or could never match (docs/grants.md: inert scopes), is
-    refused.
+    refused; so is a constraint naming a parameter that no scope has, which would constrain
+    nothing (docs/grants.md#constraints). ``kept_constraints`` says the constraints are the
+    client's existing ones, kept while its scopes change: the refusal then says how to
+    replace or clear them.
     """
     if not scopes:
         raise ValidationFailedError("scopes", "grant at least one scope")
@@ -138,14 +146,55 @@ def check_grant(scopes: Sequence[str], constraints: Mapping[str, Sequence[str]])
     for raw, why in parsed.inert_scopes():
         raise ValidationFailedError("scopes", f"scope {raw!r} {why}")
     try:
-        return Grant.compile(scopes, constraints)
+        grant = Grant.compile(scopes, constraints)
     except ScopeError as exc:
         raise ValidationFailedError("constraints", str(exc)) from exc
+    unknown = grant.unknown_constraints()
+    if unknown:
+        raise ValidationFailedError(
+            "constraints", _unknown_constraint(grant, unknown[0], kept_constraints)
+        )
+    return grant
+
+
+def _unknown_constraint(grant: Grant, name: str, kept: bool) -> str:
+    have = grant.parameters()
+    listed = (
+        "they have " + ", ".join(have)
+        if have
+        else "they have no parameters, so the grant takes no constraints"
+    )
+    if kept:
+        return (
+            f"the client's constraint {name!r} names no parameter of the new scopes ({listed}); "
+            'pass "constraints" with the scopes (CLI: --constraint), or clear them with '
+            '"constraints": {} (CLI: --clear-constraints)'
+        )
+    return (
+        f"constraint {name!r} names no parameter of the grant's scopes ({listed}); "
+        "a constraint applies only to scopes with its parameter, so it would constrain nothing"
+    )
 
 
 def scope_warnings(scopes: Sequence[str]) -> list[str]:
     """Warnings for a saved grant's scopes that Canvas's scope catalogue does not list."""
     return unfamiliar_scopes(Grant.compile(scopes))
+
+
+def grant_warnings(client: Client) -> list[str]:
+    """:func:`scope_warnings`, and each constraint naming no parameter of the scopes.
+
+    Saving such a constraint is refused now; one saved before constrains nothing.
+    """
+    grant = Grant.compile(client.scopes, client.constraints)
+    return [
+        *unfamiliar_scopes(grant),
+        *(
+            f"constraint {name!r} names no parameter of the grant's scopes, so it constrains "
+            "nothing; replace it (broker clients grant --constraint) or clear it"
+            for name in grant.unknown_constraints()
+        ),
+    ]
 
 
 def check_cidrs(cidrs: Sequence[str]) -> list[str]:
@@ -212,6 +261,69 @@ def check_ttls(token_ttl: int, max_token_ttl: int, ceiling: int) -> None:
         raise ValidationFailedError(
             "token_ttl", f"must be between {MIN_TOKEN_TTL} seconds and max_token_ttl"
         )
+
+
+@dataclass(frozen=True)
+class ClientChange:
+    """A client after an update, and what changed: ``{field: {"old": …, "new": …}}``.
+
+    ``tokens_revoked`` counts the live tokens revoked when the update disabled the client.
+    """
+
+    client: Client
+    changes: dict[str, dict[str, Any]]
+    tokens_revoked: int = 0
+
+
+_COMPARED: Final = (
+    "name",
+    "scopes",
+    "constraints",
+    "token_ttl",
+    "max_token_ttl",
+    "allow_masquerade",
+    "allow_includes",
+    "allowed_cidrs",
+    "rate_limit",
+    "rate_burst",
+    "jwks",
+    "description",
+    "enabled",
+)
+"""The client fields an update may change, in the order changes are reported."""
+
+
+def _comparable(name: str, value: Any) -> Any:  # noqa: ANN401 - a field's value
+    """A client field's value as plain JSON data, so stored and requested values compare."""
+    if name in {"scopes", "allowed_cidrs"}:
+        return list(value)
+    if name == "constraints":
+        return {k: sorted(v) for k, v in sorted(value.items())}
+    if name == "jwks" and value is not None:
+        return dict(value)
+    return value
+
+
+def _field(client: Client, name: str) -> Any:  # noqa: ANN401 - a field's value
+    return _comparable(name, getattr(client, name))
+
+
+def client_changes(before: Client, after: Client) -> dict[str, dict[str, Any]]:
+    """``{field: {"old": …, "new": …}}`` for each field that differs; a key set as its ids.
+
+    Public key material stays out (the audit log records this): ``jwks`` is reported as
+    ``key_ids``.
+    """
+    changes: dict[str, dict[str, Any]] = {}
+    for name in _COMPARED:
+        old, new = _field(before, name), _field(after, name)
+        if old == new:
+            continue
+        if name == "jwks":
+            changes["key_ids"] = {"old": _key_ids(old), "new": _key_ids(new)}
+        else:
+            changes[name] = {"old": old, "new": new}
+    return changes
 
 
 _GRANT_CACHE_SIZE = 1024
@@ -502,57 +614,78 @@ class ManagementService:
         async with self._sessions() as session:
             return await clients.get(session, ref)
 
-    async def update_client(self, actor: Actor, ref: str, **fields: Any) -> Client:  # noqa: ANN401
+    async def update_client(self, actor: Actor, ref: str, **fields: Any) -> ClientChange:  # noqa: ANN401
         """Change a client's grant or settings; live tokens follow the new grant at once.
 
-        ``rate_limit=None`` removes the limit (other fields ignore ``None``); a new rate
-        without ``rate_burst`` gets the default burst.
+        Only the fields given change; ``None`` is "unchanged" except for ``rate_limit``, where
+        it removes the limit (docs/interfaces.md#management-api). Constraints are kept when
+        only the scopes change, and must still name a parameter of the new scopes; clearing
+        them takes an explicit ``constraints={}``. A new rate keeps the client's burst (the
+        default burst if it had none). Disabling revokes every live token of the client, so
+        enabling it again revives none (docs/interfaces.md#changing-a-client). Returns the
+        client and what changed, old and new, which the audit event records too.
         """
         rate_limit = fields.pop("rate_limit", _UNSET)
         rate_burst = fields.pop("rate_burst", None)
         async with self._write("client") as session:
-            client = await clients.get(session, ref)
-            changes = {k: v for k, v in fields.items() if v is not None}
-            if rate_limit is not _UNSET or rate_burst is not None:
-                changes["rate_limit"], changes["rate_burst"] = check_rate(
-                    client.rate_limit if rate_limit is _UNSET else rate_limit, rate_burst
+            before = await clients.get(session, ref)
+            changes = self._checked_changes(before, fields, rate_limit, rate_burst)
+            saved = {k: v for k, v in changes.items() if _comparable(k, v) != _field(before, k)}
+            client = before
+            if saved:
+                if saved.get("rate_limit", before.rate_limit) is None:
+                    await rate_buckets.forget(session, before.id)
+                client = await clients.change(
+                    session, before.id, {**saved, "updated_at": utcnow()}, new_grant=True
                 )
-                if changes["rate_limit"] is None:
-                    await rate_buckets.forget(session, client.id)
-            if "scopes" in changes or "constraints" in changes:
-                grant = check_grant(
-                    changes.get("scopes", client.scopes),
-                    changes.get("constraints", client.constraints),
-                )
-                changes["scopes"] = grant.scope_strings()
-                changes["constraints"] = {k: sorted(v) for k, v in grant.constraints.items()}
-            if "token_ttl" in changes or "max_token_ttl" in changes:
-                check_ttls(
-                    changes.get("token_ttl", client.token_ttl),
-                    changes.get("max_token_ttl", client.max_token_ttl),
-                    self._settings.max_token_ttl,
-                )
-            if "allowed_cidrs" in changes:
-                changes["allowed_cidrs"] = check_cidrs(changes["allowed_cidrs"])
-            if "name" in changes:
-                check_name(changes["name"])
-            if "jwks" in changes:
-                changes["jwks"] = check_auth(client.auth_method, changes["jwks"])
-            client = await clients.change(
-                session,
-                client.id,
-                {**changes, "grant_version": client.grant_version + 1, "updated_at": utcnow()},
+            difference = client_changes(before, client)
+            revoked = 0
+            if fields.get("enabled") is False:
+                revoked = await self._revoke_client_tokens(session, actor, client.id)
+            action = "client.update"
+            if set(fields) == {"enabled"} and rate_limit is _UNSET:
+                action = "client.enable" if fields["enabled"] else "client.disable"
+            extra = {"tokens_revoked": revoked} if action == "client.disable" else {}
+            await self._event(session, actor, action, client, **difference, **extra)
+        return ClientChange(client, difference, revoked)
+
+    def _checked_changes(
+        self,
+        before: Client,
+        fields: Mapping[str, Any],
+        rate_limit: Any,  # noqa: ANN401 - a rate, None (no limit) or _UNSET
+        rate_burst: int | None,
+    ) -> dict[str, Any]:
+        """The fields an update gives, validated and normalised as they would be stored."""
+        changes = {k: v for k, v in fields.items() if v is not None}
+        if rate_limit is not _UNSET or rate_burst is not None:
+            new_rate = before.rate_limit if rate_limit is _UNSET else rate_limit
+            # Removing the limit removes its burst; a new rate keeps the burst there was.
+            kept_burst = None if rate_limit is None else before.rate_burst
+            changes["rate_limit"], changes["rate_burst"] = check_rate(
+                new_rate, rate_burst if rate_burst is not None else kept_burst
             )
-            enabled = changes.get("enabled") if set(changes) == {"enabled"} else None
-            action = {True: "client.enable", False: "client.disable"}.get(
-                enabled,  # type: ignore[arg-type]
-                "client.update",
+        if "scopes" in changes or "constraints" in changes:
+            grant = check_grant(
+                changes.get("scopes", before.scopes),
+                changes.get("constraints", before.constraints),
+                kept_constraints="constraints" not in changes,
             )
-            audited = {k: v for k, v in changes.items() if k != "jwks"}
-            if "jwks" in changes:
-                audited["key_ids"] = _key_ids(changes["jwks"])
-            await self._event(session, actor, action, client, **audited)
-        return client
+            changes["scopes"] = grant.scope_strings()
+            changes["constraints"] = {k: sorted(v) for k, v in grant.constraints.items()}
+        if "token_ttl" in changes or "max_token_ttl" in changes:
+            check_ttls(
+                changes.get("token_ttl", before.token_ttl),
+                changes.get("max_token_ttl", before.max_token_ttl),
+                self._settings.max_token_ttl,
+            )
+        if "allowed_cidrs" in changes:
+            changes["allowed_cidrs"] = check_cidrs(changes["allowed_cidrs"])
+        if "name" in changes:
+            check_name(changes["name"])
+        if "jwks" in changes:
+            changes["jwks"] = check_auth(before.auth_method, changes["jwks"])
+        return changes
 
     async def rotate_client_secret(
         self, actor: Actor, ref: str, *, revoke_tokens: bool

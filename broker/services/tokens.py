@@ -34,7 +34,7 @@ from broker.services.audit import (
     new_event,
 )
 from broker.services.revocation import CacheEpoch, bump_revocation_epoch
-from broker.storage import clients, credentials, proxy_tokens, used_assertions
+from broker.storage import clients, credentials, proxy_tokens, upstreams, used_assertions
 from broker.storage.models import (
     CLIENT_SECRET,
     PRIVATE_KEY_JWT,
@@ -260,12 +260,20 @@ class TokenService:
         now = utcnow()
         async with self._sessions() as session:
             credential = await credentials.find(session, client.credential_id)
+            upstream = (
+                None
+                if credential is None
+                else await upstreams.find(session, credential.upstream_id)
+            )
+        # Refused outside any write transaction: the audit writer needs the write lock.
         if credential is None or not credential_usable(credential, now):
-            # Refused outside any write transaction: the audit writer needs the write lock.
             await self.refuse(audit, "credential_disabled", status=400, client_id=client.id)
             raise OAuthError(
                 "unauthorized_client", "the client's worker credential is disabled or expired"
             )
+        if upstream is None or not upstream.enabled:
+            await self.refuse(audit, "upstream_disabled", status=400, client_id=client.id)
+            raise OAuthError("unauthorized_client", "the client's upstream (Canvas) is disabled")
         async with self._sessions.begin() as session:
             value = generate_secret(SecretKind.PROXY_TOKEN)
             token = await proxy_tokens.add(
@@ -382,10 +390,12 @@ class TokenService:
         if record is None:
             raise Refusal(401, "unknown_token", "the access token is not valid")
         now = utcnow()
+        # A disabled client's tokens are revoked too (services.management): its refusal
+        # says why, while enabling it again leaves them revoked.
         checks = (
+            (record.client.enabled, "client_disabled", "the client is disabled"),
             (record.token.revoked_at is None, "token_revoked", "the access token was revoked"),
             (record.token.expires_at > now, "token_expired", "the access token has expired"),
-            (record.client.enabled, "client_disabled", "the client is disabled"),
             (
                 credential_usable(record.credential, now),
                 "credential_disabled",

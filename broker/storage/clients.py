@@ -134,11 +134,26 @@ async def add(session: AsyncSession, client: Client, *, secret_hash: str | None)
     return record(row)
 
 
-async def change(session: AsyncSession, client_id: str, changes: Mapping[str, Any]) -> Client:
-    """Change the columns ``changes`` names (of ``UPDATABLE``); returns the client now."""
+async def change(
+    session: AsyncSession,
+    client_id: str,
+    changes: Mapping[str, Any],
+    *,
+    new_grant: bool = False,
+) -> Client:
+    """Change the columns ``changes`` names (of ``UPDATABLE``); returns the client now.
+
+    ``new_grant`` moves ``grant_version`` on by one in the database itself
+    (``grant_version + 1``), so two concurrent changes never end at the same version and a
+    grant compiled for one is never cached as the other's.
+    """
     row = await row_by_ref(session, models.Client, client_id, "client")
     apply(row, {k: _json(k, v) for k, v in changes.items()}, UPDATABLE)
+    if new_grant:
+        row.grant_version = models.Client.grant_version + 1
     await session.flush()
+    if new_grant:
+        await session.refresh(row, ["grant_version"])
     return record(row)
 
 

@@ -33,6 +33,12 @@ async def get(session: AsyncSession, ref: str) -> Upstream:
     return record(await row_by_ref(session, models.Upstream, ref, "upstream"))
 
 
+async def find(session: AsyncSession, upstream_id: str) -> Upstream | None:
+    """The upstream with this id, if any (names are not looked at)."""
+    row = await session.get(models.Upstream, upstream_id)
+    return None if row is None else record(row)
+
+
 async def all_by_name(session: AsyncSession) -> list[Upstream]:
     """Every upstream, by name."""
     return [record(row) for row in await rows_by_name(session, models.Upstream)]

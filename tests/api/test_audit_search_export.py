@@ -347,7 +347,7 @@ async def test_export_memory_does_not_grow_with_the_number_of_events(
 ) -> None:
     app = create_app(context=env.context)
     url, keyring = env.context.settings.async_database_url, env.context.keyring
-    query = f"format={export_format}&client=cli_fill"
+    query = f"format={export_format}&token=tok_fill"
     header = 1 if export_format == "csv" else 0
     shown = fill_audit_log(url, keyring, 100)
     assert (await drive(app, env.auditor_key, query))[2] == shown + header  # warm caches

@@ -120,7 +120,7 @@ async def test_allow_includes_is_saved_shown_and_changed_through_the_api(
     )
     assert patched.json()["allow_includes"] is (not flag)
     [event] = await env.audit(action="client.update")
-    assert event["details"]["changes"] == {"allow_includes": not flag}
+    assert event["details"]["changes"] == {"allow_includes": {"old": flag, "new": not flag}}
 
 
 async def test_allow_includes_defaults_to_false_as_in_canvas(env: BrokerEnv) -> None:

@@ -366,7 +366,7 @@ async def test_admin_event_records_what_changed(env: BrokerEnv, world: World) ->
     )
     [event, *_] = await admin_events(env)
     assert event["details"]["target"] == world.client_id
-    assert event["details"]["changes"] == {"token_ttl": 120}
+    assert event["details"]["changes"] == {"token_ttl": {"old": 900, "new": 120}}
 
 
 # Upstreams ---------------------------------------------------------------------------------
@@ -938,18 +938,31 @@ async def test_client_disable_refuses_its_tokens_at_once(env: BrokerEnv) -> None
     token = await env.token(client_id, secret)
     response = await env.http.post(f"{V1}/clients/{client_id}/disable", headers=env.admin())
     assert response.json()["enabled"] is False
+    assert response.json()["tokens_revoked"] == 1
+    assert response.json()["changes"] == {"enabled": {"old": True, "new": False}}
     proxied = await env.http.get(COURSE, headers=bearer(token))
     assert proxied.status_code == 401
     assert proxied.json()["error"] == "client_disabled"
+    assert env.received == []
+    [event, *_] = await admin_events(env)
+    assert (event["action"], event["details"]["changes"]["tokens_revoked"]) == ("client.disable", 1)
 
 
-async def test_client_enable_restores_its_tokens(env: BrokerEnv) -> None:
+async def test_client_enable_does_not_revive_tokens_minted_before_it_was_disabled(
+    env: BrokerEnv,
+) -> None:
     client_id, secret = await env.client()
     token = await env.token(client_id, secret)
     await env.http.post(f"{V1}/clients/{client_id}/disable", headers=env.admin())
     response = await env.http.post(f"{V1}/clients/{client_id}/enable", headers=env.admin())
     assert response.json()["enabled"] is True
-    assert (await env.http.get(COURSE, headers=bearer(token))).status_code == 200
+    assert response.json()["tokens_revoked"] == 0
+    revived = await env.http.get(COURSE, headers=bearer(token))
+    assert revived.status_code == 401
+    assert revived.json()["error"] == "token_revoked"
+    assert env.received == []
+    fresh = await env.token(client_id, secret)
+    assert (await env.http.get(COURSE, headers=bearer(fresh))).status_code == 200
 
 
 # Policy check ------------------------------------------------------------------------------

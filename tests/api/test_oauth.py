@@ -301,6 +301,37 @@ async def test_disabled_credential_refuses_minting(env: BrokerEnv) -> None:
     assert "access_token" not in response.json()
 
 
+@pytest.mark.parametrize(
+    ("disable", "reason"),
+    [
+        ("/broker/v1/credentials/worker/disable", "credential_disabled"),
+        ("/broker/v1/upstreams/sim/disable", "upstream_disabled"),
+    ],
+)
+async def test_a_disabled_credential_or_upstream_refuses_minting_alike_and_audits_it(
+    env: BrokerEnv, disable: str, reason: str
+) -> None:
+    client_id, secret = await env.client()
+    assert (await env.http.post(disable, headers=env.admin())).status_code == 200
+    response = await mint(env, client_id, secret)
+    assert response.status_code == 400
+    assert set(response.json()) == {"error", "error_description"}
+    assert response.json()["error"] == "unauthorized_client"
+    assert "disabled" in response.json()["error_description"]
+    [event, *_] = await token_events(env)
+    assert (event["decision"], event["reason"], event["client_id"]) == ("deny", reason, client_id)
+    listed = await env.http.get("/broker/v1/tokens", headers=env.admin())
+    assert listed.json() == []
+
+
+async def test_minting_works_again_once_the_upstream_is_enabled(env: BrokerEnv) -> None:
+    client_id, secret = await env.client()
+    await env.http.post("/broker/v1/upstreams/sim/disable", headers=env.admin())
+    assert (await mint(env, client_id, secret)).status_code == 400
+    await env.http.post("/broker/v1/upstreams/sim/enable", headers=env.admin())
+    assert (await mint(env, client_id, secret)).status_code == 200
+
+
 # Revocation (RFC 7009) ---------------------------------------------------------------------
 
 

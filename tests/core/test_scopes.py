@@ -907,3 +907,55 @@ def test_a_grant_of_every_canvas_scope_allows_each_route_through_a_matching_scop
         assert decision.allowed, (scope.raw, decision.detail)
         assert decision.scope is not None
         assert parse_scope(decision.scope).match(scope.method, path) is not None
+
+
+# Constraints that no scope has -------------------------------------------------------------
+
+
+def test_grant_lists_the_parameters_of_all_its_scopes_once_sorted() -> None:
+    grant = Grant.compile(
+        [
+            "url:GET|/api/v1/courses/:course_id/assignments(/:id)",
+            "url:GET|/api/v1/courses/:course_id",
+            "url:GET|/api/v1/files/*path",
+        ]
+    )
+    assert grant.parameters() == ["course_id", "id", "path"]
+
+
+@pytest.mark.parametrize(
+    ("constraints", "unknown"),
+    [
+        ({"courseid": ["1201"]}, ["courseid"]),
+        ({"course_id": ["1201"], "user_id": ["5"], "Course_id": ["1"]}, ["Course_id", "user_id"]),
+        ({"course_id": ["1201"]}, []),
+        ({"id": ["1"]}, []),  # inside an optional group, still a parameter of the scope
+        ({"path": ["a/b"]}, []),  # a glob
+        ({}, []),
+    ],
+)
+def test_grant_names_constraints_that_no_scope_has(
+    constraints: dict[str, list[str]], unknown: list[str]
+) -> None:
+    grant = Grant.compile(
+        ["url:GET|/api/v1/courses/:course_id/assignments(/:id)", "url:GET|/api/v1/files/*path"],
+        constraints,
+    )
+    assert grant.unknown_constraints() == unknown
+
+
+def test_a_constraint_no_scope_has_would_constrain_nothing() -> None:
+    # Why saving refuses one: the misspelt constraint leaves every course open.
+    grant = Grant.compile(["url:GET|/api/v1/courses/:course_id"], {"courseid": ["1201"]})
+    assert grant.check("GET", "/api/v1/courses/9999").allowed
+    assert grant.unknown_constraints() == ["courseid"]
+
+
+def test_a_token_subset_may_lack_a_constrained_parameter() -> None:
+    grant = Grant.compile(
+        ["url:GET|/api/v1/courses/:course_id", "url:GET|/api/v1/users/:user_id"],
+        {"course_id": ["1201"]},
+    )
+    subset = grant.subset(["url:GET|/api/v1/users/:user_id"])
+    assert subset.unknown_constraints() == ["course_id"]
+    assert subset.check("GET", "/api/v1/users/5").allowed

@@ -260,7 +260,7 @@ async def test_rate_settings_are_audited_in_the_admin_event(env: BrokerEnv) -> N
 
     await patch_client(env, client_id, rate_burst=7)
     [updated, *_] = [e for e in await env.audit(kind="admin") if e["action"] == "client.update"]
-    assert updated["details"]["changes"] == {"rate_limit": 5, "rate_burst": 7}
+    assert updated["details"]["changes"] == {"rate_burst": {"old": 10, "new": 7}}
 
 
 @pytest.mark.parametrize(
