@@ -137,7 +137,7 @@ def install(app: FastAPI, context: ProcessContext) -> None:
     app.state.metrics = metrics
     app.state.services = Services(
         management=ManagementService(
-            context.sessions, context.keyring, context.settings, context.epoch
+            context.sessions, context.keyring, context.settings, context.epoch, context.forwarder
         ),
         tokens=tokens,
         audit=audit,

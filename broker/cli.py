@@ -359,8 +359,15 @@ def credentials_create(
     name: Annotated[str, typer.Option()],
     canvas_user_id: Annotated[str | None, typer.Option()] = None,
     notes: Annotated[str | None, typer.Option()] = None,
+    no_verify: Annotated[
+        bool, typer.Option("--no-verify", help="store without asking Canvas (offline setup)")
+    ] = False,
 ) -> None:
-    """Store a worker token, read from BROKER_WORKER_TOKEN or a hidden prompt (never argv)."""
+    """Store a worker token, read from BROKER_WORKER_TOKEN or a hidden prompt (never argv).
+
+    Canvas is asked who the token belongs to first (GET /api/v1/users/self); a token it
+    rejects is refused and nothing is stored.
+    """
     secret = os.environ.get("BROKER_WORKER_TOKEN") or typer.prompt(
         "Canvas token of the worker user", hide_input=True, err=True
     )
@@ -370,6 +377,7 @@ def credentials_create(
         "token": secret,
         "canvas_user_id": canvas_user_id,
         "notes": notes,
+        "verify": not no_verify,
     }
     show(api("POST", "/credentials", body=body))
 
@@ -381,12 +389,21 @@ def credentials_list() -> None:
 
 
 @credentials_app.command("rotate")
-def credentials_rotate(ref: str) -> None:
-    """Replace a stored worker token (read from BROKER_WORKER_TOKEN or a hidden prompt)."""
+def credentials_rotate(
+    ref: str,
+    no_verify: Annotated[
+        bool, typer.Option("--no-verify", help="store without asking Canvas (offline setup)")
+    ] = False,
+) -> None:
+    """Replace a stored worker token (read from BROKER_WORKER_TOKEN or a hidden prompt).
+
+    The new token is verified with Canvas first; a rejected one leaves the old token in place.
+    """
     secret = os.environ.get("BROKER_WORKER_TOKEN") or typer.prompt(
         "new Canvas token", hide_input=True, err=True
     )
-    show(api("POST", f"/credentials/{ref}/rotate", body={"token": secret}))
+    body = {"token": secret, "verify": not no_verify}
+    show(api("POST", f"/credentials/{ref}/rotate", body=body))
 
 
 @credentials_app.command("disable")

@@ -65,7 +65,6 @@ async def _provision(
             upstream="demo-canvas",
             name="demo-worker",
             token=worker_token,
-            canvas_user_id="1",
             notes="worker user of the Canvas simulator",
         )
         client, secret = await service.create_client(
