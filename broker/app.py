@@ -5,11 +5,14 @@ from __future__ import annotations
 import logging
 from contextlib import asynccontextmanager
 from http import HTTPStatus
+from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -113,7 +116,8 @@ def create_app(
         version="0.1.0",
         summary="Short-lived, endpoint-scoped, audited proxy credentials for Canvas LMS",
         openapi_url="/broker/v1/openapi.json",
-        docs_url="/broker/v1/docs",
+        # Served by ``_add_docs_routes`` from assets shipped with the package, not a CDN.
+        docs_url=None,
         redoc_url=None,
         lifespan=lifespan,
     )
@@ -121,6 +125,7 @@ def create_app(
     app.include_router(management.router)
     app.include_router(audit.router)
     _add_ops_routes(app)
+    _add_docs_routes(app)
     _add_error_handlers(app)
     if context is not None:
         install(app, context)
@@ -181,6 +186,31 @@ def _add_ops_routes(app: FastAPI) -> None:
         registry: Metrics = request.app.state.metrics
         registry.live_tokens.set(await services.management.count_live_tokens())
         return PlainTextResponse(generate_latest(registry.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+DOCS_PATH = "/broker/v1/docs"
+DOCS_ASSETS = f"{DOCS_PATH}/assets"
+
+
+def _add_docs_routes(app: FastAPI) -> None:
+    """The OpenAPI page, working offline: Swagger UI from the installed ``fastapi-offline``.
+
+    That package ships Swagger UI's built files as package data (it is a runtime dependency,
+    pinned in requirements.txt), so the page needs nothing beyond the broker itself.
+    """
+    assets = resources.files("fastapi_offline") / "static"
+    app.mount(DOCS_ASSETS, StaticFiles(directory=str(assets)), name="docs-assets")
+
+    @app.get(DOCS_PATH, include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url or "",
+            title=f"{app.title} - API",
+            swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_ASSETS}/favicon.png",
+            swagger_ui_parameters={"persistAuthorization": False},
+        )
 
 
 def _error_body(error: str, message: str, **extra: Any) -> dict[str, Any]:  # noqa: ANN401

@@ -1174,6 +1174,43 @@ async def test_openapi_schema_lists_every_resource(env: BrokerEnv) -> None:
     assert f"{V1}/oauth/token" in paths
 
 
+async def test_openapi_schema_declares_the_admin_key_on_every_management_and_audit_route(
+    env: BrokerEnv,
+) -> None:
+    schema = (await env.http.get(f"{V1}/openapi.json")).json()
+    assert schema["components"]["securitySchemes"]["adminKey"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "An admin key (`cba_…`): role `admin`, or `auditor` for reads.",
+    }
+    secured = {
+        (path, method)
+        for path, operations in schema["paths"].items()
+        for method, operation in operations.items()
+        if operation.get("security") == [{"adminKey": []}]
+    }
+    management = {
+        (path, method)
+        for path, operations in schema["paths"].items()
+        for method in operations
+        if path.startswith(f"{V1}/") and not path.startswith(f"{V1}/oauth/")
+    }
+    assert management
+    # Introspection is for admins too (RFC 7662 with an admin key); the rest of OAuth is not.
+    assert secured == management | {(f"{V1}/oauth/introspect", "post")}
+
+
+async def test_docs_page_loads_swagger_ui_from_the_broker_itself(env: BrokerEnv) -> None:
+    page = await env.http.get(f"{V1}/docs")
+    assert page.status_code == 200
+    assert "cdn" not in page.text.lower()
+    for asset in ("swagger-ui-bundle.js", "swagger-ui.css"):
+        assert f"{V1}/docs/assets/{asset}" in page.text
+        served = await env.http.get(f"{V1}/docs/assets/{asset}")
+        assert served.status_code == 200
+        assert len(served.content) > 10_000
+
+
 async def test_openapi_schema_marks_the_worker_token_write_only(env: BrokerEnv) -> None:
     schemas = (await env.http.get(f"{V1}/openapi.json")).json()["components"]["schemas"]
     assert "token" in schemas["CredentialCreate"]["properties"]
