@@ -258,6 +258,31 @@ def demo(
 
 
 @app.command()
+def backup(
+    dest: Annotated[Path, typer.Argument(help="the new backup file (must not exist)")],
+) -> None:
+    """Copy the live SQLite database consistently (online backup); for PostgreSQL, use pg_dump.
+
+    The key file (or BROKER_KEYS) is not in the database: back it up separately, or the
+    worker tokens in the copy cannot be decrypted.
+    """
+    from broker.backup import BackupError, backup_sqlite, pg_dump_command  # noqa: PLC0415
+    from broker.storage.database import sqlite_path  # noqa: PLC0415
+
+    settings = _settings()
+    if sqlite_path(settings.database_url) is None:
+        say("broker backup copies SQLite databases; for PostgreSQL run pg_dump, e.g.:")
+        say(f"  {pg_dump_command(settings.database_url, dest)}")
+        raise typer.Exit(2)
+    try:
+        result = backup_sqlite(settings.database_url, dest)
+    except BackupError as exc:
+        fail(str(exc))
+    say(f"backed up {result.source} to {result.destination} ({result.size} bytes)")
+    say("the key file is not in the backup: keep a copy of it (or of BROKER_KEYS) as well")
+
+
+@app.command()
 def token(
     scope: Annotated[str | None, typer.Option(help="space-separated subset of the grant")] = None,
     expires_in: Annotated[int | None, typer.Option(help="seconds")] = None,

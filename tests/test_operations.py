@@ -6,11 +6,14 @@ them (subprocesses of ``python -m broker``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from typing import TYPE_CHECKING
 
@@ -94,3 +97,78 @@ def test_demo_stopped_by_a_signal_removes_its_temporary_files(
             demo.kill()
             demo.wait(timeout=BOUND)
     assert list(temp.iterdir()) == [], log.read_text()
+
+
+# broker backup -------------------------------------------------------------------------------
+
+
+def test_backup_of_a_database_being_written_is_a_consistent_copy(tmp_path: Path) -> None:
+    env = _env(tmp_path)
+    assert _run(["init", "--no-admin-key"], env).returncode == 0
+    live = tmp_path / "ops.sqlite3"
+    with contextlib.closing(sqlite3.connect(live)) as setup:
+        setup.execute("CREATE TABLE pairs (n INTEGER)")
+        setup.commit()
+    stop = threading.Event()
+    written = [0]
+
+    def write_pairs() -> None:
+        # Every transaction adds two rows: a consistent copy holds an even number of them.
+        with contextlib.closing(sqlite3.connect(live, timeout=BOUND)) as writer:
+            while not stop.is_set():
+                with writer:
+                    writer.execute("INSERT INTO pairs VALUES (1)")
+                    writer.execute("INSERT INTO pairs VALUES (2)")
+                written[0] += 1
+
+    thread = threading.Thread(target=write_pairs, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + BOUND
+        while written[0] < 50:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        result = _run(["backup", str(tmp_path / "copy.sqlite3")], env)
+        during = written[0]
+    finally:
+        stop.set()
+        thread.join(timeout=BOUND)
+    assert result.returncode == 0, result.stderr
+    assert "key file is not in the backup" in result.stderr
+    assert during > 50
+    with contextlib.closing(sqlite3.connect(tmp_path / "copy.sqlite3")) as copy:
+        assert copy.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        (rows,) = copy.execute("SELECT count(*) FROM pairs").fetchone()
+        tables = {name for (name,) in copy.execute("SELECT name FROM sqlite_master")}
+    assert rows > 0
+    assert rows % 2 == 0
+    assert {"credentials", "audit_events", "alembic_version"} <= tables
+
+
+def test_backup_never_overwrites_an_existing_file(tmp_path: Path) -> None:
+    env = _env(tmp_path)
+    assert _run(["init", "--no-admin-key"], env).returncode == 0
+    existing = tmp_path / "keep.sqlite3"
+    existing.write_text("precious")
+    result = _run(["backup", str(existing)], env)
+    assert result.returncode == 1
+    assert "already exists" in result.stderr
+    assert existing.read_text() == "precious"
+
+
+def test_backup_of_a_missing_database_names_the_setting(tmp_path: Path) -> None:
+    result = _run(["backup", str(tmp_path / "copy.sqlite3")], _env(tmp_path))
+    assert result.returncode == 1
+    assert "BROKER_DATABASE_URL" in result.stderr
+    assert not (tmp_path / "copy.sqlite3").exists()
+
+
+def test_backup_on_postgresql_prints_the_pg_dump_command_and_fails(tmp_path: Path) -> None:
+    env = _env(tmp_path, BROKER_DATABASE_URL="postgresql://ops:s3cret@db.internal:5433/broker")
+    result = _run(["backup", "nightly.dump"], env)
+    assert result.returncode == 2
+    assert (
+        "pg_dump --format=custom --file=nightly.dump --host=db.internal --port=5433 "
+        "--username=ops broker"
+    ) in result.stderr
+    assert "s3cret" not in result.stderr + result.stdout
