@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from contextlib import asynccontextmanager
 from http import HTTPStatus
 from importlib import resources
@@ -18,6 +19,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from broker import access_log
 from broker.api import audit, management, oauth
 from broker.api.deps import Services
 from broker.api.proxy import ProxyApp
@@ -69,7 +71,35 @@ class BrokerApp:
         return self.api.openapi()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Route one ASGI event."""
+        """Route one ASGI event; with the access log on, write its line once it is answered."""
+        if scope["type"] != "http" or not getattr(self.api.state, "access_log", False):
+            await self._route(scope, receive, send)
+            return
+        started = time.perf_counter()
+        seen: dict[str, Any] = {}
+
+        async def observed(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                seen["status"] = message["status"]
+                for name, value in message.get("headers", []):
+                    if name == b"x-request-id":
+                        seen["request_id"] = value.decode("latin-1")
+            await send(message)
+
+        try:
+            await self._route(scope, receive, observed)
+        finally:
+            access_log.logger.info(
+                access_log.line(
+                    scope,
+                    request_id=seen.get("request_id"),
+                    status=seen.get("status"),
+                    duration_ms=(time.perf_counter() - started) * 1000,
+                    sensitive=self.api.state.context.settings.sensitive_query_keys,
+                )
+            )
+
+    async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             path: str = scope["path"]
             if not path.startswith(BROKER_PREFIX) and path not in OPS_PATHS:
@@ -140,6 +170,9 @@ def install(app: FastAPI, context: ProcessContext) -> None:
     tokens = TokenService(context.sessions, context.keyring, context.settings, audit, context.epoch)
     app.state.context = context
     app.state.metrics = metrics
+    if context.settings.access_log:
+        access_log.enable()
+    app.state.access_log = context.settings.access_log
     app.state.services = Services(
         management=ManagementService(
             context.sessions, context.keyring, context.settings, context.epoch, context.forwarder

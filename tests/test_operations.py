@@ -172,3 +172,49 @@ def test_backup_on_postgresql_prints_the_pg_dump_command_and_fails(tmp_path: Pat
         "--username=ops broker"
     ) in result.stderr
     assert "s3cret" not in result.stderr + result.stdout
+
+
+# Default file locations ----------------------------------------------------------------------
+
+
+def _bare_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+    env.update(extra)
+    return env
+
+
+def test_broker_home_holds_the_default_database_and_key_file_wherever_it_runs(
+    tmp_path: Path,
+) -> None:
+    home, elsewhere = tmp_path / "home", tmp_path / "elsewhere"
+    home.mkdir()
+    elsewhere.mkdir()
+    env = _bare_env(BROKER_HOME=str(home))
+    init = _run(["init", "--no-admin-key"], env, cwd=elsewhere)
+    assert init.returncode == 0, init.stderr
+    assert {p.name for p in home.iterdir()} >= {"broker.sqlite3", "broker.key"}
+    assert list(elsewhere.iterdir()) == []
+    created = _run(["admin-key", "create", "--name", "ops"], env, cwd=elsewhere)
+    assert created.returncode == 0, created.stderr
+
+
+def test_running_from_the_wrong_directory_names_the_absolute_path_and_broker_home(
+    tmp_path: Path,
+) -> None:
+    home, elsewhere = tmp_path / "home", tmp_path / "elsewhere"
+    home.mkdir()
+    elsewhere.mkdir()
+    assert _run(["init", "--no-admin-key"], _bare_env(), cwd=home).returncode == 0
+    result = _run(["admin-key", "create", "--name", "ops"], _bare_env(), cwd=elsewhere)
+    assert result.returncode != 0
+    [line] = result.stderr.strip().splitlines()
+    assert str(elsewhere / "broker.key") in line
+    assert "BROKER_HOME" in line
+    assert "Traceback" not in result.stderr
+
+
+def test_a_broker_home_that_is_not_a_directory_is_named(tmp_path: Path) -> None:
+    result = _run(["init"], _bare_env(BROKER_HOME=str(tmp_path / "missing")), cwd=tmp_path)
+    assert result.returncode != 0
+    assert "BROKER_HOME" in result.stderr
+    assert "not a directory" in result.stderr
