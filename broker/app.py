@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import logging
+import time
 from contextlib import asynccontextmanager
 from http import HTTPStatus
+from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from broker import access_log
 from broker.api import audit, management, oauth
 from broker.api.deps import Services
 from broker.api.proxy import ProxyApp
@@ -66,7 +71,35 @@ class BrokerApp:
         return self.api.openapi()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Route one ASGI event."""
+        """Route one ASGI event; with the access log on, write its line once it is answered."""
+        if scope["type"] != "http" or not getattr(self.api.state, "access_log", False):
+            await self._route(scope, receive, send)
+            return
+        started = time.perf_counter()
+        seen: dict[str, Any] = {}
+
+        async def observed(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                seen["status"] = message["status"]
+                for name, value in message.get("headers", []):
+                    if name == b"x-request-id":
+                        seen["request_id"] = value.decode("latin-1")
+            await send(message)
+
+        try:
+            await self._route(scope, receive, observed)
+        finally:
+            access_log.logger.info(
+                access_log.line(
+                    scope,
+                    request_id=seen.get("request_id"),
+                    status=seen.get("status"),
+                    duration_ms=(time.perf_counter() - started) * 1000,
+                    sensitive=self.api.state.context.settings.sensitive_query_keys,
+                )
+            )
+
+    async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             path: str = scope["path"]
             if not path.startswith(BROKER_PREFIX) and path not in OPS_PATHS:
@@ -113,7 +146,8 @@ def create_app(
         version="0.1.0",
         summary="Short-lived, endpoint-scoped, audited proxy credentials for Canvas LMS",
         openapi_url="/broker/v1/openapi.json",
-        docs_url="/broker/v1/docs",
+        # Served by ``_add_docs_routes`` from assets shipped with the package, not a CDN.
+        docs_url=None,
         redoc_url=None,
         lifespan=lifespan,
     )
@@ -121,6 +155,7 @@ def create_app(
     app.include_router(management.router)
     app.include_router(audit.router)
     _add_ops_routes(app)
+    _add_docs_routes(app)
     _add_error_handlers(app)
     if context is not None:
         install(app, context)
@@ -135,9 +170,12 @@ def install(app: FastAPI, context: ProcessContext) -> None:
     tokens = TokenService(context.sessions, context.keyring, context.settings, audit, context.epoch)
     app.state.context = context
     app.state.metrics = metrics
+    if context.settings.access_log:
+        access_log.enable()
+    app.state.access_log = context.settings.access_log
     app.state.services = Services(
         management=ManagementService(
-            context.sessions, context.keyring, context.settings, context.epoch
+            context.sessions, context.keyring, context.settings, context.epoch, context.forwarder
         ),
         tokens=tokens,
         audit=audit,
@@ -181,6 +219,31 @@ def _add_ops_routes(app: FastAPI) -> None:
         registry: Metrics = request.app.state.metrics
         registry.live_tokens.set(await services.management.count_live_tokens())
         return PlainTextResponse(generate_latest(registry.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+DOCS_PATH = "/broker/v1/docs"
+DOCS_ASSETS = f"{DOCS_PATH}/assets"
+
+
+def _add_docs_routes(app: FastAPI) -> None:
+    """The OpenAPI page, working offline: Swagger UI from the installed ``fastapi-offline``.
+
+    That package ships Swagger UI's built files as package data (it is a runtime dependency,
+    pinned in requirements.txt), so the page needs nothing beyond the broker itself.
+    """
+    assets = resources.files("fastapi_offline") / "static"
+    app.mount(DOCS_ASSETS, StaticFiles(directory=str(assets)), name="docs-assets")
+
+    @app.get(DOCS_PATH, include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url or "",
+            title=f"{app.title} - API",
+            swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_ASSETS}/favicon.png",
+            swagger_ui_parameters={"persistAuthorization": False},
+        )
 
 
 def _error_body(error: str, message: str, **extra: Any) -> dict[str, Any]:  # noqa: ANN401

@@ -258,6 +258,31 @@ def demo(
 
 
 @app.command()
+def backup(
+    dest: Annotated[Path, typer.Argument(help="the new backup file (must not exist)")],
+) -> None:
+    """Copy the live SQLite database consistently (online backup); for PostgreSQL, use pg_dump.
+
+    The key file (or BROKER_KEYS) is not in the database: back it up separately, or the
+    worker tokens in the copy cannot be decrypted.
+    """
+    from broker.backup import BackupError, backup_sqlite, pg_dump_command  # noqa: PLC0415
+    from broker.storage.database import sqlite_path  # noqa: PLC0415
+
+    settings = _settings()
+    if sqlite_path(settings.database_url) is None:
+        say("broker backup copies SQLite databases; for PostgreSQL run pg_dump, e.g.:")
+        say(f"  {pg_dump_command(settings.database_url, dest)}")
+        raise typer.Exit(2)
+    try:
+        result = backup_sqlite(settings.database_url, dest)
+    except BackupError as exc:
+        fail(str(exc))
+    say(f"backed up {result.source} to {result.destination} ({result.size} bytes)")
+    say("the key file is not in the backup: keep a copy of it (or of BROKER_KEYS) as well")
+
+
+@app.command()
 def token(
     scope: Annotated[str | None, typer.Option(help="space-separated subset of the grant")] = None,
     expires_in: Annotated[int | None, typer.Option(help="seconds")] = None,
@@ -359,8 +384,15 @@ def credentials_create(
     name: Annotated[str, typer.Option()],
     canvas_user_id: Annotated[str | None, typer.Option()] = None,
     notes: Annotated[str | None, typer.Option()] = None,
+    no_verify: Annotated[
+        bool, typer.Option("--no-verify", help="store without asking Canvas (offline setup)")
+    ] = False,
 ) -> None:
-    """Store a worker token, read from BROKER_WORKER_TOKEN or a hidden prompt (never argv)."""
+    """Store a worker token, read from BROKER_WORKER_TOKEN or a hidden prompt (never argv).
+
+    Canvas is asked who the token belongs to first (GET /api/v1/users/self); a token it
+    rejects is refused and nothing is stored.
+    """
     secret = os.environ.get("BROKER_WORKER_TOKEN") or typer.prompt(
         "Canvas token of the worker user", hide_input=True, err=True
     )
@@ -370,6 +402,7 @@ def credentials_create(
         "token": secret,
         "canvas_user_id": canvas_user_id,
         "notes": notes,
+        "verify": not no_verify,
     }
     show(api("POST", "/credentials", body=body))
 
@@ -381,12 +414,21 @@ def credentials_list() -> None:
 
 
 @credentials_app.command("rotate")
-def credentials_rotate(ref: str) -> None:
-    """Replace a stored worker token (read from BROKER_WORKER_TOKEN or a hidden prompt)."""
+def credentials_rotate(
+    ref: str,
+    no_verify: Annotated[
+        bool, typer.Option("--no-verify", help="store without asking Canvas (offline setup)")
+    ] = False,
+) -> None:
+    """Replace a stored worker token (read from BROKER_WORKER_TOKEN or a hidden prompt).
+
+    The new token is verified with Canvas first; a rejected one leaves the old token in place.
+    """
     secret = os.environ.get("BROKER_WORKER_TOKEN") or typer.prompt(
         "new Canvas token", hide_input=True, err=True
     )
-    show(api("POST", f"/credentials/{ref}/rotate", body={"token": secret}))
+    body = {"token": secret, "verify": not no_verify}
+    show(api("POST", f"/credentials/{ref}/rotate", body=body))
 
 
 @credentials_app.command("disable")

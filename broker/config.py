@@ -1,8 +1,11 @@
 """Service settings, read from ``BROKER_*`` environment variables (docs/configuration.md#settings).
 
 Every setting has a default that works for the embedded single-process setup (SQLite file and a
-key file in the working directory). ``Settings.validated()`` refuses unusable values with the
-name of the offending setting, so a misconfigured service never starts half-working.
+key file in ``BROKER_HOME``, by default the working directory). Relative file paths are made
+absolute against that home when the settings are read, so every message names the real file
+and a process that changes directory keeps using the same files. ``Settings.validated()``
+refuses unusable values with the name of the offending setting, so a misconfigured service
+never starts half-working.
 """
 
 from __future__ import annotations
@@ -12,8 +15,9 @@ from functools import cached_property
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy import make_url
 
 from broker.core.rules import SENSITIVE_QUERY_KEYS
 from broker.errors import ConfigurationError
@@ -49,6 +53,11 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="BROKER_", extra="ignore")
 
+    home: Path | None = Field(
+        default=None,
+        description="Directory that relative paths (the SQLite file, the key file) are in; "
+        "unset: the working directory",
+    )
     database_url: str = Field(
         default=DEFAULT_DATABASE_URL, description="SQLAlchemy URL; sqlite or postgresql"
     )
@@ -85,11 +94,37 @@ class Settings(BaseSettings):
         description="Set by `broker serve --workers N` for its workers: the Unix socket of the "
         "one audit writer they share",
     )
+    access_log: bool = Field(
+        default=True,
+        description="One JSON line per request on standard error (sensitive query values "
+        "redacted); false turns it off",
+    )
     host: str = Field(default="127.0.0.1", description="Address `broker serve` binds")
     port: int = Field(default=8000, description="Port `broker serve` binds")
 
+    @model_validator(mode="after")
+    def _absolute_paths(self) -> Settings:
+        """Resolve relative file paths against ``home`` (or the working directory), once."""
+        base = (self.home or Path()).expanduser().absolute()
+        if not self.key_file.is_absolute():
+            self.key_file = base / self.key_file.expanduser()
+        try:
+            url = make_url(self.database_url)
+        except ValueError:
+            return self  # ``validated`` names the setting
+        database = url.database
+        if url.drivername.startswith("sqlite") and database and database != ":memory:":
+            path = Path(database).expanduser()
+            if not path.is_absolute() and not database.startswith("file:"):
+                self.database_url = url.set(database=str(base / path)).render_as_string(
+                    hide_password=False
+                )
+        return self
+
     def validated(self) -> Settings:
         """Return self after checking every value, or raise naming the bad setting."""
+        if self.home is not None and not self.home.expanduser().is_dir():
+            raise ConfigurationError("BROKER_HOME", f"{self.home} is not a directory")
         normalise_database_url(self.database_url)
         if self.public_url is not None:
             parts = urlsplit(self.public_url)

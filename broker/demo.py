@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
+import signal
 import sys
 import tempfile
 import textwrap
@@ -24,6 +26,8 @@ from broker.sim.state import SimState
 from broker.storage.database import Database
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from broker.keyring import Keyring
 
 DEMO_SCOPES = [
@@ -65,7 +69,6 @@ async def _provision(
             upstream="demo-canvas",
             name="demo-worker",
             token=worker_token,
-            canvas_user_id="1",
             notes="worker user of the Canvas simulator",
         )
         client, secret = await service.create_client(
@@ -180,8 +183,41 @@ def _check(setup: DemoSetup, sim: SimServer) -> int:
 
 
 def run_demo(*, port: int, workdir: Path | None, check: bool) -> int:
-    """Start the simulator and the broker; serve until Ctrl-C (or run the check and exit)."""
-    directory = workdir or Path(tempfile.mkdtemp(prefix="broker-demo-"))
+    """Start the simulator and the broker; serve until Ctrl-C (or run the check and exit).
+
+    Without ``workdir`` the database and key file live in a temporary directory that is
+    removed when the demo ends, by Ctrl-C, SIGTERM or the end of ``--check`` alike (uvicorn
+    turns both signals into a normal return, so the ``with`` block always unwinds). A given
+    ``workdir`` is the admin's to keep.
+    """
+    if workdir is not None:
+        return _run_demo(workdir, port=port, check=check)
+    with _terminate_unwinds(), tempfile.TemporaryDirectory(prefix="broker-demo-") as temporary:
+        try:
+            return _run_demo(Path(temporary), port=port, check=check)
+        finally:
+            _err(f"removing the demo's temporary files ({temporary})")
+
+
+@contextlib.contextmanager
+def _terminate_unwinds() -> Iterator[None]:
+    """Make SIGTERM unwind the stack like Ctrl-C, so cleanups run.
+
+    uvicorn handles both signals while it serves and raises them again once it has stopped;
+    SIGTERM's default action would then end the process without running ``finally`` blocks.
+    """
+
+    def terminate(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run_demo(directory: Path, *, port: int, check: bool) -> int:
     directory.mkdir(parents=True, exist_ok=True)
     database = directory / "demo.sqlite3"
     if database.exists():
@@ -199,6 +235,8 @@ def run_demo(*, port: int, workdir: Path | None, check: bool) -> int:
     worker_token = "sim-worker-" + secrets.token_urlsafe(16)
     with SimServer(SimState(tokens={worker_token})) as sim:
         setup = asyncio.run(_provision(settings, keyring, sim.base_url, worker_token))
+        # Storing the credential asked Canvas who the token is; the check counts from here.
+        sim.state.received.clear()
         app = create_app(settings)
         if not check:
             _err(instructions(setup))

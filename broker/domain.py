@@ -37,6 +37,7 @@ class WorkerCredential:
     upstream_id: str
     token_last4: str
     canvas_user_id: str | None
+    canvas_user_name: str | None
     notes: str | None
     enabled: bool
     expires_at: datetime | None

@@ -186,7 +186,11 @@ def load_key_file(path: Path) -> Keyring:
     try:
         mode = path.stat().st_mode
     except FileNotFoundError as exc:
-        raise ConfigurationError(setting, f"{path} does not exist; run `broker init`") from exc
+        raise ConfigurationError(
+            setting,
+            f"{path} does not exist; run `broker init` to create it, or, if the broker's files "
+            "are elsewhere, run from that directory or set BROKER_HOME to it",
+        ) from exc
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise ConfigurationError(setting, f"{path} is readable by others; chmod 600 it")
     try:

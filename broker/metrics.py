@@ -48,6 +48,13 @@ class Metrics:
             buckets=_AUDIT_BUCKETS,
             registry=self.registry,
         )
+        self.upstream_credential_failures = Counter(
+            "broker_upstream_credential_failures",
+            "Proxied calls Canvas answered with an invalid-token 401: the worker credential "
+            "is wrong, expired or revoked",
+            ["credential"],
+            registry=self.registry,
+        )
         self.audit_failures = Counter(
             "broker_audit_write_failures",
             "Audit events that could not be committed",
@@ -100,6 +107,7 @@ FORWARDED_OUTCOMES: Final = frozenset(
         "upstream_unreachable",
         "upstream_body_failed",
         "upstream_credential_exposed",
+        "upstream_credential_rejected",
     }
 )
 

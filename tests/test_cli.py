@@ -126,7 +126,9 @@ def test_keys_rotate_reencrypts_credentials_under_a_new_primary_key(tmp_path: Pa
             session_factory(engine), load_key_file(settings.key_file), settings
         )
         await service.create_upstream(LOCAL, name="c", base_url="https://canvas.example")
-        await service.create_credential(LOCAL, upstream="c", name="w", token="canvas-token-1234")
+        await service.create_credential(
+            LOCAL, upstream="c", name="w", token="canvas-token-1234", verify=False
+        )
         await engine.dispose()
 
     async def stored_key_id() -> tuple[str, str]:

@@ -52,7 +52,7 @@ async def test_no_secret_reaches_the_database_or_the_logs(
     await env.http.post(
         "/broker/v1/credentials/worker/rotate",
         headers=env.admin(),
-        json={"token": WORKER_TOKEN + "-rotated"},
+        json={"token": WORKER_TOKEN + "-rotated", "verify": False},
     )
 
     stored = await _dump_database(env)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from broker.core.net import client_address
 from broker.errors import BadRequestError
@@ -68,12 +69,23 @@ async def _actor(request: Request, *, admin: bool) -> Actor:
     return actor
 
 
-async def require_reader(request: Request) -> Actor:
+# Declares the Bearer scheme in the OpenAPI schema, so the docs page can send an admin key
+# ("Authorize"); authentication itself stays in ``AdminAuthenticator``, which answers a
+# missing key with the broker's own 401 (auto_error=False keeps FastAPI's 403 out of it).
+admin_key_scheme = HTTPBearer(
+    auto_error=False,
+    scheme_name="adminKey",
+    description="An admin key (`cba_…`): role `admin`, or `auditor` for reads.",
+)
+AdminKeyHeader = Annotated[HTTPAuthorizationCredentials | None, Depends(admin_key_scheme)]
+
+
+async def require_reader(request: Request, _scheme: AdminKeyHeader) -> Actor:
     """Any valid admin key: ``admin`` or ``auditor``."""
     return await _actor(request, admin=False)
 
 
-async def require_admin(request: Request) -> Actor:
+async def require_admin(request: Request, _scheme: AdminKeyHeader) -> Actor:
     """An ``admin`` key; auditors get 403 on every mutation."""
     return await _actor(request, admin=True)
 

@@ -109,7 +109,11 @@ async def enable_upstream(ref: str, actor: Admin, services: ServicesDep) -> Upst
 async def create_credential(
     body: CredentialCreate, actor: Admin, services: ServicesDep
 ) -> CredentialOut:
-    """Store a worker user's Canvas token, encrypted. It is never returned."""
+    """Store a worker user's Canvas token, encrypted. It is never returned.
+
+    Unless ``verify`` is false, Canvas is asked first (``GET /api/v1/users/self``): a token it
+    rejects is a 422 ``canvas_rejected_token`` and nothing is stored.
+    """
     credential = await services.management.create_credential(
         actor,
         upstream=body.upstream,
@@ -118,6 +122,7 @@ async def create_credential(
         canvas_user_id=body.canvas_user_id,
         expires_at=body.expires_at,
         notes=body.notes,
+        verify=body.verify,
     )
     return _credential_out(credential, await services.management.upstream_names())
 
@@ -151,9 +156,9 @@ async def update_credential(
 async def rotate_credential(
     ref: str, body: CredentialRotate, actor: Admin, services: ServicesDep
 ) -> CredentialOut:
-    """Replace the stored Canvas token."""
+    """Replace the stored Canvas token, verified with Canvas first unless ``verify`` is false."""
     credential = await services.management.rotate_credential(
-        actor, ref, token=body.token.get_secret_value()
+        actor, ref, token=body.token.get_secret_value(), verify=body.verify
     )
     return _credential_out(credential, await services.management.upstream_names())
 

@@ -13,6 +13,7 @@ import json
 import logging
 from typing import TYPE_CHECKING, Final
 
+from broker.access_log import CLIENT_KEY
 from broker.core import admission
 from broker.core.admission import ProxyRequest
 from broker.errors import Refusal, UpstreamError
@@ -50,6 +51,8 @@ class ProxyApp:
                 )
         finally:
             service.end(call)
+            # For the access line BrokerApp writes (broker/access_log.py).
+            scope[CLIENT_KEY] = call.event.client_id
 
     async def _handle(self, call: Call, receive: Receive, send: Send) -> None:
         service = self.service

@@ -93,6 +93,10 @@ class CredentialCreate(Input):
     canvas_user_id: str | None = None
     expires_at: AwareDatetime | None = None
     notes: str | None = Field(default=None, max_length=2000)
+    verify: bool = Field(
+        default=True,
+        description="ask Canvas (GET /api/v1/users/self) before storing; false for offline setup",
+    )
 
 
 class CredentialUpdate(Input):
@@ -107,6 +111,10 @@ class CredentialRotate(Input):
     """Replace the stored Canvas token."""
 
     token: SecretStr
+    verify: bool = Field(
+        default=True,
+        description="ask Canvas (GET /api/v1/users/self) before storing; false for offline setup",
+    )
 
 
 class CredentialOut(Output):
@@ -118,6 +126,7 @@ class CredentialOut(Output):
     upstream: str | None = None
     token_last4: str
     canvas_user_id: str | None
+    canvas_user_name: str | None = Field(description="from Canvas when the token was verified")
     notes: str | None
     enabled: bool
     expires_at: datetime | None

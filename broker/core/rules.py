@@ -600,6 +600,21 @@ def header_carrying(headers: Sequence[tuple[bytes, bytes]], secret: bytes) -> by
     return None
 
 
+UPSTREAM_CREDENTIAL_REJECTED: Final = "upstream_credential_rejected"
+"""The outcome of a relayed call that Canvas answered with an invalid-token 401."""
+
+
+def canvas_rejected_credential(status: int, headers: Sequence[tuple[bytes, bytes]]) -> bool:
+    """Whether Canvas's answer says the worker token itself is not accepted.
+
+    Canvas challenges a missing, wrong, expired or revoked access token with a 401 carrying
+    ``WWW-Authenticate``; its other 401s (an unauthorized action, a bad ``as_user_id``) carry
+    none. canvasapi's requester (canvasapi/requester.py, ``_request``) tells
+    ``InvalidAccessToken`` from ``Unauthorized`` the same way.
+    """
+    return status == 401 and any(name.lower() == b"www-authenticate" for name, _ in headers)  # noqa: PLR2004
+
+
 # --- Audit -------------------------------------------------------------------------------
 
 _SEPARATOR_KEPT: Final = re.compile(r"([&;] *)")

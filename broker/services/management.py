@@ -31,6 +31,7 @@ from broker.errors import (
 )
 from broker.requestid import current_request_facts, current_request_id
 from broker.services.audit import add_events, admin_event
+from broker.services.canvas_identity import CanvasUser, verifying_forwarder, whoami
 from broker.services.ratelimit import default_burst
 from broker.services.revocation import CacheEpoch, bump_revocation_epoch
 from broker.services.tokens import WORKER_TOKEN_PURPOSE
@@ -53,6 +54,7 @@ if TYPE_CHECKING:
 
     from broker.config import Settings
     from broker.keyring import Keyring
+    from broker.upstream import Forwarder
 
 ROLES = ("admin", "auditor")
 DEFAULT_TOKEN_TTL = 900
@@ -339,11 +341,15 @@ class ManagementService:
         keyring: Keyring,
         settings: Settings,
         epoch: CacheEpoch | None = None,
+        forwarder: Forwarder | None = None,
     ) -> None:
         self._sessions = sessions
         self._keyring = keyring
         self._settings = settings
         self._epoch = epoch or CacheEpoch()
+        # Worker tokens are verified through the app's upstream pool; without one (the CLI's
+        # local commands, the demo) a one-off client is opened per verification.
+        self._forwarder = forwarder
         self._grants: dict[tuple[str, int], Grant] = {}
 
     # Upstreams -----------------------------------------------------------------------------
@@ -418,10 +424,27 @@ class ManagementService:
         canvas_user_id: str | None = None,
         expires_at: datetime | None = None,
         notes: str | None = None,
+        verify: bool = True,
     ) -> WorkerCredential:
-        """Store a worker user's Canvas token, encrypted; it is never shown again."""
+        """Store a worker user's Canvas token, encrypted; it is never shown again.
+
+        With ``verify`` (the default) Canvas is asked who the token belongs to first, and a
+        token it rejects is refused with nothing stored; the user's id and name are recorded.
+        """
         check_name(name)
         check_worker_token(token)
+        canvas_user_name: str | None = None
+        if verify:
+            async with self._sessions() as session:
+                base_url = (await upstreams.get(session, upstream)).base_url
+            user = await self._whoami(base_url, token)
+            if canvas_user_id is not None and canvas_user_id != user.id:
+                raise ValidationFailedError(
+                    "canvas_user_id",
+                    f"the token belongs to Canvas user {user.id}, not {canvas_user_id}; "
+                    "leave canvas_user_id out to record the token's own user",
+                )
+            canvas_user_id, canvas_user_name = user.id, user.name
         now = utcnow()
         async with self._write("credential") as session:
             target = await upstreams.get(session, upstream)
@@ -432,6 +455,7 @@ class ManagementService:
                 upstream_id=target.id,
                 token_last4=token[-4:],
                 canvas_user_id=canvas_user_id,
+                canvas_user_name=canvas_user_name,
                 notes=notes,
                 enabled=True,
                 expires_at=expires_at,
@@ -451,9 +475,20 @@ class ManagementService:
                 upstream=target.name,
                 token_last4=credential.token_last4,
                 canvas_user_id=canvas_user_id,
+                canvas_user_name=canvas_user_name,
+                verified=verify,
                 expires_at=expires_at.isoformat() if expires_at else None,
             )
         return credential
+
+    async def _whoami(self, base_url: str, token: str) -> CanvasUser:
+        if self._forwarder is not None:
+            return await whoami(self._forwarder, base_url, token)
+        forwarder = verifying_forwarder(self._settings)
+        try:
+            return await whoami(forwarder, base_url, token)
+        finally:
+            await forwarder.aclose()
 
     def _seal(self, token: str, credential_id: str) -> SealedToken:
         return SealedToken(
@@ -476,9 +511,29 @@ class ManagementService:
         """Upstream id → name, for presenting credentials."""
         return {u.id: u.name for u in await self.list_upstreams()}
 
-    async def rotate_credential(self, actor: Actor, ref: str, *, token: str) -> WorkerCredential:
-        """Replace the stored Canvas token (for example after regenerating it in Canvas)."""
+    async def rotate_credential(
+        self, actor: Actor, ref: str, *, token: str, verify: bool = True
+    ) -> WorkerCredential:
+        """Replace the stored Canvas token (for example after regenerating it in Canvas).
+
+        With ``verify`` (the default) a token Canvas rejects is refused and the old one kept;
+        so is a token of another Canvas user than the one recorded, since swapping the user
+        would change what every client of this credential can reach.
+        """
         check_worker_token(token)
+        user: CanvasUser | None = None
+        if verify:
+            async with self._sessions() as session:
+                current = await credentials.get(session, ref)
+                base_url = (await upstreams.get(session, current.upstream_id)).base_url
+            user = await self._whoami(base_url, token)
+            if current.canvas_user_id is not None and current.canvas_user_id != user.id:
+                raise ValidationFailedError(
+                    "token",
+                    f"belongs to Canvas user {user.id}, but credential {current.name!r} is for "
+                    f"Canvas user {current.canvas_user_id}; create a new credential for that "
+                    "user instead",
+                )
         async with self._write("credential") as session:
             credential = await credentials.get(session, ref)
             credential = await credentials.replace_token(
@@ -487,9 +542,17 @@ class ManagementService:
                 self._seal(token, credential.id),
                 last4=token[-4:],
                 at=utcnow(),
+                canvas_user=(user.id, user.name) if user else None,
             )
             await self._event(
-                session, actor, "credential.rotate", credential, token_last4=token[-4:]
+                session,
+                actor,
+                "credential.rotate",
+                credential,
+                token_last4=token[-4:],
+                canvas_user_id=credential.canvas_user_id,
+                canvas_user_name=credential.canvas_user_name,
+                verified=verify,
             )
         return credential
 

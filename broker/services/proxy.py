@@ -303,6 +303,13 @@ class ProxyService:
         call.finished = True
         relay.upstream.release()
         status = relay.status if sent is not None else CLIENT_WENT_AWAY
+        if reason is None and rules.canvas_rejected_credential(
+            relay.upstream.status, relay.upstream.headers
+        ):
+            # Canvas refused the worker token: the broker's credential is broken, not the
+            # script's proxy token; recorded apart so it is not mistaken for an allowed call.
+            reason = rules.UPSTREAM_CREDENTIAL_REJECTED
+            self._credential_rejected(call)
         self._metrics.count(call.client, reason or "allow")
         context_id = header(relay.upstream.headers, b"x-request-context-id")
         self._complete(
@@ -317,6 +324,17 @@ class ProxyService:
         )
 
     # Refusals and failures -----------------------------------------------------------------
+
+    def _credential_rejected(self, call: Call) -> None:
+        authorized = call.authorized
+        credential = authorized.credential_id if authorized else "-"
+        self._metrics.upstream_credential_failures.labels(credential=credential).inc()
+        logger.warning(
+            "Canvas rejected worker credential %s on request %s (401 invalid token): "
+            "rotate it with `broker credentials rotate`",
+            credential,
+            call.request_id,
+        )
 
     async def _refused(self, call: Call, error: BrokerError) -> Refused:
         """Audit a refusal (fail closed: 503 if it cannot be) and say what to answer."""

@@ -21,7 +21,9 @@ if TYPE_CHECKING:
 
     from sqlalchemy.ext.asyncio import AsyncSession
 
-UPDATABLE: Final = frozenset({"notes", "expires_at", "canvas_user_id", "enabled", "updated_at"})
+UPDATABLE: Final = frozenset(
+    {"notes", "expires_at", "canvas_user_id", "canvas_user_name", "enabled", "updated_at"}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +42,7 @@ def record(row: models.WorkerCredential) -> WorkerCredential:
         upstream_id=row.upstream_id,
         token_last4=row.token_last4,
         canvas_user_id=row.canvas_user_id,
+        canvas_user_name=row.canvas_user_name,
         notes=row.notes,
         enabled=row.enabled,
         expires_at=row.expires_at,
@@ -77,6 +80,7 @@ async def add(
         token_key_id=token.key_id,
         token_last4=credential.token_last4,
         canvas_user_id=credential.canvas_user_id,
+        canvas_user_name=credential.canvas_user_name,
         notes=credential.notes,
         enabled=credential.enabled,
         expires_at=credential.expires_at,
@@ -100,12 +104,23 @@ async def change(
 
 
 async def replace_token(
-    session: AsyncSession, ref: str, token: SealedToken, *, last4: str, at: datetime
+    session: AsyncSession,
+    ref: str,
+    token: SealedToken,
+    *,
+    last4: str,
+    at: datetime,
+    canvas_user: tuple[str, str | None] | None = None,
 ) -> WorkerCredential:
-    """Store a new worker token (a rotation in Canvas): sealed, its last four, rotated ``at``."""
+    """Store a new worker token (a rotation in Canvas): sealed, its last four, rotated ``at``.
+
+    ``canvas_user`` (id, name), when the new token was verified, replaces the recorded user.
+    """
     row = await row_by_ref(session, models.WorkerCredential, ref, "credential")
     row.token_key_id, row.token_ciphertext = token.key_id, token.ciphertext
     row.token_last4 = last4
+    if canvas_user is not None:
+        row.canvas_user_id, row.canvas_user_name = canvas_user
     row.rotated_at = row.updated_at = at
     await session.flush()
     return record(row)

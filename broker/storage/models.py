@@ -101,6 +101,8 @@ class WorkerCredential(Base):
     token_key_id: Mapped[str] = mapped_column(String(40))
     token_last4: Mapped[str] = mapped_column(String(4))
     canvas_user_id: Mapped[str | None] = mapped_column(String(100))
+    # Recorded from Canvas's GET /api/v1/users/self when the token was verified.
+    canvas_user_name: Mapped[str | None] = mapped_column(String(255))
     notes: Mapped[str | None] = mapped_column(Text)
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
     expires_at: Mapped[datetime | None]

@@ -65,7 +65,7 @@ async def provision(settings: Settings, sim_url: str, dead_end_url: str) -> Prov
         for name, base_url in (("sim", sim_url), ("dead-end", dead_end_url)):
             await service.create_upstream(LOCAL, name=name, base_url=base_url)
             await service.create_credential(
-                LOCAL, upstream=name, name=f"{name}-worker", token=WORKER_TOKEN
+                LOCAL, upstream=name, name=f"{name}-worker", token=WORKER_TOKEN, verify=False
             )
             client, secret = await service.create_client(
                 LOCAL, name=f"{name}-job", credential=f"{name}-worker", scopes=[SCOPE]

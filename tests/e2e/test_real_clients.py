@@ -295,7 +295,12 @@ def lying_canvas(live_broker: LiveBroker) -> Iterator[tuple[LyingCanvas, Callabl
             ("/broker/v1/upstreams", {"name": "lying", "base_url": server.base_url}),
             (
                 "/broker/v1/credentials",
-                {"upstream": "lying", "name": "lying-worker", "token": "lying-worker-token"},
+                {
+                    "upstream": "lying",
+                    "name": "lying-worker",
+                    "token": "lying-worker-token",
+                    "verify": False,
+                },
             ),
         ]:
             response = live_broker.http.post(path, json=payload)

@@ -161,3 +161,54 @@ async def test_response_header_carrying_the_worker_token_is_not_relayed(
     assert "leak-worker-token" not in response.text
     assert all("leak-worker-token" not in value for value in response.headers.values())
     assert "worker-token" not in json.dumps(event)
+
+
+def _metric(text: str, name: str, labels: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(f"{name}{{{labels}}} "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+async def test_canvas_rejecting_the_worker_token_is_audited_and_counted_as_a_credential_failure(
+    env: BrokerEnv,
+) -> None:
+    stale = "stale-worker-token-revoked-in-canvas"
+    rotated = await env.http.post(
+        "/broker/v1/credentials/worker/rotate",
+        headers=env.admin(),
+        json={"token": stale, "verify": False},
+    )
+    credential_id = rotated.json()["id"]
+    token = await env.client_token()
+    response = await env.http.get(COURSE, headers={"Authorization": f"Bearer {token}"})
+    # Canvas's own answer is relayed: the script sees what Canvas said.
+    assert response.status_code == 401
+    [received] = env.sim.state.received
+    assert received.header("authorization") == f"Bearer {stale}"
+    event = await last_proxy_event(env)
+    assert (event["decision"], event["reason"], event["upstream_status"]) == (
+        "allow",
+        "upstream_credential_rejected",
+        401,
+    )
+    text = (await env.http.get("/metrics")).text
+    labels = f'credential="{credential_id}"'
+    assert _metric(text, "broker_upstream_credential_failures_total", labels) == 1
+    assert stale not in text
+
+
+async def test_canvas_401_without_an_invalid_token_challenge_is_not_a_credential_failure(
+    env: BrokerEnv,
+) -> None:
+    token = await env.client_token(allow_masquerade=True)
+    # The simulator, like Canvas, answers a bad as_user_id with a 401 and no challenge.
+    response = await env.http.get(
+        COURSE, params={"as_user_id": "999999"}, headers={"Authorization": f"Bearer {token}"}
+    )
+    assert response.status_code == 401
+    assert env.sim.state.received_paths() == [COURSE]
+    event = await last_proxy_event(env)
+    assert (event["reason"], event["upstream_status"]) == (None, 401)
+    text = (await env.http.get("/metrics")).text
+    assert "broker_upstream_credential_failures_total{" not in text

@@ -71,6 +71,8 @@ class BrokerEnv:
         )
         await service.create_upstream(LOCAL, name="sim", base_url=self.sim.base_url)
         await service.create_credential(LOCAL, upstream="sim", name="worker", token=WORKER_TOKEN)
+        # Storing the credential asked the simulator who the token is; tests start from zero.
+        self.sim.state.received.clear()
 
     async def client(
         self,
