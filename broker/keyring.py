@@ -75,7 +75,7 @@ class Keyring:
         return f"Keyring(primary_id={self.primary_id!r}, ids={list(self.ids())!r})"
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Keyring) and self._set == other._set  # noqa: SLF001
+        return isinstance(other, Keyring) and self._set == other._set
 
     __hash__ = None  # type: ignore[assignment] # its keys can change: not a dict key
 

@@ -26,7 +26,7 @@ from tests.proxy.support import assert_refused, make_caller
 from tests.support.env import WORKER_TOKEN, BrokerEnv
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Callable
     from pathlib import Path
 
     from broker.config import Settings
@@ -51,6 +51,15 @@ async def _seal_under_a_stranger_key(env: BrokerEnv) -> None:
     )
     async with env.context.sessions.begin() as session:
         await credentials.reseal(session, credential_id, sealed, at=utcnow())
+
+
+async def _bounded_until(check: Callable[[], bool], seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        await asyncio.sleep(0.05)
+    return False
 
 
 def _sample(metrics: str, name: str) -> float:
@@ -136,10 +145,7 @@ async def test_a_rotation_reaches_a_running_broker_through_the_epoch_alone(
     caller = await make_caller(env)
     assert (await env.http.get(COURSE, headers=caller.headers)).status_code == 200  # polls now
     await asyncio.to_thread(bootstrap.rotate_keys, settings)
-    deadline = time.monotonic() + 10
-    while env.context.keyring.primary_id != "k2" and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    assert env.context.keyring.primary_id == "k2"
+    assert await _bounded_until(lambda: env.context.keyring.primary_id == "k2")
     assert env.context.keys.reloads == 1
     metrics = (await env.http.get("/metrics")).text
     assert 'broker_keyring_reloads_total{result="reloaded"} 1.0' in metrics
