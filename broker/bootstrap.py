@@ -6,11 +6,12 @@ import asyncio
 import sys
 from typing import TYPE_CHECKING
 
+from broker.errors import ConfigurationError
 from broker.keyring import Keyring, load_keyring, write_key_file
 from broker.services.audit import chain_key
 from broker.services.management import Actor, ManagementService
 from broker.storage.audit_chain import seal_unchained
-from broker.storage.database import Database, upgrade_schema
+from broker.storage.database import Database, sqlite_directory_problem, upgrade_schema
 
 if TYPE_CHECKING:
     from broker.config import Settings
@@ -33,6 +34,9 @@ def migrate(settings: Settings, keyring: Keyring) -> int:
     revision that introduced the chain).
     """
     database = Database(settings.async_database_url)
+    problem = sqlite_directory_problem(database.url)
+    if problem is not None:
+        raise ConfigurationError("BROKER_DATABASE_URL", problem)
     upgrade_schema(database.url)
     engine = database.blocking(write=True)
     try:

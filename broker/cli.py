@@ -77,8 +77,10 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 
 def _settings(code: int = 1) -> Settings:
+    from broker.config import settings_from_environment  # noqa: PLC0415
+
     try:
-        return Settings().validated()
+        return settings_from_environment()
     except ConfigurationError as exc:
         fail(str(exc), code)
 
@@ -102,9 +104,11 @@ def init(
     settings = _settings()
     try:
         keyring = bootstrap.ensure_keyring(settings)
+        sealed = bootstrap.migrate(settings, keyring)
     except ConfigurationError as exc:
         fail(str(exc))
-    sealed = bootstrap.migrate(settings, keyring)
+    except SQLAlchemyError as exc:
+        fail(f"BROKER_DATABASE_URL: cannot create or upgrade the schema ({_database_problem(exc)})")
     say("database schema is up to date")
     if sealed:
         say(f"sealed {sealed} audit events written before the audit chain existed")
@@ -176,6 +180,7 @@ def serve(
         fail(str(exc))
     if workers < 1:
         fail("--workers must be at least 1")
+    _refuse_unusable_database(settings)
     if settings.audit_socket is not None:
         fail("BROKER_AUDIT_SOCKET is set by `broker serve --workers N` for its workers; unset it")
     if workers == 1:
@@ -201,6 +206,15 @@ def serve(
         os.environ.pop("BROKER_AUDIT_SOCKET", None)
         hub.stop()
         shutil.rmtree(shared, ignore_errors=True)
+
+
+def _refuse_unusable_database(settings: Settings) -> None:
+    """Exit naming BROKER_DATABASE_URL and the fix if the database cannot serve (not at head)."""
+    from broker.storage.database import check_database  # noqa: PLC0415
+
+    problem = check_database(settings.async_database_url)
+    if problem is not None:
+        fail(problem)
 
 
 def _run_server(settings: Settings, host: str | None, port: int | None, workers: int) -> None:
@@ -874,7 +888,21 @@ def verify_summary(report: dict[str, Any]) -> str:
 
 def main() -> None:
     """Console-script entry point."""
+    from broker.config import unknown_variables  # noqa: PLC0415
+
+    for warning in unknown_variables(os.environ):
+        say(warning)
     try:
         app()
     except KeyboardInterrupt:
         sys.exit(130)
+    except ConfigurationError as exc:
+        # A setting found unusable deep inside a command: one line, never a traceback.
+        say(f"error: {exc}")
+        sys.exit(1)
+    except SQLAlchemyError as exc:
+        say(
+            f"error: BROKER_DATABASE_URL: the database cannot be used ({_database_problem(exc)}); "
+            "check it is running, then run `broker init`"
+        )
+        sys.exit(1)

@@ -269,13 +269,24 @@ def load_key_file(path: Path) -> Keyring:
 
 
 def write_key_file(path: Path, keyring: Keyring) -> None:
-    """Create ``path`` with mode 0600 (never widening an existing file's permissions)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Create ``path`` with mode 0600 (never widening an existing file's permissions).
+
+    The file is replaced, never rewritten in place, so a process reading it sees the old keys
+    or the new, never half of each (``KeyringReloader``).
+    """
     tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(keyring.to_json())
-    tmp.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(keyring.to_json())
+        tmp.replace(path)
+    except OSError as exc:
+        raise ConfigurationError(
+            "BROKER_KEY_FILE",
+            f"{path} cannot be written ({exc.strerror}): make {path.parent} writable by this "
+            "user, or point BROKER_KEY_FILE at a writable place",
+        ) from None
 
 
 def load_keyring(settings: Settings) -> Keyring:

@@ -12,6 +12,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, event, make_url, text
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -230,21 +231,35 @@ def schema_problem(revision: str | None) -> str | None:
     )
 
 
+def sqlite_directory_problem(url: str) -> str | None:
+    """If ``url`` names a SQLite file in a directory that does not exist, say so and the fix.
+
+    (Said of BROKER_DATABASE_URL: "names a SQLite file in ...".)
+    """
+    path = sqlite_path(url)
+    if path is None or path.parent.is_dir():
+        return None
+    return (
+        f"names a SQLite file in {path.parent.resolve()}, a directory that does not exist: "
+        "create it (or point BROKER_DATABASE_URL elsewhere), then run `broker init`"
+    )
+
+
 def check_database(url: str, *, connect_timeout: float = 10.0) -> str | None:
     """Why the broker cannot run on the database at ``url`` (async URL), naming the fix; or None.
 
     Blocking; for ``broker serve`` before it starts. A SQLite file that does not exist is
     reported, never created.
     """
+    problem = sqlite_directory_problem(url)
+    if problem is not None:
+        return f"BROKER_DATABASE_URL {problem}"
     path = sqlite_path(url)
-    if path is not None:
-        if not path.parent.is_dir():
-            return (
-                f"names a SQLite file in {path.parent.resolve()}, a directory that does not "
-                "exist: create it (or point BROKER_DATABASE_URL elsewhere), then run `broker init`"
-            )
-        if not path.exists():
-            return f"names {path.resolve()}, which does not exist: run `broker init` to create it"
+    if path is not None and not path.exists():
+        return (
+            f"BROKER_DATABASE_URL names {path.resolve()}, which does not exist: "
+            "run `broker init` to create it"
+        )
     sync_url = sync_database_url(url)
     connect_args: dict[str, Any] = (
         {"timeout": connect_timeout}
@@ -257,11 +272,19 @@ def check_database(url: str, *, connect_timeout: float = 10.0) -> str | None:
     try:
         with engine.connect() as connection:
             revision = _revision(connection)
-    except sqlalchemy.exc.SQLAlchemyError as exc:
-        origin = getattr(exc, "orig", None) or exc
-        lines = str(origin).strip().splitlines()
-        detail = lines[0][:200] if lines else type(origin).__name__
-        return f"cannot be used ({detail}): check the URL and that the database is running"
+    except SQLAlchemyError as exc:
+        return (
+            f"BROKER_DATABASE_URL: the database cannot be used ({database_problem(exc)}): "
+            "check the URL and that the database is running"
+        )
     finally:
         engine.dispose()
-    return schema_problem(revision)
+    problem = schema_problem(revision)
+    return None if problem is None else f"BROKER_DATABASE_URL: {problem}"
+
+
+def database_problem(exc: SQLAlchemyError) -> str:
+    """The driver's own first line (statement parameters are hidden by the engine)."""
+    origin = getattr(exc, "orig", None) or exc
+    lines = str(origin).strip().splitlines()
+    return lines[0][:300] if lines else type(origin).__name__

@@ -12,10 +12,12 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import httpx
+import pytest
 from sqlalchemy import text
 
 from broker.config import Settings
@@ -25,6 +27,7 @@ from broker.storage.database import create_sync_engine
 from tests.support.env import WORKER_TOKEN
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
     from pathlib import Path
 
     from broker.sim.server import SimServer
@@ -56,7 +59,7 @@ def _serve(env: dict[str, str], log: Path) -> tuple[subprocess.Popen[bytes], str
 
 def _wait_started(server: subprocess.Popen[bytes], log: Path) -> None:
     deadline = time.monotonic() + 60
-    while log.read_text().count("Application startup complete") < 2:  # noqa: PLR2004
+    while log.read_text().count("Application startup complete") < 2:
         assert server.poll() is None, log.read_text()
         assert time.monotonic() < deadline, log.read_text()
         time.sleep(0.2)
@@ -91,18 +94,33 @@ def _call(url: str, token: str) -> tuple[int, str, str]:
 
 def _rotate(env: dict[str, str]) -> str:
     rotated = subprocess.run(
-        [*BROKER, "keys", "rotate"], env=env, capture_output=True, text=True, timeout=120, check=False
+        [*BROKER, "keys", "rotate"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert rotated.returncode == 0, rotated.stderr
     return rotated.stderr
 
 
-def test_keys_rotate_under_load_on_two_replicas_of_two_workers_fails_no_call(
-    tmp_path: Path, sim: SimServer
-) -> None:
+@dataclass
+class Replicas:
+    """Two `broker serve --workers 2` on one database and key file, provisioned."""
+
+    env: dict[str, str]
+    urls: list[str]
+    admin: dict[str, str]
+    logs: list[Path]
+    workdir: Path
+
+
+@pytest.fixture
+def replicas(tmp_path: Path, sim: SimServer) -> Iterator[Replicas]:
+    """Start both replicas, register the simulator and a worker credential through one."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
-    database = tmp_path / "broker.sqlite3"
-    env["BROKER_DATABASE_URL"] = f"sqlite:///{database}"
+    env["BROKER_DATABASE_URL"] = f"sqlite:///{tmp_path / 'broker.sqlite3'}"
     env["BROKER_KEY_FILE"] = str(tmp_path / "broker.key")
     init = subprocess.run(
         [*BROKER, "init"], env=env, capture_output=True, text=True, timeout=120, check=False
@@ -110,68 +128,85 @@ def test_keys_rotate_under_load_on_two_replicas_of_two_workers_fails_no_call(
     assert init.returncode == 0, init.stderr
     admin = {"Authorization": f"Bearer {init.stdout.strip()}"}
     logs = [tmp_path / "replica-a.log", tmp_path / "replica-b.log"]
-    replicas = [_serve(env, log) for log in logs]
+    servers = [_serve(env, log) for log in logs]
     try:
-        for (server, _url), log in zip(replicas, logs, strict=True):
+        for (server, _url), log in zip(servers, logs, strict=True):
             _wait_started(server, log)
-        urls = [url for _server, url in replicas]
+        urls = [url for _server, url in servers]
         for path, body in [
             ("/broker/v1/upstreams", {"name": "sim", "base_url": sim.base_url}),
             ("/broker/v1/credentials", {"upstream": "sim", "name": "w", "token": WORKER_TOKEN}),
         ]:
             assert httpx.post(urls[0] + path, json=body, headers=admin).status_code == 201
-        tokens = [_mint(urls[0], admin, f"job-{n}") for n in range(3)]
-
-        stop = threading.Event()
-        calls = [0]
-        lock = threading.Lock()
-
-        def load(offset: int) -> list[tuple[int, str, str]]:
-            results = []
-            for n in range(CALLS_PER_THREAD):
-                if stop.is_set():
-                    break
-                results.append(_call(urls[(offset + n) % 2], tokens[(offset + n) % len(tokens)]))
-                with lock:
-                    calls[0] += 1
-            return results
-
-        with ThreadPoolExecutor(4) as pool:
-            running = [pool.submit(load, offset) for offset in range(4)]
-            messages = [_rotate(env), _rotate(env)]  # k2, then k3, while the calls go on
-            # Tokens minted after the rotation were never cached anywhere: each replica and
-            # worker resolves them from the database, under the new key.
-            fresh = [_mint(urls[1], admin, f"fresh-{n}") for n in range(2)]
-            after = [_call(url, token) for url in urls for token in fresh for _ in range(4)]
-            with lock:
-                target = calls[0] + CALLS_AFTER_ROTATION
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and not all(f.done() for f in running):
-                with lock:
-                    if calls[0] >= target:
-                        break
-                time.sleep(0.05)
-            stop.set()
-            during = [result for future in running for result in future.result()]
+        yield Replicas(env, urls, admin, logs, tmp_path)
     finally:
-        for server, _url in replicas:
+        for server, _url in servers:
             server.terminate()
-        for server, _url in replicas:
+        for server, _url in servers:
             server.wait(timeout=30)
+
+
+class Load:
+    """Threads calling both replicas with a few tokens, each loop bounded, until stopped."""
+
+    def __init__(self, urls: list[str], tokens: list[str]) -> None:
+        self.urls, self.tokens = urls, tokens
+        self.stop = threading.Event()
+        self.calls = 0
+        self._lock = threading.Lock()
+
+    def run(self, offset: int) -> list[tuple[int, str, str]]:
+        """One thread's calls, in order."""
+        results = []
+        for n in range(CALLS_PER_THREAD):
+            if self.stop.is_set():
+                break
+            i = offset + n
+            results.append(_call(self.urls[i % 2], self.tokens[i % len(self.tokens)]))
+            with self._lock:
+                self.calls += 1
+        return results
+
+    def wait_for_more(self, more: int, running: list[Future[list[tuple[int, str, str]]]]) -> None:
+        """Let the threads make ``more`` calls (bounded by time and their own bound), then stop."""
+        target = self.calls + more
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and self.calls < target:
+            if all(future.done() for future in running):
+                break
+            time.sleep(0.05)
+        self.stop.set()
+
+
+def test_keys_rotate_under_load_on_two_replicas_of_two_workers_fails_no_call(
+    replicas: Replicas, sim: SimServer
+) -> None:
+    urls, admin, env = replicas.urls, replicas.admin, replicas.env
+    load = Load(urls, [_mint(urls[0], admin, f"job-{n}") for n in range(3)])
+    with ThreadPoolExecutor(4) as pool:
+        running = [pool.submit(load.run, offset) for offset in range(4)]
+        messages = [_rotate(env), _rotate(env)]  # k2, then k3, while the calls go on
+        # Tokens minted after the rotations were never cached anywhere: each replica and
+        # worker resolves them from the database, under the new key.
+        fresh = [_mint(urls[1], admin, f"fresh-{n}") for n in range(2)]
+        after = [_call(url, token) for url in urls for token in fresh for _ in range(4)]
+        load.wait_for_more(CALLS_AFTER_ROTATION, running)
+        during = [result for future in running for result in future.result()]
 
     assert "primary key is now 'k2'" in messages[0]
     assert "primary key is now 'k3'" in messages[1]
     results = during + after
-    failed = [result for result in results if result[0] != 200]  # noqa: PLR2004
+    failed = [result for result in results if result[0] != 200]
     assert failed == [], failed[:5]
     assert len({worker for _status, worker, _body in results}) == 4  # 2 replicas x 2 workers
     assert len(sim.state.received) == len(results)
     assert {r.header("authorization") for r in sim.state.received} == {f"Bearer {WORKER_TOKEN}"}
 
-    keyring = load_key_file(tmp_path / "broker.key")
+    keyring = load_key_file(replicas.workdir / "broker.key")
     assert (keyring.primary_id, sorted(keyring.keys)) == ("k3", ["k1", "k2", "k3"])
-    settings = Settings(database_url=env["BROKER_DATABASE_URL"])
-    engine = create_sync_engine(settings.async_database_url)
+    engine = create_sync_engine(
+        Settings(database_url=env["BROKER_DATABASE_URL"]).async_database_url
+    )
     try:
         with engine.connect() as connection:
             sealed_under = connection.scalar(text("SELECT token_key_id FROM credentials"))
@@ -180,5 +215,5 @@ def test_keys_rotate_under_load_on_two_replicas_of_two_workers_fails_no_call(
         engine.dispose()
     assert sealed_under == "k3"
     assert report.ok, report.problem
-    for log in logs:
+    for log in replicas.logs:
         assert "does not decrypt" not in log.read_text()
