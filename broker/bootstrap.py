@@ -11,7 +11,12 @@ from broker.keyring import Keyring, load_keyring, write_key_file
 from broker.services.audit import chain_key
 from broker.services.management import Actor, ManagementService
 from broker.storage.audit_chain import seal_unchained
-from broker.storage.database import Database, sqlite_directory_problem, upgrade_schema
+from broker.storage.database import (
+    Database,
+    check_database,
+    sqlite_directory_problem,
+    upgrade_schema,
+)
 
 if TYPE_CHECKING:
     from broker.config import Settings
@@ -70,6 +75,10 @@ def rotate_keys(settings: Settings) -> tuple[str, int]:
     from broker.services.keys import reencrypt_credentials  # noqa: PLC0415
 
     keyring = load_keyring(settings)
+    # Before the key file changes: a rotation that cannot reach the database changes nothing.
+    problem = check_database(settings.async_database_url)
+    if problem is not None:
+        raise ConfigurationError("BROKER_DATABASE_URL", problem)
     if not settings.keys:
         keyring = keyring.with_new_primary()
         write_key_file(settings.key_file, keyring)

@@ -108,7 +108,8 @@ def init(
     except ConfigurationError as exc:
         fail(str(exc))
     except SQLAlchemyError as exc:
-        fail(f"BROKER_DATABASE_URL: cannot create or upgrade the schema ({_database_problem(exc)})")
+        problem = _database_problem(exc)
+        fail(f"BROKER_DATABASE_URL points at a database that cannot be set up ({problem})")
     say("database schema is up to date")
     if sealed:
         say(f"sealed {sealed} audit events written before the audit chain existed")
@@ -214,7 +215,7 @@ def _refuse_unusable_database(settings: Settings) -> None:
 
     problem = check_database(settings.async_database_url)
     if problem is not None:
-        fail(problem)
+        fail(f"BROKER_DATABASE_URL {problem}")
 
 
 def _run_server(settings: Settings, host: str | None, port: int | None, workers: int) -> None:
@@ -902,7 +903,7 @@ def main() -> None:
         sys.exit(1)
     except SQLAlchemyError as exc:
         say(
-            f"error: BROKER_DATABASE_URL: the database cannot be used ({_database_problem(exc)}); "
-            "check it is running, then run `broker init`"
+            f"error: BROKER_DATABASE_URL points at a database that cannot be used "
+            f"({_database_problem(exc)}): check it is running, then run `broker init`"
         )
         sys.exit(1)

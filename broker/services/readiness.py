@@ -60,7 +60,7 @@ async def check_readiness(context: ProcessContext) -> Readiness:
             if problem is None:
                 result.checks["schema"] = "ok"
             else:
-                result.fail("schema", "not_at_head", f"BROKER_DATABASE_URL: {problem}")
+                result.fail("schema", "not_at_head", f"BROKER_DATABASE_URL {problem}")
                 return result
             sample = await credentials.sealed_sample(session)
     except Exception:
@@ -69,13 +69,15 @@ async def check_readiness(context: ProcessContext) -> Readiness:
             result.fail(
                 "database",
                 "unavailable",
-                "BROKER_DATABASE_URL: the database does not answer; check that it is running",
+                "BROKER_DATABASE_URL points at a database that does not answer: check that "
+                "it is running",
             )
         else:
             result.fail(
                 "schema",
                 "unreadable",
-                "BROKER_DATABASE_URL: the broker's tables cannot be read: run `broker init`",
+                "BROKER_DATABASE_URL points at a database whose broker tables cannot be "
+                "read: run `broker init`",
             )
         return result
     _check_credentials(context, sample, result)

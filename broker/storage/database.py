@@ -213,29 +213,29 @@ async def schema_revision(session: AsyncSession) -> str | None:
 
 
 def schema_problem(revision: str | None) -> str | None:
-    """What is wrong with a database at ``revision`` for this broker, and the fix; or None."""
+    """What is wrong with a database at ``revision`` for this broker, and the fix; or None.
+
+    Said of BROKER_DATABASE_URL ("points at a database ..."), as every problem here is.
+    """
     head = head_revision()
     if revision == head:
         return None
     if revision is None:
-        return "the database has no broker schema (never initialised): run `broker init`"
+        return "points at a database with no broker schema (never initialised): run `broker init`"
     known = {script.revision for script in _scripts().walk_revisions()}
     if revision not in known:
         return (
-            f"the database is at migration {revision}, unknown to this broker (made by a newer "
-            "release?): run the release that migrated it"
+            f"points at a database at migration {revision}, unknown to this broker (made by a "
+            "newer release?): run the release that migrated it"
         )
     return (
-        f"the database schema is at migration {revision}, not {head}: run `broker init` "
+        f"points at a database at migration {revision}, not {head}: run `broker init` "
         "(it upgrades the schema)"
     )
 
 
 def sqlite_directory_problem(url: str) -> str | None:
-    """If ``url`` names a SQLite file in a directory that does not exist, say so and the fix.
-
-    (Said of BROKER_DATABASE_URL: "names a SQLite file in ...".)
-    """
+    """If ``url`` names a SQLite file in a directory that does not exist, say so and the fix."""
     path = sqlite_path(url)
     if path is None or path.parent.is_dir():
         return None
@@ -253,13 +253,10 @@ def check_database(url: str, *, connect_timeout: float = 10.0) -> str | None:
     """
     problem = sqlite_directory_problem(url)
     if problem is not None:
-        return f"BROKER_DATABASE_URL {problem}"
+        return problem
     path = sqlite_path(url)
     if path is not None and not path.exists():
-        return (
-            f"BROKER_DATABASE_URL names {path.resolve()}, which does not exist: "
-            "run `broker init` to create it"
-        )
+        return f"names {path.resolve()}, which does not exist: run `broker init` to create it"
     sync_url = sync_database_url(url)
     connect_args: dict[str, Any] = (
         {"timeout": connect_timeout}
@@ -274,13 +271,12 @@ def check_database(url: str, *, connect_timeout: float = 10.0) -> str | None:
             revision = _revision(connection)
     except SQLAlchemyError as exc:
         return (
-            f"BROKER_DATABASE_URL: the database cannot be used ({database_problem(exc)}): "
+            f"points at a database that cannot be used ({database_problem(exc)}): "
             "check the URL and that the database is running"
         )
     finally:
         engine.dispose()
-    problem = schema_problem(revision)
-    return None if problem is None else f"BROKER_DATABASE_URL: {problem}"
+    return schema_problem(revision)
 
 
 def database_problem(exc: SQLAlchemyError) -> str:
