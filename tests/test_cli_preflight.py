@@ -143,7 +143,8 @@ def test_an_unknown_broker_variable_warns_naming_the_close_match(tmp_path: Path)
     result = _run(["keys", "rotate"], env)
     assert result.returncode == 0, result.stderr
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
-    assert warnings == [
+    expected = (
         "warning: BROKER_DATABSE_URL is not a broker setting and is ignored; "
         "did you mean BROKER_DATABASE_URL?"
-    ]
+    )
+    assert warnings == [expected]
