@@ -1,7 +1,8 @@
 """``broker keys rotate`` under load: two replicas of ``broker serve --workers 2``, no failed call.
 
-The replicas share one SQLite file and one key file, as replicas behind a load balancer share
-a database and a mounted key file. Contract: docs/storage-and-keys.md#key-rotation.
+The replicas share one database (SQLite, and PostgreSQL when BROKER_TEST_DATABASE_URL is set)
+and one key file, as replicas behind a load balancer share a database and a mounted key file.
+Contract: docs/storage-and-keys.md#key-rotation.
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ from typing import TYPE_CHECKING
 
 import httpx
 import pytest
-from sqlalchemy import text
+from sqlalchemy import create_engine, make_url, text
 
-from broker.config import Settings
+from broker.config import Settings, normalise_database_url
 from broker.keyring import load_key_file
 from broker.services.audit import verify_log
-from broker.storage.database import create_sync_engine
+from broker.storage.database import create_sync_engine, sync_database_url
+from tests.conftest import POSTGRES_URL
 from tests.support.env import WORKER_TOKEN
 
 if TYPE_CHECKING:
@@ -70,11 +72,13 @@ def _mint(url: str, admin: dict[str, str], name: str) -> str:
         f"{url}/broker/v1/clients",
         headers=admin,
         json={"name": name, "credential": "w", "scopes": [f"url:GET|{COURSE}"]},
+        timeout=30,
     ).json()
     minted = httpx.post(
         f"{url}/broker/v1/oauth/token",
         data={"grant_type": "client_credentials"},
         auth=(created["client_id"], created["client_secret"]),
+        timeout=30,
     )
     assert minted.status_code == 200, minted.text
     token: str = minted.json()["access_token"]
@@ -116,11 +120,36 @@ class Replicas:
     workdir: Path
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty database for ``broker init``: a SQLite file, or a PostgreSQL database of its own."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'broker.sqlite3'}"
+        return
+    if not POSTGRES_URL:
+        pytest.skip("BROKER_TEST_DATABASE_URL is not set")
+    given = make_url(normalise_database_url(POSTGRES_URL))
+    name = f"{given.database}_rotation{os.getpid()}"
+    admin = create_engine(
+        sync_database_url(given.render_as_string(hide_password=False)),
+        isolation_level="AUTOCOMMIT",
+    )
+    try:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+            connection.execute(text(f'CREATE DATABASE "{name}"'))
+        yield given.set(database=name).render_as_string(hide_password=False)
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        admin.dispose()
+
+
 @pytest.fixture
-def replicas(tmp_path: Path, sim: SimServer) -> Iterator[Replicas]:
+def replicas(tmp_path: Path, sim: SimServer, database_url: str) -> Iterator[Replicas]:
     """Start both replicas, register the simulator and a worker credential through one."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
-    env["BROKER_DATABASE_URL"] = f"sqlite:///{tmp_path / 'broker.sqlite3'}"
+    env["BROKER_DATABASE_URL"] = database_url
     env["BROKER_KEY_FILE"] = str(tmp_path / "broker.key")
     init = subprocess.run(
         [*BROKER, "init"], env=env, capture_output=True, text=True, timeout=120, check=False

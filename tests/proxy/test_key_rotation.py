@@ -152,9 +152,17 @@ async def test_a_rotation_reaches_a_running_broker_through_the_epoch_alone(
 
 
 async def test_readyz_is_503_naming_the_fix_when_the_schema_is_behind(env: BrokerEnv) -> None:
-    async with env.context.sessions.begin() as session:
-        await session.execute(text("UPDATE alembic_version SET version_num = '0001'"))
-    response = await env.http.get("/readyz")
+    async def set_revision(revision: str | None) -> None:
+        async with env.context.sessions.begin() as session:
+            await session.execute(
+                text("UPDATE alembic_version SET version_num = :v"), {"v": revision}
+            )
+
+    await set_revision("0001")
+    try:
+        response = await env.http.get("/readyz")
+    finally:
+        await set_revision(head_revision())  # PostgreSQL test runs share one schema
     assert response.status_code == 503
     body = response.json()
     assert body["schema"] == "not_at_head"
