@@ -66,11 +66,12 @@ async def _create_admin_key(
         await database.aclose()
 
 
-def rotate_keys(settings: Settings) -> tuple[str, int]:
+def rotate_keys(settings: Settings, *, new_key: bool = True) -> tuple[str, int]:
     """Re-encrypt every worker token under a new primary key.
 
-    With a key file, a fresh key is added as primary; with ``BROKER_KEYS`` its first key is
-    used as is. Returns the primary key id and how many credentials were re-encrypted.
+    With a key file, a fresh key is added as primary (unless ``new_key`` is False); with
+    ``BROKER_KEYS`` its first key is used as is. Returns the primary key id and how many
+    credentials were re-encrypted.
     """
     from broker.services.keys import reencrypt_credentials  # noqa: PLC0415
 
@@ -79,7 +80,7 @@ def rotate_keys(settings: Settings) -> tuple[str, int]:
     problem = check_database(settings.async_database_url)
     if problem is not None:
         raise ConfigurationError("BROKER_DATABASE_URL", problem)
-    if not settings.keys:
+    if new_key and not settings.keys:
         keyring = keyring.with_new_primary()
         write_key_file(settings.key_file, keyring)
 

@@ -147,17 +147,27 @@ def admin_key_create(
 
 
 @keys_app.command("rotate")
-def keys_rotate() -> None:
+def keys_rotate(
+    new_key: Annotated[
+        bool,
+        typer.Option(
+            "--new-key/--no-new-key",
+            help="add a fresh primary key to the key file first; --no-new-key re-encrypts "
+            "under the primary already there (you set it in every replica's key file)",
+        ),
+    ] = True,
+) -> None:
     """Re-encrypt stored worker tokens under a new primary key.
 
     With a key file, a new key is added as primary (old keys stay, so everything still
-    decrypts). With BROKER_KEYS, put the new key first yourself, then run this.
+    decrypts). With BROKER_KEYS, put the new key first yourself, then run this. Running
+    brokers that read the same key file take the new key on without a restart.
     """
     from broker import bootstrap  # noqa: PLC0415
 
     settings = _settings()
     try:
-        primary, count = bootstrap.rotate_keys(settings)
+        primary, count = bootstrap.rotate_keys(settings, new_key=new_key)
     except ConfigurationError as exc:
         fail(str(exc))
     say(f"primary key is now {primary!r}; re-encrypted {count} worker credential(s)")

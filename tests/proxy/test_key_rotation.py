@@ -16,7 +16,7 @@ from sqlalchemy import text
 from broker import bootstrap
 from broker.app import create_app
 from broker.context import ProcessContext
-from broker.keyring import Keyring, write_key_file
+from broker.keyring import Keyring, load_key_file, write_key_file
 from broker.services.tokens import WORKER_TOKEN_PURPOSE
 from broker.storage import credentials
 from broker.storage.credentials import SealedToken
@@ -136,6 +136,25 @@ async def test_after_keys_rotate_a_running_broker_keeps_forwarding_with_the_new_
     assert ready.status_code == 200, ready.text
     report = await env.verify_audit()
     assert report["ok"], report["problem"]
+
+
+async def test_a_primary_set_in_the_key_file_by_hand_is_used_with_no_new_key(
+    file_env: tuple[BrokerEnv, Settings],
+) -> None:
+    # The procedure for replicas with key files of their own: stage the key everywhere, make
+    # it primary everywhere, then re-encrypt once without generating yet another key.
+    env, settings = file_env
+    staged = load_key_file(settings.key_file).with_new_primary()
+    write_key_file(
+        settings.key_file, Keyring(primary_id="k1", keys=dict(staged.keys))
+    )  # staged: known, not yet primary
+    write_key_file(settings.key_file, staged)  # primary now
+    primary, count = await asyncio.to_thread(bootstrap.rotate_keys, settings, new_key=False)
+    assert (primary, count) == ("k2", 1)
+    assert sorted(load_key_file(settings.key_file).keys) == ["k1", "k2"]
+    caller = await make_caller(env)
+    assert (await env.http.get(COURSE, headers=caller.headers)).status_code == 200
+    assert env.context.keyring.primary_id == "k2"
 
 
 async def test_a_rotation_reaches_a_running_broker_through_the_epoch_alone(
