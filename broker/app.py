@@ -33,8 +33,8 @@ from broker.services.audit import AuditService
 from broker.services.management import ManagementService
 from broker.services.proxy import ProxyService
 from broker.services.ratelimit import RateLimitService
+from broker.services.readiness import check_readiness
 from broker.services.tokens import TokenService
-from broker.storage.database import ping
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -166,8 +166,11 @@ def install(app: FastAPI, context: ProcessContext) -> None:
     """Attach the process context and the services built on it."""
     metrics = Metrics()
     context.audit_writer.observe = metrics.observe_audit_batch
+    context.keys.observe = metrics.observe_keyring
     audit = AuditService(context.sessions, context.audit_writer, context.keyring, context.database)
-    tokens = TokenService(context.sessions, context.keyring, context.settings, audit, context.epoch)
+    tokens = TokenService(
+        context.sessions, context.keyring, context.settings, audit, context.epoch, keys=context.keys
+    )
     app.state.context = context
     app.state.metrics = metrics
     if context.settings.access_log:
@@ -194,23 +197,15 @@ def _add_ops_routes(app: FastAPI) -> None:
 
     @app.get("/readyz", tags=["operations"])
     async def readyz(request: Request) -> JSONResponse:
-        """The database answers and the keyring can encrypt and decrypt."""
-        context: ProcessContext = request.app.state.context
-        checks: dict[str, str] = {}
-        try:
-            async with context.sessions() as session:
-                await ping(session)
-            checks["database"] = "ok"
-        except Exception:  # noqa: BLE001 - any failure means not ready
-            checks["database"] = "unavailable"
-        key_id, blob = context.keyring.encrypt(b"ready", purpose="readyz", record_id="-")
-        ok = context.keyring.decrypt(key_id, blob, purpose="readyz", record_id="-") == b"ready"
-        checks["keyring"] = "ok" if ok else "unusable"
-        ready = all(v == "ok" for v in checks.values())
-        return JSONResponse(
-            {"status": "ready" if ready else "not ready", **checks},
-            status_code=200 if ready else 503,
-        )
+        """The database answers at the migration head, and the keyring decrypts what it holds."""
+        readiness = await check_readiness(request.app.state.context)
+        body: dict[str, Any] = {
+            "status": "ready" if readiness.ready else "not ready",
+            **readiness.checks,
+        }
+        if readiness.problems:
+            body["problems"] = readiness.problems
+        return JSONResponse(body, status_code=200 if readiness.ready else 503)
 
     @app.get("/metrics", tags=["operations"], response_class=PlainTextResponse)
     async def metrics(request: Request) -> PlainTextResponse:

@@ -6,11 +6,17 @@ import asyncio
 import sys
 from typing import TYPE_CHECKING
 
+from broker.errors import ConfigurationError
 from broker.keyring import Keyring, load_keyring, write_key_file
 from broker.services.audit import chain_key
 from broker.services.management import Actor, ManagementService
 from broker.storage.audit_chain import seal_unchained
-from broker.storage.database import Database, upgrade_schema
+from broker.storage.database import (
+    Database,
+    check_database,
+    sqlite_directory_problem,
+    upgrade_schema,
+)
 
 if TYPE_CHECKING:
     from broker.config import Settings
@@ -33,6 +39,9 @@ def migrate(settings: Settings, keyring: Keyring) -> int:
     revision that introduced the chain).
     """
     database = Database(settings.async_database_url)
+    problem = sqlite_directory_problem(database.url)
+    if problem is not None:
+        raise ConfigurationError("BROKER_DATABASE_URL", problem)
     upgrade_schema(database.url)
     engine = database.blocking(write=True)
     try:
@@ -57,16 +66,21 @@ async def _create_admin_key(
         await database.aclose()
 
 
-def rotate_keys(settings: Settings) -> tuple[str, int]:
+def rotate_keys(settings: Settings, *, new_key: bool = True) -> tuple[str, int]:
     """Re-encrypt every worker token under a new primary key.
 
-    With a key file, a fresh key is added as primary; with ``BROKER_KEYS`` its first key is
-    used as is. Returns the primary key id and how many credentials were re-encrypted.
+    With a key file, a fresh key is added as primary (unless ``new_key`` is False); with
+    ``BROKER_KEYS`` its first key is used as is. Returns the primary key id and how many
+    credentials were re-encrypted.
     """
     from broker.services.keys import reencrypt_credentials  # noqa: PLC0415
 
     keyring = load_keyring(settings)
-    if not settings.keys:
+    # Before the key file changes: a rotation that cannot reach the database changes nothing.
+    problem = check_database(settings.async_database_url)
+    if problem is not None:
+        raise ConfigurationError("BROKER_DATABASE_URL", problem)
+    if new_key and not settings.keys:
         keyring = keyring.with_new_primary()
         write_key_file(settings.key_file, keyring)
 

@@ -77,8 +77,10 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 
 def _settings(code: int = 1) -> Settings:
+    from broker.config import settings_from_environment  # noqa: PLC0415
+
     try:
-        return Settings().validated()
+        return settings_from_environment()
     except ConfigurationError as exc:
         fail(str(exc), code)
 
@@ -102,9 +104,12 @@ def init(
     settings = _settings()
     try:
         keyring = bootstrap.ensure_keyring(settings)
+        sealed = bootstrap.migrate(settings, keyring)
     except ConfigurationError as exc:
         fail(str(exc))
-    sealed = bootstrap.migrate(settings, keyring)
+    except SQLAlchemyError as exc:
+        problem = _database_problem(exc)
+        fail(f"BROKER_DATABASE_URL points at a database that cannot be set up ({problem})")
     say("database schema is up to date")
     if sealed:
         say(f"sealed {sealed} audit events written before the audit chain existed")
@@ -142,17 +147,27 @@ def admin_key_create(
 
 
 @keys_app.command("rotate")
-def keys_rotate() -> None:
+def keys_rotate(
+    new_key: Annotated[
+        bool,
+        typer.Option(
+            "--new-key/--no-new-key",
+            help="add a fresh primary key to the key file first; --no-new-key re-encrypts "
+            "under the primary already there (you set it in every replica's key file)",
+        ),
+    ] = True,
+) -> None:
     """Re-encrypt stored worker tokens under a new primary key.
 
     With a key file, a new key is added as primary (old keys stay, so everything still
-    decrypts). With BROKER_KEYS, put the new key first yourself, then run this.
+    decrypts). With BROKER_KEYS, put the new key first yourself, then run this. Running
+    brokers that read the same key file take the new key on without a restart.
     """
     from broker import bootstrap  # noqa: PLC0415
 
     settings = _settings()
     try:
-        primary, count = bootstrap.rotate_keys(settings)
+        primary, count = bootstrap.rotate_keys(settings, new_key=new_key)
     except ConfigurationError as exc:
         fail(str(exc))
     say(f"primary key is now {primary!r}; re-encrypted {count} worker credential(s)")
@@ -176,6 +191,7 @@ def serve(
         fail(str(exc))
     if workers < 1:
         fail("--workers must be at least 1")
+    _refuse_unusable_database(settings)
     if settings.audit_socket is not None:
         fail("BROKER_AUDIT_SOCKET is set by `broker serve --workers N` for its workers; unset it")
     if workers == 1:
@@ -201,6 +217,15 @@ def serve(
         os.environ.pop("BROKER_AUDIT_SOCKET", None)
         hub.stop()
         shutil.rmtree(shared, ignore_errors=True)
+
+
+def _refuse_unusable_database(settings: Settings) -> None:
+    """Exit naming BROKER_DATABASE_URL and the fix if the database cannot serve (not at head)."""
+    from broker.storage.database import check_database  # noqa: PLC0415
+
+    problem = check_database(settings.async_database_url)
+    if problem is not None:
+        fail(f"BROKER_DATABASE_URL {problem}")
 
 
 def _run_server(settings: Settings, host: str | None, port: int | None, workers: int) -> None:
@@ -1026,7 +1051,21 @@ def verify_summary(report: dict[str, Any]) -> str:
 
 def main() -> None:
     """Console-script entry point."""
+    from broker.config import unknown_variables  # noqa: PLC0415
+
+    for warning in unknown_variables(os.environ):
+        say(warning)
     try:
         app()
     except KeyboardInterrupt:
         sys.exit(130)
+    except ConfigurationError as exc:
+        # A setting found unusable deep inside a command: one line, never a traceback.
+        say(f"error: {exc}")
+        sys.exit(1)
+    except SQLAlchemyError as exc:
+        say(
+            f"error: BROKER_DATABASE_URL points at a database that cannot be used "
+            f"({_database_problem(exc)}): check it is running, then run `broker init`"
+        )
+        sys.exit(1)

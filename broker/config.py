@@ -10,17 +10,22 @@ never starts half-working.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import make_url
 
 from broker.core.rules import SENSITIVE_QUERY_KEYS
 from broker.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///broker.sqlite3"
 MIB = 1024 * 1024
@@ -184,3 +189,45 @@ class Settings(BaseSettings):
     def public_base(self) -> str | None:
         """``public_url`` without a trailing slash."""
         return self.public_url.rstrip("/") if self.public_url else None
+
+
+def settings_from_environment() -> Settings:
+    """The settings the ``BROKER_*`` variables give, checked; else ``ConfigurationError``.
+
+    The error names the first unusable variable and what it must be, never its value (it may
+    be a key).
+    """
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        [error, *_] = exc.errors()
+        name = "BROKER_" + "_".join(str(part) for part in error["loc"]).upper()
+        raise ConfigurationError(name, f"is not valid: {error['msg'].lower()}") from None
+    return settings.validated()
+
+
+CLIENT_VARIABLES = frozenset(
+    {
+        "BROKER_URL",
+        "BROKER_ADMIN_KEY",
+        "BROKER_CLIENT_ID",
+        "BROKER_CLIENT_SECRET",
+        "BROKER_WORKER_TOKEN",
+    }
+)
+"""``BROKER_*`` variables the command line reads for itself (not service settings)."""
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """One warning per ``BROKER_*`` variable that nothing reads (a typo), naming close matches."""
+    known = {f"BROKER_{name.upper()}" for name in Settings.model_fields} | CLIENT_VARIABLES
+    warnings = []
+    for name in sorted(environ):
+        if not name.startswith("BROKER_") or name in known or name.startswith("BROKER_TEST_"):
+            continue
+        # Compared without the prefix every name shares, which would make anything look close.
+        suffixes = sorted(k.removeprefix("BROKER_") for k in known)
+        close = difflib.get_close_matches(name.removeprefix("BROKER_"), suffixes, n=3, cutoff=0.7)
+        hint = f"; did you mean {' or '.join(f'BROKER_{c}' for c in close)}?" if close else ""
+        warnings.append(f"warning: {name} is not a broker setting and is ignored{hint}")
+    return warnings

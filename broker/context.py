@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from broker.keyring import Keyring, load_keyring
+from broker.keyring import Keyring, KeyringReloader, load_keyring
 from broker.services.audit_hub import RemoteAuditWriter
 from broker.services.audit_writer import AuditWriter, EventWriter
 from broker.services.revocation import CacheEpoch
@@ -23,8 +23,8 @@ if TYPE_CHECKING:
 class ProcessContext:
     """What every request handler shares.
 
-    Settings, the database (its engines), keys, the upstream pool, the audit writer and the
-    revocation epoch.
+    Settings, the database (its engines), keys (and what keeps them current after a key
+    rotation), the upstream pool, the audit writer and the revocation epoch.
     """
 
     settings: Settings
@@ -33,6 +33,7 @@ class ProcessContext:
     forwarder: Forwarder
     audit_writer: EventWriter
     epoch: CacheEpoch
+    keys: KeyringReloader
 
     @property
     def engine(self) -> AsyncEngine:
@@ -52,10 +53,18 @@ class ProcessContext:
         keyring: Keyring | None = None,
         forwarder: Forwarder | None = None,
     ) -> ProcessContext:
-        """Build the context; raises ``ConfigurationError`` naming a bad setting."""
+        """Build the context; raises ``ConfigurationError`` naming a bad setting.
+
+        A keyring loaded here follows the key file (``KeyringReloader``), re-read whenever the
+        revocation epoch moves; one passed in is used as it is.
+        """
         settings.validated()
         database = Database(settings.async_database_url)
-        keyring = keyring or load_keyring(settings)
+        if keyring is None:
+            keyring = load_keyring(settings)
+            keys = KeyringReloader.for_settings(keyring, settings)
+        else:
+            keys = KeyringReloader(keyring, None)
         return cls(
             settings=settings,
             database=database,
@@ -65,7 +74,8 @@ class ProcessContext:
                 if settings.audit_socket is not None
                 else AuditWriter(database, keyring)
             ),
-            epoch=CacheEpoch(settings.epoch_file, database=database),
+            epoch=CacheEpoch(settings.epoch_file, database=database, on_change=keys.reload),
+            keys=keys,
             forwarder=forwarder
             or HttpForwarder(
                 connect_timeout=settings.upstream_connect_timeout,

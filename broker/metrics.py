@@ -72,6 +72,19 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
             registry=self.registry,
         )
+        self.keyring_reloads = Counter(
+            "broker_keyring_reloads",
+            "Times this process re-read its key file after it changed (result: reloaded), "
+            "or found it unusable (result: failed)",
+            ["result"],
+            registry=self.registry,
+        )
+        self.credential_decrypt_failures = Counter(
+            "broker_credential_decrypt_failures",
+            "Worker tokens that did not decrypt with the keyring, even after reloading it "
+            "(each one a 503 credential_unavailable)",
+            registry=self.registry,
+        )
         self.live_tokens = Gauge(
             "broker_live_tokens", "Proxy tokens neither expired nor revoked", registry=self.registry
         )
@@ -89,6 +102,15 @@ class Metrics:
                 self._counted.clear()
             child = self._counted[key] = self.requests.labels(client=client, outcome=outcome)
         child.inc()
+
+    def observe_keyring(self, event: str) -> None:
+        """Count what the keyring's reloader reports (``KeyringReloader.observe``)."""
+        if event == "undecryptable":
+            self.credential_decrypt_failures.inc()
+        else:
+            self.keyring_reloads.labels(
+                result="failed" if event == "reload_failed" else event
+            ).inc()
 
     def observe_audit_batch(self, seconds: float, events: int) -> None:
         """Record one group commit of the audit writer (called from its thread)."""

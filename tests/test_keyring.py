@@ -14,7 +14,14 @@ import pytest
 
 from broker.config import Settings
 from broker.errors import ConfigurationError, DecryptionError
-from broker.keyring import Keyring, load_key_file, load_keyring, parse_keys_setting, write_key_file
+from broker.keyring import (
+    Keyring,
+    KeyringReloader,
+    load_key_file,
+    load_keyring,
+    parse_keys_setting,
+    write_key_file,
+)
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -108,3 +115,85 @@ def test_missing_key_file_says_to_run_init(tmp_path: Path) -> None:
 def test_keys_setting_wins_over_key_file(tmp_path: Path) -> None:
     settings = Settings(key_file=tmp_path / "absent.key", keys=f"env:{_key()}")
     assert load_keyring(settings).primary_id == "env"
+
+
+# Following the key file in a running process (docs/storage-and-keys.md#key-rotation) -------
+
+
+def test_adopting_a_newer_keyring_takes_its_primary_and_keeps_every_old_key() -> None:
+    running = Keyring.generate()
+    key_id, blob = running.encrypt(b"old", purpose="p", record_id="r")
+    rotated = running.with_new_primary()
+    # Even a key dropped from the newer configuration stays, so nothing sealed under it strands.
+    newer = Keyring(primary_id=rotated.primary_id, keys={"k2": rotated.keys["k2"]})
+    assert running.adopt(newer) is True
+    assert running.primary_id == "k2"
+    assert sorted(running.keys) == ["k1", "k2"]
+    assert running.decrypt(key_id, blob, purpose="p", record_id="r") == b"old"
+    assert running.encrypt(b"new", purpose="p", record_id="r")[0] == "k2"
+    assert running.adopt(newer) is False
+
+
+def _file_keyring(tmp_path: Path) -> tuple[Path, Keyring, KeyringReloader]:
+    path = tmp_path / "broker.key"
+    write_key_file(path, Keyring.generate())
+    keyring = load_key_file(path)
+    return path, keyring, KeyringReloader(keyring, path)
+
+
+def test_a_reloader_takes_on_a_rotated_key_file(tmp_path: Path) -> None:
+    path, keyring, reloader = _file_keyring(tmp_path)
+    assert reloader.reload() is False  # unchanged: not even read
+    write_key_file(path, load_key_file(path).with_new_primary())
+    assert reloader.reload() is True
+    assert keyring.primary_id == "k2"
+    assert reloader.reloads == 1
+    assert reloader.problem is None
+
+
+def test_a_ciphertext_under_an_unknown_key_reloads_the_key_file_once(tmp_path: Path) -> None:
+    path, keyring, reloader = _file_keyring(tmp_path)
+    rotated = load_key_file(path).with_new_primary()
+    write_key_file(path, rotated)  # what `broker keys rotate` does before re-encrypting
+    key_id, blob = rotated.encrypt(b"worker", purpose="p", record_id="r")
+    assert reloader.decrypt(key_id, blob, purpose="p", record_id="r") == b"worker"
+    assert keyring.primary_id == "k2"
+
+
+def test_a_key_that_still_fails_is_not_reloaded_again_for_a_while(tmp_path: Path) -> None:
+    path, _keyring, reloader = _file_keyring(tmp_path)
+    stranger = Keyring.generate("k9")
+    key_id, blob = stranger.encrypt(b"worker", purpose="p", record_id="r")
+    seen: list[str] = []
+    reloader.observe = seen.append
+    with pytest.raises(DecryptionError):
+        reloader.decrypt(key_id, blob, purpose="p", record_id="r")
+    write_key_file(path, load_key_file(path).with_new_primary())
+    # Within RETRY_AFTER the failing key id fails at once: a broken credential costs no reads.
+    for _ in range(5):
+        with pytest.raises(DecryptionError):
+            reloader.decrypt(key_id, blob, purpose="p", record_id="r")
+    assert reloader.reloads == 0
+    assert seen == ["undecryptable"] * 6
+
+
+def test_an_unusable_key_file_keeps_the_keys_and_says_why(tmp_path: Path) -> None:
+    path, keyring, reloader = _file_keyring(tmp_path)
+    seen: list[str] = []
+    reloader.observe = seen.append
+    path.chmod(0o644)
+    path.write_text(path.read_text() + " ")
+    assert reloader.reload() is False
+    assert reloader.problem is not None
+    assert reloader.problem.startswith("BROKER_KEY_FILE")
+    assert "readable by others" in reloader.problem
+    assert keyring.primary_id == "k1"
+    assert seen == ["reload_failed"]
+
+
+def test_with_broker_keys_nothing_is_reread(tmp_path: Path) -> None:
+    settings = Settings(keys=f"env:{_key()}", key_file=tmp_path / "absent.key")
+    keyring = load_keyring(settings)
+    reloader = KeyringReloader.for_settings(keyring, settings)
+    assert reloader.reload() is False
+    assert reloader.problem is None

@@ -23,10 +23,16 @@ async def test_healthz_answers_without_credentials(env: BrokerEnv) -> None:
     assert response.headers["x-request-id"]
 
 
-async def test_readyz_reports_database_and_keyring(env: BrokerEnv) -> None:
+async def test_readyz_reports_database_schema_keyring_and_credentials(env: BrokerEnv) -> None:
     response = await env.http.get("/readyz")
     assert response.status_code == 200
-    assert response.json() == {"status": "ready", "database": "ok", "keyring": "ok"}
+    assert response.json() == {
+        "status": "ready",
+        "database": "ok",
+        "schema": "ok",
+        "keyring": "ok",
+        "credentials": "ok",
+    }
 
 
 async def test_readyz_is_503_when_the_database_is_unreachable() -> None:

@@ -73,7 +73,7 @@ def admin_event(**fields: Any) -> AuditEvent:  # noqa: ANN401 - column values of
 
 def chain_key(keyring: Keyring) -> chain.ChainKey:
     """The key that signs new audit events: the keyring's primary."""
-    return chain.ChainKey(keyring.primary_id, keyring.audit_chain_keys()[keyring.primary_id])
+    return chain.ChainKey(*keyring.chain_key())
 
 
 async def add_events(session: AsyncSession, keyring: Keyring, *events: AuditEvent) -> None:

@@ -107,7 +107,7 @@ class ChainCommitter:
 
     def __init__(self, database: Database, keyring: Keyring) -> None:
         self._database = database
-        self._key = ChainKey(keyring.primary_id, keyring.audit_chain_keys()[keyring.primary_id])
+        self._keyring = keyring
         self._engine: Engine | None = None
         self._raw: PoolProxiedConnection | None = None
         self._sqlite = database.sqlite_file is not None
@@ -192,7 +192,8 @@ class ChainCommitter:
             if self._sqlite:
                 self._begin_immediate(raw, wait=wait)
             try:
-                seqs = append_raw(raw, statements, self._key, ready)
+                # Signed under the primary of this moment: a reloaded keyring signs anew.
+                seqs = append_raw(raw, statements, ChainKey(*self._keyring.chain_key()), ready)
                 raw.commit()
             except BaseException:
                 # The connection's state is unknown: drop it, connect afresh next time.

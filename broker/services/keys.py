@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from broker.requestid import current_request_id
 from broker.services.audit import add_events, admin_event
 from broker.services.tokens import WORKER_TOKEN_PURPOSE
-from broker.storage import credentials
+from broker.storage import credentials, revocation_epoch
 from broker.storage.credentials import SealedToken
 from broker.storage.models import utcnow
 
@@ -23,7 +23,10 @@ async def reencrypt_credentials(
     """Re-encrypt worker tokens not yet under the primary key; returns how many changed.
 
     One transaction: either every credential moves to the new key or none does, so an
-    interrupted rotation can simply be run again.
+    interrupted rotation can simply be run again. It moves the revocation epoch too: every
+    running process hears of it within a poll and reloads its keyring (the key file already
+    holds the new key), so none is left with ciphertexts it cannot decrypt
+    (docs/storage-and-keys.md#key-rotation).
     """
     async with sessions.begin() as session:
         stale = await credentials.sealed_not_under(session, keyring.primary_id)
@@ -38,6 +41,7 @@ async def reencrypt_credentials(
                 *keyring.encrypt(plaintext, purpose=WORKER_TOKEN_PURPOSE, record_id=credential_id)
             )
             await credentials.reseal(session, credential_id, resealed, at=utcnow())
+        await revocation_epoch.bump(session)
         await add_events(
             session,
             keyring,

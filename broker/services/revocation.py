@@ -16,7 +16,9 @@ still current:
   needed); otherwise from a task on the event loop;
 - if polling has not succeeded for ``STALE_AFTER``, the cache is not used at all: a process
   that cannot hear about revocations resolves every token from the database (and fails
-  closed with it).
+  closed with it);
+- when a poll sees the counter move, ``on_change`` runs too (the keyring's reload: a key
+  rotation moves the counter, so every process takes on the new primary key within a poll).
 
 Values are random, never reused, so a cache entry can never become valid again.
 ``bump_revocation_epoch`` is how a change moves the counter and, once it commits, this
@@ -84,7 +86,13 @@ def _drop_after_commit(session: Session) -> None:
 class CacheEpoch:
     """The current epoch value, shared with sibling processes through ``shared_file``."""
 
-    def __init__(self, shared_file: Path | None = None, database: Database | None = None) -> None:
+    def __init__(
+        self,
+        shared_file: Path | None = None,
+        database: Database | None = None,
+        on_change: Callable[[], object] | None = None,
+    ) -> None:
+        self._on_change = on_change
         self._map: mmap.mmap | None = None
         self._local = secrets.token_bytes(_SIZE)
         if shared_file is not None:
@@ -178,8 +186,17 @@ class CacheEpoch:
         if counter != self._seen:
             if self._seen is not None:
                 self.bump()
+                self._changed()
             self._seen = counter
         self._fresh_until = started + STALE_AFTER
+
+    def _changed(self) -> None:
+        if self._on_change is None:
+            return
+        try:
+            self._on_change()
+        except Exception:  # the poller must outlive whatever the listener does
+            logger.exception("the revocation epoch's listener failed")
 
     async def aclose(self) -> None:
         """Stop polling (letting a read in progress finish) and release the shared file."""

@@ -28,6 +28,7 @@ from broker.errors import (
     ScopeError,
     UnavailableError,
 )
+from broker.keyring import KeyringReloader
 from broker.services.audit import (
     AuditService,
     add_events,
@@ -139,9 +140,13 @@ class TokenService:
         settings: Settings,
         audit: AuditService,
         epoch: CacheEpoch | None = None,
+        *,
+        keys: KeyringReloader | None = None,
     ) -> None:
         self._sessions = sessions
         self._keyring = keyring
+        # Decryption reloads the keyring once before failing (a rotation elsewhere).
+        self._decrypt = (keys or KeyringReloader(keyring, None)).decrypt
         self._settings = settings
         self._audit = audit
         self._epoch = epoch or CacheEpoch()
@@ -407,17 +412,27 @@ class TokenService:
             if not ok:
                 raise Refusal(401, reason, message, attribution=_attribution(record))
         try:
-            worker_token = self._keyring.decrypt(
+            worker_token = self._decrypt(
                 record.credential.token_key_id,
                 record.credential.token_ciphertext,
                 purpose=WORKER_TOKEN_PURPOSE,
                 record_id=record.credential.id,
             ).decode()
         except DecryptionError as exc:
+            # The caller's token is fine: the broker lacks the key (a fault of the broker's
+            # configuration, docs/storage-and-keys.md#key-rotation), so 503, not 401.
+            logger.error(  # noqa: TRY400 - the cause is named; its traceback says nothing more
+                "worker credential %s (sealed under key %r) does not decrypt with this "
+                "process's keyring: %s",
+                record.credential.id,
+                record.credential.token_key_id,
+                exc,
+            )
             raise Refusal(
-                401,
-                "credential_undecryptable",
-                "the worker credential cannot be used",
+                503,
+                "credential_unavailable",
+                "the broker cannot use its Canvas credential for this client right now; nothing "
+                "was sent to Canvas; retry shortly, and tell the broker's operators if it persists",
                 attribution=_attribution(record),
             ) from exc
         client = record.client

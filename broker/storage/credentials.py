@@ -1,7 +1,8 @@
 """Worker credentials in the database. Flushes, never commits.
 
 Lookups return metadata (``domain.WorkerCredential``); the sealed token leaves storage only
-through ``sealed_not_under``, for re-encryption under a new key.
+through ``sealed_not_under``, for re-encryption under a new key, and ``sealed_sample``, for
+the readiness check that the keyring can decrypt what is stored.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
 from broker.domain import WorkerCredential
 from broker.storage import models
@@ -147,3 +148,23 @@ async def reseal(
         .where(models.WorkerCredential.id == credential_id)
         .values(token_key_id=token.key_id, token_ciphertext=token.ciphertext, updated_at=at)
     )
+
+
+async def sealed_sample(session: AsyncSession) -> dict[str, SealedToken]:
+    """One sealed token per key id in use (the credential with the lowest id), by credential id.
+
+    Enough to tell whether the keyring has, and can use, every key the stored tokens need.
+    """
+    first = (
+        select(func.min(models.WorkerCredential.id))
+        .group_by(models.WorkerCredential.token_key_id)
+        .scalar_subquery()
+    )
+    rows = await session.execute(
+        select(
+            models.WorkerCredential.id,
+            models.WorkerCredential.token_key_id,
+            models.WorkerCredential.token_ciphertext,
+        ).where(models.WorkerCredential.id.in_(first))
+    )
+    return {row.id: SealedToken(row.token_key_id, row.token_ciphertext) for row in rows}

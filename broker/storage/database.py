@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from functools import cached_property
+from functools import cache, cached_property
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, event, make_url, text
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -185,3 +188,99 @@ def alembic_config(url: str) -> Config:
 def upgrade_schema(url: str) -> None:
     """Create or upgrade the schema to the newest migration (blocking; call off the loop)."""
     command.upgrade(alembic_config(url), "head")
+
+
+@cache
+def _scripts() -> ScriptDirectory:
+    config = Config()
+    config.set_main_option("script_location", str(migrations_dir()))
+    return ScriptDirectory.from_config(config)
+
+
+def head_revision() -> str | None:
+    """The newest migration this broker ships (Alembic's head)."""
+    return _scripts().get_current_head()
+
+
+def _revision(connection: Connection) -> str | None:
+    return MigrationContext.configure(connection).get_current_revision()
+
+
+async def schema_revision(session: AsyncSession) -> str | None:
+    """The migration the database is at, or None if it was never initialised."""
+    connection = await session.connection()
+    return await connection.run_sync(_revision)
+
+
+def schema_problem(revision: str | None) -> str | None:
+    """What is wrong with a database at ``revision`` for this broker, and the fix; or None.
+
+    Said of BROKER_DATABASE_URL ("points at a database ..."), as every problem here is.
+    """
+    head = head_revision()
+    if revision == head:
+        return None
+    if revision is None:
+        return "points at a database with no broker schema (never initialised): run `broker init`"
+    known = {script.revision for script in _scripts().walk_revisions()}
+    if revision not in known:
+        return (
+            f"points at a database at migration {revision}, unknown to this broker (made by a "
+            "newer release?): run the release that migrated it"
+        )
+    return (
+        f"points at a database at migration {revision}, not {head}: run `broker init` "
+        "(it upgrades the schema)"
+    )
+
+
+def sqlite_directory_problem(url: str) -> str | None:
+    """If ``url`` names a SQLite file in a directory that does not exist, say so and the fix."""
+    path = sqlite_path(url)
+    if path is None or path.parent.is_dir():
+        return None
+    return (
+        f"names a SQLite file in {path.parent.resolve()}, a directory that does not exist: "
+        "create it (or point BROKER_DATABASE_URL elsewhere), then run `broker init`"
+    )
+
+
+def check_database(url: str, *, connect_timeout: float = 10.0) -> str | None:
+    """Why the broker cannot run on the database at ``url`` (async URL), naming the fix; or None.
+
+    Blocking; for ``broker serve`` before it starts. A SQLite file that does not exist is
+    reported, never created.
+    """
+    problem = sqlite_directory_problem(url)
+    if problem is not None:
+        return problem
+    path = sqlite_path(url)
+    if path is not None and not path.exists():
+        return f"names {path.resolve()}, which does not exist: run `broker init` to create it"
+    sync_url = sync_database_url(url)
+    connect_args: dict[str, Any] = (
+        {"timeout": connect_timeout}
+        if sync_url.startswith("sqlite")
+        else {"connect_timeout": max(1, int(connect_timeout))}
+    )
+    engine = sqlalchemy.create_engine(
+        sync_url, hide_parameters=True, poolclass=NullPool, connect_args=connect_args
+    )
+    try:
+        with engine.connect() as connection:
+            revision = _revision(connection)
+    except SQLAlchemyError as exc:
+        return (
+            f"points at a database that cannot be used ({database_problem(exc)}): "
+            "check the URL and that the database is running"
+        )
+    finally:
+        engine.dispose()
+    return schema_problem(revision)
+
+
+def database_problem(exc: SQLAlchemyError) -> str:
+    """The driver's own first line (statement parameters are hidden by the engine)."""
+    origin = getattr(exc, "orig", None) or exc
+    lines = str(origin).strip().splitlines()
+    return lines[0][:300] if lines else type(origin).__name__

@@ -1,0 +1,130 @@
+"""Readiness: can this process serve calls now (``GET /readyz``, docs/interfaces.md#operations).
+
+Four checks, each ``"ok"`` or a one-word state, with one line per failed check in
+``problems`` saying what is wrong and what to do (never a secret):
+
+- ``database``: it answers a round trip;
+- ``schema``: it is at the migration this broker ships (``broker init`` upgrades it);
+- ``keyring``: the keyring encrypts and decrypts, and its key file, if it was re-read since
+  start, was usable;
+- ``credentials``: one stored worker token per key id in use decrypts: the keyring has every
+  key the stored tokens need. (One tampered row is not a reason to take a replica out of
+  service, as every replica would refuse it alike; it is a ``503 credential_unavailable``,
+  audited and counted, on the calls that need it.)
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from broker.errors import DecryptionError
+from broker.services.tokens import WORKER_TOKEN_PURPOSE
+from broker.storage import credentials
+from broker.storage.database import ping, schema_problem, schema_revision
+
+if TYPE_CHECKING:
+    from broker.context import ProcessContext
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Readiness:
+    """Each check's state, and what to do about those that failed."""
+
+    checks: dict[str, str] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ready(self) -> bool:
+        """Whether every check passed."""
+        return all(state == "ok" for state in self.checks.values())
+
+    def fail(self, check: str, state: str, problem: str) -> None:
+        """Record a failed check."""
+        self.checks[check] = state
+        self.problems.append(problem)
+
+
+async def check_readiness(context: ProcessContext) -> Readiness:
+    """Run every check against the process's database and keyring."""
+    result = Readiness()
+    _check_keyring(context, result)
+    try:
+        async with context.sessions() as session:
+            await ping(session)
+            result.checks["database"] = "ok"
+            problem = schema_problem(await schema_revision(session))
+            if problem is None:
+                result.checks["schema"] = "ok"
+            else:
+                result.fail("schema", "not_at_head", f"BROKER_DATABASE_URL {problem}")
+                return result
+            sample = await credentials.sealed_sample(session)
+    except Exception:
+        logger.warning("readiness: the database cannot be read", exc_info=True)
+        if "database" not in result.checks:
+            result.fail(
+                "database",
+                "unavailable",
+                "BROKER_DATABASE_URL points at a database that does not answer: check that "
+                "it is running",
+            )
+        else:
+            result.fail(
+                "schema",
+                "unreadable",
+                "BROKER_DATABASE_URL points at a database whose broker tables cannot be "
+                "read: run `broker init`",
+            )
+        return result
+    _check_credentials(context, sample, result)
+    return result
+
+
+def _check_keyring(context: ProcessContext, result: Readiness) -> None:
+    keyring = context.keyring
+    key_id, blob = keyring.encrypt(b"ready", purpose="readyz", record_id="-")
+    if keyring.decrypt(key_id, blob, purpose="readyz", record_id="-") != b"ready":
+        result.fail("keyring", "unusable", "the keyring does not decrypt what it encrypts")
+        return
+    # A key file changed since the last look is re-read here too (cheap: a stat).
+    context.keys.reload()
+    if context.keys.problem is not None:
+        result.fail(
+            "keyring",
+            "reload_failed",
+            f"{context.keys.problem} (this process keeps the keys it had)",
+        )
+        return
+    result.checks["keyring"] = "ok"
+
+
+def _check_credentials(
+    context: ProcessContext, sample: dict[str, credentials.SealedToken], result: Readiness
+) -> None:
+    failing: list[str] = []
+    for credential_id, sealed in sample.items():
+        try:
+            context.keyring.decrypt(
+                sealed.key_id,
+                sealed.ciphertext,
+                purpose=WORKER_TOKEN_PURPOSE,
+                record_id=credential_id,
+            )
+        except DecryptionError:
+            failing.append(sealed.key_id)
+    if not failing:
+        result.checks["credentials"] = "ok"
+        return
+    names = ", ".join(repr(key_id) for key_id in sorted(failing))
+    known = ", ".join(repr(key_id) for key_id in context.keyring.ids())
+    result.fail(
+        "credentials",
+        "undecryptable",
+        f"worker tokens sealed under key {names} do not decrypt with this process's keyring "
+        f"(keys {known}): give it that key (BROKER_KEY_FILE or BROKER_KEYS; see "
+        "docs/storage-and-keys.md#key-rotation)",
+    )
