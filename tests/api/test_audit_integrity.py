@@ -617,7 +617,9 @@ async def test_cli_prune_removes_older_events_behind_a_checkpoint_and_the_log_ve
     env: BrokerEnv, dba: Dba, around_cut: Pruned, verify: Verify
 ) -> None:
     through = around_cut.older[-1].seq
-    result = run_broker(["audit", "prune", "--before", around_cut.cut.isoformat()], verify.cli_env)
+    result = run_broker(
+        ["audit", "prune", "--yes", "--before", around_cut.cut.isoformat()], verify.cli_env
+    )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == (
@@ -688,7 +690,9 @@ async def test_prune_refuses_when_the_events_to_remove_do_not_verify(
     dba.execute("UPDATE audit_events SET request_id = 'rewritten' WHERE seq = :seq", seq=tampered)
     count = len(dba.events())
 
-    result = run_broker(["audit", "prune", "--before", around_cut.cut.isoformat()], verify.cli_env)
+    result = run_broker(
+        ["audit", "prune", "--yes", "--before", around_cut.cut.isoformat()], verify.cli_env
+    )
     assert result.returncode == 1
     assert f"refusing to prune: event {tampered} is modified" in result.stderr
     response = await env.http.post(
@@ -709,7 +713,7 @@ async def test_prune_refuses_a_date_in_the_future(env: BrokerEnv, verify: Verify
         f"{V1}/audit/prune", headers=env.admin(), json={"before": "2999-01-01T00:00:00Z"}
     )
     assert response.status_code == 422
-    result = run_broker(["audit", "prune", "--before", "2999-01-01"], verify.cli_env)
+    result = run_broker(["audit", "prune", "--yes", "--before", "2999-01-01"], verify.cli_env)
     assert result.returncode == 1
     assert "before: must not be in the future" in result.stderr
 

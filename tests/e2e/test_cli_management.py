@@ -45,11 +45,12 @@ def test_admin_provisions_checks_and_revokes_through_the_cli(
 ) -> None:
     cli = Cli(live_broker.url, live_broker.admin_key)
 
-    upstream = cli("upstreams", "create", "canvas-test", sim.base_url)
+    upstream = cli("upstreams", "create", "canvas-test", sim.base_url, "--json")
     assert upstream.returncode == 0, upstream.stderr
     assert json.loads(upstream.stdout)["base_url"] == sim.base_url
 
     credential = cli(
+        "--json",
         "credentials",
         "create",
         "--upstream",
@@ -63,6 +64,7 @@ def test_admin_provisions_checks_and_revokes_through_the_cli(
     assert WORKER_TOKEN not in credential.stdout + credential.stderr
 
     created = cli(
+        "--json",
         "clients",
         "create",
         "--name",
@@ -86,7 +88,9 @@ def test_admin_provisions_checks_and_revokes_through_the_cli(
         ).returncode
         == 0
     )
-    refused = cli("clients", "check", "grade-export", "GET", "/api/v1/courses/1203/assignments")
+    refused = cli(
+        "--json", "clients", "check", "grade-export", "GET", "/api/v1/courses/1203/assignments"
+    )
     assert refused.returncode == 1
     assert json.loads(refused.stdout)["reason"] == "constraint_violation"
 
@@ -98,22 +102,22 @@ def test_admin_provisions_checks_and_revokes_through_the_cli(
     url = f"{live_broker.url}/api/v1/courses/1201/assignments"
     assert httpx.get(url, headers=bearer).status_code == 200
 
-    listed = cli("tokens", "list", "--client", "grade-export")
+    listed = cli("tokens", "list", "--client", "grade-export", "--json")
     assert listed.returncode == 0, listed.stderr
     [live] = json.loads(listed.stdout)
     assert token not in listed.stdout
-    assert cli("tokens", "revoke", live["id"]).returncode == 0
+    assert cli("tokens", "revoke", live["id"], "--yes").returncode == 0
     assert httpx.get(url, headers=bearer).status_code == 401
 
-    audit = cli("audit", "query", "--client", client_id.group(1), "--kind", "proxy")
+    audit = cli("audit", "query", "--client", client_id.group(1), "--kind", "proxy", "--json")
     assert audit.returncode == 0, audit.stderr
     decisions = [e["decision"] for e in json.loads(audit.stdout)["events"]]
     assert decisions == ["deny", "allow"]
     assert token not in audit.stdout
     assert len(sim.state.received) == 1
 
-    assert cli("clients", "disable", "grade-export").returncode == 0
-    assert cli("credentials", "disable", "worker2").returncode == 0
+    assert cli("clients", "disable", "grade-export", "--yes").returncode == 0
+    assert cli("credentials", "disable", "worker2", "--yes").returncode == 0
 
 
 def test_auditor_key_cannot_mutate_through_the_cli(live_broker: LiveBroker) -> None:
@@ -149,13 +153,15 @@ def test_cli_warns_about_unfamiliar_scopes_and_sets_client_flags(
 ) -> None:
     cli = Cli(live_broker.url, live_broker.admin_key)
     typo = "url:GET|/api/v1/course/:id"
-    created = cli("clients", "create", "--name", "flags", "--credential", "worker", "--scope", typo)
+    created = cli(
+        "--json", "clients", "create", "--name", "flags", "--credential", "worker", "--scope", typo
+    )
     assert created.returncode == 0, created.stderr
     assert f"warning: scope {typo!r}" in created.stderr
     assert re.fullmatch(r"cbs_[0-9A-Za-z]{36}", created.stdout.strip())
     assert '"allow_includes": false' in created.stderr
 
-    changed = cli("clients", "set", "flags", "--allow-includes")
+    changed = cli("clients", "set", "flags", "--allow-includes", "--json")
     assert changed.returncode == 0, changed.stderr
     assert json.loads(changed.stdout)["allow_includes"] is True
     assert json.loads(changed.stdout)["allow_masquerade"] is False
