@@ -71,12 +71,13 @@ def cell(value: Any) -> Text:  # noqa: ANN401 - any JSON value
         return Text("-", style="dim")
     if isinstance(value, bool):
         return Text("yes" if value else "no", style="green" if value else "red")
+    # One line per item: the items' own control characters are escaped, not the line breaks.
     if isinstance(value, list):
-        return Text(plain("\n".join(_compact(v) for v in value)) or "-")
+        return Text("\n".join(plain(_compact(v)) for v in value) or "-")
     if isinstance(value, dict):
         if all(isinstance(v, list) for v in value.values()):
             lines = [f"{k}={','.join(_compact(v) for v in vs)}" for k, vs in value.items()]
-            return Text(plain("\n".join(lines)) or "-")
+            return Text("\n".join(plain(line) for line in lines) or "-")
         return Text(plain(json.dumps(value, sort_keys=True)))
     return Text(plain(str(value)))
 
