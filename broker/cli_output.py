@@ -75,11 +75,19 @@ def cell(value: Any) -> Text:  # noqa: ANN401 - any JSON value
     if isinstance(value, list):
         return Text("\n".join(plain(_compact(v)) for v in value) or "-")
     if isinstance(value, dict):
-        if all(isinstance(v, list) for v in value.values()):
-            lines = [f"{k}={','.join(_compact(v) for v in vs)}" for k, vs in value.items()]
-            return Text("\n".join(plain(line) for line in lines) or "-")
-        return Text(plain(json.dumps(value, sort_keys=True)))
+        return _mapping(value)
     return Text(plain(str(value)))
+
+
+def _mapping(value: dict[str, Any]) -> Text:
+    """Constraints as ``name=v1,v2`` lines, flat mappings as ``key: value`` lines, else JSON."""
+    if all(isinstance(v, list) for v in value.values()):
+        lines = [f"{k}={','.join(_compact(v) for v in vs)}" for k, vs in value.items()]
+    elif all(isinstance(v, str | int | float) for v in value.values()):
+        lines = [f"{k}: {v}" for k, v in value.items()]
+    else:
+        return Text(plain(json.dumps(value, sort_keys=True)))
+    return Text("\n".join(plain(line) for line in lines) or "-")
 
 
 def _compact(value: Any) -> str:  # noqa: ANN401 - any JSON value

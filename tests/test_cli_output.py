@@ -64,3 +64,9 @@ def test_json_mode_prints_the_value_unchanged(capsys: pytest.CaptureFixture[str]
     value = {"events": [{"seq": 1, "path": "/x"}], "next_cursor": "abc"}
     cli_output.render(value, as_json=True)
     assert json.loads(capsys.readouterr().out) == value
+
+
+def test_a_flat_mapping_reads_one_entry_per_line() -> None:
+    drawn = _drawn({"hashes": {"k2": "hmac-sha256:ab", "k1": "hmac-sha256:cd"}})
+    assert "k2: hmac-sha256:ab" in drawn.splitlines()[0]
+    assert "k1: hmac-sha256:cd" in drawn.splitlines()[1]
