@@ -131,3 +131,43 @@ def test_every_refusal_and_admin_action_is_found_and_the_log_verifies(
     verified = run_broker(["audit", "verify"], investigator)
     assert verified.returncode == 0, verified.stdout
     assert verified.stdout.startswith("audit log OK\n")
+
+
+def test_export_draws_progress_on_a_terminal_and_keeps_stdout_the_export(
+    live_broker: LiveBroker, investigator: dict[str, str]
+) -> None:
+    import os  # noqa: PLC0415
+    import pty  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+
+    from tests.support.audit import BROKER  # noqa: PLC0415
+
+    live_broker.client(["url:GET|/api/v1/courses/:id"], {})
+    controller, terminal = pty.openpty()
+    try:
+        result = subprocess.run(
+            [*BROKER, "audit", "export"],
+            env=investigator,
+            stdout=subprocess.PIPE,
+            stderr=terminal,
+            timeout=120,
+            check=False,
+        )
+        os.close(terminal)
+        drawn = b""
+        while True:
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:  # the other end is closed: everything was read
+                break
+            if not chunk:
+                break
+            drawn += chunk
+    finally:
+        os.close(controller)
+    assert result.returncode == 0, drawn
+    events = [json.loads(line) for line in result.stdout.decode().splitlines()]
+    assert events
+    assert b"\x1b" not in result.stdout
+    assert "exporting audit events" in drawn.decode(errors="replace")
+    assert f"exported {len(result.stdout)} bytes" in drawn.decode(errors="replace")
