@@ -120,7 +120,10 @@ def confirm(action: str, yes: bool) -> None:
         return
     if not sys.stdin.isatty():
         fail(f"refusing to {action} without --yes (no terminal to confirm on)")
-    if not typer.confirm(f"{action[0].upper()}{action[1:]}?", err=True):
+    # Asked and read here rather than with click's confirm, which echoes to standard output
+    # (the answer of a command must stay alone there).
+    typer.echo(f"{action[0].upper()}{action[1:]}? [y/N]: ", err=True, nl=False)
+    if sys.stdin.readline().strip().lower() not in {"y", "yes"}:
         fail("cancelled; nothing was changed")
 
 
@@ -789,7 +792,7 @@ def _refuse_value_on_argv(text: str) -> None:
     if text.startswith("cbt_"):
         fail(
             "that is a token value, not a token id (tok_...): it is now in your shell history; "
-            "pipe it instead: broker tokens revoke --stdin"
+            "pipe it instead: broker tokens revoke --stdin --yes"
         )
 
 
@@ -1070,11 +1073,11 @@ def audit_prune(
 
     Refused (exit 1) if the events to remove do not verify. Exit 2 if it could not run.
     """
-    as_json = as_json or OUTPUT["json"]
     from broker.errors import BrokerError  # noqa: PLC0415
     from broker.requestid import current_request_id  # noqa: PLC0415
     from broker.services.audit import PruneReport, prune_database  # noqa: PLC0415
 
+    as_json = as_json or OUTPUT["json"]
     cut = utc_time(before)
     settings, keyring = _local_audit()
     database = Database(settings.async_database_url)
@@ -1097,7 +1100,9 @@ def audit_prune(
         if not preview.pruned:
             typer.echo(f"nothing older than {cut.isoformat()} to prune")
             return
-        confirm(f"permanently remove {preview.pruned} audit events older than {cut}", yes)
+        confirm(
+            f"permanently remove {preview.pruned} audit events older than {cut.isoformat()}", yes
+        )
     report = prune(dry=dry_run)
     if as_json:
         cli_output.render(report.as_dict(), as_json=True)

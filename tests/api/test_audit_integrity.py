@@ -833,3 +833,42 @@ async def test_api_prune_dry_run_reports_the_real_counts_and_keeps_every_event(
         f"{V1}/audit/prune", headers=env.admin(), json={"before": body["before"]}
     )
     assert (real.json()["pruned"], real.json()["dry_run"]) == (dry["pruned"], False)
+
+
+async def test_cli_prune_on_a_terminal_asks_naming_how_many_events_would_go(
+    dba: Dba, around_cut: Pruned, verify: Verify
+) -> None:
+    import os  # noqa: PLC0415
+    import pty  # noqa: PLC0415
+    import subprocess as sp  # noqa: PLC0415
+
+    from tests.support.audit import BROKER  # noqa: PLC0415
+
+    cut = around_cut.cut.isoformat()
+
+    def answer(reply: bytes) -> subprocess.CompletedProcess[str]:
+        controller, terminal = pty.openpty()
+        try:
+            os.write(controller, reply)
+            return sp.run(
+                [*BROKER, "audit", "prune", "--before", cut],
+                env=verify.cli_env,
+                stdin=terminal,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+            )
+        finally:
+            os.close(terminal)
+            os.close(controller)
+
+    before = [row.seq for row in dba.events()]
+    declined = answer(b"n\n")
+    assert declined.returncode == 1
+    question = f"Permanently remove {len(around_cut.older)} audit events older than {cut}?"
+    assert question in declined.stderr
+    assert [row.seq for row in dba.events()] == before
+    accepted = answer(b"y\n")
+    assert accepted.returncode == 0, accepted.stderr
+    assert accepted.stdout.startswith(f"pruned {len(around_cut.older)} events older than {cut}")
