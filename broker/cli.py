@@ -22,7 +22,7 @@ import typer
 from pydantic import AwareDatetime, ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 
-from broker import audit_filter
+from broker import audit_filter, cli_output
 from broker.audit_filter import AuditFilter
 from broker.config import Settings
 from broker.errors import ConfigurationError
@@ -34,11 +34,11 @@ if TYPE_CHECKING:
     from broker.keyring import Keyring
 
 # Tracebacks never show local variables: they would print secrets (client secrets, worker
-# tokens, admin keys) held by the command that failed.
+# tokens, admin keys) held by the command that failed. Typer adds --install-completion and
+# --show-completion (bash, zsh, fish, PowerShell).
 app = typer.Typer(
     help="Canvas Token Broker",
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_show_locals=False,
 )
 admin_key_app = typer.Typer(
@@ -65,6 +65,40 @@ for sub, name in (
     app.add_typer(sub, name=name)
 
 
+OUTPUT = {"json": False}
+"""The global output mode, set by the ``--json`` option before any command runs."""
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version  # noqa: PLC0415
+
+        try:
+            typer.echo(f"broker {version('canvas-token-broker')}")
+        except PackageNotFoundError:
+            typer.echo("broker (not installed as a package: version unknown)")
+        raise typer.Exit
+
+
+@app.callback()
+def options(
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json", help="print the API's JSON unchanged (for scripts) instead of tables"
+        ),
+    ] = False,
+    _show_version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="print the version and exit"
+        ),
+    ] = False,
+) -> None:
+    """Canvas Token Broker: tables for people by default, `broker --json ...` for scripts."""
+    OUTPUT["json"] = as_json
+
+
 def say(message: str) -> None:
     """A message for the human: standard error."""
     typer.echo(message, err=True)
@@ -74,6 +108,23 @@ def fail(message: str, code: int = 1) -> NoReturn:
     """Print an error to standard error and exit non-zero."""
     say(f"error: {message}")
     raise typer.Exit(code)
+
+
+Yes = Annotated[bool, typer.Option("--yes", "-y", help="do it without asking")]
+"""The option of destructive commands that skips their confirmation (for scripts)."""
+
+
+def confirm(action: str, yes: bool) -> None:
+    """Ask before ``action`` unless ``--yes``; without a terminal to ask on, refuse at once."""
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        fail(f"refusing to {action} without --yes (no terminal to confirm on)")
+    # Asked and read here rather than with click's confirm, which echoes to standard output
+    # (the answer of a command must stay alone there).
+    typer.echo(f"{action[0].upper()}{action[1:]}? [y/N]: ", err=True, nl=False)
+    if sys.stdin.readline().strip().lower() not in {"y", "yes"}:
+        fail("cancelled; nothing was changed")
 
 
 def _settings(code: int = 1) -> Settings:
@@ -129,9 +180,21 @@ def init(
 def admin_key_create(
     name: Annotated[str, typer.Option(help="a label for the key")],
     role: Annotated[str, typer.Option(help="admin or auditor")] = "admin",
+    via_api: Annotated[
+        bool,
+        typer.Option(
+            "--via-api", help="create it over HTTP (BROKER_URL, BROKER_ADMIN_KEY), not locally"
+        ),
+    ] = False,
 ) -> None:
     """Create a management key directly in the database; prints the key alone."""
     from broker import bootstrap  # noqa: PLC0415
+
+    if via_api:
+        created = api("POST", "/admin-keys", body={"name": name, "role": role})
+        say(f"created {created['role']} key {created['name']!r} ({created['id']}; shown once)")
+        typer.echo(created["key"])
+        return
     from broker.errors import BrokerError  # noqa: PLC0415
     from broker.keyring import load_keyring  # noqa: PLC0415
 
@@ -167,7 +230,8 @@ def keys_rotate(
 
     settings = _settings()
     try:
-        primary, count = bootstrap.rotate_keys(settings, new_key=new_key)
+        with cli_output.spinner("re-encrypting worker credentials under the new key"):
+            primary, count = bootstrap.rotate_keys(settings, new_key=new_key)
     except ConfigurationError as exc:
         fail(str(exc))
     say(f"primary key is now {primary!r}; re-encrypted {count} worker credential(s)")
@@ -333,10 +397,17 @@ def token(
             timeout=30,
         )
     except httpx.HTTPError as exc:
-        fail(f"cannot reach the broker: {exc}")
+        fail(_unreachable(env["BROKER_URL"] or "", exc))
     body = _json(response)
+    if not isinstance(body.get("access_token" if response.is_success else "error"), str):
+        fail(_not_a_broker(response, env["BROKER_URL"] or ""))
     if response.status_code != 200:  # noqa: PLR2004
-        fail(f"{body.get('error')}: {body.get('error_description')}")
+        hint = (
+            " (BROKER_CLIENT_ID and BROKER_CLIENT_SECRET were refused: check them)"
+            if response.status_code == 401  # noqa: PLR2004
+            else ""
+        )
+        fail(f"{body.get('error')}: {body.get('error_description')}{hint}")
     say(f"token expires in {body['expires_in']} s; scope: {body['scope']}")
     typer.echo(body["access_token"])
 
@@ -373,16 +444,66 @@ def api(method: str, path: str, *, body: Any = None, params: dict[str, Any] | No
             timeout=30,
         )
     except httpx.HTTPError as exc:
-        fail(f"cannot reach the broker: {exc}")
+        fail(_unreachable(url, exc))
+    return _answer(response, url)
+
+
+def _answer(response: httpx.Response, url: str) -> Any:  # noqa: ANN401
+    """The JSON of a management API answer, or exit naming what is wrong."""
     if response.status_code >= 400:  # noqa: PLR2004
-        error = _json(response)
-        fail(f"{response.status_code} {error.get('error')}: {error.get('message')}")
-    return response.json()
+        fail(_refusal(response, url))
+    try:
+        return response.json()
+    except ValueError:
+        fail(_not_a_broker(response, url))
+
+
+def _unreachable(url: str, exc: httpx.HTTPError) -> str:
+    """Why the broker at BROKER_URL could not be asked, and what to check."""
+    if isinstance(exc, httpx.ConnectError):
+        return (
+            f"cannot connect to the broker at BROKER_URL={url} ({exc}); "
+            "check the URL and that `broker serve` runs there"
+        )
+    if isinstance(exc, httpx.TimeoutException):
+        return f"the broker at BROKER_URL={url} did not answer in time ({type(exc).__name__})"
+    if isinstance(exc, httpx.UnsupportedProtocol | httpx.InvalidURL):
+        return f"BROKER_URL={url!r} is not an http(s) URL: {exc}"
+    return f"cannot reach the broker at BROKER_URL={url}: {exc}"
+
+
+def _not_a_broker(response: httpx.Response, url: str) -> str:
+    kind = response.headers.get("content-type", "no content type").split(";")[0]
+    return (
+        f"BROKER_URL={url} does not look like a Canvas Token Broker: "
+        f"{response.request.method} {response.request.url.path} answered "
+        f"{response.status_code} {kind}; set BROKER_URL to the broker's base URL "
+        "(the one serving /broker/v1/...)"
+    )
+
+
+def _refusal(response: httpx.Response, url: str) -> str:
+    """The broker's error as one line; a key problem names BROKER_ADMIN_KEY."""
+    try:
+        error = response.json()
+    except ValueError:
+        error = None
+    if not isinstance(error, dict) or not isinstance(error.get("error"), str):
+        return _not_a_broker(response, url)
+    line = f"{response.status_code} {error['error']}: {error.get('message')}"
+    if response.status_code == 401:  # noqa: PLR2004
+        return f"{line} (the key in BROKER_ADMIN_KEY was refused: check or replace it)"
+    if response.status_code == 403:  # noqa: PLR2004
+        return f"{line} (the key in BROKER_ADMIN_KEY may not do this: use an admin key)"
+    return line
 
 
 def show(value: Any) -> None:  # noqa: ANN401
-    """Pretty JSON on standard output."""
-    typer.echo(json.dumps(value, indent=2))
+    """An API answer on standard output: a table, or its JSON with ``--json``."""
+    cli_output.render(value, as_json=OUTPUT["json"])
+    hint = None if OUTPUT["json"] else cli_output.next_page_hint(value)
+    if hint:
+        say(hint)
 
 
 @upstreams_app.command("create")
@@ -398,9 +519,35 @@ def upstreams_list() -> None:
 
 
 @upstreams_app.command("disable")
-def upstreams_disable(ref: str) -> None:
-    """Disable an upstream."""
+def upstreams_disable(ref: str, yes: Yes = False) -> None:
+    """Disable an upstream: every token bound to it stops working at once."""
+    confirm(f"disable upstream {ref!r} (every token through it stops working)", yes)
     show(api("POST", f"/upstreams/{ref}/disable"))
+
+
+@upstreams_app.command("enable")
+def upstreams_enable(ref: str) -> None:
+    """Re-enable an upstream."""
+    show(api("POST", f"/upstreams/{ref}/enable"))
+
+
+@upstreams_app.command("get")
+def upstreams_get(ref: str) -> None:
+    """Show one upstream (id or name)."""
+    show(api("GET", f"/upstreams/{ref}"))
+
+
+@upstreams_app.command("update")
+def upstreams_update(
+    ref: str,
+    name: Annotated[str | None, typer.Option(help="a new name")] = None,
+    base_url: Annotated[str | None, typer.Option(help="a new Canvas base URL")] = None,
+) -> None:
+    """Rename an upstream or move it to another base URL; only the options given change."""
+    body = {k: v for k, v in {"name": name, "base_url": base_url}.items() if v is not None}
+    if not body:
+        fail("name at least one setting to change: --name or --base-url")
+    show(api("PATCH", f"/upstreams/{ref}", body=body))
 
 
 @credentials_app.command("create")
@@ -444,11 +591,13 @@ def credentials_rotate(
     no_verify: Annotated[
         bool, typer.Option("--no-verify", help="store without asking Canvas (offline setup)")
     ] = False,
+    yes: Yes = False,
 ) -> None:
     """Replace a stored worker token (read from BROKER_WORKER_TOKEN or a hidden prompt).
 
     The new token is verified with Canvas first; a rejected one leaves the old token in place.
     """
+    confirm(f"replace the Canvas token stored for credential {ref!r}", yes)
     secret = os.environ.get("BROKER_WORKER_TOKEN") or typer.prompt(
         "new Canvas token", hide_input=True, err=True
     )
@@ -457,9 +606,35 @@ def credentials_rotate(
 
 
 @credentials_app.command("disable")
-def credentials_disable(ref: str) -> None:
+def credentials_disable(ref: str, yes: Yes = False) -> None:
     """Disable a credential: every token minted through it fails at once."""
+    confirm(f"disable credential {ref!r} (every token minted through it fails at once)", yes)
     show(api("POST", f"/credentials/{ref}/disable"))
+
+
+@credentials_app.command("get")
+def credentials_get(ref: str) -> None:
+    """Show one credential's metadata (id or name; never the token)."""
+    show(api("GET", f"/credentials/{ref}"))
+
+
+@credentials_app.command("update")
+def credentials_update(
+    ref: str,
+    canvas_user_id: Annotated[str | None, typer.Option()] = None,
+    notes: Annotated[str | None, typer.Option()] = None,
+    expires_at: Annotated[
+        str | None, typer.Option(help="ISO date-time after which it is unusable")
+    ] = None,
+) -> None:
+    """Change a credential's metadata; only the options given change (the token: `rotate`)."""
+    given = {"canvas_user_id": canvas_user_id, "notes": notes}
+    body: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
+    if expires_at is not None:
+        body["expires_at"] = utc_time(expires_at).isoformat()
+    if not body:
+        fail("name at least one setting to change, e.g. --notes")
+    show(api("PATCH", f"/credentials/{ref}", body=body))
 
 
 @credentials_app.command("enable")
@@ -535,11 +710,11 @@ def clients_create(
     secret = created.pop("client_secret")
     _warn(created.pop("warnings", []))
     if secret is None:
-        say(json.dumps(created, indent=2))
+        cli_output.render(created, as_json=OUTPUT["json"], err=True)
         say("client_id (private_key_jwt: sign assertions with your private key) follows")
         typer.echo(created["client_id"])
         return
-    say(json.dumps(created, indent=2))
+    cli_output.render(created, as_json=OUTPUT["json"], err=True)
     say(f"client_id: {created['client_id']}; client secret (shown once) follows on stdout")
     typer.echo(secret)
 
@@ -711,8 +886,9 @@ def clients_check(ref: str, method: str, path: str) -> None:
 
 
 @clients_app.command("disable")
-def clients_disable(ref: str) -> None:
+def clients_disable(ref: str, yes: Yes = False) -> None:
     """Disable a client: it cannot mint, and its live tokens are revoked."""
+    confirm(f"disable client {ref!r} (its tokens fail at once)", yes)
     saved = api("POST", f"/clients/{ref}/disable")
     saved.pop("warnings", None)
     _say_changes(saved)
@@ -732,16 +908,25 @@ def clients_enable(ref: str) -> None:
 
 
 @clients_app.command("rotate-secret")
-def clients_rotate_secret(ref: str, revoke_tokens: Annotated[bool, typer.Option()] = False) -> None:
+def clients_rotate_secret(
+    ref: str,
+    revoke_tokens: Annotated[
+        bool, typer.Option(help="also revoke every live token of the client")
+    ] = False,
+    yes: Yes = False,
+) -> None:
     """Issue a new client secret, printed alone on stdout."""
+    if revoke_tokens:
+        confirm(f"rotate the secret of client {ref!r} and revoke all its live tokens", yes)
     rotated = api("POST", f"/clients/{ref}/rotate-secret", body={"revoke_tokens": revoke_tokens})
     say(f"new secret for {rotated['client_id']} (shown once) follows on stdout")
     typer.echo(rotated["client_secret"])
 
 
 @clients_app.command("revoke-tokens")
-def clients_revoke_tokens(ref: str) -> None:
+def clients_revoke_tokens(ref: str, yes: Yes = False) -> None:
     """Revoke every live token of a client."""
+    confirm(f"revoke every live token of client {ref!r}", yes)
     show(api("POST", f"/clients/{ref}/revoke-tokens"))
 
 
@@ -754,10 +939,105 @@ def tokens_list(
     show(api("GET", "/tokens", params={"client": client, "include_inactive": include_inactive}))
 
 
+MAX_TOKEN_INPUT = 4096
+"""The most characters read as a token value (a proxy token has 40)."""
+
+
+def read_secret_value(what: str, from_stdin: bool) -> str:
+    """A secret value from standard input (``--stdin``) or a hidden prompt; never from argv.
+
+    One trailing newline is dropped. The value is never echoed, not even in an error.
+    """
+    if from_stdin:
+        value = sys.stdin.read(MAX_TOKEN_INPUT + 2).removesuffix("\n").removesuffix("\r")
+    elif sys.stdin.isatty():
+        value = typer.prompt(what, hide_input=True, err=True)
+    else:
+        fail(f"pipe the {what} with --stdin (it is never taken from the command line)")
+    value = value.strip()
+    if not value:
+        fail(f"no {what} given")
+    if len(value) > MAX_TOKEN_INPUT:
+        fail(f"that is not a {what}: more than {MAX_TOKEN_INPUT} characters")
+    return value
+
+
+def _refuse_value_on_argv(text: str) -> None:
+    if text.startswith("cbt_"):
+        fail(
+            "that is a token value, not a token id (tok_...): it is now in your shell history; "
+            "pipe it instead: broker tokens revoke --stdin --yes"
+        )
+
+
 @tokens_app.command("revoke")
-def tokens_revoke(token_id: str) -> None:
-    """Revoke one proxy token by id."""
-    show(api("POST", f"/tokens/{token_id}/revoke"))
+def tokens_revoke(
+    token_id: Annotated[
+        str | None, typer.Argument(help="the token's id (tok_...), from `tokens list`")
+    ] = None,
+    from_stdin: Annotated[
+        bool,
+        typer.Option("--stdin", help="read the token VALUE (cbt_...) from standard input"),
+    ] = False,
+    yes: Yes = False,
+) -> None:
+    """Revoke one proxy token, by id or by its value read from standard input."""
+    if (token_id is None) == (not from_stdin):
+        fail("give a token id, or --stdin to read a token value (not both)")
+    if token_id is not None:
+        _refuse_value_on_argv(token_id)
+        confirm(f"revoke token {token_id}", yes)
+        show(api("POST", f"/tokens/{token_id}/revoke"))
+        return
+    value = read_secret_value("token value", from_stdin=True)
+    confirm("revoke the token read from standard input", yes)
+    show(api("POST", "/tokens/revoke", body={"token": value}))
+
+
+@tokens_app.command("introspect")
+def tokens_introspect(
+    from_stdin: Annotated[
+        bool, typer.Option("--stdin", help="read the token value from standard input")
+    ] = False,
+) -> None:
+    """What a token value may do (RFC 7662): read from --stdin or a hidden prompt, never argv.
+
+    Exit 0 if the token is active, 1 if not.
+    """
+    value = read_secret_value("token value", from_stdin)
+    url, key = _management_access()
+    try:
+        response = httpx.post(
+            f"{url}/broker/v1/oauth/introspect",
+            data={"token": value},
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=30,
+        )
+    except httpx.HTTPError as exc:
+        fail(_unreachable(url, exc))
+    answer = _answer(response, url)
+    if not isinstance(answer, dict) or "active" not in answer:
+        fail(_not_a_broker(response, url))
+    show(answer)
+    raise typer.Exit(0 if answer["active"] else 1)
+
+
+@admin_key_app.command("list")
+def admin_key_list() -> None:
+    """List management keys, over HTTP (never their values)."""
+    show(api("GET", "/admin-keys"))
+
+
+@admin_key_app.command("revoke")
+def admin_key_revoke(
+    key_id: Annotated[str, typer.Argument(help="the key's id (key_...), from `admin-key list`")],
+    yes: Yes = False,
+) -> None:
+    """Revoke a management key, over HTTP; it is refused from its next request on."""
+    if key_id.startswith("cba_"):
+        fail("that is a key value, not a key id (key_...): find the id with `admin-key list`")
+    confirm(f"revoke management key {key_id}", yes)
+    show(api("POST", f"/admin-keys/{key_id}/revoke"))
 
 
 # The audit log ------------------------------------------------------------------------------
@@ -882,11 +1162,18 @@ def audit_export(
         ) as response:
             if response.status_code >= 400:  # noqa: PLR2004
                 response.read()
-                error = _json(response)
-                fail(f"{response.status_code} {error.get('error')}: {error.get('message')}")
-            for chunk in response.iter_bytes():
-                sys.stdout.buffer.write(chunk)
-                written += len(chunk)
+                fail(_refusal(response, url))
+            if not response.headers.get("content-type", "").startswith(
+                ("application/x-ndjson", "text/csv")
+            ):
+                fail(_not_a_broker(response, url))
+            with cli_output.Transfer("exporting audit events") as progress:
+                for chunk in response.iter_bytes():
+                    sys.stdout.buffer.write(chunk)
+                    written += len(chunk)
+                    progress.advance(len(chunk))
+    except httpx.ConnectError as exc:
+        fail(_unreachable(url, exc))
     except httpx.HTTPError as exc:
         fail(f"the export stopped after {written} bytes: {exc}")
     sys.stdout.buffer.flush()
@@ -941,8 +1228,8 @@ def audit_verify(
         report = verify_database(Database(settings.async_database_url), keyring, earlier)
     except SQLAlchemyError as exc:
         fail(f"cannot read the audit log: {_database_problem(exc)}", UNUSABLE)
-    if as_json:
-        show(report.as_dict())
+    if as_json or OUTPUT["json"]:
+        cli_output.render(report.as_dict(), as_json=True)
     else:
         typer.echo(verify_summary(report.as_dict()))
     raise typer.Exit(0 if report.ok else 1)
@@ -954,6 +1241,11 @@ def audit_prune(
         str, typer.Option(help="remove events older than this ISO date or date-time (UTC)")
     ],
     as_json: Annotated[bool, typer.Option("--json", help="the result as JSON")] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="say what would be pruned and verify it; change nothing"),
+    ] = False,
+    yes: Yes = False,
 ) -> None:
     """Retention: remove events older than --before behind a signed checkpoint (local).
 
@@ -961,19 +1253,46 @@ def audit_prune(
     """
     from broker.errors import BrokerError  # noqa: PLC0415
     from broker.requestid import current_request_id  # noqa: PLC0415
-    from broker.services.audit import prune_database  # noqa: PLC0415
+    from broker.services.audit import PruneReport, prune_database  # noqa: PLC0415
 
+    as_json = as_json or OUTPUT["json"]
     cut = utc_time(before)
     settings, keyring = _local_audit()
+    database = Database(settings.async_database_url)
     record = {"request_id": current_request_id(), "actor_key_id": None}
-    try:
-        report = prune_database(Database(settings.async_database_url), keyring, cut, record)
-    except BrokerError as exc:
-        fail(exc.message)
-    except SQLAlchemyError as exc:
-        fail(f"cannot prune the audit log: {_database_problem(exc)}", UNUSABLE)
+
+    def prune(*, dry: bool) -> PruneReport:
+        try:
+            with cli_output.spinner("verifying the audit log" if dry else "pruning the audit log"):
+                return prune_database(database, keyring, cut, record, dry_run=dry)
+        except BrokerError as exc:
+            fail(exc.message)
+        except SQLAlchemyError as exc:
+            fail(f"cannot prune the audit log: {_database_problem(exc)}", UNUSABLE)
+
+    if not dry_run and not yes:
+        if not sys.stdin.isatty():
+            fail("refusing to prune without --yes (no terminal to confirm on); try --dry-run")
+        # Asked with what it would remove, and only once that part is known to verify.
+        preview = prune(dry=True)
+        if not preview.pruned:
+            typer.echo(f"nothing older than {cut.isoformat()} to prune")
+            return
+        confirm(
+            f"permanently remove {preview.pruned} audit events older than {cut.isoformat()}", yes
+        )
+    report = prune(dry=dry_run)
     if as_json:
-        show(report.as_dict())
+        cli_output.render(report.as_dict(), as_json=True)
+        return
+    if dry_run:
+        typer.echo(
+            f"dry run: would prune {report.pruned} events older than {cut.isoformat()} "
+            f"(through seq {report.through_seq}; {report.incomplete_pruned} incomplete); "
+            "they verify. Nothing was changed."
+            if report.pruned
+            else f"dry run: nothing older than {cut.isoformat()} to prune. Nothing was changed."
+        )
         return
     if report.pruned:
         typer.echo(
@@ -1049,6 +1368,39 @@ def verify_summary(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def with_json_option(command: Callable[..., None]) -> Callable[..., None]:
+    """Give ``command`` its own ``--json`` (the same as ``broker --json COMMAND``).
+
+    Commands with a ``--json`` of their own (``as_json``) keep it.
+    """
+    signature = inspect.signature(command, eval_str=True)
+    if "as_json" in signature.parameters:
+        return command
+    option = inspect.Parameter(
+        "as_json",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=typer.Option(False, "--json", help="print the API's JSON unchanged"),  # noqa: FBT003
+        annotation=bool,
+    )
+
+    @functools.wraps(command)
+    def with_json(*args: Any, as_json: bool = False, **options: Any) -> None:  # noqa: ANN401
+        OUTPUT["json"] = OUTPUT["json"] or as_json
+        command(*args, **options)
+
+    parameters = [*signature.parameters.values(), option]
+    with_json.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
+    with_json.__annotations__ = {p.name: p.annotation for p in parameters}
+    return with_json
+
+
+# Every command that prints what the API answered takes --json after its name too.
+for _sub in (admin_key_app, upstreams_app, credentials_app, clients_app, tokens_app, audit_app):
+    for _info in _sub.registered_commands:
+        if _info.callback is not None:
+            _info.callback = with_json_option(_info.callback)
+
+
 def main() -> None:
     """Console-script entry point."""
     from broker.config import unknown_variables  # noqa: PLC0415
@@ -1056,7 +1408,8 @@ def main() -> None:
     for warning in unknown_variables(os.environ):
         say(warning)
     try:
-        app()
+        # The name completion scripts and usage lines use, also under `python -m broker`.
+        app(prog_name="broker")
     except KeyboardInterrupt:
         sys.exit(130)
     except ConfigurationError as exc:

@@ -261,3 +261,68 @@ def test_audit_filter_the_api_would_refuse_is_refused_before_calling_it(tmp_path
     assert result.returncode == 2, result.stderr
     assert "--status" in result.stderr
     assert "cannot reach" not in result.stderr
+
+
+def test_version_prints_the_installed_version(tmp_path: Path) -> None:
+    from importlib.metadata import version  # noqa: PLC0415
+
+    result = _run(["--version"], _env(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"broker {version('canvas-token-broker')}\n"
+
+
+def test_shell_completion_script_is_shown_and_completes_commands(tmp_path: Path) -> None:
+    env = _env(tmp_path)
+    script = _run(["--show-completion", "bash"], env)
+    assert script.returncode == 0, script.stderr
+    assert "complete -o default -F _broker_completion broker" in script.stdout
+    assert "_BROKER_COMPLETE=complete_bash" in script.stdout
+    # What the script runs on <TAB>: the completions of `broker tokens intro`.
+    completed = _run(
+        [],
+        {**env, "_BROKER_COMPLETE": "complete_bash", "COMP_WORDS": "broker tokens intro"}
+        | {"COMP_CWORD": "2"},
+    )
+    assert completed.stdout.split() == ["introspect"]
+
+
+def _with_terminal_stderr(args: list[str], env: dict[str, str]) -> tuple[int, str]:
+    """Run ``broker ARGS`` with standard error on a pseudo-terminal; what it drew there."""
+    import pty  # noqa: PLC0415
+
+    controller, terminal = pty.openpty()
+    try:
+        result = subprocess.run(
+            [*BROKER, *args],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=terminal,
+            timeout=120,
+            check=False,
+        )
+        os.close(terminal)
+        drawn = b""
+        while True:
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:  # the terminal's other end is closed: all was read
+                break
+            if not chunk:
+                break
+            drawn += chunk
+    finally:
+        os.close(controller)
+    return result.returncode, drawn.decode(errors="replace")
+
+
+def test_key_rotation_draws_progress_only_on_a_terminal(tmp_path: Path) -> None:
+    env = _env(tmp_path)
+    assert _run(["init"], env).returncode == 0
+    piped = _run(["keys", "rotate"], env)
+    assert piped.returncode == 0, piped.stderr
+    assert "re-encrypting" not in piped.stderr
+    assert "\x1b" not in piped.stderr
+    code, drawn = _with_terminal_stderr(["keys", "rotate"], env)
+    assert code == 0, drawn
+    assert "re-encrypting worker credentials under the new key" in drawn
+    assert "primary key is now 'k3'" in drawn

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import functools
 import io
 import json
 from datetime import UTC, datetime
@@ -205,5 +206,7 @@ async def prune_audit(
     recorded as an admin event (``audit.prune``) in the same transaction.
     """
     record = {**request_facts(request), "actor_key_id": actor.key_id}
-    report = await asyncio.to_thread(services.audit.prune, body.before, record)
+    report = await asyncio.to_thread(
+        functools.partial(services.audit.prune, body.before, record, dry_run=body.dry_run)
+    )
     return AuditPruneOut.model_validate(report.as_dict())

@@ -30,6 +30,7 @@ from broker.api.schemas import (
     RevokedCount,
     SecretRotate,
     TokenOut,
+    TokenValue,
     UpstreamCreate,
     UpstreamOut,
     UpstreamUpdate,
@@ -285,6 +286,13 @@ async def list_tokens(
     """Live proxy tokens (ids and metadata, never values)."""
     tokens = await services.management.list_tokens(client=client, include_inactive=include_inactive)
     return [TokenOut.model_validate(t) for t in tokens]
+
+
+@router.post("/tokens/revoke", tags=["tokens"])
+async def revoke_token_value(body: TokenValue, actor: Admin, services: ServicesDep) -> TokenOut:
+    """Revoke the proxy token with this value (a leaked one): the value travels in the body."""
+    token = await services.management.revoke_token_value(actor, body.token.get_secret_value())
+    return TokenOut.model_validate(token)
 
 
 @router.post("/tokens/{token_id}/revoke", tags=["tokens"])

@@ -301,6 +301,12 @@ class TokenOut(Output):
     source_ip: str | None
 
 
+class TokenValue(Input):
+    """A proxy token's value, to act on the token without knowing its id."""
+
+    token: SecretStr = Field(description="the token value (cbt_...); never echoed or recorded")
+
+
 class RevokedCount(BaseModel):
     """How many tokens a bulk revocation revoked."""
 
@@ -447,6 +453,9 @@ class AuditPruneRequest(Input):
     """Retention: remove events older than ``before``."""
 
     before: AwareDatetime
+    dry_run: bool = Field(
+        default=False, description="say what would be pruned and verify it; change nothing"
+    )
 
 
 class AuditPruneOut(BaseModel):
@@ -457,4 +466,7 @@ class AuditPruneOut(BaseModel):
     through_seq: int
     incomplete_pruned: int
     checkpoint: CheckpointOut | None
-    seq: int = Field(description="seq of the admin event recording this prune")
+    seq: int | None = Field(
+        description="seq of the admin event recording this prune (null for a dry run)"
+    )
+    dry_run: bool = Field(default=False, description="true: nothing was changed")

@@ -298,13 +298,16 @@ class AuditService:
         """Check the whole chain, and an earlier head if given (blocking: run it in a thread)."""
         return verify_database(self._database, self._keyring, earlier)
 
-    def prune(self, before: datetime, record: Mapping[str, Any]) -> PruneReport:
+    def prune(
+        self, before: datetime, record: Mapping[str, Any], *, dry_run: bool = False
+    ) -> PruneReport:
         """Remove events older than ``before`` behind a signed checkpoint (blocking).
 
         ``record`` holds the fields of the admin event that records the prune (who, from
-        where); raises ``ConflictError`` if the part to prune does not verify.
+        where); raises ``ConflictError`` if the part to prune does not verify. With
+        ``dry_run`` nothing changes: the report says what a prune would remove.
         """
-        return prune_database(self._database, self._keyring, before, record)
+        return prune_database(self._database, self._keyring, before, record, dry_run=dry_run)
 
 
 def _anchor(connection: Connection, keyring: Keyring) -> Checkpoint | None:
@@ -338,18 +341,26 @@ def verify_database(
 
 
 def prune_database(
-    database: Database, keyring: Keyring, before: datetime, record: Mapping[str, Any]
+    database: Database,
+    keyring: Keyring,
+    before: datetime,
+    record: Mapping[str, Any],
+    *,
+    dry_run: bool = False,
 ) -> PruneReport:
     """Prune the audit log of ``database`` (blocking); see ``prune_log``.
 
-    A refused prune is recorded too (as a denied ``audit.prune``), then raised.
+    A refused prune is recorded too (as a denied ``audit.prune``), then raised; a refused
+    dry run is only raised.
     """
     engine = database.blocking(write=True)
     try:
         with engine.connect() as connection:
             try:
-                return prune_log(connection, keyring, before, record)
+                return prune_log(connection, keyring, before, record, dry_run=dry_run)
             except ChainBrokenError as exc:
+                if dry_run:
+                    raise
                 refused = admin_event(
                     **record,
                     action=PRUNE_ACTION,
@@ -490,8 +501,10 @@ class PruneReport:
     through_seq: int
     incomplete_pruned: int
     checkpoint: dict[str, Any] | None
-    seq: int
-    """The seq of the admin event recording this prune."""
+    seq: int | None
+    """The seq of the admin event recording this prune (None for a dry run)."""
+    dry_run: bool = False
+    """Whether this only says what a prune would do: then nothing was changed."""
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -502,22 +515,31 @@ class PruneReport:
             "incomplete_pruned": self.incomplete_pruned,
             "checkpoint": self.checkpoint,
             "seq": self.seq,
+            "dry_run": self.dry_run,
         }
 
 
 def prune_log(
-    connection: Connection, keyring: Keyring, before: datetime, record: Mapping[str, Any]
+    connection: Connection,
+    keyring: Keyring,
+    before: datetime,
+    record: Mapping[str, Any],
+    *,
+    dry_run: bool = False,
 ) -> PruneReport:
     """Verify the events retention would remove, then remove them behind a checkpoint.
 
     Refuses (``ChainBrokenError``) if that part of the chain does not verify: pruning must
     never launder tampering into a signed checkpoint. The prune is recorded as an admin event
     (``record`` names who asked) in the same transaction, so it never happens unrecorded.
+
+    A ``dry_run`` does all of it in a transaction it then rolls back: the counts are those
+    the prune would report, and nothing is removed or recorded.
     """
     if before > utcnow():
         # Almost certainly a typo, and it would remove every event.
         raise ValidationFailedError("before", "must not be in the future")
-    with connection.begin():
+    with connection.begin() as transaction:
         head = chain.lock_head(connection)
         anchor = _anchor(connection, keyring)
         anchor_seq = anchor.through_seq if anchor else 0
@@ -546,16 +568,21 @@ def prune_log(
             "through_seq": through_seq,
             "incomplete_pruned": incomplete,
         }
-        [seq] = chain.append(
-            connection,
-            chain_key(keyring),
-            [admin_event(**record, action=PRUNE_ACTION, details={"changes": changes})],
-        )
+        seq: int | None = None
+        if dry_run:
+            transaction.rollback()
+        else:
+            [seq] = chain.append(
+                connection,
+                chain_key(keyring),
+                [admin_event(**record, action=PRUNE_ACTION, details={"changes": changes})],
+            )
     return PruneReport(
         before=before,
         pruned=pruned,
         through_seq=through_seq,
         incomplete_pruned=incomplete,
-        checkpoint=_checkpoint_out(checkpoint),
+        checkpoint=_checkpoint_out(anchor if dry_run else checkpoint),
         seq=seq,
+        dry_run=dry_run,
     )

@@ -19,11 +19,12 @@ from broker.core import rules
 from broker.core.assertions import public_key_set
 from broker.core.catalogue import unfamiliar_scopes
 from broker.core.scopes import Decision, Grant
-from broker.core.tokens import SecretKind, generate_secret, new_id
+from broker.core.tokens import SecretKind, check_secret, generate_secret, new_id
 from broker.domain import AdminKey, Client, ProxyToken, Upstream, WorkerCredential
 from broker.errors import (
     ConflictError,
     InvalidKeySetError,
+    MalformedSecretError,
     NotFoundError,
     Refusal,
     ScopeError,
@@ -837,6 +838,26 @@ class ManagementService:
                 already_revoked=already,
             )
         return token
+
+    async def revoke_token_value(self, actor: Actor, value: str) -> ProxyToken:
+        """Revoke the proxy token whose value is ``value`` (a leaked one, say).
+
+        The value is looked up by its keyed hash and appears in no error or audit event;
+        the event names the token's id, as ``revoke_token`` does.
+        """
+        try:
+            check_secret(value, SecretKind.PROXY_TOKEN)
+        except MalformedSecretError as exc:
+            raise ValidationFailedError(
+                "token", f"not a proxy token value (cbt_...): {exc}"
+            ) from exc
+        async with self._sessions() as session:
+            token = await proxy_tokens.find_by_hash(
+                session, self._keyring.secret_hash_candidates(value)
+            )
+        if token is None:
+            raise NotFoundError("no proxy token has that value (it may have been pruned)")
+        return await self.revoke_token(actor, token.id)
 
     async def revoke_client_tokens(self, actor: Actor, ref: str) -> int:
         """Revoke every live token of a client; returns how many."""

@@ -61,6 +61,12 @@ async def find(session: AsyncSession, token_id: str) -> ProxyToken | None:
     return None if row is None else record(row)
 
 
+async def find_by_hash(session: AsyncSession, hashes: Sequence[str]) -> ProxyToken | None:
+    """The token (of any client) whose keyed hash is one of ``hashes``, if any."""
+    row = await session.scalar(select(_Row).where(_Row.token_hash.in_(list(hashes))))
+    return None if row is None else record(row)
+
+
 async def find_of_client(
     session: AsyncSession, hashes: Sequence[str], client_id: str
 ) -> ProxyToken | None:

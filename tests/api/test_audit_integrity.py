@@ -617,7 +617,9 @@ async def test_cli_prune_removes_older_events_behind_a_checkpoint_and_the_log_ve
     env: BrokerEnv, dba: Dba, around_cut: Pruned, verify: Verify
 ) -> None:
     through = around_cut.older[-1].seq
-    result = run_broker(["audit", "prune", "--before", around_cut.cut.isoformat()], verify.cli_env)
+    result = run_broker(
+        ["audit", "prune", "--yes", "--before", around_cut.cut.isoformat()], verify.cli_env
+    )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == (
@@ -688,7 +690,9 @@ async def test_prune_refuses_when_the_events_to_remove_do_not_verify(
     dba.execute("UPDATE audit_events SET request_id = 'rewritten' WHERE seq = :seq", seq=tampered)
     count = len(dba.events())
 
-    result = run_broker(["audit", "prune", "--before", around_cut.cut.isoformat()], verify.cli_env)
+    result = run_broker(
+        ["audit", "prune", "--yes", "--before", around_cut.cut.isoformat()], verify.cli_env
+    )
     assert result.returncode == 1
     assert f"refusing to prune: event {tampered} is modified" in result.stderr
     response = await env.http.post(
@@ -709,7 +713,7 @@ async def test_prune_refuses_a_date_in_the_future(env: BrokerEnv, verify: Verify
         f"{V1}/audit/prune", headers=env.admin(), json={"before": "2999-01-01T00:00:00Z"}
     )
     assert response.status_code == 422
-    result = run_broker(["audit", "prune", "--before", "2999-01-01"], verify.cli_env)
+    result = run_broker(["audit", "prune", "--yes", "--before", "2999-01-01"], verify.cli_env)
     assert result.returncode == 1
     assert "before: must not be in the future" in result.stderr
 
@@ -763,3 +767,108 @@ async def test_verify_reports_configuration_errors_with_exit_2(
     )
     assert no_schema.returncode == 2
     assert no_schema.stderr.startswith("error: cannot read the audit log: ")
+
+
+async def test_cli_prune_dry_run_says_what_would_go_and_changes_nothing(
+    env: BrokerEnv, dba: Dba, around_cut: Pruned, verify: Verify
+) -> None:
+    before = [row.seq for row in dba.events()]
+    through = around_cut.older[-1].seq
+    cut = around_cut.cut.isoformat()
+
+    result = run_broker(["audit", "prune", "--dry-run", "--before", cut], verify.cli_env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == (
+        f"dry run: would prune {len(around_cut.older)} events older than {cut} "
+        f"(through seq {through}; 0 incomplete); they verify. Nothing was changed.\n"
+    )
+    as_json = run_broker(["audit", "prune", "--dry-run", "--json", "--before", cut], verify.cli_env)
+    assert as_json.returncode == 0, as_json.stderr
+    report = json.loads(as_json.stdout)
+    assert (report["dry_run"], report["seq"], report["checkpoint"]) == (True, None, None)
+    assert (report["pruned"], report["through_seq"]) == (len(around_cut.older), through)
+    assert [row.seq for row in dba.events()] == before
+    assert dba.scalar("SELECT count(*) FROM audit_checkpoints") == 0
+
+    pruned = run_broker(["audit", "prune", "--yes", "--json", "--before", cut], verify.cli_env)
+    assert json.loads(pruned.stdout)["pruned"] == report["pruned"]
+
+
+async def test_cli_prune_without_yes_off_a_terminal_is_refused_and_changes_nothing(
+    dba: Dba, around_cut: Pruned, verify: Verify
+) -> None:
+    before = [row.seq for row in dba.events()]
+    result = run_broker(
+        ["audit", "prune", "--before", around_cut.cut.isoformat()], verify.cli_env, stdin=""
+    )
+    assert result.returncode == 1
+    assert "refusing to prune without --yes" in result.stderr
+    assert [row.seq for row in dba.events()] == before
+
+
+async def test_prune_dry_run_of_a_tampered_part_is_refused_and_records_nothing(
+    env: BrokerEnv, dba: Dba, around_cut: Pruned
+) -> None:
+    tampered = around_cut.older[2].seq
+    dba.execute("UPDATE audit_events SET request_id = 'rewritten' WHERE seq = :seq", seq=tampered)
+    count = len(dba.events())
+    body = {"before": around_cut.cut.isoformat(), "dry_run": True}
+    response = await env.http.post(f"{V1}/audit/prune", headers=env.admin(), json=body)
+    assert response.status_code == 409
+    assert f"event {tampered} is modified" in response.json()["message"]
+    assert len(dba.events()) == count
+
+
+async def test_api_prune_dry_run_reports_the_real_counts_and_keeps_every_event(
+    env: BrokerEnv, dba: Dba, around_cut: Pruned
+) -> None:
+    before = [row.seq for row in dba.events()]
+    body = {"before": around_cut.cut.isoformat(), "dry_run": True}
+    response = await env.http.post(f"{V1}/audit/prune", headers=env.admin(), json=body)
+    assert response.status_code == 200, response.text
+    dry = response.json()
+    assert (dry["dry_run"], dry["seq"], dry["pruned"]) == (True, None, len(around_cut.older))
+    assert [row.seq for row in dba.events()] == before
+    real = await env.http.post(
+        f"{V1}/audit/prune", headers=env.admin(), json={"before": body["before"]}
+    )
+    assert (real.json()["pruned"], real.json()["dry_run"]) == (dry["pruned"], False)
+
+
+async def test_cli_prune_on_a_terminal_asks_naming_how_many_events_would_go(
+    dba: Dba, around_cut: Pruned, verify: Verify
+) -> None:
+    import os  # noqa: PLC0415
+    import pty  # noqa: PLC0415
+    import subprocess as sp  # noqa: PLC0415
+
+    from tests.support.audit import BROKER  # noqa: PLC0415
+
+    cut = around_cut.cut.isoformat()
+
+    def answer(reply: bytes) -> subprocess.CompletedProcess[str]:
+        controller, terminal = pty.openpty()
+        try:
+            os.write(controller, reply)
+            return sp.run(
+                [*BROKER, "audit", "prune", "--before", cut],
+                env=verify.cli_env,
+                stdin=terminal,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+            )
+        finally:
+            os.close(terminal)
+            os.close(controller)
+
+    before = [row.seq for row in dba.events()]
+    declined = answer(b"n\n")
+    assert declined.returncode == 1
+    question = f"Permanently remove {len(around_cut.older)} audit events older than {cut}?"
+    assert question in declined.stderr
+    assert [row.seq for row in dba.events()] == before
+    accepted = answer(b"y\n")
+    assert accepted.returncode == 0, accepted.stderr
+    assert accepted.stdout.startswith(f"pruned {len(around_cut.older)} events older than {cut}")

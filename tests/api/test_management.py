@@ -143,10 +143,18 @@ MUTATION_REQUESTS: dict[tuple[str, str], tuple[dict[str, Any] | None, str]] = {
     ("POST", f"{V1}/clients/{{ref}}/enable"): (None, "client.enable"),
     ("POST", f"{V1}/clients/{{ref}}/revoke-tokens"): (None, "client.revoke_tokens"),
     ("POST", f"{V1}/tokens/{{token_id}}/revoke"): (None, "token.revoke"),
+    ("POST", f"{V1}/tokens/revoke"): ({"token": "{token}"}, "token.revoke"),
     ("POST", f"{V1}/admin-keys"): ({"name": "ops", "role": "auditor"}, "admin_key.create"),
     ("POST", f"{V1}/admin-keys/{{key_id}}/revoke"): (None, "admin_key.revoke"),
     ("POST", f"{V1}/audit/prune"): ({"before": "2000-01-01T00:00:00Z"}, "audit.prune"),
 }
+
+
+def body_for(body: dict[str, Any] | None, world: World) -> dict[str, Any] | None:
+    """A request body with ``"{token}"`` replaced by the world's live token value."""
+    if body is None:
+        return None
+    return {k: world.token if v == "{token}" else v for k, v in body.items()}
 
 
 async def send(
@@ -185,7 +193,7 @@ async def test_auditor_key_gets_403_on_mutation(
     body, _action = MUTATION_REQUESTS.get((method, template), ({}, ""))
     before = await admin_events(env)
     path = concrete(template, world)
-    response = await send(env, method, path, body, env.auditor())
+    response = await send(env, method, path, body_for(body, world), env.auditor())
     assert_error(response, 403, "read_only_key")
     [refusal, *rest] = await admin_events(env)
     assert rest == before
@@ -213,7 +221,7 @@ async def test_management_route_without_a_key_is_401(
     env: BrokerEnv, world: World, method: str, template: str
 ) -> None:
     body, _action = MUTATION_REQUESTS.get((method, template), (None, ""))
-    response = await send(env, method, concrete(template, world), body, {})
+    response = await send(env, method, concrete(template, world), body_for(body, world), {})
     assert_error(response, 401, "invalid_admin_key")
     assert response.headers["www-authenticate"].startswith("Bearer")
 
@@ -345,7 +353,8 @@ async def test_mutation_is_audited_with_actor_and_changes(
     env: BrokerEnv, world: World, method: str, template: str
 ) -> None:
     body, action = MUTATION_REQUESTS[(method, template)]
-    response = await send(env, method, concrete(template, world), body, env.admin())
+    path = concrete(template, world)
+    response = await send(env, method, path, body_for(body, world), env.admin())
     assert response.status_code in {200, 201}, response.text
     [event, *_] = await admin_events(env)
     assert event["action"] == action
@@ -1084,6 +1093,45 @@ async def test_revoked_token_leaves_the_live_token_list(env: BrokerEnv) -> None:
     assert (await env.http.get(f"{V1}/tokens", headers=env.admin())).json() == []
     everything = await env.http.get(f"{V1}/tokens?include_inactive=true", headers=env.admin())
     assert [t["id"] for t in everything.json()] == [listed["id"]]
+
+
+async def test_revoke_token_by_value_refuses_its_next_call_and_never_echoes_it(
+    env: BrokerEnv,
+) -> None:
+    token = await env.client_token()
+    [listed] = (await env.http.get(f"{V1}/tokens", headers=env.admin())).json()
+    response = await env.http.post(
+        f"{V1}/tokens/revoke", headers=env.admin(), json={"token": token}
+    )
+    assert response.status_code == 200, response.text
+    assert (response.json()["id"], response.json()["revoked_at"] is not None) == (
+        listed["id"],
+        True,
+    )
+    assert token not in response.text
+    proxied = await env.http.get(COURSE, headers=bearer(token))
+    assert proxied.json()["error"] == "token_revoked"
+    [event, *_] = await admin_events(env)
+    assert (event["action"], event["token_id"]) == ("token.revoke", listed["id"])
+
+
+async def test_revoke_by_value_of_an_unknown_or_garbled_value_names_the_problem(
+    env: BrokerEnv,
+) -> None:
+    unknown = generate_secret(SecretKind.PROXY_TOKEN)
+    response = await env.http.post(
+        f"{V1}/tokens/revoke", headers=env.admin(), json={"token": unknown}
+    )
+    assert_error(response, 404, "not_found")
+    assert unknown not in response.text
+    garbled = await env.http.post(
+        f"{V1}/tokens/revoke",
+        headers=env.admin(),
+        json={"token": unknown[:-1] + ("1" if unknown.endswith("0") else "0")},
+    )
+    assert_error(garbled, 422, "invalid_field")
+    assert garbled.json()["message"].startswith("token: not a proxy token value")
+    assert unknown[:-1] not in garbled.text
 
 
 async def test_revoke_unknown_token_is_404(env: BrokerEnv) -> None:

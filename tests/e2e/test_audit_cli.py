@@ -50,13 +50,13 @@ def test_leaked_token_is_hashed_from_stdin_and_found_with_query_contains(
     )
     assert refused.status_code == 403
 
-    hashed = run_broker(["audit", "hash"], investigator, stdin=leaked + "\n")
+    hashed = run_broker(["audit", "hash", "--json"], investigator, stdin=leaked + "\n")
     assert hashed.returncode == 0, hashed.stderr
     assert leaked not in hashed.stdout + hashed.stderr
     [value] = json.loads(hashed.stdout)["hashes"].values()
     assert value.startswith("hmac-sha256:")
 
-    found = run_broker(["audit", "query", "--query-contains", value], investigator)
+    found = run_broker(["audit", "query", "--query-contains", value, "--json"], investigator)
     assert found.returncode == 0, found.stderr
     [event] = json.loads(found.stdout)["events"]
     assert event["request_id"] == refused.headers["x-request-id"]
@@ -80,7 +80,7 @@ def test_every_call_of_a_client_in_a_window_exports_as_csv_and_ndjson(
     assert httpx.delete(f"{live_broker.url}{COURSE}", headers=bearer).status_code == 403
     window = ["--client", client_id, "--since", "2000-01-01", "--until", "2999-01-01"]
 
-    query = run_broker(["audit", "query", *window, "--limit", "1000"], investigator)
+    query = run_broker(["audit", "query", *window, "--limit", "1000", "--json"], investigator)
     assert query.returncode == 0, query.stderr
     events = json.loads(query.stdout)["events"]
     assert [(e["kind"], e["method"]) for e in events] == [
@@ -120,12 +120,54 @@ def test_every_refusal_and_admin_action_is_found_and_the_log_verifies(
     assert live_broker.http.post(f"/broker/v1/clients/{client_id}/disable").is_success
     assert httpx.get(f"{live_broker.url}{COURSE}").status_code == 401
 
-    refusals = run_broker(["audit", "query", "--decision", "deny"], investigator)
+    refusals = run_broker(["--json", "audit", "query", "--decision", "deny"], investigator)
     assert [e["reason"] for e in json.loads(refusals.stdout)["events"]] == ["missing_token"]
-    admin = run_broker(["audit", "query", "--kind", "admin", "--client", client_id], investigator)
+    admin = run_broker(
+        ["--json", "audit", "query", "--kind", "admin", "--client", client_id], investigator
+    )
     actions = [e["action"] for e in json.loads(admin.stdout)["events"]]
     assert actions == ["client.disable", "client.create"]
 
     verified = run_broker(["audit", "verify"], investigator)
     assert verified.returncode == 0, verified.stdout
     assert verified.stdout.startswith("audit log OK\n")
+
+
+def test_export_draws_progress_on_a_terminal_and_keeps_stdout_the_export(
+    live_broker: LiveBroker, investigator: dict[str, str]
+) -> None:
+    import os  # noqa: PLC0415
+    import pty  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+
+    from tests.support.audit import BROKER  # noqa: PLC0415
+
+    live_broker.client(["url:GET|/api/v1/courses/:id"], {})
+    controller, terminal = pty.openpty()
+    try:
+        result = subprocess.run(
+            [*BROKER, "audit", "export"],
+            env=investigator,
+            stdout=subprocess.PIPE,
+            stderr=terminal,
+            timeout=120,
+            check=False,
+        )
+        os.close(terminal)
+        drawn = b""
+        while True:
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:  # the other end is closed: everything was read
+                break
+            if not chunk:
+                break
+            drawn += chunk
+    finally:
+        os.close(controller)
+    assert result.returncode == 0, drawn
+    events = [json.loads(line) for line in result.stdout.decode().splitlines()]
+    assert events
+    assert b"\x1b" not in result.stdout
+    assert "exporting audit events" in drawn.decode(errors="replace")
+    assert f"exported {len(result.stdout)} bytes" in drawn.decode(errors="replace")
