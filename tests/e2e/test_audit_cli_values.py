@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 def test_unknown_filter_values_exit_2_naming_the_allowed_values(
     live_broker: LiveBroker, command: str
 ) -> None:
-    cli = Cli(live_broker.url, live_broker.admin_key)
+    cli = Cli(live_broker.url, live_broker.admin_key, as_json=True)
     # A wide terminal, so the error box does not wrap the list.
     decision = cli("audit", command, "--decision", "maybe", COLUMNS="300")
     assert decision.returncode == 2
@@ -35,7 +35,7 @@ def test_unknown_filter_values_exit_2_naming_the_allowed_values(
 def test_client_names_select_as_ids_and_unknown_names_are_errors(
     live_broker: LiveBroker,
 ) -> None:
-    cli = Cli(live_broker.url, live_broker.admin_key)
+    cli = Cli(live_broker.url, live_broker.admin_key, as_json=True)
     caller = live_broker.caller(["url:GET|/api/v1/courses/:id"], {})
     name = live_broker.http.get(f"/broker/v1/clients/{caller.client_id}").json()["name"]
     answered = httpx.get(

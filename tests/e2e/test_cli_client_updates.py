@@ -41,7 +41,7 @@ def _create(cli: Cli) -> None:
 def test_grant_keeps_constraints_refuses_typos_and_clears_only_when_told(
     live_broker: LiveBroker,
 ) -> None:
-    cli = Cli(live_broker.url, live_broker.admin_key)
+    cli = Cli(live_broker.url, live_broker.admin_key, as_json=True)
     _create(cli)
 
     typo = cli("clients", "grant", "grade-export", "--constraint", "courseid=1201")
@@ -79,7 +79,7 @@ def test_grant_keeps_constraints_refuses_typos_and_clears_only_when_told(
 def test_update_changes_only_the_settings_named_and_prints_each_change(
     live_broker: LiveBroker,
 ) -> None:
-    cli = Cli(live_broker.url, live_broker.admin_key)
+    cli = Cli(live_broker.url, live_broker.admin_key, as_json=True)
     _create(cli)
     before = json.loads(cli("clients", "get", "grade-export").stdout)
 
@@ -136,10 +136,10 @@ def test_update_changes_only_the_settings_named_and_prints_each_change(
 
 
 def test_enable_says_earlier_tokens_stay_revoked(live_broker: LiveBroker) -> None:
-    cli = Cli(live_broker.url, live_broker.admin_key)
+    cli = Cli(live_broker.url, live_broker.admin_key, as_json=True)
     caller = live_broker.caller([COURSES], {"course_id": ["1201"]})
     ref = caller.client_id
-    disabled = cli("clients", "disable", ref)
+    disabled = cli("clients", "disable", ref, "--yes")
     assert disabled.returncode == 0, disabled.stderr
     assert "enabled: true -> false" in disabled.stderr
     assert "revoked 1 live token(s)" in disabled.stderr

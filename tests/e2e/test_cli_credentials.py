@@ -19,7 +19,7 @@ WRONG_TOKEN = "typo-in-the-pasted-canvas-token"
 def test_credentials_create_refuses_a_token_canvas_rejects_and_stores_nothing(
     live_broker: LiveBroker, sim: SimServer
 ) -> None:
-    cli = Cli(live_broker.url, live_broker.admin_key)
+    cli = Cli(live_broker.url, live_broker.admin_key, as_json=True)
     args = ("credentials", "create", "--upstream", "sim", "--name", "typo")
     refused = cli(*args, BROKER_WORKER_TOKEN=WRONG_TOKEN)
     assert refused.returncode == 1
@@ -38,8 +38,8 @@ def test_credentials_create_refuses_a_token_canvas_rejects_and_stores_nothing(
 def test_credentials_list_shows_the_verified_canvas_user(
     live_broker: LiveBroker, sim: SimServer
 ) -> None:
-    cli = Cli(live_broker.url, live_broker.admin_key)
-    rotated = cli("credentials", "rotate", "worker", BROKER_WORKER_TOKEN=WORKER_TOKEN)
+    cli = Cli(live_broker.url, live_broker.admin_key, as_json=True)
+    rotated = cli("credentials", "rotate", "worker", "--yes", BROKER_WORKER_TOKEN=WORKER_TOKEN)
     assert rotated.returncode == 0, rotated.stderr
     [worker] = json.loads(cli("credentials", "list").stdout)
     assert (worker["canvas_user_id"], worker["canvas_user_name"]) == ("1", "Grace Hopper")
