@@ -71,6 +71,8 @@ def two_workers(tmp_path: Path, sim: SimServer) -> Iterator[tuple[str, dict[str,
             ("/broker/v1/credentials", {"upstream": "sim", "name": "w", "token": WORKER_TOKEN}),
         ]:
             assert httpx.post(url + path, json=body, headers=admin).status_code == 201
+        # Storing the credential asked the simulator who the token is; count from here.
+        sim.state.received.clear()
         yield url, admin, tmp_path
     finally:
         server.terminate()
