@@ -317,7 +317,8 @@ class KeyringReloader:
       authenticate) triggers one reload before it fails. A key id that still fails is not
       retried for ``RETRY_AFTER``, so a broken credential costs no file read per call.
 
-    A reload reads the key file only if it changed (inode, size, mtime): ``write_key_file``
+    A reload reads the key file only if it changed (inode, size, times, mode; a file that was
+    refused is not read again until it changes): ``write_key_file``
     replaces the file, so every rewrite is seen. ``BROKER_KEYS`` comes from the environment,
     which cannot change under a running process: with it, nothing is ever re-read (the
     rotation procedure in docs/storage-and-keys.md#key-rotation keeps every process able to
@@ -328,7 +329,8 @@ class KeyringReloader:
         self.keyring = keyring
         self._key_file = key_file
         self._lock = threading.Lock()
-        self._signature: tuple[int, int, int] | None = None
+        self._signature: tuple[int, ...] | None = None
+        self._failed_signature: tuple[int, ...] | None = None
         if key_file is not None:
             with contextlib.suppress(OSError):
                 self._signature = _signature(key_file)
@@ -352,10 +354,11 @@ class KeyringReloader:
         with self._lock:
             try:
                 signature = _signature(self._key_file)
-                if signature == self._signature:
+                if signature in {self._signature, self._failed_signature}:
                     return False
                 newer = load_key_file(self._key_file)
             except ConfigurationError as exc:
+                self._failed_signature = signature
                 return self._failed(str(exc))
             except OSError as exc:
                 return self._failed(
@@ -397,6 +400,7 @@ class KeyringReloader:
             self.observe("undecryptable")
 
 
-def _signature(path: Path) -> tuple[int, int, int]:
+def _signature(path: Path) -> tuple[int, ...]:
+    # The change time and mode too: a `chmod 600` that fixes a refused file is a change.
     status = path.stat()
-    return status.st_ino, status.st_size, status.st_mtime_ns
+    return (status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns, status.st_mode)

@@ -188,7 +188,12 @@ def test_an_unusable_key_file_keeps_the_keys_and_says_why(tmp_path: Path) -> Non
     assert reloader.problem.startswith("BROKER_KEY_FILE")
     assert "readable by others" in reloader.problem
     assert keyring.primary_id == "k1"
+    assert reloader.reload() is False  # not read again until it changes
     assert seen == ["reload_failed"]
+    path.chmod(0o600)  # the fix: a change of mode alone is seen
+    assert reloader.reload() is False  # read, nothing new in it
+    assert reloader.reloads == 1
+    assert not reloader.problem
 
 
 def test_with_broker_keys_nothing_is_reread(tmp_path: Path) -> None:
