@@ -79,7 +79,8 @@ PROXY_REASONS: Final = frozenset(
         "client_disabled",
         "credential_disabled",
         "upstream_disabled",
-        "credential_undecryptable",
+        "credential_undecryptable",  # written before it became credential_unavailable
+        "credential_unavailable",
         "token_store_unavailable",
         # The request and the grant (core.admission, core.rules, core.scopes).
         "malformed_request",
@@ -104,6 +105,7 @@ PROXY_REASONS: Final = frozenset(
         "upstream_unreachable",
         "upstream_timeout",
         "upstream_credential_exposed",
+        "upstream_credential_rejected",
         "upstream_body_failed",
         "client_disconnected",
         "not_found",

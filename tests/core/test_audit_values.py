@@ -15,7 +15,17 @@ BROKER = Path(__file__).resolve().parents[2] / "broker"
 REASON_ARGUMENTS = {"Refusal": 1, "refuse": 1, "OAuthError": 0}
 ACTION_ARGUMENTS = {"_event": 2, "record_admin": 0, "_token_event": 1}
 # Error codes of the management API and the token endpoint that no event records.
-NOT_REASONS = {"conflict", "forbidden", "invalid_field", "internal_error", "invalid_token"}
+# Error codes of management answers that no event records: a refused change is not audited
+# (canvas_*: Canvas refusing or not answering a worker token's verification when it is stored).
+NOT_REASONS = {
+    "conflict",
+    "forbidden",
+    "invalid_field",
+    "internal_error",
+    "invalid_token",
+    "canvas_rejected_token",
+    "canvas_unreachable",
+}
 
 
 def _text(node: ast.expr) -> str | None:
