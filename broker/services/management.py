@@ -10,7 +10,7 @@ import ipaddress
 import math
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from sqlalchemy.exc import IntegrityError
@@ -278,24 +278,6 @@ class ClientChange:
     tokens_revoked: int = 0
 
 
-_COMPARED: Final = (
-    "name",
-    "scopes",
-    "constraints",
-    "token_ttl",
-    "max_token_ttl",
-    "allow_masquerade",
-    "allow_includes",
-    "allowed_cidrs",
-    "rate_limit",
-    "rate_burst",
-    "jwks",
-    "description",
-    "enabled",
-)
-"""The client fields an update may change, in the order changes are reported."""
-
-
 def _comparable(name: str, value: Any) -> Any:  # noqa: ANN401 - a field's value
     """A client field's value as plain JSON data, so stored and requested values compare."""
     if name in {"scopes", "allowed_cidrs"}:
@@ -318,7 +300,7 @@ def client_changes(before: Client, after: Client) -> dict[str, dict[str, Any]]:
     ``key_ids``.
     """
     changes: dict[str, dict[str, Any]] = {}
-    for name in _COMPARED:
+    for name in clients.SETTINGS:
         old, new = _field(before, name), _field(after, name)
         if old == new:
             continue

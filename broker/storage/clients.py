@@ -18,25 +18,24 @@ if TYPE_CHECKING:
 
     from sqlalchemy.ext.asyncio import AsyncSession
 
-UPDATABLE: Final = frozenset(
-    {
-        "name",
-        "scopes",
-        "constraints",
-        "token_ttl",
-        "max_token_ttl",
-        "allow_masquerade",
-        "allow_includes",
-        "allowed_cidrs",
-        "rate_limit",
-        "rate_burst",
-        "jwks",
-        "description",
-        "enabled",
-        "grant_version",
-        "updated_at",
-    }
+SETTINGS: Final = (
+    "name",
+    "scopes",
+    "constraints",
+    "token_ttl",
+    "max_token_ttl",
+    "allow_masquerade",
+    "allow_includes",
+    "allowed_cidrs",
+    "rate_limit",
+    "rate_burst",
+    "jwks",
+    "description",
+    "enabled",
 )
+"""The client fields an admin may change, in the order changes are reported."""
+
+UPDATABLE: Final = frozenset({*SETTINGS, "grant_version", "updated_at"})
 _LISTS: Final = frozenset({"scopes", "allowed_cidrs"})
 
 
