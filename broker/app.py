@@ -89,7 +89,7 @@ class BrokerApp:
         try:
             await self._route(scope, receive, observed)
         finally:
-            access_log.logger.info(
+            access_log.write(
                 access_log.line(
                     scope,
                     request_id=seen.get("request_id"),

@@ -102,3 +102,62 @@ async def test_broker_access_log_false_writes_no_lines(env: BrokerEnv, access: _
     response = await env.http.get("/healthz")
     assert response.status_code == 200
     assert access.lines == []
+
+
+def test_a_line_is_json_for_any_path_query_and_ids() -> None:
+    from broker.access_log import line  # noqa: PLC0415
+
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": '/api/v1/"quoted"\\back\u00e9\u2028\x00',
+        "query_string": b"q=%22x%22&access_token=abc",
+        "client": ("::1", 1),
+        "state": {"actor_key_id": 'ak"1'},
+        "broker.client_id": "cl\n1",
+    }
+    record = json.loads(
+        line(
+            scope,
+            request_id=None,
+            status=None,
+            duration_ms=0.0004,
+            sensitive=frozenset({"access_token"}),
+        )
+    )
+    assert record["path"] == scope["path"]
+    assert record["query"] == "q=%22x%22&access_token=[redacted]"
+    assert (record["client_id"], record["admin_key_id"], record["peer"]) == ("cl\n1", 'ak"1', "::1")
+    assert (record["request_id"], record["status"], record["duration_ms"]) == (None, None, 0.0)
+    assert record["time"].endswith("Z")
+    assert len(record["time"]) == len("2026-12-02T19:43:10.855Z")
+
+
+async def test_default_handler_writes_the_lines_of_one_loop_turn_to_stderr_at_once(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import asyncio  # noqa: PLC0415
+
+    from broker import access_log  # noqa: PLC0415
+
+    logger = logging.getLogger(LOGGER_NAME)
+    saved = (list(logger.handlers), logger.propagate, logger.level)
+    for handler in saved[0]:
+        logger.removeHandler(handler)
+    try:
+        access_log.enable()
+        access_log.write('{"n":1}')
+        access_log.write('{"n":2}')
+        assert capsys.readouterr().err == ""  # not before the end of the turn
+        await asyncio.sleep(0)
+        assert capsys.readouterr().err == '{"n":1}\n{"n":2}\n'
+        logger.setLevel(logging.WARNING)
+        access_log.write('{"n":3}')
+        await asyncio.sleep(0)
+        assert capsys.readouterr().err == ""
+    finally:
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+        for handler in saved[0]:
+            logger.addHandler(handler)
+        logger.propagate, logger.level = saved[1], saved[2]
