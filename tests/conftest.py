@@ -22,6 +22,7 @@ from broker.services.audit_hub import AuditHub
 from broker.sim.data import seed_data
 from broker.sim.server import SimServer
 from broker.sim.state import SimState
+from broker.sim.throttle import CanvasThrottle
 from broker.storage.database import Database, upgrade_schema
 from broker.storage.models import Base
 from tests.support.env import AUDIT_HUB, WORKER_TOKEN, BrokerEnv
@@ -101,7 +102,7 @@ def sim(sim_server: SimServer) -> SimServer:
     state = sim_server.state
     state.received.clear()
     state.data = seed_data()
-    state._buckets.clear()
+    state.throttle = CanvasThrottle()
     state.max_per_page = 100
     return sim_server
 

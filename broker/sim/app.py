@@ -13,6 +13,7 @@ A request passes through two layers:
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -250,47 +251,63 @@ class _CanvasApi:
         """Wrap a handler in Canvas's per-call pipeline, as a Starlette endpoint."""
 
         async def run(request: Request) -> Response:
-            return self._dispatch(request, handler)
+            return await self._dispatch(request, handler)
 
         return run
 
-    def _dispatch(self, request: Request, handler: Handler) -> Response:
+    async def _dispatch(self, request: Request, handler: Handler) -> Response:
         params: RequestParams = request.scope[PARAMS_SCOPE_KEY]
         headers = request.headers
-        capacity = self.state.rate_limit_capacity
+        state = self.state
         if params.body_error is not None:
             response = error_response(headers, 400, f"Bad request body: {params.body_error}")
-            return self._finish(request, response, 0.0, capacity)
+            return self._finish(request, response, 0.0, state.throttle.full)
         merged = params.merged
         token = _bearer_token(headers) or merged.get("access_token")
-        if not isinstance(token, str) or token not in self.state.tokens:
+        if not isinstance(token, str) or token not in state.tokens:
             challenge = {"WWW-Authenticate": 'Bearer realm="canvas-lms"'}
             response = error_response(headers, 401, UNAUTHENTICATED_MESSAGE, challenge)
-            return self._finish(request, response, 0.0, capacity)
-        decision = self.state.charge(token)
-        if not decision.allowed:
-            response = PlainTextResponse("Rate Limit Exceeded", 403)
-            return self._finish(request, response, decision.cost, decision.remaining)
+            return self._finish(request, response, 0.0, state.throttle.full)
+        # Charged on arrival, settled once answered (broker/sim/throttle.py).
+        method, path = request.method, request.url.path
+        admission = state.throttle.admit(token, method, path, state.clock())
+        try:
+            if not admission.allowed:
+                response = PlainTextResponse(
+                    state.throttle.throttled_body, 403, media_type="text/plain; charset=utf-8"
+                )
+                user = None
+            else:
+                if state.latency > 0:
+                    await asyncio.sleep(state.latency)
+                response, user = self._run(request, handler, merged)
+        finally:
+            cost, remaining = state.throttle.settle(admission, method, path, state.clock())
+        return self._finish(request, response, cost, remaining, user)
+
+    def _run(
+        self, request: Request, handler: Handler, merged: dict[str, Any]
+    ) -> tuple[Response, User | None]:
+        headers = request.headers
         user = self.state.data.users[ADMIN_USER_ID]
         masquerade = merged.get("as_user_id")
         if masquerade is not None:
             found = self.state.data.find_user(str(masquerade))
             if found is None:
-                response = error_response(headers, 401, "Invalid as_user_id")
-                return self._finish(request, response, decision.cost, decision.remaining)
+                return error_response(headers, 401, "Invalid as_user_id"), None
             user = found
         base_url = request_base_url(request.url.scheme, headers, request.scope.get("server"))
         try:
             response = handler(ApiCall(request, merged, user, base_url))
         except _SimError as exc:
             response = error_response(headers, exc.status_code, exc.message)
-        return self._finish(request, response, decision.cost, decision.remaining, user)
+        return response, user
 
     def _finish(
         self,
         request: Request,
         response: Response,
-        cost: float,
+        cost: float | None,
         remaining: float,
         user: User | None = None,
     ) -> Response:
@@ -305,7 +322,7 @@ class _CanvasApi:
         """Answer unrouted paths (and unrouted methods) with Canvas's 404 body."""
         del exc  # Starlette passes the 404/405 it raised; Canvas answers both the same way.
         response = error_response(request.headers, 404, NOT_FOUND)
-        return self._finish(request, response, 0.0, self.state.rate_limit_capacity)
+        return self._finish(request, response, 0.0, self.state.throttle.full)
 
     # --- helpers ---------------------------------------------------------------------------
 

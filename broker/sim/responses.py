@@ -65,9 +65,10 @@ def _float_header(value: float) -> str:
     return str(round(value, 6))
 
 
-def add_canvas_headers(response: Response, cost: float, remaining: float) -> None:
-    """Add the headers every Canvas API response carries."""
-    response.headers["X-Request-Cost"] = _float_header(cost)
+def add_canvas_headers(response: Response, cost: float | None, remaining: float) -> None:
+    """Add the headers every Canvas API response carries (a throttled one has no cost)."""
+    if cost is not None:
+        response.headers["X-Request-Cost"] = _float_header(cost)
     response.headers["X-Rate-Limit-Remaining"] = _float_header(remaining)
     response.headers["X-Request-Context-Id"] = str(uuid.uuid4())
     response.headers["Cache-Control"] = "max-age=0, private, must-revalidate"
