@@ -30,6 +30,7 @@ from broker.metrics import Metrics
 from broker.requestid import current_request_id, new_request_id
 from broker.services.admin_auth import AdminAuthenticator
 from broker.services.audit import AuditService
+from broker.services.canvas_capacity import CanvasCapacity
 from broker.services.management import ManagementService
 from broker.services.proxy import ProxyService
 from broker.services.ratelimit import RateLimitService
@@ -186,7 +187,11 @@ def install(app: FastAPI, context: ProcessContext) -> None:
     )
     rate_limits = RateLimitService(context.sessions)
     app.state.rate_limits = rate_limits
-    app.state.proxy = ProxyApp(ProxyService(context, tokens, audit, rate_limits, metrics))
+    canvas = CanvasCapacity(context.settings, metrics)
+    app.state.canvas_capacity = canvas
+    app.state.proxy = ProxyApp(
+        ProxyService(context, tokens, audit, rate_limits, metrics, canvas=canvas)
+    )
 
 
 def _add_ops_routes(app: FastAPI) -> None:

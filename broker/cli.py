@@ -673,6 +673,9 @@ def clients_create(
     burst: Annotated[
         int | None, typer.Option(help="calls allowed at once (default: ceil of the rate)")
     ] = None,
+    canvas_weight: Annotated[
+        float, typer.Option(help="weight in the credential's share of Canvas's rate limit")
+    ] = 1.0,
     jwks_file: Annotated[
         Path | None,
         typer.Option(help="public JWK Set file: the client uses private_key_jwt, no secret"),
@@ -703,6 +706,7 @@ def clients_create(
             "allow_includes": allow_includes,
             "rate_limit": rate_limit,
             "rate_burst": burst,
+            "canvas_weight": canvas_weight,
             "auth_method": "private_key_jwt" if key_set is not None else "client_secret",
             "jwks": key_set,
         },
@@ -811,6 +815,10 @@ def clients_update(
     rate_burst: Annotated[
         int | None, typer.Option(help="calls allowed at once (needs a rate limit)")
     ] = None,
+    canvas_weight: Annotated[
+        float | None,
+        typer.Option(help="weight in the credential's share of Canvas's rate limit (default 1)"),
+    ] = None,
     cidr: Annotated[
         list[str] | None,
         typer.Option(help="network tokens may be requested from (repeatable); replaces the list"),
@@ -843,6 +851,7 @@ def clients_update(
         "max_token_ttl": max_token_ttl,
         "rate_limit": rate_limit,
         "rate_burst": rate_burst,
+        "canvas_weight": canvas_weight,
         "allowed_cidrs": cidr or ([] if clear_cidrs else None),
         "allow_includes": allow_includes,
         "allow_masquerade": allow_masquerade,

@@ -104,6 +104,15 @@ class Settings(BaseSettings):
         description="One JSON line per request on standard error (sensitive query values "
         "redacted); false turns it off",
     )
+    canvas_reserve: float = Field(
+        default=200.0,
+        description="Canvas rate-limit capacity under which a worker credential's clients share "
+        "it by weight (429 canvas_capacity beyond a client's share); 0 turns sharing off",
+    )
+    canvas_outflow: float = Field(
+        default=10.0,
+        description="Units a second Canvas's rate-limit bucket leaks (Canvas's default, 10)",
+    )
     host: str = Field(default="127.0.0.1", description="Address `broker serve` binds")
     port: int = Field(default=8000, description="Port `broker serve` binds")
 
@@ -148,6 +157,8 @@ class Settings(BaseSettings):
             "BROKER_UPSTREAM_POOL_SIZE": self.upstream_pool_size > 0,
             "BROKER_MAX_TOKEN_TTL": 0 < self.max_token_ttl <= 12 * 3600,
             "BROKER_PORT": 0 <= self.port <= MAX_PORT,
+            "BROKER_CANVAS_RESERVE": 0 <= self.canvas_reserve < 100_000,  # noqa: PLR2004
+            "BROKER_CANVAS_OUTFLOW": 0 < self.canvas_outflow < 100_000,  # noqa: PLR2004
         }
         for name, ok in checks.items():
             if not ok:

@@ -68,6 +68,7 @@ class Client:
     allowed_cidrs: tuple[str, ...]
     rate_limit: float | None
     rate_burst: int | None
+    canvas_weight: float
     description: str | None
     enabled: bool
     grant_version: int

@@ -85,6 +85,32 @@ class Metrics:
             "(each one a 503 credential_unavailable)",
             registry=self.registry,
         )
+        self.canvas_remaining = Gauge(
+            "broker_canvas_capacity_remaining",
+            "Canvas's remaining rate-limit capacity per worker credential, as last reported "
+            "(X-Rate-Limit-Remaining) and aged by the outflow",
+            ["credential"],
+            registry=self.registry,
+        )
+        self.canvas_cost = Counter(
+            "broker_canvas_request_cost",
+            "Canvas rate-limit cost (X-Request-Cost) of the client's proxied calls",
+            ["client"],
+            registry=self.registry,
+        )
+        self.canvas_held_back = Counter(
+            "broker_canvas_held_back",
+            "Calls answered 429 canvas_capacity: over the client's share of a credential "
+            "whose Canvas capacity was under the reserve",
+            ["credential", "client"],
+            registry=self.registry,
+        )
+        self.canvas_throttled = Counter(
+            "broker_canvas_throttled",
+            "Calls Canvas itself refused with its rate-limit 403 (relayed as sent)",
+            ["credential", "client"],
+            registry=self.registry,
+        )
         self.live_tokens = Gauge(
             "broker_live_tokens", "Proxy tokens neither expired nor revoked", registry=self.registry
         )

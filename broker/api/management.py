@@ -8,13 +8,14 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, status
+from fastapi import APIRouter, Depends, Query, Request, status
 
 from broker.api.deps import Admin, Reader, ServicesDep, reject_nul
 from broker.api.schemas import (
     AdminKeyCreate,
     AdminKeyCreated,
     AdminKeyOut,
+    CanvasShareOut,
     ClientCreate,
     ClientOut,
     ClientUpdate,
@@ -36,6 +37,7 @@ from broker.api.schemas import (
     UpstreamUpdate,
 )
 from broker.domain import Client, WorkerCredential
+from broker.services.canvas_capacity import CanvasCapacity
 from broker.services.management import ClientChange, grant_warnings, scope_warnings
 
 ERRORS: dict[int | str, dict[str, object]] = {
@@ -201,9 +203,21 @@ async def list_clients(_: Reader, services: ServicesDep) -> list[ClientOut]:
 
 
 @router.get("/clients/{ref}", tags=["clients"])
-async def get_client(ref: str, _: Reader, services: ServicesDep) -> ClientOut:
-    """One client by id or name."""
-    return _client_out(await services.management.get_client(ref))
+async def get_client(ref: str, _: Reader, services: ServicesDep, request: Request) -> ClientOut:
+    """One client by id or name, with its share of its credential's Canvas capacity."""
+    client = await services.management.get_client(ref)
+    out = _client_out(client)
+    canvas: CanvasCapacity = request.app.state.canvas_capacity
+    share, remaining = canvas.share(client.credential_id, client.id)
+    out.canvas_share = CanvasShareOut(
+        weight=client.canvas_weight,
+        share=share.share if share is not None else 1.0,
+        asking=share.asking if share is not None else False,
+        spent_per_second=share.spent_per_second if share is not None else 0.0,
+        spent_total=share.spent_total if share is not None else 0.0,
+        credential_remaining=None if remaining is None else round(remaining, 3),
+    )
+    return out
 
 
 @router.patch("/clients/{ref}", tags=["clients"])

@@ -163,6 +163,12 @@ class ClientCreate(Input):
         description="calls allowed at once; defaults to max(1, ceil(rate_limit)), needs rate_limit",
         examples=[10],
     )
+    canvas_weight: float = Field(
+        default=1.0,
+        description="weight in the credential's fair share of Canvas's rate limit, once its "
+        "remaining capacity is under BROKER_CANVAS_RESERVE (docs/proxy-rules.md#canvas-capacity)",
+        examples=[1.0],
+    )
     auth_method: Literal["client_secret", "private_key_jwt"] = Field(
         default="client_secret",
         description="client_secret (a secret is issued) or private_key_jwt (RFC 7523: the "
@@ -197,10 +203,26 @@ class ClientUpdate(Input):
         description="calls allowed at once; a new rate_limit keeps the client's burst, or "
         "gets max(1, ceil(rate_limit)) if it had none",
     )
+    canvas_weight: float | None = Field(
+        default=None, description="weight in the credential's share of Canvas's rate limit"
+    )
     jwks: dict[str, Any] | None = Field(
         default=None, description="replace the public JWK Set (private_key_jwt clients)"
     )
     description: str | None = Field(default=None, max_length=2000)
+
+
+class CanvasShareOut(Output):
+    """A client's part of its worker credential's Canvas rate limit (docs/proxy-rules.md)."""
+
+    weight: float
+    share: float = Field(description="fraction of the outflow while capacity is shared")
+    asking: bool = Field(description="called within the sharing window")
+    spent_per_second: float = Field(description="Canvas cost per second, averaged")
+    spent_total: float = Field(description="Canvas cost since this process started")
+    credential_remaining: float | None = Field(
+        description="Canvas's remaining capacity for the credential, estimated now"
+    )
 
 
 class ClientOut(Output):
@@ -219,6 +241,12 @@ class ClientOut(Output):
     allowed_cidrs: list[str]
     rate_limit: float | None
     rate_burst: int | None
+    canvas_weight: float
+    canvas_share: CanvasShareOut | None = Field(
+        default=None,
+        description="the client's share of its credential's Canvas capacity, as the answering "
+        "process sees it (GET /clients/{id} only)",
+    )
     auth_method: str
     jwks: dict[str, Any] | None
     description: str | None

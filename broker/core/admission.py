@@ -140,6 +140,20 @@ def rate_limited(retry_after: int) -> Refusal:
     )
 
 
+def over_canvas_share(retry_after: int) -> Refusal:
+    """Step 6's refusal: Canvas's capacity is low and the client has used its share (429).
+
+    See ``broker.core.capacity``; nothing is forwarded, so Canvas never answers its 403.
+    """
+    return Refusal(
+        429,
+        "canvas_capacity",
+        "Canvas's rate limit for this worker credential is nearly spent and this client has "
+        f"used its share of it; retry in {retry_after} s",
+        headers=[(b"retry-after", str(retry_after).encode())],
+    )
+
+
 def admit_head(request: ProxyRequest, policy: CallPolicy) -> None:
     """Step 4: the headers and the query's parameters."""
     rules.check_headers(request.headers)

@@ -10,7 +10,7 @@ import ipaddress
 import math
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
 
 from sqlalchemy.exc import IntegrityError
@@ -209,6 +209,18 @@ def check_cidrs(cidrs: Sequence[str]) -> list[str]:
         except ValueError as exc:
             raise ValidationFailedError("allowed_cidrs", f"{cidr!r} is not an IP network") from exc
     return result
+
+
+DEFAULT_CANVAS_WEIGHT: Final = 1.0
+MAX_CANVAS_WEIGHT: Final = 1000.0
+
+
+def check_canvas_weight(weight: float) -> None:
+    """A client's weight in its credential's share of Canvas's capacity (docs/grants.md)."""
+    if not (0 < weight <= MAX_CANVAS_WEIGHT):
+        raise ValidationFailedError(
+            "canvas_weight", f"must be more than 0 and at most {MAX_CANVAS_WEIGHT:g}"
+        )
 
 
 def check_rate(rate_limit: float | None, rate_burst: int | None) -> tuple[float | None, int | None]:
@@ -583,6 +595,7 @@ class ManagementService:
         allowed_cidrs: Sequence[str] = (),
         rate_limit: float | None = None,
         rate_burst: int | None = None,
+        canvas_weight: float = DEFAULT_CANVAS_WEIGHT,
         auth_method: str = CLIENT_SECRET,
         jwks: Mapping[str, Any] | None = None,
         description: str | None = None,
@@ -597,6 +610,7 @@ class ManagementService:
         check_ttls(token_ttl, max_token_ttl, self._settings.max_token_ttl)
         cidrs = check_cidrs(allowed_cidrs)
         rate_limit, rate_burst = check_rate(rate_limit, rate_burst)
+        check_canvas_weight(canvas_weight)
         key_set = check_auth(auth_method, jwks)
         secret = generate_secret(SecretKind.CLIENT_SECRET) if key_set is None else None
         now = utcnow()
@@ -619,6 +633,7 @@ class ManagementService:
                 allowed_cidrs=tuple(cidrs),
                 rate_limit=rate_limit,
                 rate_burst=rate_burst,
+                canvas_weight=canvas_weight,
                 description=description,
                 enabled=True,
                 grant_version=1,
@@ -645,6 +660,7 @@ class ManagementService:
                 allowed_cidrs=cidrs,
                 rate_limit=rate_limit,
                 rate_burst=rate_burst,
+                canvas_weight=canvas_weight,
                 auth_method=auth_method,
                 key_ids=_key_ids(key_set),
             )
@@ -729,6 +745,8 @@ class ManagementService:
             changes["allowed_cidrs"] = check_cidrs(changes["allowed_cidrs"])
         if "name" in changes:
             check_name(changes["name"])
+        if "canvas_weight" in changes:
+            check_canvas_weight(changes["canvas_weight"])
         if "jwks" in changes:
             changes["jwks"] = check_auth(before.auth_method, changes["jwks"])
         return changes

@@ -10,12 +10,15 @@ module runs them, interleaving what needs the database:
    source address (403), the rate limit (429/503), headers and query (403/400/415), the
    grant (403).
 2. The adapter reads the body, refusing it past the limit (:meth:`ProxyService.refuse`).
-3. :meth:`ProxyService.admit_body`: the body (415/400/403), then the pending audit event,
-   committed before anything is sent (503 and nothing forwarded if it cannot be).
+3. :meth:`ProxyService.admit_body`: the body (415/400/403), then Canvas's capacity for the
+   worker credential (429 ``canvas_capacity`` beyond the client's share while it is low;
+   ``broker.core.capacity``), then the pending audit event, committed before anything is
+   sent (503 and nothing forwarded if it cannot be).
 4. :meth:`ProxyService.forward`: the call goes to Canvas with the worker token; the answer
    is a :class:`Relay` (headers as relayed, and the body whole or to stream) or, if Canvas
    cannot be reached or its headers carry the worker token, a :class:`Refused`.
-5. :meth:`ProxyService.finish`: the completion event and the metrics.
+5. :meth:`ProxyService.finish`: the completion event (with Canvas's ``X-Request-Cost``), the
+   metrics, and what Canvas said of its capacity.
 
 Every refusal is audited before it is answered; if its event cannot be committed the answer is
 ``503 audit_unavailable``. Nothing here raises for a refusal: outcomes are typed values.
@@ -29,7 +32,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, TypeVar
 
-from broker.core import admission, rules
+from broker.core import admission, capacity, rules
 from broker.core.audit_chain import AuditEvent
 from broker.core.net import client_address
 from broker.core.rewrite import (
@@ -46,12 +49,14 @@ from broker.requestid import new_request_id
 from broker.storage.models import utcnow
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable
+    from collections.abc import Awaitable, Sequence
 
     from broker.context import ProcessContext
     from broker.core.admission import ProxyRequest
+    from broker.core.capacity import Decision
     from broker.metrics import Metrics
     from broker.services.audit import AuditService, Begun
+    from broker.services.canvas_capacity import CanvasCapacity
     from broker.services.ratelimit import RateLimitService
     from broker.services.tokens import Authorized, TokenService
     from broker.upstream import UpstreamResponse
@@ -105,6 +110,7 @@ class Call:
     path: str = ""
     authorized: Authorized | None = None
     begun: Begun | None = None
+    capacity: Decision | None = None  # admitted against Canvas's capacity, not yet settled
     answered: bool = False  # the response has started: no other answer can follow
     finished: bool = False  # the outcome is recorded
 
@@ -128,6 +134,8 @@ class ProxyService:
         audit: AuditService,
         rate_limits: RateLimitService,
         metrics: Metrics,
+        *,
+        canvas: CanvasCapacity,
     ) -> None:
         self._context = context
         self._settings = context.settings
@@ -135,6 +143,7 @@ class ProxyService:
         self._audit = audit
         self._rate_limits = rate_limits
         self._metrics = metrics
+        self._canvas = canvas
         self.max_body = context.settings.max_body_bytes
         self._rewriters: dict[tuple[str, str], Rewriter] = {}
         self._active = 0  # calls begun and not yet ended, in this process
@@ -176,7 +185,7 @@ class ProxyService:
 
     def end(self, call: Call) -> None:
         """The call is over (answered, failed or abandoned): it no longer counts as active."""
-        del call
+        self._settle_capacity(call, None)  # if a failure left it unsettled
         self._active -= 1
 
     async def admit(self, call: Call) -> Refused | None:
@@ -242,11 +251,15 @@ class ProxyService:
             raise RuntimeError("the call was not admitted")
         try:
             admission.admit_body(call.request, authorized.policy, body)
+            call.capacity = self._canvas.admit(
+                authorized.credential_id, authorized.client_id, authorized.canvas_weight
+            )
         except Refusal as exc:
             return await self._refused(call, exc)
         try:
             call.begun = await self._committed(self._audit.begin(call.event, alone=self._alone))
         except AuditUnavailableError as exc:
+            self._settle_capacity(call, None)
             self._metrics.count(call.client, exc.error)
             return Refused(call.request_id, exc.status, exc.error, exc.message)
         return None
@@ -310,10 +323,18 @@ class ProxyService:
             # script's proxy token; recorded apart so it is not mistaken for an allowed call.
             reason = rules.UPSTREAM_CREDENTIAL_REJECTED
             self._credential_rejected(call)
+        if reason is None and capacity.canvas_throttled(
+            relay.upstream.status, relay.upstream.headers
+        ):
+            # Relayed as Canvas sent it; recorded apart, and its remaining feeds the budget.
+            reason = capacity.CANVAS_RATE_LIMITED
+            if call.authorized is not None:
+                self._canvas.throttled(call.authorized.credential_id, call.authorized.client_id)
         self._metrics.count(call.client, reason or "allow")
         context_id = header(relay.upstream.headers, b"x-request-context-id")
         self._complete(
             call,
+            relay.upstream.headers,
             status=status,
             upstream_status=relay.upstream.status,
             response_bytes=sent,
@@ -356,7 +377,7 @@ class ProxyService:
         status, error = (504, "upstream_timeout") if exc.timeout else (502, "upstream_unreachable")
         self._metrics.count(call.client, error)
         call.finished = True
-        self._complete(call, status=status, reason=error, upstream_status=upstream_status)
+        self._complete(call, None, status=status, reason=error, upstream_status=upstream_status)
         return Refused(call.request_id, status, error, str(exc))
 
     def _exposed(self, call: Call, response: UpstreamResponse, leaked: bytes) -> Refused:
@@ -371,7 +392,9 @@ class ProxyService:
         error = "upstream_credential_exposed"
         self._metrics.count(call.client, error)
         call.finished = True
-        self._complete(call, status=502, reason=error, upstream_status=response.status)
+        self._complete(
+            call, response.headers, status=502, reason=error, upstream_status=response.status
+        )
         return Refused(
             call.request_id,
             502,
@@ -380,9 +403,26 @@ class ProxyService:
             "the broker does not relay it",
         )
 
-    def _complete(self, call: Call, **outcome: object) -> None:
+    def _complete(
+        self, call: Call, canvas_headers: Sequence[tuple[bytes, bytes]] | None, **outcome: object
+    ) -> None:
+        cost = self._settle_capacity(call, canvas_headers)
+        if cost is not None:
+            outcome["details"] = {"canvas_request_cost": cost}
         if call.begun is not None:
             self._audit.complete(call.begun, duration_ms=call.elapsed_ms(), **outcome)
+
+    def _settle_capacity(
+        self, call: Call, canvas_headers: Sequence[tuple[bytes, bytes]] | None
+    ) -> float | None:
+        """Tell the credential's budget what Canvas said of a call admitted against it."""
+        decision, authorized = call.capacity, call.authorized
+        if decision is None or authorized is None:
+            return None
+        call.capacity = None
+        return self._canvas.settle(
+            authorized.credential_id, authorized.client_id, decision, canvas_headers
+        )
 
     # Helpers -----------------------------------------------------------------------------
 

@@ -80,6 +80,7 @@ class Authorized:
     allowed_networks: tuple[IPNetwork, ...] = ()
     rate_limit: float | None = None
     rate_burst: int | None = None
+    canvas_weight: float = 1.0
     bearer: bytes = field(init=False, repr=False, compare=False)
     worker_token_bytes: bytes = field(init=False, repr=False, compare=False)
 
@@ -451,6 +452,7 @@ class TokenService:
             allowed_networks=self._networks(client),
             rate_limit=client.rate_limit,
             rate_burst=client.rate_burst,
+            canvas_weight=client.canvas_weight,
         )
         expiries = [record.token.expires_at, record.credential.expires_at]
         usable_until = min(e.timestamp() for e in expiries if e is not None)

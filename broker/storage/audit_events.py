@@ -110,6 +110,7 @@ _OUTCOME: Final = (
     "response_bytes",
     "duration_ms",
     "canvas_context_id",
+    "details",
 )
 _CHAIN_COLUMNS: Final = ("prev_mac", "mac", "mac_key", "completes")
 

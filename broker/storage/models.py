@@ -11,6 +11,7 @@ from sqlalchemy import (
     Boolean,
     DateTime,
     Dialect,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -142,6 +143,8 @@ class Client(Base):
     # Requests per second and bucket size; both null when the client is not rate limited.
     rate_limit: Mapped[float | None]
     rate_burst: Mapped[int | None] = mapped_column(Integer)
+    # The client's weight in its credential's fair share of Canvas's rate limit.
+    canvas_weight: Mapped[float] = mapped_column(Float, default=1.0, server_default="1.0")
     description: Mapped[str | None] = mapped_column(Text)
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
     grant_version: Mapped[int] = mapped_column(Integer, default=1)

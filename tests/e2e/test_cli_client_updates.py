@@ -102,8 +102,11 @@ def test_update_changes_only_the_settings_named_and_prints_each_change(
         'allowed_cidrs: [] -> ["10.0.0.0/8", "192.168.1.7/32"]',
     ]
     after = json.loads(updated.stdout)
-    assert set(after) == set(before)
-    differing = {k for k in after if k != "updated_at" and after[k] != before[k]}
+    # canvas_share is live state, not a setting: only `clients get` computes it.
+    assert set(after) - {"canvas_share"} == set(before) - {"canvas_share"}
+    differing = {
+        k for k in before if k not in {"updated_at", "canvas_share"} and after[k] != before[k]
+    }
     assert differing == {"token_ttl", "allowed_cidrs", "allow_masquerade"}
     assert after["constraints"] == {"course_id": ["1201"]}
 
@@ -148,3 +151,35 @@ def test_enable_says_earlier_tokens_stay_revoked(live_broker: LiveBroker) -> Non
     assert "enabled: false -> true" in enabled.stderr
     assert "tokens minted before it was disabled stay revoked; mint new ones" in enabled.stderr
     assert json.loads(enabled.stdout)["enabled"] is True
+
+
+def test_canvas_weight_is_set_at_creation_changed_and_shown_with_the_share(
+    live_broker: LiveBroker,
+) -> None:
+    cli = Cli(live_broker.url, live_broker.admin_key, as_json=True)
+    created = cli(
+        "clients",
+        "create",
+        "--name",
+        "bulk-export",
+        "--credential",
+        "worker",
+        "--scope",
+        COURSES,
+        "--canvas-weight",
+        "0.5",
+    )
+    assert created.returncode == 0, created.stderr
+
+    refused = cli("clients", "update", "bulk-export", "--canvas-weight", "0")
+    assert refused.returncode == 1
+    assert "canvas_weight" in refused.stderr
+
+    changed = cli("clients", "update", "bulk-export", "--canvas-weight", "2")
+    assert changed.returncode == 0, changed.stderr
+    assert "canvas_weight: 0.5 -> 2.0" in changed.stderr
+
+    shown = json.loads(cli("clients", "get", "bulk-export").stdout)
+    assert shown["canvas_weight"] == 2.0
+    assert shown["canvas_share"]["weight"] == 2.0
+    assert shown["canvas_share"]["asking"] is False
