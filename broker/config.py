@@ -104,6 +104,16 @@ class Settings(BaseSettings):
         description="One JSON line per request on standard error (sensitive query values "
         "redacted); false turns it off",
     )
+    audit_timeout: float = Field(
+        default=2.0,
+        description="Seconds a request waits for its audit commit, and the bound of every "
+        "database wait (connect, statement, lock, idle in transaction); past it: 503",
+    )
+    audit_retained_completions: int = Field(
+        default=10_000,
+        description="Completions kept in memory while the audit store is down, written once "
+        "it is back",
+    )
     host: str = Field(default="127.0.0.1", description="Address `broker serve` binds")
     port: int = Field(default=8000, description="Port `broker serve` binds")
 
@@ -148,6 +158,8 @@ class Settings(BaseSettings):
             "BROKER_UPSTREAM_POOL_SIZE": self.upstream_pool_size > 0,
             "BROKER_MAX_TOKEN_TTL": 0 < self.max_token_ttl <= 12 * 3600,
             "BROKER_PORT": 0 <= self.port <= MAX_PORT,
+            "BROKER_AUDIT_TIMEOUT": 0 < self.audit_timeout <= 3600,  # noqa: PLR2004
+            "BROKER_AUDIT_RETAINED_COMPLETIONS": 0 <= self.audit_retained_completions <= 10**7,
         }
         for name, ok in checks.items():
             if not ok:
