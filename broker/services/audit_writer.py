@@ -491,7 +491,11 @@ class AuditWriter:
                     return
                 batch = self._handed.popleft()
             with self._busy:
-                results = self._commit(batch)
+                self.health.committing_since = time.monotonic()
+                try:
+                    results = self._commit(batch)
+                finally:
+                    self.health.committing_since = None
             self._resolve(batch, results)
 
     def _commit(self, batch: list[_Item], *, wait: bool = True) -> list[int | BaseException]:

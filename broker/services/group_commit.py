@@ -18,6 +18,7 @@ may wait for the database's write lock, or send one frame to the hub.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from typing import TYPE_CHECKING, Generic, TypeVar
 
@@ -171,15 +172,20 @@ class Retained(Generic[T]):
 class AuditHealth:
     """Whether this process's audit path works, as its commits and waits found it.
 
-    Failing from a failed or timed-out commit until the next one that succeeds; ``/readyz``
-    reports it (``services.readiness``).
+    ``failure`` says why from a failed or timed-out commit until the next one that succeeds
+    (``since``: when, on the monotonic clock); ``committing_since`` is when the commit now in
+    progress began. ``/readyz`` reports both (``services.readiness``). Plain attributes,
+    set from the loop or the writer's thread alike.
     """
 
     def __init__(self) -> None:
         self.failure: str | None = None
+        self.since = 0.0
+        self.committing_since: float | None = None
 
     def failed(self, what: str) -> None:
         """A commit failed or a wait for one ran past the bound."""
+        self.since = time.monotonic()
         self.failure = what
 
     def succeeded(self) -> None:

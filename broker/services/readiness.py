@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -97,6 +98,16 @@ async def check_readiness(context: ProcessContext) -> Readiness:
 
 async def _check_audit(context: ProcessContext, result: Readiness) -> None:
     health = context.audit_writer.health
+    bound = context.database.timeout
+    started = health.committing_since
+    if bound is not None and started is not None and time.monotonic() - started > bound:
+        result.fail(
+            "audit",
+            "unavailable",
+            "an audit commit has been running longer than BROKER_AUDIT_TIMEOUT: check the "
+            "database; calls are refused with 503 audit_unavailable",
+        )
+        return
     failure = health.failure
     if failure is not None:
         lock_head = f"SELECT last_seq FROM {HEAD.name} WHERE id = {HEAD_ID}"  # noqa: S608
