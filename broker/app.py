@@ -167,6 +167,7 @@ def install(app: FastAPI, context: ProcessContext) -> None:
     """Attach the process context and the services built on it."""
     metrics = Metrics()
     context.audit_writer.observe = metrics.observe_audit_batch
+    metrics.watch_audit_writer(context.audit_writer)
     context.keys.observe = metrics.observe_keyring
     audit = AuditService(context.sessions, context.audit_writer, context.keyring, context.database)
     tokens = TokenService(

@@ -269,7 +269,12 @@ def serve(
     try:
         if settings.epoch_file is None:
             os.environ["BROKER_EPOCH_FILE"] = str(shared / "revocation-epoch")
-        hub = AuditHub(Database(settings.async_database_url), keyring, shared / "audit.sock")
+        hub = AuditHub(
+            Database(settings.async_database_url, timeout=settings.audit_timeout),
+            keyring,
+            shared / "audit.sock",
+            retained=settings.audit_retained_completions,
+        )
         hub.start()
     except (ConfigurationError, RuntimeError) as exc:
         shutil.rmtree(shared, ignore_errors=True)

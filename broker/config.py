@@ -113,6 +113,16 @@ class Settings(BaseSettings):
         default=10.0,
         description="Units a second Canvas's rate-limit bucket leaks (Canvas's default, 10)",
     )
+    audit_timeout: float = Field(
+        default=2.0,
+        description="Seconds a request waits for its audit commit, and the bound of every "
+        "database wait (connect, statement, lock, idle in transaction); past it: 503",
+    )
+    audit_retained_completions: int = Field(
+        default=10_000,
+        description="Completions kept in memory while the audit store is down, written once "
+        "it is back",
+    )
     host: str = Field(default="127.0.0.1", description="Address `broker serve` binds")
     port: int = Field(default=8000, description="Port `broker serve` binds")
 
@@ -159,6 +169,8 @@ class Settings(BaseSettings):
             "BROKER_PORT": 0 <= self.port <= MAX_PORT,
             "BROKER_CANVAS_RESERVE": 0 <= self.canvas_reserve < 100_000,  # noqa: PLR2004
             "BROKER_CANVAS_OUTFLOW": 0 < self.canvas_outflow < 100_000,  # noqa: PLR2004
+            "BROKER_AUDIT_TIMEOUT": 0 < self.audit_timeout <= 3600,  # noqa: PLR2004
+            "BROKER_AUDIT_RETAINED_COMPLETIONS": 0 <= self.audit_retained_completions <= 10**7,
         }
         for name, ok in checks.items():
             if not ok:

@@ -59,7 +59,7 @@ class ProcessContext:
         revocation epoch moves; one passed in is used as it is.
         """
         settings.validated()
-        database = Database(settings.async_database_url)
+        database = Database(settings.async_database_url, timeout=settings.audit_timeout)
         if keyring is None:
             keyring = load_keyring(settings)
             keys = KeyringReloader.for_settings(keyring, settings)
@@ -70,9 +70,14 @@ class ProcessContext:
             database=database,
             keyring=keyring,
             audit_writer=(
-                RemoteAuditWriter(settings.audit_socket, database=database, keyring=keyring)
+                RemoteAuditWriter(
+                    settings.audit_socket,
+                    database=database,
+                    keyring=keyring,
+                    retained=settings.audit_retained_completions,
+                )
                 if settings.audit_socket is not None
-                else AuditWriter(database, keyring)
+                else AuditWriter(database, keyring, retained=settings.audit_retained_completions)
             ),
             epoch=CacheEpoch(settings.epoch_file, database=database, on_change=keys.reload),
             keys=keys,

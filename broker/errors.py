@@ -29,6 +29,7 @@ token endpoint). The others are raised and caught inside the broker, which turns
     │   └── MultipartError           a multipart body outside the form every Rack reads alike
     ├── UpstreamError                Canvas unreachable, or not answering in time
     ├── AuditWriteError              an audit event could not be committed
+    │   └── AuditStoreUnavailableError  the store failed or ran past the bound: retry later
     ├── WriteLockBusy                the database's write lock is taken (a signal, not a failure)
     ├── DecryptionError              a stored secret does not decrypt under the keyring
     ├── UnsealedLogError             events written before the chain existed: run broker init
@@ -197,6 +198,10 @@ class UpstreamError(Exception):
 
 class AuditWriteError(Exception):
     """An audit event could not be committed."""
+
+
+class AuditStoreUnavailableError(AuditWriteError):
+    """The audit store failed, or did not answer within ``BROKER_AUDIT_TIMEOUT``: try later."""
 
 
 class WriteLockBusy(Exception):  # noqa: N818 - a signal to hand the event on, not an error

@@ -7,13 +7,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
     from prometheus_client import Metric
+
+    from broker.services.audit_writer import EventWriter
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _COUNTED_CACHE_SIZE = 4096
@@ -138,6 +140,10 @@ class Metrics:
                 result="failed" if event == "reload_failed" else event
             ).inc()
 
+    def watch_audit_writer(self, writer: EventWriter) -> None:
+        """Report the completions ``writer`` keeps while the store is down, and drops."""
+        self.registry.register(_Completions(writer))
+
     def observe_audit_batch(self, seconds: float, events: int) -> None:
         """Record one group commit of the audit writer (called from its thread)."""
         self.audit_commit.observe(seconds)
@@ -194,3 +200,38 @@ class _Refusals(Collector):
             "Proxied requests refused before anything was sent upstream, by reason",
             labels=["reason"],
         )
+
+
+class _Completions(Collector):
+    """The audit writer's completions kept for a retry and dropped (docs/audit.md#under-faults).
+
+    ``broker_audit_completions_retained``: completions of answered calls that could not be
+    committed yet and are held in memory; ``broker_audit_completions_dropped_total``: those
+    dropped because ``BROKER_AUDIT_RETAINED_COMPLETIONS`` were already held (their calls stay
+    ``pending``). Read from the writer at scrape time.
+    """
+
+    def __init__(self, writer: EventWriter) -> None:
+        self._writer = writer
+
+    def describe(self) -> Iterable[Metric]:
+        """The families this collector yields (no samples)."""
+        return self._families(0, 0)
+
+    def collect(self) -> Iterable[Metric]:
+        """The writer's current figures."""
+        return self._families(self._writer.completions_retained, self._writer.completions_dropped)
+
+    @staticmethod
+    def _families(retained: int, dropped: int) -> list[Metric]:
+        gauge = GaugeMetricFamily(
+            "broker_audit_completions_retained",
+            "Completions of answered calls held in memory until the audit store is back",
+            value=retained,
+        )
+        counter = CounterMetricFamily(
+            "broker_audit_completions_dropped",
+            "Completions dropped because the in-memory queue was full: their calls stay pending",
+            value=dropped,
+        )
+        return [gauge, counter]

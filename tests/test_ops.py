@@ -32,6 +32,7 @@ async def test_readyz_reports_database_schema_keyring_and_credentials(env: Broke
         "schema": "ok",
         "keyring": "ok",
         "credentials": "ok",
+        "audit": "ok",
     }
 
 

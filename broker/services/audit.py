@@ -189,10 +189,20 @@ class AuditService:
         event.state = PENDING
         event.completed_at = None
 
+        refused = False
+
         def abandoned(seq: int) -> AuditEvent:
+            # Committed after its caller stopped waiting: the client went away, or the
+            # broker refused the call at BROKER_AUDIT_TIMEOUT (docs/audit.md#under-faults).
+            if refused:
+                return _completion(Begun(seq, event), reason="audit_unavailable", status=503)
             return _completion(Begun(seq, event), reason="client_disconnected", status=499)
 
-        return Begun(await self._write(event, abandoned=abandoned, alone=alone), event)
+        try:
+            return Begun(await self._write(event, abandoned=abandoned, alone=alone), event)
+        except AuditUnavailableError:
+            refused = True
+            raise
 
     def complete(self, begun: Begun, **outcome: Any) -> None:  # noqa: ANN401
         """Record the outcome of a pending event (queued: the call has already happened)."""

@@ -37,9 +37,14 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Final, cast
 
-from broker.errors import AuditWriteError, ConfigurationError, WriteLockBusy
-from broker.services.audit_writer import ChainCommitter
-from broker.services.group_commit import GroupCommit
+from broker.errors import (
+    AuditStoreUnavailableError,
+    AuditWriteError,
+    ConfigurationError,
+    WriteLockBusy,
+)
+from broker.services.audit_writer import ChainCommitter, bounded_wait
+from broker.services.group_commit import AuditHealth, GroupCommit, Retained
 from broker.storage.audit_chain import Prepared, canonical_form, stored
 
 if TYPE_CHECKING:
@@ -162,6 +167,7 @@ class AuditHub:
         *,
         completion_delay: float = 0.02,
         max_batch: int = 1000,
+        retained: int = 10_000,
     ) -> None:
         check_socket_path(path)
         self.path = path
@@ -171,6 +177,8 @@ class AuditHub:
         self._batches: GroupCommit[tuple[_Peer, int | None, Prepared | ValueError | None]] = (
             GroupCommit(self._commit_batch, completion_delay=completion_delay, max_batch=max_batch)
         )
+        # Completions whose commit failed, written again once the store is back.
+        self._retained = Retained(self._batches, retained)
         self.peers: set[_Peer] = set()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -228,6 +236,7 @@ class AuditHub:
             await self._stop.wait()
         finally:
             server.close()
+            self._batches.put_back(self._retained.take())
             self._batches.flush_now()
             for peer in list(self.peers):
                 if peer.transport is not None:
@@ -258,14 +267,22 @@ class AuditHub:
         results = iter(self._committer.commit(events))
         seconds = time.perf_counter() - started
         answers: dict[_Peer, list[tuple[int, int]]] = {}
-        for peer, ident, event in batch:
+        lost: list[tuple[_Peer, int | None, Prepared | ValueError | None]] = []
+        for item in batch:
+            peer, ident, event = item
             if isinstance(event, Prepared):
                 result = next(results)
                 seq = result if isinstance(result, int) else FAILED
+                if ident is None and isinstance(result, AuditStoreUnavailableError):
+                    lost.append(item)
             else:
                 seq = 0 if event is None else FAILED
             if ident is not None:
                 answers.setdefault(peer, []).append((ident, seq))
+        if lost:
+            self._retained.keep(lost)
+        elif events:
+            self._retained.succeeded()
         for peer, results_of_peer in answers.items():
             peer.answer(seconds, len(events), results_of_peer)
 
@@ -312,8 +329,14 @@ class RemoteAuditWriter:
         keyring: Keyring | None = None,
         connect_timeout: float = 5.0,
         completion_delay: float = 0.02,
+        retained: int = 10_000,
     ) -> None:
         self.observe: Callable[[float, int], None] | None = None
+        self.health = AuditHealth()
+        # How long a request waits for the hub's answer (BROKER_AUDIT_TIMEOUT): never longer.
+        self._timeout = database.timeout if database is not None else None
+        self._retained_limit = retained
+        self._dropped = 0
         self._local: ChainCommitter | None = None
         if database is not None and keyring is not None and database.sqlite_file is not None:
             self._local = ChainCommitter(database, keyring)
@@ -418,7 +441,17 @@ class RemoteAuditWriter:
         ident = next(self._ids)
         self._queue((ident, True, content, values))
         self._waiters[ident] = (future, abandoned)
-        return await future
+        return await bounded_wait(future, self._timeout, self.health)
+
+    @property
+    def completions_retained(self) -> int:
+        """Completions kept for the hub while it cannot be reached."""
+        return sum(1 for message in self._unsent if not message[1])
+
+    @property
+    def completions_dropped(self) -> int:
+        """Completions dropped because too many were kept: their calls stay pending."""
+        return self._dropped
 
     def _queue(self, message: _Message) -> None:
         """Queue a message: sent this turn if someone waits for it, else within the delay.
@@ -475,8 +508,10 @@ class RemoteAuditWriter:
                 if seq > 0 and abandoned is not None and not self._closing:
                     self.write_later(abandoned(seq))
             elif seq == FAILED:
+                self.health.failed("the audit hub could not commit an event")
                 future.set_exception(AuditWriteError("the audit event could not be committed"))
             else:
+                self.health.succeeded()
                 future.set_result(seq)
 
     def lost(self, link: _Link) -> None:
@@ -496,7 +531,10 @@ class RemoteAuditWriter:
         An event someone waited for is never sent after its waiter was refused; completions
         nobody waits for stay queued for the next connection.
         """
-        self._unsent = [message for message in self._unsent if not message[1]]
+        kept = [message for message in self._unsent if not message[1]]
+        self._dropped += max(0, len(kept) - self._retained_limit)
+        self._unsent = kept[: self._retained_limit]
+        self.health.failed("the audit hub is unreachable")
         waiters, self._waiters = self._waiters, {}
         for future, _ in waiters.values():
             if not future.done():

@@ -28,6 +28,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import socket
 import sqlite3
 import threading
 import time
@@ -35,8 +36,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from broker.errors import AuditWriteError, WriteLockBusy
-from broker.services.group_commit import GroupCommit
+from broker.errors import AuditStoreUnavailableError, AuditWriteError, WriteLockBusy
+from broker.services.group_commit import AuditHealth, GroupCommit, Retained
 from broker.storage.audit_chain import (
     ChainKey,
     ChainStatements,
@@ -45,7 +46,7 @@ from broker.storage.audit_chain import (
     chain_statements,
     prepare,
 )
-from broker.storage.database import SQLITE_BUSY_TIMEOUT_MS
+from broker.storage.database import busy_timeout_ms
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
@@ -67,6 +68,15 @@ class EventWriter(Protocol):
     """
 
     observe: Callable[[float, int], None] | None
+    health: AuditHealth
+
+    @property
+    def completions_retained(self) -> int:
+        """Completions kept because the store was down, not yet committed."""
+
+    @property
+    def completions_dropped(self) -> int:
+        """Completions dropped because too many were kept: their calls stay pending."""
 
     async def write(
         self,
@@ -97,6 +107,86 @@ class _Item:
     abandoned: Callable[[int], AuditEvent] | None = None
 
 
+class _Watchdog:
+    """Cuts the connection of a commit still running past the bound (PostgreSQL only).
+
+    A database that stops answering without closing the connection (a partition, a
+    blackholed link) leaves the driver waiting in ``recv`` however the server was told to
+    time out; keepalives only help if the peer's kernel stops acknowledging. So a thread
+    looks every ``bound / 4`` seconds at the commit in progress and, once it has run past
+    the bound, shuts its socket down (``shutdown(2)`` on a duplicate of the descriptor wakes
+    a thread blocked on the original): the driver fails at once, the committer drops the
+    connection and connects afresh for the next batch. Arming costs two assignments.
+    """
+
+    def __init__(self, bound: float) -> None:
+        self._bound = bound
+        self._lock = threading.Lock()
+        self._armed: tuple[float, int] | None = None
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.fired = False
+
+    def arm(self, fileno: int) -> None:
+        """A commit begins on the connection of ``fileno``."""
+        self.fired = False
+        self._armed = (time.monotonic() + self._bound, fileno)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="audit-watchdog", daemon=True)
+            self._thread.start()
+
+    def disarm(self) -> None:
+        """The commit ended; its descriptor may be closed and reused from now on."""
+        with self._lock:
+            self._armed = None
+
+    def stop(self) -> None:
+        """End the thread."""
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _run(self) -> None:
+        while not self._stopping.wait(self._bound / 4):
+            armed = self._armed
+            if armed is None or time.monotonic() < armed[0]:
+                continue
+            with self._lock:
+                if self._armed is not armed:
+                    continue
+                self._armed = None
+                self.fired = True
+                with contextlib.suppress(OSError):
+                    duplicate = socket.socket(fileno=os.dup(armed[1]))
+                    try:
+                        duplicate.shutdown(socket.SHUT_RDWR)
+                    finally:
+                        duplicate.close()
+            logger.error("audit commit ran past BROKER_AUDIT_TIMEOUT; its connection was cut")
+
+
+async def bounded_wait(
+    future: asyncio.Future[int], bound: float | None, health: AuditHealth
+) -> int:
+    """Await the seq of a queued event for at most ``bound`` seconds (None: no bound).
+
+    Past the bound the future is cancelled, so a commit that lands later records the
+    caller's ``abandoned`` event, and the caller gets ``AuditWriteError``: the broker answers
+    503 and forwards nothing (docs/audit.md#under-faults).
+    """
+    if bound is None:
+        return await future
+    try:
+        async with asyncio.timeout(bound):
+            return await future
+    except TimeoutError:
+        health.failed("an audit commit ran past BROKER_AUDIT_TIMEOUT")
+        raise AuditStoreUnavailableError(
+            "the audit event was not committed within BROKER_AUDIT_TIMEOUT"
+        ) from None
+
+
 class ChainCommitter:
     """Appends batches of events to the chain on one DB-API connection of its own.
 
@@ -113,6 +203,13 @@ class ChainCommitter:
         self._sqlite = database.sqlite_file is not None
         self._sql: ChainStatements | None = None
         self._lock_file: int | None = None
+        self._busy_ms = busy_timeout_ms(database.timeout)
+        self._watchdog = (
+            _Watchdog(database.timeout)
+            if database.timeout is not None and not self._sqlite
+            else None
+        )
+        self._unavailable: tuple[type[BaseException], ...] = ()
 
     @property
     def statements(self) -> ChainStatements:
@@ -125,8 +222,10 @@ class ChainCommitter:
         """Build the engine and, on SQLite, open the lock file; connects on first commit."""
         if self._engine is not None:
             return
-        self._engine = self._database.blocking()
+        self._engine = self._database.blocking(bounded=True)
         self._sql = chain_statements(self._engine.dialect)
+        dbapi = self._engine.dialect.loaded_dbapi
+        self._unavailable = (dbapi.OperationalError, dbapi.InterfaceError, AuditWriteError)
         path = self._database.sqlite_file
         if path is not None:
             lock_path = path.with_name(path.name + ".audit-lock")
@@ -143,6 +242,8 @@ class ChainCommitter:
         if self._lock_file is not None:
             os.close(self._lock_file)
             self._lock_file = None
+        if self._watchdog is not None:
+            self._watchdog.stop()
 
     def commit(
         self,
@@ -154,10 +255,12 @@ class ChainCommitter:
         """Commit ``events`` in one transaction; per event, its seq or the error.
 
         If the transaction fails, the events are committed one by one, so one bad event
-        cannot sink the others. With ``wait`` False, raise ``WriteLockBusy`` instead of waiting
-        for the database's write lock (see ``AuditWriter._commit_inline``), and fail the
-        whole batch rather than retry it event by event. ``observe`` is
-        called with the seconds and the size of a successful commit.
+        cannot sink the others; but not when the store itself failed or ran past the bound
+        (each retry would wait as long again): then every event gets an
+        ``AuditStoreUnavailableError``, which writers keep completions for. With ``wait`` False,
+        raise ``WriteLockBusy`` instead of waiting for the database's write lock (see
+        ``AuditWriter._commit_inline``), and fail the whole batch rather than retry it event
+        by event. ``observe`` is called with the seconds and the size of a successful commit.
         """
         if not events:
             return []
@@ -167,9 +270,14 @@ class ChainCommitter:
         except WriteLockBusy:
             raise
         except Exception as exc:  # noqa: BLE001 - any failure means "not durable"
-            if len(events) == 1 or not wait:
+            unavailable = isinstance(exc, self._unavailable) or (
+                self._watchdog is not None and self._watchdog.fired
+            )
+            if len(events) == 1 or not wait or unavailable:
                 # (Without ``wait`` no retry: one by one, a retry could wait for the lock.)
                 logger.error("audit store unavailable: %s", type(exc).__name__)  # noqa: TRY400
+                if unavailable:
+                    exc = AuditStoreUnavailableError("the audit store failed")
                 return [exc] * len(events)
             return [self.commit([event], observe=observe)[0] for event in events]
         if observe is not None:
@@ -183,26 +291,34 @@ class ChainCommitter:
             raise AuditWriteError("the audit writer is not running")
         if self._raw is None:
             # Connected through the engine for its URL handling and connect-time settings
-            # (SQLite: WAL, full fsync, driver transaction control off).
+            # (SQLite: WAL, full fsync, driver transaction control off; PostgreSQL: the
+            # bounds of storage.database, connect_timeout among them).
             self._raw = engine.raw_connection()
         raw = self._raw
         # Prepared before the lock, which is held only to link and insert.
         ready = [e if isinstance(e, Prepared) else prepare(statements, [e])[0] for e in events]
+        watchdog = self._watchdog
         with self._locked(wait=wait):
             if self._sqlite:
                 self._begin_immediate(raw, wait=wait)
+            if watchdog is not None:
+                watchdog.arm(raw.dbapi_connection.fileno())  # type: ignore[union-attr]
             try:
                 # Signed under the primary of this moment: a reloaded keyring signs anew.
                 seqs = append_raw(raw, statements, ChainKey(*self._keyring.chain_key()), ready)
                 raw.commit()
             except BaseException:
                 # The connection's state is unknown: drop it, connect afresh next time.
+                if watchdog is not None:
+                    watchdog.disarm()
                 with contextlib.suppress(Exception):
                     raw.rollback()
                 with contextlib.suppress(Exception):
                     raw.invalidate()
                 self._raw = None
                 raise
+            if watchdog is not None:
+                watchdog.disarm()
         return seqs
 
     def _begin_immediate(self, raw: PoolProxiedConnection, *, wait: bool) -> None:
@@ -219,7 +335,7 @@ class ChainCommitter:
                 raise WriteLockBusy from exc
             finally:
                 if not wait:
-                    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+                    cursor.execute(f"PRAGMA busy_timeout={self._busy_ms}")
         except WriteLockBusy:
             raise  # no transaction began: the connection is as it was
         except BaseException:
@@ -254,13 +370,19 @@ class AuditWriter:
         completion_delay: float = 0.02,
         max_batch: int = 1000,
         observe: Callable[[float, int], None] | None = None,
+        retained: int = 10_000,
     ) -> None:
         self._committer = ChainCommitter(database, keyring)
         self._completion_delay = completion_delay
         self._max_batch = max_batch
         self.observe = observe
         self._on_loop = database.sqlite_file is not None
+        # How long a request waits for its event (BROKER_AUDIT_TIMEOUT): never longer.
+        self._timeout = database.timeout
+        self._retained_limit = retained
+        self.health = AuditHealth()
         self._batches: GroupCommit[_Item] | None = None  # made on the first event's loop
+        self._retained: Retained[_Item] | None = None
         # Batches the loop could not commit itself, for the thread.
         self._handed: deque[list[_Item]] = deque()
         self._cond = threading.Condition(threading.Lock())
@@ -268,6 +390,7 @@ class AuditWriter:
         self._busy = threading.Lock()
         self._closing = False
         self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # Event-loop side ------------------------------------------------------------------------
 
@@ -285,7 +408,7 @@ class AuditWriter:
         """
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._queue().put(_Item(event, future, abandoned), waited=True)
-        return await future
+        return await bounded_wait(future, self._timeout, self.health)
 
     def write_later(self, event: AuditEvent) -> None:
         """Queue ``event`` for the next commit; nobody waits for it."""
@@ -301,8 +424,10 @@ class AuditWriter:
             await future
 
     async def aclose(self) -> None:
-        """Commit what is queued and stop the thread."""
+        """Commit what is queued (and what was kept) and stop the thread."""
         if self._batches is not None and not self._closing:
+            if self._retained is not None:
+                self._batches.put_back(self._retained.take())
             self._batches.flush_now()
         with self._cond:
             self._closing = True
@@ -312,6 +437,16 @@ class AuditWriter:
             self._thread = None
         self._committer.close()
 
+    @property
+    def completions_retained(self) -> int:
+        """Completions kept because the store was down, not yet committed."""
+        return 0 if self._retained is None else len(self._retained)
+
+    @property
+    def completions_dropped(self) -> int:
+        """Completions dropped because too many were kept: their calls stay pending."""
+        return 0 if self._retained is None else self._retained.dropped
+
     def _queue(self) -> GroupCommit[_Item]:
         if self._closing:
             raise AuditWriteError("the audit writer is closed")
@@ -320,6 +455,8 @@ class AuditWriter:
             self._batches = GroupCommit(
                 self._flush, completion_delay=self._completion_delay, max_batch=self._max_batch
             )
+            self._retained = Retained(self._batches, self._retained_limit)
+            self._loop = asyncio.get_running_loop()
         return self._batches
 
     def _flush(self, batch: list[_Item]) -> None:
@@ -334,6 +471,7 @@ class AuditWriter:
             # A failed batch goes to the thread, which retries it event by event.
             if results is not None and not any(isinstance(r, BaseException) for r in results):
                 self._settle(list(zip(batch, results, strict=True)))
+                self._succeeded()
                 return
         with self._cond:
             if self._thread is None:
@@ -353,7 +491,11 @@ class AuditWriter:
                     return
                 batch = self._handed.popleft()
             with self._busy:
-                results = self._commit(batch)
+                self.health.committing_since = time.monotonic()
+                try:
+                    results = self._commit(batch)
+                finally:
+                    self.health.committing_since = None
             self._resolve(batch, results)
 
     def _commit(self, batch: list[_Item], *, wait: bool = True) -> list[int | BaseException]:
@@ -362,14 +504,36 @@ class AuditWriter:
         return [next(results) if item.event is not None else 0 for item in batch]
 
     def _resolve(self, batch: list[_Item], results: list[int | BaseException]) -> None:
-        """From the thread: settle the waiters on their loops."""
+        """From the thread: settle the waiters on their loops, keep lost completions."""
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Item, int | BaseException]]] = {}
+        lost: list[_Item] = []
         for item, result in zip(batch, results, strict=True):
             if item.future is not None:
                 by_loop.setdefault(item.future.get_loop(), []).append((item, result))
+            elif isinstance(result, AuditStoreUnavailableError) and item.event is not None:
+                lost.append(item)
+        failed = any(isinstance(result, BaseException) for result in results)
+        if failed:
+            self.health.failed("the last audit commit failed")
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed
+                if lost:
+                    loop.call_soon_threadsafe(self._keep, lost)
+                elif not failed and results:
+                    loop.call_soon_threadsafe(self._succeeded)
         for loop, outcomes in by_loop.items():
             with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting
                 loop.call_soon_threadsafe(self._settle, outcomes)
+
+    def _keep(self, lost: list[_Item]) -> None:
+        if self._retained is not None and not self._closing:
+            self._retained.keep(lost)
+
+    def _succeeded(self) -> None:
+        self.health.succeeded()
+        if self._retained is not None:
+            self._retained.succeeded()
 
     def _settle(self, outcomes: list[tuple[_Item, int | BaseException]]) -> None:
         """On the event loop: hand each waiter its seq or the failure."""

@@ -18,6 +18,7 @@ may wait for the database's write lock, or send one frame to the hub.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from typing import TYPE_CHECKING, Generic, TypeVar
 
@@ -104,3 +105,89 @@ class GroupCommit(Generic[T]):
         if self._later is not None:
             self._later.cancel()
             self._later = None
+
+
+class Retained(Generic[T]):
+    """Completions a commit lost, kept (at most ``limit``) and queued again with back-off.
+
+    A completion nobody waits for records a call that has already been answered, so when the
+    audit store is down it is not dropped: it is kept here and put back at the front of the
+    writer's queue (``GroupCommit.put_back``), in order, after ``first`` seconds, then twice
+    as long after each failure up to ``longest``, and at once after a commit succeeds. Beyond
+    ``limit`` a completion is dropped and counted in ``dropped``; its call stays ``pending``
+    in the log, which ``broker audit verify`` counts (docs/audit.md#under-faults).
+    """
+
+    def __init__(
+        self,
+        batches: GroupCommit[T],
+        limit: int,
+        *,
+        first: float = 0.25,
+        longest: float = 5.0,
+    ) -> None:
+        self._batches = batches
+        self._limit = limit
+        self._first = first
+        self._longest = longest
+        self._delay = first
+        self._items: deque[T] = deque()
+        self._retry: asyncio.Handle | None = None
+        self.dropped = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def keep(self, items: list[T]) -> None:
+        """On the loop: keep ``items`` (in order) for a later commit, or count them dropped."""
+        room = max(0, self._limit - len(self._items))
+        self._items.extend(items[:room])
+        self.dropped += len(items) - min(room, len(items))
+        if self._items and self._retry is None:
+            self._retry = asyncio.get_running_loop().call_later(self._delay, self._put_back)
+            self._delay = min(self._delay * 2, self._longest)
+
+    def succeeded(self) -> None:
+        """On the loop: a commit went through; what is kept goes again now."""
+        self._delay = self._first
+        if self._items and self._retry is not None:
+            self._retry.cancel()
+            self._retry = asyncio.get_running_loop().call_soon(self._put_back)
+
+    def take(self) -> list[T]:
+        """Everything kept, in order (for a writer closing)."""
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        items = list(self._items)
+        self._items.clear()
+        return items
+
+    def _put_back(self) -> None:
+        self._retry = None
+        self._batches.put_back(self.take())
+        self._batches.flush_now()
+
+
+class AuditHealth:
+    """Whether this process's audit path works, as its commits and waits found it.
+
+    ``failure`` says why from a failed or timed-out commit until the next one that succeeds
+    (``since``: when, on the monotonic clock); ``committing_since`` is when the commit now in
+    progress began. ``/readyz`` reports both (``services.readiness``). Plain attributes,
+    set from the loop or the writer's thread alike.
+    """
+
+    def __init__(self) -> None:
+        self.failure: str | None = None
+        self.since = 0.0
+        self.committing_since: float | None = None
+
+    def failed(self, what: str) -> None:
+        """A commit failed or a wait for one ran past the bound."""
+        self.since = time.monotonic()
+        self.failure = what
+
+    def succeeded(self) -> None:
+        """A commit went through."""
+        self.failure = None

@@ -11,17 +11,28 @@ Four checks, each ``"ok"`` or a one-word state, with one line per failed check i
   key the stored tokens need. (One tampered row is not a reason to take a replica out of
   service, as every replica would refuse it alike; it is a ``503 credential_unavailable``,
   audited and counted, on the calls that need it.)
+- ``audit``: the audit path works: after a commit of this process failed or ran past
+  ``BROKER_AUDIT_TIMEOUT``, the chain head is taken (and let go) within the bound, as a
+  commit would; until then the process is not ready (docs/audit.md#under-faults).
+
+The database checks together are bounded by ``BROKER_AUDIT_TIMEOUT``: a database that stops
+answering makes the process not ready within the bound, not a hung ``/readyz``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+
+from sqlalchemy import text
 
 from broker.errors import DecryptionError
 from broker.services.tokens import WORKER_TOKEN_PURPOSE
 from broker.storage import credentials
+from broker.storage.audit_chain import HEAD, HEAD_ID
 from broker.storage.database import ping, schema_problem, schema_revision
 
 if TYPE_CHECKING:
@@ -53,7 +64,7 @@ async def check_readiness(context: ProcessContext) -> Readiness:
     result = Readiness()
     _check_keyring(context, result)
     try:
-        async with context.sessions() as session:
+        async with asyncio.timeout(context.database.timeout), context.sessions() as session:
             await ping(session)
             result.checks["database"] = "ok"
             problem = schema_problem(await schema_revision(session))
@@ -81,7 +92,44 @@ async def check_readiness(context: ProcessContext) -> Readiness:
             )
         return result
     _check_credentials(context, sample, result)
+    await _check_audit(context, result)
     return result
+
+
+async def _check_audit(context: ProcessContext, result: Readiness) -> None:
+    health = context.audit_writer.health
+    bound = context.database.timeout
+    started = health.committing_since
+    if bound is not None and started is not None and time.monotonic() - started > bound:
+        result.fail(
+            "audit",
+            "unavailable",
+            "an audit commit has been running longer than BROKER_AUDIT_TIMEOUT: check the "
+            "database; calls are refused with 503 audit_unavailable",
+        )
+        return
+    failure = health.failure
+    if failure is not None:
+        lock_head = f"SELECT last_seq FROM {HEAD.name} WHERE id = {HEAD_ID}"  # noqa: S608
+        if context.database.sqlite_file is None:
+            lock_head += " FOR UPDATE"
+        try:
+            # A write transaction (BEGIN IMMEDIATE on SQLite) that takes the head as a commit
+            # would, then lets it go: nothing is written.
+            async with asyncio.timeout(context.database.timeout), context.sessions.begin() as s:
+                await s.execute(text(lock_head))
+        except Exception:  # noqa: BLE001 - whatever the cause, the audit path is not usable
+            logger.warning("readiness: the audit chain head cannot be taken (%s)", failure)
+            result.fail(
+                "audit",
+                "unavailable",
+                f"audit events cannot be committed ({failure}): check the database and "
+                "BROKER_AUDIT_TIMEOUT; calls are refused with 503 audit_unavailable",
+            )
+            return
+        if health.failure == failure:
+            health.succeeded()
+    result.checks["audit"] = "ok"
 
 
 def _check_keyring(context: ProcessContext, result: Readiness) -> None:

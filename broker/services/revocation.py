@@ -158,7 +158,7 @@ class CacheEpoch:
 
     def _poll_thread(self) -> None:
         assert self._database is not None  # noqa: S101 - started only with a database
-        engine = self._database.blocking()
+        engine = self._database.blocking(bounded=True)
         try:
             while not self._thread_stopping.is_set():
                 started = time.monotonic()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from functools import cache, cached_property
 from pathlib import Path
 from typing import Any
@@ -24,24 +25,69 @@ from sqlalchemy.pool import NullPool
 import broker
 
 SQLITE_BUSY_TIMEOUT_MS = 30000
-"""How long a SQLite connection waits for another's write lock before giving up."""
+"""How long a SQLite connection waits for another's write lock, unless bounded (``timeout``)."""
 
 WRITE_OPTION = "broker_write"
 """Execution option marking a write transaction (``BEGIN IMMEDIATE`` on SQLite)."""
 
 
-def create_engine(url: str, *, pool: bool = True) -> AsyncEngine:
-    """An async engine; SQLite gets WAL, full fsync, foreign keys and a busy timeout."""
+def busy_timeout_ms(timeout: float | None) -> int:
+    """SQLite's busy timeout for a database wait bound (None: the unbounded default)."""
+    return SQLITE_BUSY_TIMEOUT_MS if timeout is None else max(1, round(timeout * 1000))
+
+
+def _postgresql_bounds(timeout: float, *, statements: bool) -> dict[str, str]:
+    """Server settings bounding the broker's own PostgreSQL sessions (docs/configuration.md).
+
+    ``lock_timeout`` bounds a wait for a row lock (the chain head's ``FOR UPDATE``);
+    ``idle_in_transaction_session_timeout`` makes the server end the session of a broker
+    that went silent holding a transaction, releasing its locks; the server's TCP keepalives
+    and ``tcp_user_timeout`` find a peer that is gone (PostgreSQL docs, "Client Connection
+    Defaults" and "Connection Settings"; all are user-settable at connect time).
+    """
+    ms = str(max(1, round(timeout * 1000)))
+    idle = str(max(1, math.ceil(timeout)))
+    bounds = {
+        "lock_timeout": ms,
+        "idle_in_transaction_session_timeout": ms,
+        "tcp_keepalives_idle": idle,
+        "tcp_keepalives_interval": "1",
+        "tcp_keepalives_count": "3",
+        "tcp_user_timeout": ms,
+    }
+    if statements:
+        bounds["statement_timeout"] = ms
+    return bounds
+
+
+def create_engine(url: str, *, pool: bool = True, timeout: float | None = None) -> AsyncEngine:
+    """An async engine; SQLite gets WAL, full fsync, foreign keys and a busy timeout.
+
+    With ``timeout`` (``BROKER_AUDIT_TIMEOUT``), every wait on the database is bounded by it:
+    connecting, each statement (client and server side), a lock, a transaction left idle.
+    """
     # Database errors must never carry statement parameters (ciphertexts, keyed hashes, audit
     # details) into logs or exception messages.
     kwargs: dict[str, Any] = {"hide_parameters": True}
     if url.startswith("sqlite"):
-        kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}
+        kwargs["connect_args"] = {"timeout": busy_timeout_ms(timeout) / 1000}
+    elif timeout is not None:
+        # asyncpg.connect: ``timeout`` bounds connecting, ``command_timeout`` each statement
+        # on the client side (a server that stops answering), ``server_settings`` are sent
+        # in the startup packet (asyncpg docs, "asyncpg.connection.connect").
+        kwargs["connect_args"] = {
+            "timeout": timeout,
+            "command_timeout": timeout + 1,
+            "server_settings": _postgresql_bounds(timeout, statements=True),
+        }
     if not pool:
         kwargs["poolclass"] = NullPool
+    elif timeout is not None:
+        # A connection from the pool is not waited for longer than the bound either.
+        kwargs["pool_timeout"] = timeout
     engine = create_async_engine(url, **kwargs)
     if url.startswith("sqlite"):
-        _sqlite_transactions(engine.sync_engine)
+        _sqlite_transactions(engine.sync_engine, busy_timeout_ms(timeout))
     return engine
 
 
@@ -52,21 +98,39 @@ def sync_database_url(url: str) -> str:
     )
 
 
-def create_sync_engine(url: str, *, write: bool = False) -> Engine:
+def create_sync_engine(url: str, *, write: bool = False, timeout: float | None = None) -> Engine:
     """A blocking engine of one connection for a worker thread; SQLite as in ``create_engine``.
 
     With ``write``, every transaction is a write transaction (``BEGIN IMMEDIATE`` on SQLite).
+    With ``timeout``, every wait on the database is bounded by it, as in ``create_engine``.
     """
     sync_url = sync_database_url(url)
     kwargs: dict[str, Any] = {"hide_parameters": True, "pool_size": 1, "max_overflow": 0}
     if sync_url.startswith("sqlite"):
         kwargs["connect_args"] = {
-            "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000,
+            "timeout": busy_timeout_ms(timeout) / 1000,
             "check_same_thread": False,
+        }
+    elif timeout is not None:
+        options = " ".join(
+            f"-c {name}={value}"
+            for name, value in _postgresql_bounds(timeout, statements=True).items()
+        )
+        # libpq connection parameters (PostgreSQL docs, "Parameter Key Words"):
+        # connect_timeout is whole seconds, at least 2; keepalives and tcp_user_timeout
+        # make the client's kernel give up on a server that stopped acknowledging.
+        kwargs["connect_args"] = {
+            "connect_timeout": max(2, math.ceil(timeout)),
+            "options": options,
+            "keepalives": 1,
+            "keepalives_idle": max(1, math.ceil(timeout)),
+            "keepalives_interval": 1,
+            "keepalives_count": 3,
+            "tcp_user_timeout": max(1, round(timeout * 1000)),
         }
     engine = sqlalchemy.create_engine(sync_url, **kwargs)
     if sync_url.startswith("sqlite"):
-        _sqlite_transactions(engine)
+        _sqlite_transactions(engine, busy_timeout_ms(timeout))
     return engine.execution_options(**{WRITE_OPTION: True}) if write else engine
 
 
@@ -78,25 +142,25 @@ def sqlite_path(url: str) -> Path | None:
     return Path(parsed.database)
 
 
-def _sqlite_transactions(engine: Engine) -> None:
+def _sqlite_transactions(engine: Engine, busy_ms: int = SQLITE_BUSY_TIMEOUT_MS) -> None:
     """Take transaction control from the driver: ``BEGIN``, or ``BEGIN IMMEDIATE`` to write.
 
     A deferred transaction that reads and then writes fails outright (SQLITE_BUSY_SNAPSHOT)
     when another connection committed in between, which the audit writer does all the time
     under load; a write transaction must take the write lock before it reads.
     """
-    event.listen(engine, "connect", _sqlite_connect)
+
+    def connect(dbapi_connection: Any, _record: Any) -> None:  # noqa: ANN401 - DB-API object
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
+        cursor.close()
+
+    event.listen(engine, "connect", connect)
     event.listen(engine, "begin", _sqlite_begin)
-
-
-def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:  # noqa: ANN401 - DB-API object
-    dbapi_connection.isolation_level = None
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=FULL")
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-    cursor.close()
 
 
 def _sqlite_begin(connection: Connection) -> None:
@@ -140,14 +204,16 @@ class Database:
     retention) an engine of its own. Nothing else builds engines.
     """
 
-    def __init__(self, url: str, *, pool: bool = True) -> None:
+    def __init__(self, url: str, *, pool: bool = True, timeout: float | None = None) -> None:
         self.url = url
         self._pool = pool
+        self.timeout = timeout
+        """The bound of every wait on the database (``BROKER_AUDIT_TIMEOUT``), if any."""
 
     @cached_property
     def engine(self) -> AsyncEngine:
         """The async engine (SQLite: WAL, full fsync, foreign keys, busy timeout)."""
-        return create_engine(self.url, pool=self._pool)
+        return create_engine(self.url, pool=self._pool, timeout=self.timeout)
 
     @cached_property
     def sessions(self) -> Sessions:
@@ -159,9 +225,13 @@ class Database:
         """The database file, if it is SQLite."""
         return sqlite_path(self.url)
 
-    def blocking(self, *, write: bool = False) -> Engine:
-        """A new blocking engine of one connection for a thread; dispose of it when done."""
-        return create_sync_engine(self.url, write=write)
+    def blocking(self, *, write: bool = False, bounded: bool = False) -> Engine:
+        """A new blocking engine of one connection for a thread; dispose of it when done.
+
+        ``bounded``: its waits are bounded by :attr:`timeout` (the audit writer's and the
+        revocation poller's; maintenance such as verification and pruning may run long).
+        """
+        return create_sync_engine(self.url, write=write, timeout=self.timeout if bounded else None)
 
     async def aclose(self) -> None:
         """Release the async engine's connections (if it was ever built)."""
