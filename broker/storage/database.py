@@ -27,6 +27,9 @@ import broker
 SQLITE_BUSY_TIMEOUT_MS = 30000
 """How long a SQLite connection waits for another's write lock, unless bounded (``timeout``)."""
 
+IDLE_IN_TRANSACTION_FACTOR = 5
+"""A request-serving session may sit idle in a transaction this many bounds (see below)."""
+
 WRITE_OPTION = "broker_write"
 """Execution option marking a write transaction (``BEGIN IMMEDIATE`` on SQLite)."""
 
@@ -36,20 +39,27 @@ def busy_timeout_ms(timeout: float | None) -> int:
     return SQLITE_BUSY_TIMEOUT_MS if timeout is None else max(1, round(timeout * 1000))
 
 
-def _postgresql_bounds(timeout: float, *, statements: bool) -> dict[str, str]:
-    """Server settings bounding the broker's own PostgreSQL sessions (docs/configuration.md).
+def _postgresql_bounds(timeout: float, *, statements: bool, idle_factor: int = 1) -> dict[str, str]:
+    """Server settings bounding the broker's own PostgreSQL sessions (docs/audit.md#under-faults).
 
     ``lock_timeout`` bounds a wait for a row lock (the chain head's ``FOR UPDATE``);
-    ``idle_in_transaction_session_timeout`` makes the server end the session of a broker
-    that went silent holding a transaction, releasing its locks; the server's TCP keepalives
-    and ``tcp_user_timeout`` find a peer that is gone (PostgreSQL docs, "Client Connection
-    Defaults" and "Connection Settings"; all are user-settable at connect time).
+    ``idle_in_transaction_session_timeout`` (``idle_factor`` bounds) makes the server end the
+    session of a broker that went silent holding a transaction, releasing its locks; the
+    server's TCP keepalives and ``tcp_user_timeout`` find a peer that is gone (PostgreSQL docs,
+    "Client Connection Defaults" and "Connection Settings"; all are user-settable at connect
+    time).
+
+    The audit writer's own sessions hold a transaction only to link and insert, so one bound
+    is plenty. A request-serving session on the event loop may legitimately sit idle in its
+    transaction while the loop runs other work (a busy process, a password hash), so it gets
+    ``IDLE_IN_TRANSACTION_FACTOR`` bounds; a replica cut off mid-transaction is found sooner
+    by the keepalives (about the bound plus three seconds) either way.
     """
     ms = str(max(1, round(timeout * 1000)))
     idle = str(max(1, math.ceil(timeout)))
     bounds = {
         "lock_timeout": ms,
-        "idle_in_transaction_session_timeout": ms,
+        "idle_in_transaction_session_timeout": str(max(1, round(timeout * 1000 * idle_factor))),
         "tcp_keepalives_idle": idle,
         "tcp_keepalives_interval": "1",
         "tcp_keepalives_count": "3",
@@ -78,7 +88,9 @@ def create_engine(url: str, *, pool: bool = True, timeout: float | None = None) 
         kwargs["connect_args"] = {
             "timeout": timeout,
             "command_timeout": timeout + 1,
-            "server_settings": _postgresql_bounds(timeout, statements=True),
+            "server_settings": _postgresql_bounds(
+                timeout, statements=True, idle_factor=IDLE_IN_TRANSACTION_FACTOR
+            ),
         }
     if not pool:
         kwargs["poolclass"] = NullPool

@@ -26,7 +26,7 @@ from broker.keyring import load_key_file
 from broker.services.audit import verify_log
 from broker.storage.database import create_sync_engine, sync_database_url
 from tests.conftest import POSTGRES_URL
-from tests.support.env import WORKER_TOKEN
+from tests.support.env import WORKER_TOKEN, costless_throttle
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -148,6 +148,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
 @pytest.fixture
 def replicas(tmp_path: Path, sim: SimServer, database_url: str) -> Iterator[Replicas]:
     """Start both replicas, register the simulator and a worker credential through one."""
+    sim.state.throttle = costless_throttle()  # load is under test, not Canvas's rate limit
     env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
     env["BROKER_DATABASE_URL"] = database_url
     env["BROKER_KEY_FILE"] = str(tmp_path / "broker.key")

@@ -20,7 +20,7 @@ from broker.config import Settings
 from broker.keyring import load_key_file
 from broker.services.audit import verify_log
 from broker.storage.database import create_sync_engine
-from tests.support.env import WORKER_TOKEN
+from tests.support.env import WORKER_TOKEN, costless_throttle
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -42,6 +42,7 @@ def _free_port() -> int:
 @pytest.fixture
 def two_workers(tmp_path: Path, sim: SimServer) -> Iterator[tuple[str, dict[str, str], Path]]:
     """A SQLite broker with two worker processes; yields its URL, admin headers and env file."""
+    sim.state.throttle = costless_throttle()  # load is under test, not Canvas's rate limit
     env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
     env["BROKER_DATABASE_URL"] = f"sqlite:///{tmp_path / 'broker.sqlite3'}"
     env["BROKER_KEY_FILE"] = str(tmp_path / "broker.key")

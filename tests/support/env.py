@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from broker.services.audit import AuditService
 from broker.services.management import Actor, ManagementService
+from broker.sim.throttle import CanvasThrottle
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -132,6 +133,14 @@ class BrokerEnv:
         await audit.flush()
         report = await asyncio.to_thread(audit.verify)
         return report.as_dict()
+
+
+def costless_throttle() -> CanvasThrottle:
+    """Canvas's throttle with calls that cost nothing, for tests of load rather than of it.
+
+    The bucket then holds only the up-front cost of the calls in flight (docs/simulator.md).
+    """
+    return CanvasThrottle(default_cost=0.0, costs=())
 
 
 def bearer(token: str) -> dict[str, str]:
