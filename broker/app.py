@@ -34,8 +34,9 @@ from broker.services.canvas_capacity import CanvasCapacity
 from broker.services.management import ManagementService
 from broker.services.proxy import ProxyService
 from broker.services.ratelimit import RateLimitService
-from broker.services.readiness import check_readiness
+from broker.services.readiness import check_readiness, hub_problem
 from broker.services.tokens import TokenService
+from broker.supervision import ParentWatch, leave
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -136,9 +137,17 @@ def create_app(
         owned = context is None
         process = context or ProcessContext.from_settings(settings or Settings())
         install(app, process)
+        watch = None
+        if owned and process.settings.audit_socket is not None:
+            # A worker of `broker serve --workers N`: it ends with its supervisor.
+            watch = ParentWatch(leave)
+            watch.start()
+        app.state.parent_watch = watch
         try:
             yield
         finally:
+            if watch is not None:
+                watch.stop()
             if owned:
                 await process.aclose()
 
@@ -197,9 +206,16 @@ def install(app: FastAPI, context: ProcessContext) -> None:
 
 def _add_ops_routes(app: FastAPI) -> None:
     @app.get("/healthz", tags=["operations"], include_in_schema=True)
-    async def healthz() -> dict[str, str]:
-        """The process is up."""
-        return {"status": "ok"}
+    async def healthz(request: Request) -> JSONResponse:
+        """The process is up; a worker of ``broker serve`` also needs its supervisor's hub."""
+        watch: ParentWatch | None = getattr(request.app.state, "parent_watch", None)
+        if watch is not None and watch.gone:
+            problem: str | None = "the supervising `broker serve` is gone; this worker exits"
+        else:
+            problem = await hub_problem(request.app.state.context)
+        if problem is not None:
+            return JSONResponse({"status": "failing", "problem": problem}, status_code=503)
+        return JSONResponse({"status": "ok"})
 
     @app.get("/readyz", tags=["operations"])
     async def readyz(request: Request) -> JSONResponse:

@@ -10,9 +10,7 @@ import functools
 import inspect
 import json
 import os
-import shutil
 import sys
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, get_args
@@ -247,6 +245,7 @@ def serve(
     """Run the service."""
     from broker.keyring import load_keyring  # noqa: PLC0415
     from broker.services.audit_hub import AuditHub  # noqa: PLC0415
+    from broker.supervision import HUB_SOCKET, SharedDirectory  # noqa: PLC0415
 
     settings = _settings()
     try:
@@ -265,19 +264,21 @@ def serve(
     # socket, and see each other's revocations at once through the epoch file; both live in
     # a directory of this server's own (0700), and the environment carries their names to
     # the spawned workers.
-    shared = Path(tempfile.mkdtemp(prefix="canvas-token-broker-"))
+    # The directory is locked while this process lives, so the next start removes it if this
+    # one is killed (broker/supervision.py).
+    shared = SharedDirectory()
     try:
         if settings.epoch_file is None:
-            os.environ["BROKER_EPOCH_FILE"] = str(shared / "revocation-epoch")
+            os.environ["BROKER_EPOCH_FILE"] = str(shared.path / "revocation-epoch")
         hub = AuditHub(
             Database(settings.async_database_url, timeout=settings.audit_timeout),
             keyring,
-            shared / "audit.sock",
+            shared.path / HUB_SOCKET,
             retained=settings.audit_retained_completions,
         )
         hub.start()
     except (ConfigurationError, RuntimeError) as exc:
-        shutil.rmtree(shared, ignore_errors=True)
+        shared.remove()
         fail(str(exc))
     os.environ["BROKER_AUDIT_SOCKET"] = str(hub.path)
     try:
@@ -285,7 +286,7 @@ def serve(
     finally:
         os.environ.pop("BROKER_AUDIT_SOCKET", None)
         hub.stop()
-        shutil.rmtree(shared, ignore_errors=True)
+        shared.remove()
 
 
 def _refuse_unusable_database(settings: Settings) -> None:

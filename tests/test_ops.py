@@ -13,6 +13,8 @@ from broker.context import ProcessContext
 from broker.keyring import Keyring
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from tests.support.env import BrokerEnv
 
 
@@ -124,3 +126,33 @@ async def test_metrics_time_audit_group_commits_and_count_their_events(env: Brok
     commits = _sample(text, "broker_audit_commit_seconds_count")
     assert 1 <= commits == _sample(text, "broker_audit_batch_events_count")
     assert _sample(text, "broker_audit_commit_seconds_sum") > 0
+
+
+async def test_a_worker_whose_audit_hub_is_gone_is_neither_healthy_nor_ready(
+    settings: Settings, tmp_path: Path
+) -> None:
+    # A worker of `broker serve --workers N` whose supervisor (and with it the hub) is gone:
+    # it can audit nothing and will not recover (docs/deployment.md#processes).
+    from broker.services.audit_hub import AuditHub  # noqa: PLC0415
+    from broker.storage.database import Database  # noqa: PLC0415
+
+    keyring = Keyring.generate()
+    hub = AuditHub(Database(settings.async_database_url), keyring, tmp_path / "audit.sock")
+    hub.start()
+    worker = settings.model_copy(update={"audit_socket": hub.path})
+    context = ProcessContext.from_settings(worker, keyring=keyring)
+    transport = httpx.ASGITransport(app=create_app(context=context))
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://broker.test") as http:
+            assert (await http.get("/healthz")).status_code == 200
+            assert (await http.get("/readyz")).json()["audit"] == "ok"
+            hub.stop()
+            health = await http.get("/healthz")
+            ready = await http.get("/readyz")
+    finally:
+        await context.aclose()
+    assert health.status_code == 503
+    assert "audit hub" in health.json()["problem"]
+    assert ready.status_code == 503
+    assert ready.json()["audit"] == "unavailable"
+    assert any("restart `broker serve`" in problem for problem in ready.json()["problems"])

@@ -96,7 +96,35 @@ async def check_readiness(context: ProcessContext) -> Readiness:
     return result
 
 
+HUB_PROBE_SECONDS = 1.0
+
+
+async def hub_problem(context: ProcessContext) -> str | None:
+    """In a worker of ``broker serve --workers N``: why its audit hub cannot be reached, or None.
+
+    The hub lives in the supervising process; a worker that cannot reach it can audit nothing
+    and will not recover by itself (docs/deployment.md#processes).
+    """
+    path = context.settings.audit_socket
+    if path is None:
+        return None
+    try:
+        async with asyncio.timeout(HUB_PROBE_SECONDS):
+            _reader, writer = await asyncio.open_unix_connection(path)
+    except (OSError, TimeoutError):
+        return (
+            "the audit hub of `broker serve` does not answer (is its supervising process "
+            "gone?): calls are refused with 503 audit_unavailable; restart `broker serve`"
+        )
+    writer.close()
+    return None
+
+
 async def _check_audit(context: ProcessContext, result: Readiness) -> None:
+    problem = await hub_problem(context)
+    if problem is not None:
+        result.fail("audit", "unavailable", problem)
+        return
     health = context.audit_writer.health
     bound = context.database.timeout
     started = health.committing_since
