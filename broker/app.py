@@ -36,6 +36,7 @@ from broker.services.proxy import ProxyService
 from broker.services.ratelimit import RateLimitService
 from broker.services.readiness import check_readiness, hub_problem
 from broker.services.tokens import TokenService
+from broker.serving import configure_connections
 from broker.supervision import ParentWatch, leave
 
 if TYPE_CHECKING:
@@ -137,6 +138,15 @@ def create_app(
         owned = context is None
         process = context or ProcessContext.from_settings(settings or Settings())
         install(app, process)
+        if owned:
+            limits = configure_connections(process.settings)
+            logger.info(
+                "holding at most %d client connections (request heads within %g s, idle "
+                "keep-alive %g s)",
+                limits.max_connections,
+                limits.header_timeout,
+                limits.keepalive_timeout,
+            )
         watch = None
         if owned and process.settings.audit_socket is not None:
             # A worker of `broker serve --workers N`: it ends with its supervisor.

@@ -301,8 +301,9 @@ def _refuse_unusable_database(settings: Settings) -> None:
 def _run_server(settings: Settings, host: str | None, port: int | None, workers: int) -> None:
     import uvicorn  # noqa: PLC0415
 
-    from broker.serving import RequestTargetProtocol  # noqa: PLC0415
+    from broker.serving import RequestTargetProtocol, raise_open_file_limit  # noqa: PLC0415
 
+    raise_open_file_limit()  # before the workers start: they inherit it
     uvicorn.run(
         "broker.app:create_app",
         factory=True,

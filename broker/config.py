@@ -123,6 +123,19 @@ class Settings(BaseSettings):
         description="Completions kept in memory while the audit store is down, written once "
         "it is back",
     )
+    header_timeout: float = Field(
+        default=10.0,
+        description="Seconds a client has to send a whole request head, from connecting or "
+        "from its first byte; then 408 (or, if it sent nothing, the connection is closed)",
+    )
+    keepalive_timeout: float = Field(
+        default=5.0, description="Seconds an idle keep-alive connection is kept open"
+    )
+    max_connections: int = Field(
+        default=0,
+        description="Client connections a process holds at once (0: the open-file limit less "
+        "what the database, the upstream pool and the process need)",
+    )
     host: str = Field(default="127.0.0.1", description="Address `broker serve` binds")
     port: int = Field(default=8000, description="Port `broker serve` binds")
 
@@ -171,6 +184,9 @@ class Settings(BaseSettings):
             "BROKER_CANVAS_OUTFLOW": 0 < self.canvas_outflow < 100_000,  # noqa: PLR2004
             "BROKER_AUDIT_TIMEOUT": 0 < self.audit_timeout <= 3600,  # noqa: PLR2004
             "BROKER_AUDIT_RETAINED_COMPLETIONS": 0 <= self.audit_retained_completions <= 10**7,
+            "BROKER_HEADER_TIMEOUT": 0 < self.header_timeout <= 3600,  # noqa: PLR2004
+            "BROKER_KEEPALIVE_TIMEOUT": 0 < self.keepalive_timeout <= 3600,  # noqa: PLR2004
+            "BROKER_MAX_CONNECTIONS": 0 <= self.max_connections <= 10**7,
         }
         for name, ok in checks.items():
             if not ok:

@@ -10,6 +10,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from broker import serving
+from broker.serving import ConnectionStats
+
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
@@ -37,6 +40,7 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(_Refusals(self.requests))
+        self.registry.register(_Connections())
         self._counted: dict[tuple[str, str], Counter] = {}
         self.upstream_latency = Histogram(
             "broker_upstream_latency_seconds",
@@ -235,3 +239,44 @@ class _Completions(Collector):
             value=dropped,
         )
         return [gauge, counter]
+
+
+class _Connections(Collector):
+    """What this process's connection limits did (docs/deployment.md#connections).
+
+    Read at scrape time from ``broker.serving.stats``.
+    """
+
+    def describe(self) -> Iterable[Metric]:
+        """The families this collector yields (no samples)."""
+        return self._families(ConnectionStats())
+
+    def collect(self) -> Iterable[Metric]:
+        """The process's current figures."""
+        return self._families(serving.stats)
+
+    @staticmethod
+    def _families(stats: ConnectionStats) -> list[Metric]:
+        return [
+            GaugeMetricFamily(
+                "broker_client_connections",
+                "Client connections this process holds",
+                value=stats.open,
+            ),
+            CounterMetricFamily(
+                "broker_client_connections_refused",
+                "Connections answered 503 too_many_connections: the cap was reached, none idle",
+                value=stats.refused,
+            ),
+            CounterMetricFamily(
+                "broker_client_connections_evicted",
+                "Idle connections closed to make room for a new one at the cap",
+                value=stats.evicted,
+            ),
+            CounterMetricFamily(
+                "broker_request_head_timeouts",
+                "Connections closed because a request head did not arrive within "
+                "BROKER_HEADER_TIMEOUT",
+                value=stats.head_timeouts,
+            ),
+        ]
