@@ -284,6 +284,8 @@ def _add_error_handlers(app: FastAPI) -> None:
         if exc.status == HTTPStatus.UNAUTHORIZED:
             # RFC 6749 §5.2: a 401 invalid_client challenges with the scheme clients should use.
             headers["WWW-Authenticate"] = 'Basic realm="canvas-token-broker"'
+        if exc.retry_after is not None:
+            headers["Retry-After"] = str(exc.retry_after)
         return JSONResponse(
             {"error": exc.error, "error_description": exc.message},
             status_code=exc.status,

@@ -123,6 +123,16 @@ class Settings(BaseSettings):
         description="Completions kept in memory while the audit store is down, written once "
         "it is back",
     )
+    token_rate_per_source: float = Field(
+        default=20.0,
+        description="Token-endpoint requests a second one source address may make (bursts of "
+        "ten seconds' worth); beyond it 429 with Retry-After; 0 turns the limit off",
+    )
+    token_rate_per_client: float = Field(
+        default=5.0,
+        description="Token-endpoint requests a second one authenticated client may make "
+        "(bursts of ten seconds' worth); beyond it 429 with Retry-After; 0 turns it off",
+    )
     header_timeout: float = Field(
         default=10.0,
         description="Seconds a client has to send a whole request head, from connecting or "
@@ -184,6 +194,8 @@ class Settings(BaseSettings):
             "BROKER_CANVAS_OUTFLOW": 0 < self.canvas_outflow < 100_000,  # noqa: PLR2004
             "BROKER_AUDIT_TIMEOUT": 0 < self.audit_timeout <= 3600,  # noqa: PLR2004
             "BROKER_AUDIT_RETAINED_COMPLETIONS": 0 <= self.audit_retained_completions <= 10**7,
+            "BROKER_TOKEN_RATE_PER_SOURCE": 0 <= self.token_rate_per_source <= 10**6,
+            "BROKER_TOKEN_RATE_PER_CLIENT": 0 <= self.token_rate_per_client <= 10**6,
             "BROKER_HEADER_TIMEOUT": 0 < self.header_timeout <= 3600,  # noqa: PLR2004
             "BROKER_KEEPALIVE_TIMEOUT": 0 < self.keepalive_timeout <= 3600,  # noqa: PLR2004
             "BROKER_MAX_CONNECTIONS": 0 <= self.max_connections <= 10**7,

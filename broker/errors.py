@@ -160,9 +160,13 @@ class AuditUnavailableError(UnavailableError):
 class OAuthError(BrokerError):
     """An RFC 6749 section 5.2 error from the token endpoint."""
 
-    def __init__(self, error: str, message: str, status: int = 400) -> None:
+    def __init__(
+        self, error: str, message: str, status: int = 400, *, retry_after: int | None = None
+    ) -> None:
         super().__init__(message, error=error)
         self.status = status
+        self.retry_after = retry_after
+        """Seconds to wait, for a ``429`` (sent as ``Retry-After``)."""
 
 
 class ScopeError(ValueError):

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 OAUTH_ERRORS: dict[int | str, dict[str, object]] = {
     400: {"model": OAuthErrorOut},
     401: {"model": OAuthErrorOut},
+    429: {"model": OAuthErrorOut},
 }
 ADMIN_KEY_ERRORS: dict[int | str, dict[str, object]] = {
     401: {"model": ErrorOut},
@@ -81,7 +82,8 @@ def _client_credentials(request: Request, form: FormData) -> tuple[str, str]:
 async def _authenticated_client(
     request: Request, services: ServicesDep, audit: dict[str, Any]
 ) -> tuple[Client, FormData]:
-    """Parse the form and authenticate the client; every refusal is audited."""
+    """Parse the form and authenticate the client within the limits; every refusal is audited."""
+    services.tokens.admit_source(audit)
     try:
         form = await _form(request)
         assertion = _client_assertion(request, form)
@@ -99,6 +101,7 @@ async def _authenticated_client(
         )
     else:
         client = await services.tokens.authenticate_client(client_id, secret, audit=audit)
+    services.tokens.admit_client(client, audit)
     return client, form
 
 

@@ -133,6 +133,7 @@ TOKEN_REASONS: Final = frozenset(
         "malformed_token",
         "unknown_token",
         "token_revoked",
+        "token_rate_limited",
     }
 )
 """Why a token request or a client's revocation was refused or did nothing."""

@@ -184,6 +184,18 @@ class AuditService:
         """
         return await self._write(event, alone=alone)
 
+    def record_later(self, event: AuditEvent) -> None:
+        """Queue one complete event without waiting for it to be durable.
+
+        For refusals that cost the broker nothing to answer (a rate limit): waiting for the
+        disk would let a flood of them hold the audit writer. Raises
+        ``AuditUnavailableError`` if the writer cannot take it.
+        """
+        try:
+            self._writer.write_later(event)
+        except AuditWriteError as exc:
+            raise AuditUnavailableError("the audit log is unavailable") from exc
+
     async def begin(self, event: AuditEvent, *, alone: bool = False) -> Begun:
         """Commit ``event`` as the pending event of a call about to be forwarded."""
         event.state = PENDING

@@ -16,6 +16,7 @@ from broker.core.admission import CallPolicy
 from broker.core.assertions import LEEWAY as ASSERTION_LEEWAY
 from broker.core.assertions import claimed_issuer, verify_assertion
 from broker.core.net import address_allowed, parse_networks
+from broker.core.request_limits import KeyedBuckets
 from broker.core.scopes import Grant
 from broker.core.tokens import SecretKind, check_secret, generate_secret, new_id
 from broker.errors import (
@@ -148,6 +149,13 @@ class TokenService:
         self._keyring = keyring
         # Decryption reloads the keyring once before failing (a rotation elsewhere).
         self._decrypt = (keys or KeyringReloader(keyring, None)).decrypt
+        # Limits of the token endpoint, per process and in memory (docs/interfaces.md).
+        self._per_source = (
+            KeyedBuckets(settings.token_rate_per_source) if settings.token_rate_per_source else None
+        )
+        self._per_client = (
+            KeyedBuckets(settings.token_rate_per_client) if settings.token_rate_per_client else None
+        )
         self._settings = settings
         self._audit = audit
         self._epoch = epoch or CacheEpoch()
@@ -157,6 +165,58 @@ class TokenService:
         # A fixed hash to compare against when the client id is unknown, so the response time
         # does not reveal which client ids exist.
         self._dummy_hash = keyring.hash_secret(generate_secret(SecretKind.CLIENT_SECRET))
+
+    def admit_source(self, audit: dict[str, Any]) -> None:
+        """Refuse a source address over ``BROKER_TOKEN_RATE_PER_SOURCE`` (429, audited).
+
+        Checked before anything is parsed or looked up, so a flood costs a dictionary lookup.
+        """
+        if self._per_source is None:
+            return
+        wait = self._per_source.take(audit.get("source_ip") or "-", time.monotonic())
+        if wait is not None:
+            self._rate_limited(audit, wait, "source", "from this address")
+
+    def admit_client(self, client: domain.Client, audit: dict[str, Any]) -> None:
+        """Refuse an authenticated client over ``BROKER_TOKEN_RATE_PER_CLIENT`` (429, audited).
+
+        Only after authentication: a caller naming someone else's client id cannot spend that
+        client's allowance (the per-source limit bounds such a caller).
+        """
+        if self._per_client is None:
+            return
+        wait = self._per_client.take(client.id, time.monotonic())
+        if wait is not None:
+            self._rate_limited(audit, wait, "client", "by this client", client_id=client.id)
+
+    def _rate_limited(
+        self,
+        audit: dict[str, Any],
+        wait: int,
+        limit: str,
+        whose: str,
+        **fields: Any,  # noqa: ANN401
+    ) -> None:
+        self._audit.record_later(
+            new_event(
+                **{
+                    "action": "token.mint",
+                    **audit,
+                    "kind": "token",
+                    "decision": "deny",
+                    "reason": "token_rate_limited",
+                    "status": 429,
+                    "details": {"limit": limit, "retry_after": wait},
+                    **fields,
+                }
+            )
+        )
+        raise OAuthError(
+            "too_many_requests",
+            f"too many token requests {whose}; retry in {wait} s",
+            status=429,
+            retry_after=wait,
+        )
 
     async def authenticate_client(
         self, client_id: str, secret: str, *, audit: dict[str, Any]

@@ -25,6 +25,7 @@ NOT_REASONS = {
     "invalid_token",
     "canvas_rejected_token",
     "canvas_unreachable",
+    "too_many_requests",  # the token endpoint's 429; audited as token_rate_limited
 }
 
 
