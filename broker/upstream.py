@@ -15,7 +15,11 @@ what the proxy needs:
 - idle connections are kept per origin (at most ``pool_size``) for ``keepalive_timeout``
   seconds; a request whose reused connection turns out to have been closed by the server
   before any response byte is retried once on a new connection if its method is idempotent;
-- bodies stream: the socket stops being read while the consumer lags behind.
+- bodies stream: the socket stops being read while the consumer lags behind;
+- what Canvas sends is bounded: a response head beyond ``MAX_RESPONSE_HEAD_BYTES`` or
+  ``MAX_RESPONSE_HEADERS`` fields, or a body ``read`` whole beyond ``MAX_READ_BODY_BYTES``,
+  fails the response and closes its connection, so a faulty upstream cannot make the broker
+  hold more than about that much per call (docs/proxy-rules.md#upstream-limits).
 
 Exceptions: ``UpstreamError`` (``timeout`` True for timeouts) for anything that stops a
 response from arriving or completing.
@@ -45,6 +49,13 @@ _ORIGIN: Final = re.compile(r"https?://[^/?#]*")
 _ORIGIN_CACHE_SIZE: Final = 1024
 _HIGH_WATER: Final = 256 * 1024
 _LOW_WATER: Final = 64 * 1024
+MAX_RESPONSE_HEAD_BYTES: Final = 64 * 1024
+"""The largest response head taken from Canvas (its status line and every header, interim
+1xx heads included); Canvas's own heads, pagination ``Link`` included, are a few KiB."""
+MAX_RESPONSE_HEADERS: Final = 200
+"""The most header fields taken from Canvas in one response."""
+MAX_READ_BODY_BYTES: Final = 64 * 1024 * 1024
+"""The largest body ``read`` collects whole (the JSON the proxy rewrites); others stream."""
 
 
 class UpstreamResponse(Protocol):
@@ -128,6 +139,9 @@ class _Connection(asyncio.Protocol):
         self._no_body = False
         self._eof_body = False
         self._paused = False
+        self._head_bytes = 0
+        self._header_count = 0
+        self._too_large: str | None = None
 
     # asyncio.Protocol --------------------------------------------------------------------
 
@@ -140,10 +154,25 @@ class _Connection(asyncio.Protocol):
             self.close()
             return
         self._received_any = True
+        waiting = not self._head.done()
+        if waiting:
+            self._head_bytes += len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError:
-            self._fail(UpstreamError("the upstream sent a malformed response", timeout=False))
+            problem = self._too_large or "the upstream sent a malformed response"
+            self._fail(UpstreamError(problem, timeout=False))
+            self.close()
+            return
+        # Checked after feeding: ``data`` may hold the head and the start of the body. What the
+        # parser holds of an unfinished head is at most the limit and one read.
+        if waiting and not self._head.done() and self._head_bytes > MAX_RESPONSE_HEAD_BYTES:
+            self._fail(
+                UpstreamError(
+                    f"the upstream's response head is over {MAX_RESPONSE_HEAD_BYTES} bytes",
+                    timeout=False,
+                )
+            )
             self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -163,6 +192,10 @@ class _Connection(asyncio.Protocol):
     # httptools callbacks ---------------------------------------------------------------------
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_count += 1
+        if self._header_count > MAX_RESPONSE_HEADERS:
+            self._too_large = f"the upstream sent over {MAX_RESPONSE_HEADERS} header fields"
+            raise UpstreamError(self._too_large, timeout=False)  # ends the parse (see above)
         self._headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
@@ -208,6 +241,9 @@ class _Connection(asyncio.Protocol):
         self._headers = []
         self._no_body = head_only
         self._eof_body = False
+        self._head_bytes = 0
+        self._header_count = 0
+        self._too_large = None
         if self.transport is None or self.closed:
             self._fail(UpstreamError("the upstream closed the connection", timeout=False))
         else:
@@ -311,7 +347,17 @@ class _Response:
         body = self._connection.take_complete_body()
         if body is not None:
             return body
-        return b"".join([chunk async for chunk in self.body()])
+        chunks, size = [], 0
+        async for chunk in self.body():
+            size += len(chunk)
+            if size > MAX_READ_BODY_BYTES:
+                self._connection.close()
+                raise UpstreamError(
+                    f"the upstream's response body is over {MAX_READ_BODY_BYTES} bytes",
+                    timeout=False,
+                )
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     def release(self) -> None:
         if self._released:

@@ -417,3 +417,64 @@ async def test_https_upstreams_are_verified_against_the_trust_store(tmp_path: Pa
         await default.aclose()
     assert not failure.value.timeout
     assert len(server.requests) == 1
+
+
+# What Canvas sends is bounded (docs/proxy-rules.md#upstream-limits) -----------------------
+
+
+def endless_header() -> Callable[[Exchange], Awaitable[None]]:
+    """A head that never ends: one header value megabytes long, sent until the peer leaves."""
+
+    async def answer(exchange: Exchange) -> None:
+        writer = exchange.writer
+        writer.write(b"HTTP/1.1 200 OK\r\nX-Huge: ")
+        try:
+            for _ in range(256):  # at most 16 MiB
+                writer.write(b"a" * 65536)
+                await writer.drain()
+        except ConnectionError:
+            return
+        writer.close()
+
+    return answer
+
+
+async def test_a_response_head_over_the_limit_fails_and_closes_the_connection() -> None:
+    async with scripted(endless_header()) as server:
+        client = forwarder()
+        with pytest.raises(UpstreamError, match="response head is over 65536 bytes") as raised:
+            await fetch(client, f"http://127.0.0.1:{server.port}/api/v1/courses")
+        await client.aclose()
+    assert not raised.value.timeout
+
+
+async def test_more_header_fields_than_the_limit_fail_the_response() -> None:
+    fields = b"".join(b"X-F%d: v\r\n" % n for n in range(201))
+    too_many = b"HTTP/1.1 200 OK\r\n" + fields + b"Content-Length: 2\r\n\r\n[]"
+    async with scripted(reply(too_many)) as server:
+        client = forwarder()
+        with pytest.raises(UpstreamError, match="over 200 header fields"):
+            await fetch(client, f"http://127.0.0.1:{server.port}/api/v1/courses")
+        await client.aclose()
+
+
+async def test_a_large_head_within_the_limits_is_taken_whole() -> None:
+    link = b"<https://canvas.test/api/v1/courses?page=" + b"9" * 50_000 + b'>; rel="next"'
+    fields = b"".join(b"X-F%d: v\r\n" % n for n in range(190))
+    large = b"HTTP/1.1 200 OK\r\nLink: " + link + b"\r\n" + fields + b"Content-Length: 2\r\n\r\n[]"
+    async with scripted(reply(large)) as server:
+        client = forwarder()
+        status, headers, body = await fetch(client, f"http://127.0.0.1:{server.port}/api")
+        await client.aclose()
+    assert (status, body) == (200, b"[]")
+    assert dict(headers)[b"link"].endswith(b'rel="next"')
+
+
+async def test_a_body_read_whole_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("broker.upstream.MAX_READ_BODY_BYTES", 1000)
+    chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"400\r\n" + b"x" * 1024
+    async with scripted(reply(chunked + b"\r\n" * 1)) as server:
+        client = forwarder()
+        with pytest.raises(UpstreamError, match="response body is over 1000 bytes"):
+            await fetch(client, f"http://127.0.0.1:{server.port}/api")
+        await client.aclose()

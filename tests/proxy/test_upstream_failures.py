@@ -212,3 +212,34 @@ async def test_canvas_401_without_an_invalid_token_challenge_is_not_a_credential
     assert (event["reason"], event["upstream_status"]) == (None, 401)
     text = (await env.http.get("/metrics")).text
     assert "broker_upstream_credential_failures_total{" not in text
+
+
+HUGE_HEAD = (
+    b"HTTP/1.1 200 OK\r\nX-Huge: " + b"a" * (1024 * 1024) + b"\r\nContent-Length: 2\r\n\r\n[]"
+)
+MANY_FIELDS = (
+    b"HTTP/1.1 200 OK\r\n"
+    + b"".join(b"X-F%d: v\r\n" % n for n in range(500))
+    + b"Content-Length: 2\r\n\r\n[]"
+)
+
+
+@pytest.mark.parametrize(
+    ("reply", "problem"),
+    [(HUGE_HEAD, "head is over"), (MANY_FIELDS, "header fields")],
+    ids=["head-bytes", "header-count"],
+)
+async def test_an_oversized_response_head_is_a_502_and_nothing_of_it_is_relayed(
+    env: BrokerEnv, reply: bytes, problem: str
+) -> None:
+    # docs/proxy-rules.md#upstream-limits
+    async with serve_raw(reply) as upstream:
+        caller = await add_upstream_caller(env, "bloated", upstream.base_url)
+        async with asyncio.timeout(BOUND):
+            response = await env.http.get(COURSE, headers=caller.headers)
+        assert upstream.requests == 1
+    event = await _assert_upstream_failure(env, response, caller, 502, "upstream_unreachable")
+    assert problem in response.json()["errors"][0]["message"]
+    assert "x-huge" not in response.headers
+    assert "x-f1" not in response.headers
+    assert event["upstream_status"] is None
