@@ -79,13 +79,16 @@ class Children:
         self.started.append(child)
         return child
 
-    def run(self, name: str, argv: list[str], timeout: float) -> tuple[int, str]:
+    def run(
+        self, name: str, argv: list[str], timeout: float, env: dict[str, str] | None = None
+    ) -> tuple[int, str]:
         """Run ``argv`` to completion (bounded by ``timeout``); its exit code and stdout."""
         popen = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
+            env=env,
             start_new_session=True,
         )
         child = Child(name, popen, self.workdir / f"{name}.log")

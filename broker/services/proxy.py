@@ -43,7 +43,13 @@ from broker.core.rewrite import (
     rewritable_json,
     rewrite_json,
 )
-from broker.errors import AuditUnavailableError, BrokerError, Refusal, UpstreamError
+from broker.errors import (
+    AuditUnavailableError,
+    BrokerError,
+    Refusal,
+    UnavailableError,
+    UpstreamError,
+)
 from broker.metrics import UNAUTHENTICATED
 from broker.requestid import new_request_id
 from broker.storage.models import utcnow
@@ -364,6 +370,19 @@ class ProxyService:
         event.reason = error.error
         event.status = error.status
         event.duration_ms = call.elapsed_ms()
+        if isinstance(error, UnavailableError):
+            # A store did not answer within its bound, most likely the database itself:
+            # waiting a second bound for this refusal's own commit would double the wait of
+            # every call in an outage. It is queued instead, kept and retried as completions
+            # are (see "Under faults" in docs/audit.md); nothing was forwarded either way.
+            try:
+                self._audit.record_later(event)
+            except AuditUnavailableError:
+                logger.exception(
+                    "could not queue the audit event of refused call %s", call.request_id
+                )
+            self._metrics.count(call.client, error.error)
+            return Refused(call.request_id, error.status, error.error, error.message, error.headers)
         try:
             await self._committed(self._audit.record(event, alone=self._alone))
         except AuditUnavailableError as exc:

@@ -87,7 +87,7 @@ def create_engine(url: str, *, pool: bool = True, timeout: float | None = None) 
         # in the startup packet (asyncpg docs, "asyncpg.connection.connect").
         kwargs["connect_args"] = {
             "timeout": timeout,
-            "command_timeout": timeout + 1,
+            "command_timeout": timeout,
             "server_settings": _postgresql_bounds(
                 timeout, statements=True, idle_factor=IDLE_IN_TRANSACTION_FACTOR
             ),

@@ -83,7 +83,9 @@ async def test_a_blackholed_database_answers_503_promptly_forwards_nothing_and_r
 
     assert response.status_code == 503, response.text
     assert response.json()["error"] in {"audit_unavailable", "token_store_unavailable"}
-    assert elapsed < 3 * BOUND + 1.5, elapsed
+    # The wait for the store is bounded once (a stale token cache's lookup may add one
+    # more), and the refusal's own event is queued rather than waited for.
+    assert elapsed < 2 * BOUND + 1, elapsed
     assert forwarded(env) == []
     started = time.monotonic()
     ready = await env.http.get("/readyz")
@@ -102,6 +104,17 @@ async def test_a_blackholed_database_answers_503_promptly_forwards_nothing_and_r
     await until(serving, 20)
     await until(ready_again, 20)
     assert forwarded(env) == [ASSIGNMENTS]
+
+    async def refusal_recorded() -> bool:
+        answer = await env.http.get(
+            "/broker/v1/audit",
+            params={"request_id": response.headers["x-request-id"]},
+            headers=env.auditor(),
+        )
+        events = answer.json()["events"]
+        return bool(events) and events[0]["status"] == 503
+
+    await until(refusal_recorded, 20)  # the refusal queued in the outage joined the chain
     report = await env.verify_audit()
     assert report["ok"], report
 
