@@ -392,10 +392,28 @@ def broker_pid(broker: Broker) -> int:
 
 def blackhole_time(children: Children, workdir: Path, postgres: str) -> dict[str, Any]:
     """Seconds from blackholing the database to a broker's first 503, and what it answered."""
-    url = httpx.URL(postgres)
-    with Relay(url.host or "127.0.0.1", url.port or 5432) as relay:
-        relayed = postgres.replace(f"{url.host}:{url.port or 5432}", f"127.0.0.1:{relay.port}")
-        env = {**base_env(workdir / "pg"), "BROKER_DATABASE_URL": relayed}
+    from sqlalchemy import create_engine, make_url, text  # noqa: PLC0415
+
+    given = make_url(postgres)
+    name = f"broker_soak_{os.getpid()}"
+    admin = create_engine(given, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        return _blackhole_time(children, workdir, given.set(database=name))
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def _blackhole_time(children: Children, workdir: Path, database: Any) -> dict[str, Any]:  # noqa: ANN401 - a SQLAlchemy URL
+    with Relay(database.host or "127.0.0.1", database.port or 5432) as relay:
+        relayed = database.set(host="127.0.0.1", port=relay.port)
+        env = {
+            **base_env(workdir / "pg"),
+            "BROKER_DATABASE_URL": relayed.render_as_string(hide_password=False),
+        }
         (workdir / "pg").mkdir()
         broker = Broker(children, workdir / "pg", env, "broker-pg")
         client = broker.caller("sim", SIM_URL[0])

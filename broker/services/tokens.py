@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
@@ -57,6 +58,7 @@ if TYPE_CHECKING:
     from broker.keyring import Keyring
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 WORKER_TOKEN_PURPOSE = "worker-token"  # noqa: S105 - an encryption purpose label
 _GRANT_CACHE_SIZE = 4096
 _TOKEN_CACHE_SIZE = 65536
@@ -130,6 +132,26 @@ def credential_usable(
 ) -> bool:
     """Enabled and not past its expiry."""
     return credential.enabled and (credential.expires_at is None or credential.expires_at > now)
+
+
+def _consume(task: asyncio.Future[Any]) -> None:
+    """Retrieve an abandoned lookup's outcome, so its failure is not reported as unhandled."""
+    if not task.cancelled():
+        task.exception()
+
+
+async def _within(task: asyncio.Future[T], seconds: float) -> T:
+    """``task``'s result, or ``TimeoutError`` after ``seconds`` with the task left running."""
+    try:
+        done, _pending = await asyncio.wait({task}, timeout=seconds)
+    except asyncio.CancelledError:  # the caller went away: so does the lookup
+        task.cancel()
+        task.add_done_callback(_consume)
+        raise
+    if not done:
+        task.add_done_callback(_consume)
+        raise TimeoutError
+    return task.result()
 
 
 class TokenService:
@@ -444,11 +466,20 @@ class TokenService:
 
     async def _resolve_stored(self, value: str) -> tuple[Authorized, float]:
         """Resolve against the database; also return until when the answer holds."""
-        try:
+        candidates = self._keyring.secret_hash_candidates(value)
+
+        async def lookup() -> TokenRecord | None:
             async with self._sessions() as session:
-                record = await find_token(session, self._keyring.secret_hash_candidates(value))
-        except (SQLAlchemyError, OSError) as exc:
-            logger.exception("token store unavailable")
+                return await find_token(session, candidates)
+
+        # The answer waits one bound at most. A failed session's clean-up (a rollback over a
+        # silent connection, which SQLAlchemy shields from cancellation) may take as long
+        # again: it goes on in the background instead of holding the call.
+        task = asyncio.ensure_future(lookup())
+        try:
+            record = await _within(task, self._settings.audit_timeout)
+        except (SQLAlchemyError, OSError, TimeoutError) as exc:
+            logger.error("token store unavailable: %s", type(exc).__name__)  # noqa: TRY400
             raise UnavailableError(
                 "the token store is unavailable; nothing was forwarded",
                 error="token_store_unavailable",
