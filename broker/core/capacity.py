@@ -154,7 +154,12 @@ class Budget:
         cost = client.usual_cost()
         client.asked.add(now, cost)
         estimate = self.estimate(now, outflow)
-        if estimate is None or estimate >= reserve or len(self._asking(now)) <= 1:
+        if (
+            reserve <= 0  # sharing is off (BROKER_CANVAS_RESERVE=0)
+            or estimate is None
+            or estimate >= reserve
+            or len(self._asking(now)) <= 1
+        ):
             return self._allow(now, client, cost)
         # Canvas refuses any call arriving with no more than its up-front cost left, so what is
         # shared out shrinks from the whole outflow at the reserve to nothing at that floor.

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
@@ -36,6 +35,7 @@ from broker.services.audit import (
     add_events,
     new_event,
 )
+from broker.services.deadline import within
 from broker.services.revocation import CacheEpoch, bump_revocation_epoch
 from broker.storage import clients, credentials, proxy_tokens, upstreams, used_assertions
 from broker.storage.models import (
@@ -58,7 +58,6 @@ if TYPE_CHECKING:
     from broker.keyring import Keyring
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
 WORKER_TOKEN_PURPOSE = "worker-token"  # noqa: S105 - an encryption purpose label
 _GRANT_CACHE_SIZE = 4096
 _TOKEN_CACHE_SIZE = 65536
@@ -132,26 +131,6 @@ def credential_usable(
 ) -> bool:
     """Enabled and not past its expiry."""
     return credential.enabled and (credential.expires_at is None or credential.expires_at > now)
-
-
-def _consume(task: asyncio.Future[Any]) -> None:
-    """Retrieve an abandoned lookup's outcome, so its failure is not reported as unhandled."""
-    if not task.cancelled():
-        task.exception()
-
-
-async def _within(task: asyncio.Future[T], seconds: float) -> T:
-    """``task``'s result, or ``TimeoutError`` after ``seconds`` with the task left running."""
-    try:
-        done, _pending = await asyncio.wait({task}, timeout=seconds)
-    except asyncio.CancelledError:  # the caller went away: so does the lookup
-        task.cancel()
-        task.add_done_callback(_consume)
-        raise
-    if not done:
-        task.add_done_callback(_consume)
-        raise TimeoutError
-    return task.result()
 
 
 class TokenService:
@@ -472,12 +451,9 @@ class TokenService:
             async with self._sessions() as session:
                 return await find_token(session, candidates)
 
-        # The answer waits one bound at most. A failed session's clean-up (a rollback over a
-        # silent connection, which SQLAlchemy shields from cancellation) may take as long
-        # again: it goes on in the background instead of holding the call.
-        task = asyncio.ensure_future(lookup())
+        # One bound at most; a failed session's clean-up goes on in the background.
         try:
-            record = await _within(task, self._settings.audit_timeout)
+            record = await within(lookup(), self._settings.audit_timeout)
         except (SQLAlchemyError, OSError, TimeoutError) as exc:
             logger.error("token store unavailable: %s", type(exc).__name__)  # noqa: TRY400
             raise UnavailableError(

@@ -47,6 +47,18 @@ def test_at_or_above_the_reserve_every_call_goes() -> None:
     assert all(call(budget, 0.0, name, 50.0, RESERVE) for name in ("a", "b") * 5)
 
 
+def test_a_reserve_of_zero_turns_sharing_off_even_past_an_empty_bucket() -> None:
+    # Canvas's X-Rate-Limit-Remaining goes negative, down to hwm - maximum (-200).
+    budget = Budget()
+    budget.observe(0.0, -150.0)
+    for n in range(20):
+        name = ("bulk", "light")[n % 2]
+        decision = budget.admit(0.01 * n, name, 1.0, reserve=0.0, outflow=OUTFLOW)
+        assert decision.allowed
+        budget.settle(0.01 * n, name, decision, cost=1.0, remaining=-150.0 - n)
+    assert budget.held_back == 0
+
+
 def test_a_client_alone_is_never_held_back() -> None:
     budget = Budget()
     budget.observe(0.0, 600.0)

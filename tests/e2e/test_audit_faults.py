@@ -151,3 +151,23 @@ async def test_a_completion_lost_to_an_outage_is_written_once_the_database_is_ba
 
 async def _reached(env: BrokerEnv) -> bool:
     return forwarded(env) == [ASSIGNMENTS]
+
+
+async def test_a_rate_limited_client_is_refused_within_the_bound_too(
+    env: BrokerEnv, relay: Relay
+) -> None:
+    # Its bucket is a row taken on every call (docs/audit.md#under-faults).
+    token = await env.client_token("limited", rate_limit=100)
+    assert (await env.http.get(ASSIGNMENTS, headers=bearer(token))).status_code == 200
+    env.sim.state.received.clear()
+    relay.blackhole()
+    try:
+        for _ in range(2):
+            started = time.monotonic()
+            response = await env.http.get(ASSIGNMENTS, headers=bearer(token))
+            elapsed = time.monotonic() - started
+            assert response.status_code == 503, response.text
+            assert elapsed < BOUND + 0.5, elapsed  # one bound, not two
+    finally:
+        relay.restore()
+    assert forwarded(env) == []

@@ -8,7 +8,6 @@ Contract: docs/storage-and-keys.md#key-rotation.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -27,6 +26,7 @@ from broker.services.audit import verify_log
 from broker.storage.database import create_sync_engine, sync_database_url
 from tests.conftest import POSTGRES_URL
 from tests.support.env import WORKER_TOKEN, costless_throttle
+from tests.support.serve import free_port
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -41,14 +41,8 @@ CALLS_PER_THREAD = 400  # the bound of each load thread's loop
 CALLS_AFTER_ROTATION = 120
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _serve(env: dict[str, str], log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = _free_port()
+    port = free_port()
     with log.open("w") as output:
         server = subprocess.Popen(
             [*BROKER, "serve", "--port", str(port), "--workers", "2"],

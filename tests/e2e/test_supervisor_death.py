@@ -5,11 +5,8 @@ Contract: docs/deployment.md#processes. Run as an operator meets it: real proces
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,20 +16,12 @@ import httpx
 import pytest
 
 from broker.supervision import SHARED_PREFIX
+from tests.support.serve import free_port, init, serve, sqlite_env
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-BROKER = [sys.executable, "-m", "broker"]
 ORPHAN_SECONDS = 8.0  # the watch notices within 0.25 s; shutdown is given 5 s at most
-
-
-def _free_port() -> int:
-    import socket  # noqa: PLC0415
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _children(pid: int) -> list[int]:
@@ -72,42 +61,20 @@ def broker_env(tmp_path: Path) -> Iterator[dict[str, str]]:
     That directory is short, as a Unix socket's path must be.
     """
     scratch = Path(tempfile.mkdtemp(prefix="ctbs-"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
-    env["BROKER_DATABASE_URL"] = f"sqlite:///{tmp_path / 'broker.sqlite3'}"
-    env["BROKER_KEY_FILE"] = str(tmp_path / "broker.key")
-    env["TMPDIR"] = str(scratch)
-    init = subprocess.run(
-        [*BROKER, "init"], env=env, capture_output=True, text=True, timeout=120, check=False
-    )
-    assert init.returncode == 0, init.stderr
+    env = sqlite_env(tmp_path, TMPDIR=str(scratch))
+    init(env)
     try:
         yield env
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _serve(env: dict[str, str], port: int, log: Path) -> subprocess.Popen[bytes]:
-    with log.open("w") as output:
-        server = subprocess.Popen(
-            [*BROKER, "serve", "--port", str(port), "--workers", "2"],
-            env=env,
-            stdout=output,
-            stderr=output,
-        )
-    deadline = time.monotonic() + 60
-    while log.read_text().count("Application startup complete") < 2:
-        assert server.poll() is None, log.read_text()
-        assert time.monotonic() < deadline, log.read_text()
-        time.sleep(0.2)
-    return server
-
-
 def test_workers_exit_when_their_supervisor_is_killed_and_the_next_start_cleans_up(
     broker_env: dict[str, str], tmp_path: Path
 ) -> None:
     scratch = Path(broker_env["TMPDIR"])
-    port = _free_port()
-    first = _serve(broker_env, port, tmp_path / "first.log")
+    port = free_port()
+    first = serve(broker_env, port, tmp_path / "first.log", workers=2)
     [shared] = scratch.glob(f"{SHARED_PREFIX}*")
     workers = _children(first.pid)
     assert len(workers) >= 2
@@ -119,7 +86,7 @@ def test_workers_exit_when_their_supervisor_is_killed_and_the_next_start_cleans_
     assert shared.exists()  # nothing of the killed supervisor could remove it
 
     # The port is free again, and the next start removes what the killed one left.
-    second = _serve(broker_env, port, tmp_path / "second.log")
+    second = serve(broker_env, port, tmp_path / "second.log", workers=2)
     try:
         assert not shared.exists()
         assert len(list(scratch.glob(f"{SHARED_PREFIX}*"))) == 1

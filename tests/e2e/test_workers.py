@@ -5,9 +5,6 @@ Request ids start with a random prefix per process, which tells which worker ans
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +18,7 @@ from broker.keyring import load_key_file
 from broker.services.audit import verify_log
 from broker.storage.database import create_sync_engine
 from tests.support.env import WORKER_TOKEN, costless_throttle
+from tests.support.serve import free_port, init, serve, sqlite_env
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -33,40 +31,16 @@ COURSE = "/api/v1/courses/1201"
 WORKER_ID_PREFIX = 20  # hex digits of a request id that name its process
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 def two_workers(tmp_path: Path, sim: SimServer) -> Iterator[tuple[str, dict[str, str], Path]]:
     """A SQLite broker with two worker processes; yields its URL, admin headers and env file."""
     sim.state.throttle = costless_throttle()  # load is under test, not Canvas's rate limit
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
-    env["BROKER_DATABASE_URL"] = f"sqlite:///{tmp_path / 'broker.sqlite3'}"
-    env["BROKER_KEY_FILE"] = str(tmp_path / "broker.key")
-    init = subprocess.run(
-        [*BROKER, "init"], env=env, capture_output=True, text=True, timeout=120, check=False
-    )
-    assert init.returncode == 0, init.stderr
-    admin = {"Authorization": f"Bearer {init.stdout.strip()}"}
-    port = _free_port()
-    log = tmp_path / "serve.log"
-    with log.open("w") as output:
-        server = subprocess.Popen(
-            [*BROKER, "serve", "--port", str(port), "--workers", "2"],
-            env=env,
-            stdout=output,
-            stderr=output,
-        )
+    env = sqlite_env(tmp_path)
+    admin = init(env)
+    port = free_port()
+    server = serve(env, port, tmp_path / "serve.log", workers=2)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while log.read_text().count("Application startup complete") < 2:
-            assert server.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
         for path, body in [
             ("/broker/v1/upstreams", {"name": "sim", "base_url": sim.base_url}),
             ("/broker/v1/credentials", {"upstream": "sim", "name": "w", "token": WORKER_TOKEN}),
