@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from procs import Children, free_port
-from soak import Broker, base_env, wait_answering
+from procs import Children
+from soak import Broker, base_env, start_sim
 
 BENCH_DIR = Path(__file__).resolve().parent
 WORKER_TOKEN = "fairness-worker-token"
@@ -208,22 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="ctb-fairness-"))
     children = Children(workdir)
     try:
-        port = free_port()
-        sim = children.start(
-            "sim",
-            [
-                sys.executable,
-                "-m",
-                "broker",
-                "canvas-sim",
-                "--port",
-                str(port),
-                "--token",
-                WORKER_TOKEN,
-            ],
-        )
-        sim_url = f"http://127.0.0.1:{port}"
-        wait_answering(f"{sim_url}/api/v1/users/self", sim)
+        sim_url = start_sim(children, WORKER_TOKEN)
         modes: list[dict[str, Any]] = []
         for fair in (True, False):
             # An empty bucket for each mode: from its maximum (800) it leaks empty in 80 s at

@@ -438,6 +438,16 @@ def _blackhole_time(children: Children, workdir: Path, database: Any) -> dict[st
 SIM_URL: list[str] = []
 
 
+def start_sim(children: Children, token: str) -> str:
+    """Start the simulator, knowing ``token``, on a free port; its URL once it answers."""
+    port = free_port()
+    argv = [sys.executable, "-m", "broker", "canvas-sim", "--port", str(port), "--token", token]
+    sim = children.start("sim", argv)
+    url = f"http://127.0.0.1:{port}"
+    wait_answering(f"{url}/api/v1/users/self", sim)
+    return url
+
+
 def wait_answering(url: str, child: Any) -> None:  # noqa: ANN401 - procs.Child
     """Wait until ``url`` answers anything (bounded)."""
     deadline = time.monotonic() + START_TIMEOUT_S
@@ -470,22 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     bad = BadUpstream()
     seconds = options.phase_seconds
     try:
-        sim_port = free_port()
-        sim = children.start(
-            "sim",
-            [
-                sys.executable,
-                "-m",
-                "broker",
-                "canvas-sim",
-                "--port",
-                str(sim_port),
-                "--token",
-                WORKER_TOKEN,
-            ],
-        )
-        SIM_URL.append(f"http://127.0.0.1:{sim_port}")
-        wait_answering(f"{SIM_URL[0]}/api/v1/users/self", sim)
+        SIM_URL.append(start_sim(children, WORKER_TOKEN))
         broker = Broker(children, workdir, base_env(workdir), "broker")
         healthy = broker.token(broker.caller("sim", SIM_URL[0]))
         storm_client = broker.caller("storm", SIM_URL[0])
