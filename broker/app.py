@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -36,7 +38,9 @@ from broker.services.proxy import ProxyService
 from broker.services.ratelimit import RateLimitService
 from broker.services.readiness import check_readiness, hub_problem
 from broker.services.tokens import TokenService
+from broker.services.worker_oauth import WorkerOAuthService
 from broker.serving import configure_connections
+from broker.storage.models import utcnow
 from broker.supervision import ParentWatch, leave
 
 if TYPE_CHECKING:
@@ -153,9 +157,18 @@ def create_app(
             watch = ParentWatch(leave)
             watch.start()
         app.state.parent_watch = watch
+        # Renews OAuth credentials' access tokens; the lease makes it once across processes.
+        stopping = asyncio.Event()
+        refresher = asyncio.get_running_loop().create_task(
+            app.state.services.worker_oauth.run(stopping), name="credential-refresher"
+        )
         try:
             yield
         finally:
+            stopping.set()
+            # A refresh in flight finishes (its lease released); one stuck is cancelled.
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(refresher, 5)
             if watch is not None:
                 watch.stop()
             if owned:
@@ -197,6 +210,9 @@ def install(app: FastAPI, context: ProcessContext) -> None:
     if context.settings.access_log:
         access_log.enable()
     app.state.access_log = context.settings.access_log
+    worker_oauth = WorkerOAuthService(
+        context.sessions, context.keyring, context.epoch, context.forwarder, metrics=metrics
+    )
     app.state.services = Services(
         management=ManagementService(
             context.sessions, context.keyring, context.settings, context.epoch, context.forwarder
@@ -204,13 +220,16 @@ def install(app: FastAPI, context: ProcessContext) -> None:
         tokens=tokens,
         audit=audit,
         admin_auth=AdminAuthenticator(context.sessions, context.keyring, audit),
+        worker_oauth=worker_oauth,
     )
     rate_limits = RateLimitService(context.sessions)
     app.state.rate_limits = rate_limits
     canvas = CanvasCapacity(context.settings, metrics)
     app.state.canvas_capacity = canvas
     app.state.proxy = ProxyApp(
-        ProxyService(context, tokens, audit, rate_limits, metrics, canvas=canvas)
+        ProxyService(
+            context, tokens, audit, rate_limits, metrics, canvas=canvas, oauth=worker_oauth
+        )
     )
 
 
@@ -237,6 +256,8 @@ def _add_ops_routes(app: FastAPI) -> None:
         }
         if readiness.problems:
             body["problems"] = readiness.problems
+        if readiness.unavailable_credentials:
+            body["unavailable_credentials"] = readiness.unavailable_credentials
         return JSONResponse(body, status_code=200 if readiness.ready else 503)
 
     @app.get("/metrics", tags=["operations"], response_class=PlainTextResponse)
@@ -245,6 +266,7 @@ def _add_ops_routes(app: FastAPI) -> None:
         services: Services = request.app.state.services
         registry: Metrics = request.app.state.metrics
         registry.live_tokens.set(await services.management.count_live_tokens())
+        registry.observe_credentials(await services.management.list_credentials(), utcnow())
         return PlainTextResponse(generate_latest(registry.registry), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -566,12 +566,49 @@ def credentials_create(
     no_verify: Annotated[
         bool, typer.Option("--no-verify", help="store without asking Canvas (offline setup)")
     ] = False,
+    developer_key_id: Annotated[
+        str | None,
+        typer.Option(help="an OAuth credential: the Canvas developer key's Client ID"),
+    ] = None,
+    key_scope: Annotated[
+        list[str] | None,
+        typer.Option(help="a scope of the developer key, as set in Canvas (repeat for each)"),
+    ] = None,
 ) -> None:
     """Store a worker token, read from BROKER_WORKER_TOKEN or a hidden prompt (never argv).
 
     Canvas is asked who the token belongs to first (GET /api/v1/users/self); a token it
     rejects is refused and nothing is stored.
+
+    With --developer-key-id the credential is a Canvas developer key instead (its secret read
+    from BROKER_DEVELOPER_KEY_SECRET or a hidden prompt): usable once the worker user has
+    authorised it with `broker credentials authorize NAME`, then renewed by the broker.
     """
+    if developer_key_id is not None:
+        key_secret = os.environ.get("BROKER_DEVELOPER_KEY_SECRET") or typer.prompt(
+            "the developer key's secret", hide_input=True, err=True
+        )
+        key = {
+            "client_id": developer_key_id,
+            "client_secret": key_secret,
+            "scopes": key_scope or None,
+        }
+        show(
+            api(
+                "POST",
+                "/credentials",
+                body={
+                    "upstream": upstream,
+                    "name": name,
+                    "developer_key": key,
+                    "canvas_user_id": canvas_user_id,
+                    "notes": notes,
+                },
+            )
+        )
+        return
+    if key_scope:
+        fail("--key-scope goes with --developer-key-id")
     secret = os.environ.get("BROKER_WORKER_TOKEN") or typer.prompt(
         "Canvas token of the worker user", hide_input=True, err=True
     )
@@ -584,6 +621,25 @@ def credentials_create(
         "verify": not no_verify,
     }
     show(api("POST", "/credentials", body=body))
+
+
+@credentials_app.command("authorize")
+def credentials_authorize(ref: str) -> None:
+    """Start authorising an OAuth credential: prints a URL to open once as the worker user.
+
+    Canvas then sends the browser back to the broker's callback, which stores the grant
+    encrypted (the URL works once, for ten minutes). The developer key must list the
+    printed redirect URI.
+    """
+    answer = api("POST", f"/credentials/{ref}/authorize")
+    if OUTPUT["json"]:
+        show(answer)
+        return
+    typer.echo(
+        f"Open this URL once, signed in to Canvas as the worker user (until "
+        f"{answer['expires_at']}):\n\n  {answer['authorization_url']}\n\n"
+        f"The developer key must list this redirect URI: {answer['redirect_uri']}"
+    )
 
 
 @credentials_app.command("list")

@@ -44,6 +44,22 @@ class WorkerCredential:
     created_at: datetime
     rotated_at: datetime | None
     updated_at: datetime
+    kind: str = "manual"
+    token_expires_at: datetime | None = None
+    unavailable_reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OAuthGrant:
+    """An OAuth worker credential's developer key and grant, as metadata (never a secret)."""
+
+    credential_id: str
+    developer_key_id: str
+    key_scopes: tuple[str, ...] | None
+    authorized: bool
+    authorized_at: datetime | None
+    refreshed_at: datetime | None
+    refresh_error: str | None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

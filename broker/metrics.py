@@ -15,9 +15,11 @@ from broker.serving import ConnectionStats
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
+    from datetime import datetime
 
     from prometheus_client import Metric
 
+    from broker.domain import WorkerCredential
     from broker.services.audit_writer import EventWriter
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -117,9 +119,47 @@ class Metrics:
             ["credential", "client"],
             registry=self.registry,
         )
+        self.credential_refreshes = Counter(
+            "broker_credential_refreshes",
+            "OAuth worker credentials' renewals and authorisations by outcome: refreshed, "
+            "failed (tried again soon), refused (Canvas said no: the credential is unavailable), "
+            "authorized, authorize_refused",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.credential_unavailable = Gauge(
+            "broker_credential_unavailable",
+            "1 for a worker credential whose calls are refused with 503 credential_unavailable "
+            "until an admin acts (reason: not_authorized, refresh_refused, token_expired)",
+            ["credential", "reason"],
+            registry=self.registry,
+        )
+        self.credential_token_expiry = Gauge(
+            "broker_credential_token_expires_seconds",
+            "Seconds until the worker credential's stored token expires at Canvas (negative: "
+            "expired), for credentials whose token has a known expiry",
+            ["credential"],
+            registry=self.registry,
+        )
         self.live_tokens = Gauge(
             "broker_live_tokens", "Proxy tokens neither expired nor revoked", registry=self.registry
         )
+
+    def observe_credentials(self, listed: Iterable[WorkerCredential], now: datetime) -> None:
+        """Set the credential gauges from the credentials as stored now (at each scrape)."""
+        self.credential_unavailable.clear()
+        self.credential_token_expiry.clear()
+        for credential in listed:
+            reason = credential.unavailable_reason
+            expiry = credential.token_expires_at
+            if reason is None and expiry is not None and expiry <= now:
+                reason = "token_expired"
+            if reason is not None:
+                self.credential_unavailable.labels(credential.name, reason).set(1)
+            if expiry is not None:
+                self.credential_token_expiry.labels(credential.name).set(
+                    round((expiry - now).total_seconds(), 3)
+                )
 
     def count(self, client: str, outcome: str) -> None:
         """Count one proxied request of ``client`` with ``outcome``.

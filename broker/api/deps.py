@@ -15,6 +15,7 @@ from broker.services.admin_auth import AdminAuthenticator
 from broker.services.audit import AuditService
 from broker.services.management import Actor, ManagementService
 from broker.services.tokens import TokenService
+from broker.services.worker_oauth import WorkerOAuthService
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class Services:
     tokens: TokenService
     audit: AuditService
     admin_auth: AdminAuthenticator
+    worker_oauth: WorkerOAuthService
 
 
 def get_services(request: Request) -> Services:

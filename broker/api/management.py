@@ -10,11 +10,12 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request, status
 
-from broker.api.deps import Admin, Reader, ServicesDep, reject_nul
+from broker.api.deps import Admin, Reader, Services, ServicesDep, reject_nul
 from broker.api.schemas import (
     AdminKeyCreate,
     AdminKeyCreated,
     AdminKeyOut,
+    AuthorizationOut,
     CanvasShareOut,
     ClientCreate,
     ClientOut,
@@ -36,7 +37,8 @@ from broker.api.schemas import (
     UpstreamOut,
     UpstreamUpdate,
 )
-from broker.domain import Client, WorkerCredential
+from broker.domain import Client, OAuthGrant, WorkerCredential
+from broker.errors import ValidationFailedError
 from broker.services.canvas_capacity import CanvasCapacity
 from broker.services.management import ClientChange, grant_warnings, scope_warnings
 
@@ -50,9 +52,26 @@ def _client_out(client: Client) -> ClientOut:
     return ClientOut.model_validate({**asdict(client), "client_id": client.id})
 
 
-def _credential_out(credential: WorkerCredential, upstreams: dict[str, str]) -> CredentialOut:
+def _credential_out(
+    credential: WorkerCredential,
+    upstreams: dict[str, str],
+    grants: dict[str, OAuthGrant] | None = None,
+) -> CredentialOut:
+    grant = (grants or {}).get(credential.id)
     return CredentialOut.model_validate(
-        {**asdict(credential), "upstream": upstreams.get(credential.upstream_id)}
+        {
+            **asdict(credential),
+            "upstream": upstreams.get(credential.upstream_id),
+            "oauth": None if grant is None else asdict(grant),
+        }
+    )
+
+
+async def _credential_view(services: Services, credential: WorkerCredential) -> CredentialOut:
+    return _credential_out(
+        credential,
+        await services.management.upstream_names(),
+        await services.management.oauth_grants(),
     )
 
 
@@ -117,6 +136,25 @@ async def create_credential(
     Unless ``verify`` is false, Canvas is asked first (``GET /api/v1/users/self``): a token it
     rejects is a 422 ``canvas_rejected_token`` and nothing is stored.
     """
+    if (body.token is None) == (body.developer_key is None):
+        raise ValidationFailedError(
+            "token", "give exactly one of token (a manual token) and developer_key (OAuth)"
+        )
+    if body.developer_key is not None:
+        key = body.developer_key
+        credential = await services.management.create_oauth_credential(
+            actor,
+            upstream=body.upstream,
+            name=body.name,
+            developer_key_id=key.client_id,
+            developer_key_secret=key.client_secret.get_secret_value(),
+            key_scopes=key.scopes,
+            canvas_user_id=body.canvas_user_id,
+            expires_at=body.expires_at,
+            notes=body.notes,
+        )
+        return await _credential_view(services, credential)
+    assert body.token is not None  # noqa: S101 - one of the two, checked above
     credential = await services.management.create_credential(
         actor,
         upstream=body.upstream,
@@ -130,18 +168,40 @@ async def create_credential(
     return _credential_out(credential, await services.management.upstream_names())
 
 
+@router.post("/credentials/{ref}/authorize", tags=["credentials"])
+async def authorize_credential(
+    ref: str, actor: Admin, services: ServicesDep, request: Request
+) -> AuthorizationOut:
+    """Start the authorisation of an OAuth credential: a URL for the worker user to open once.
+
+    Canvas sends the browser back to ``redirect_uri`` (the broker's callback, under
+    ``BROKER_PUBLIC_URL``), which must be a redirect URI of the developer key. The link works
+    once, for ten minutes.
+    """
+    settings = request.app.state.context.settings
+    base = settings.public_base or str(request.base_url).rstrip("/")
+    started = await services.worker_oauth.start(actor.key_id, ref, base)
+    return AuthorizationOut(
+        authorization_url=started.url,
+        redirect_uri=started.redirect_uri,
+        expires_at=started.expires_at,
+        credential=await _credential_view(services, started.credential),
+    )
+
+
 @router.get("/credentials", tags=["credentials"])
 async def list_credentials(_: Reader, services: ServicesDep) -> list[CredentialOut]:
     """All worker credentials (metadata only)."""
     names = await services.management.upstream_names()
-    return [_credential_out(c, names) for c in await services.management.list_credentials()]
+    grants = await services.management.oauth_grants()
+    return [_credential_out(c, names, grants) for c in await services.management.list_credentials()]
 
 
 @router.get("/credentials/{ref}", tags=["credentials"])
 async def get_credential(ref: str, _: Reader, services: ServicesDep) -> CredentialOut:
     """One credential's metadata by id or name."""
     credential = await services.management.get_credential(ref)
-    return _credential_out(credential, await services.management.upstream_names())
+    return await _credential_view(services, credential)
 
 
 @router.patch("/credentials/{ref}", tags=["credentials"])
@@ -192,7 +252,10 @@ async def create_client(
     return ClientWithSecret(
         **_client_out(client).model_dump(),
         client_secret=secret,
-        warnings=scope_warnings(client.scopes),
+        warnings=[
+            *scope_warnings(client.scopes),
+            *await services.management.key_scope_warnings(client),
+        ],
     )
 
 
@@ -229,15 +292,16 @@ async def update_client(
     Fields left out are unchanged (constraints too, when only the scopes change); the
     response's ``changes`` lists what changed, old and new.
     """
-    return _client_updated(
-        await services.management.update_client(actor, ref, **body.model_dump(exclude_unset=True))
+    change = await services.management.update_client(
+        actor, ref, **body.model_dump(exclude_unset=True)
     )
+    return _client_updated(change, await services.management.key_scope_warnings(change.client))
 
 
-def _client_updated(change: ClientChange) -> ClientUpdated:
+def _client_updated(change: ClientChange, key_warnings: list[str]) -> ClientUpdated:
     return ClientUpdated(
         **_client_out(change.client).model_dump(),
-        warnings=grant_warnings(change.client),
+        warnings=[*grant_warnings(change.client), *key_warnings],
         changes=change.changes,
         tokens_revoked=change.tokens_revoked,
     )
@@ -257,13 +321,13 @@ async def rotate_client_secret(
 @router.post("/clients/{ref}/disable", tags=["clients"])
 async def disable_client(ref: str, actor: Admin, services: ServicesDep) -> ClientUpdated:
     """Disable a client: it cannot mint, and its live tokens are revoked (``tokens_revoked``)."""
-    return _client_updated(await services.management.update_client(actor, ref, enabled=False))
+    return _client_updated(await services.management.update_client(actor, ref, enabled=False), [])
 
 
 @router.post("/clients/{ref}/enable", tags=["clients"])
 async def enable_client(ref: str, actor: Admin, services: ServicesDep) -> ClientUpdated:
     """Re-enable a client. Tokens minted before it was disabled stay revoked; mint new ones."""
-    return _client_updated(await services.management.update_client(actor, ref, enabled=True))
+    return _client_updated(await services.management.update_client(actor, ref, enabled=True), [])
 
 
 @router.post("/clients/{ref}/revoke-tokens", tags=["clients", "tokens"])

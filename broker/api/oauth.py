@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import base64
 import binascii
+import html
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_plus
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 
 from broker.api.deps import Reader, ServicesDep, request_facts
 from broker.api.schemas import ErrorOut, OAuthErrorOut
 from broker.core.assertions import ASSERTION_TYPE
-from broker.errors import OAuthError
+from broker.errors import BrokerError, OAuthError
+from broker.requestid import set_request_facts
 
 if TYPE_CHECKING:
     from starlette.datastructures import FormData
@@ -189,3 +191,43 @@ async def introspect(request: Request, _: Reader, services: ServicesDep) -> JSON
     if not value:
         raise OAuthError("invalid_request", "token is required")
     return JSONResponse(await services.tokens.introspect(value), headers=NO_STORE)
+
+
+_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{title} - Canvas Token Broker</title></head>
+<body><h1>{title}</h1><p>{message}</p></body></html>
+"""
+# The page runs nothing and loads nothing; it is not to be framed or cached.
+_PAGE_HEADERS = {
+    **NO_STORE,
+    "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+@router.get("/callback", include_in_schema=True, response_class=HTMLResponse)
+async def callback(request: Request, services: ServicesDep) -> HTMLResponse:
+    """Where Canvas sends the worker user's browser after authorising a developer key.
+
+    Completes ``POST /broker/v1/credentials/{ref}/authorize``: the ``state`` must be one this
+    broker issued, unused and unexpired; the code is exchanged with Canvas and the grant stored
+    encrypted. The page shows no token (docs/interfaces.md#oauth-worker-credentials).
+    """
+    set_request_facts({k: v for k, v in request_facts(request).items() if k != "request_id"})
+    query = request.query_params
+    try:
+        done = await services.worker_oauth.complete(
+            state=query.get("state"), code=query.get("code"), error=query.get("error")
+        )
+    except BrokerError as exc:
+        page = _PAGE.format(title="Not authorised", message=html.escape(str(exc)))
+        return HTMLResponse(page, status_code=exc.status, headers=_PAGE_HEADERS)
+    credential = done.credential
+    who = credential.canvas_user_name or credential.canvas_user_id or "the worker user"
+    message = (
+        f"The broker's credential {credential.name!r} now acts as Canvas user "
+        f"{who}. You can close this window."
+    )
+    page = _PAGE.format(title="Authorised", message=html.escape(message))
+    return HTMLResponse(page, headers=_PAGE_HEADERS)

@@ -84,12 +84,34 @@ class UpstreamOut(Output):
     updated_at: datetime
 
 
+class DeveloperKeyIn(Input):
+    """A Canvas developer key (API key) the broker authorises once and renews through."""
+
+    client_id: str = Field(description="the key's Client ID in Canvas (digits)")
+    client_secret: SecretStr = Field(description="the key's secret; never returned")
+    scopes: list[str] | None = Field(
+        default=None,
+        description="the key's scope list as set in Canvas (when it enforces scopes): the "
+        "authorisation asks for these, and client grants outside them are warned about",
+    )
+
+
 class CredentialCreate(Input):
-    """Store a worker user's Canvas token (write-only)."""
+    """Store a worker user's Canvas token, or a developer key to authorise (write-only).
+
+    Exactly one of ``token`` and ``developer_key``.
+    """
 
     upstream: str = Field(description="upstream id or name")
     name: str
-    token: SecretStr = Field(description="the worker user's Canvas access token; never returned")
+    token: SecretStr | None = Field(
+        default=None, description="the worker user's Canvas access token; never returned"
+    )
+    developer_key: DeveloperKeyIn | None = Field(
+        default=None,
+        description="an OAuth credential: usable once the worker user authorises it "
+        "(POST /credentials/{ref}/authorize)",
+    )
     canvas_user_id: str | None = None
     expires_at: AwareDatetime | None = None
     notes: str | None = Field(default=None, max_length=2000)
@@ -132,6 +154,35 @@ class CredentialOut(Output):
     expires_at: datetime | None
     created_at: datetime
     rotated_at: datetime | None
+    kind: str = Field(description="manual (a stored token) or oauth (a developer key's grant)")
+    token_expires_at: datetime | None = Field(
+        description="when the stored token stops working at Canvas (an OAuth access token)"
+    )
+    unavailable_reason: str | None = Field(
+        description="why calls are refused with 503 credential_unavailable "
+        "(not_authorized, refresh_refused), or null"
+    )
+    oauth: OAuthGrantOut | None = None
+
+
+class OAuthGrantOut(Output):
+    """An OAuth credential's developer key and grant state (never a secret)."""
+
+    developer_key_id: str
+    key_scopes: list[str] | None
+    authorized: bool
+    authorized_at: datetime | None
+    refreshed_at: datetime | None
+    refresh_error: str | None
+
+
+class AuthorizationOut(Output):
+    """An authorisation to complete once in a browser, as the worker user."""
+
+    authorization_url: str = Field(description="open this once, signed in as the worker user")
+    redirect_uri: str = Field(description="must be a redirect URI of the developer key")
+    expires_at: datetime
+    credential: CredentialOut
 
 
 class ClientCreate(Input):

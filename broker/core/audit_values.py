@@ -46,7 +46,20 @@ ACTIONS: Final = frozenset(
         "token.mint",
         "token.revoke",
         *(f"upstream.{verb}" for verb in ("create", "update", "enable", "disable")),
-        *(f"credential.{verb}" for verb in ("create", "update", "enable", "disable", "rotate")),
+        *(
+            f"credential.{verb}"
+            for verb in (
+                "create",
+                "update",
+                "enable",
+                "disable",
+                "rotate",
+                # OAuth credentials (services.worker_oauth)
+                "authorize_start",
+                "authorize",
+                "refresh",
+            )
+        ),
         *(
             f"client.{verb}"
             for verb in (
@@ -147,6 +160,9 @@ ADMIN_REASONS: Final = frozenset(
         "invalid_admin_key",
         "read_only_key",
         "audit_chain_broken",
+        # OAuth credentials (services.worker_oauth)
+        "authorization_refused",
+        "credential_unavailable",
     }
 )
 """Why a management request was refused."""

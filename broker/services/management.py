@@ -20,7 +20,7 @@ from broker.core.assertions import public_key_set
 from broker.core.catalogue import unfamiliar_scopes
 from broker.core.scopes import Decision, Grant
 from broker.core.tokens import SecretKind, check_secret, generate_secret, new_id
-from broker.domain import AdminKey, Client, ProxyToken, Upstream, WorkerCredential
+from broker.domain import AdminKey, Client, OAuthGrant, ProxyToken, Upstream, WorkerCredential
 from broker.errors import (
     ConflictError,
     InvalidKeySetError,
@@ -36,16 +36,18 @@ from broker.services.canvas_identity import CanvasUser, verifying_forwarder, who
 from broker.services.ratelimit import default_burst
 from broker.services.revocation import CacheEpoch, bump_revocation_epoch
 from broker.services.tokens import WORKER_TOKEN_PURPOSE
+from broker.services.worker_oauth import DEVELOPER_KEY_PURPOSE
 from broker.storage import (
     admin_keys,
     clients,
     credentials,
+    oauth_grants,
     proxy_tokens,
     rate_buckets,
     upstreams,
 )
 from broker.storage.credentials import SealedToken
-from broker.storage.models import CLIENT_SECRET, PRIVATE_KEY_JWT, utcnow
+from broker.storage.models import CLIENT_SECRET, OAUTH, PRIVATE_KEY_JWT, utcnow
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -67,6 +69,7 @@ MAX_RATE_LIMIT = 100_000.0
 MAX_RATE_BURST = 1_000_000
 # Host names, IPv4 and (bracket-less, as urlsplit returns them) IPv6 addresses.
 _HOST = re.compile(r"[A-Za-z0-9.:-]+")
+_DEVELOPER_KEY_ID = re.compile(r"[0-9]{1,50}(~[0-9]{1,49})?")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _UNSET: Any = object()
 
@@ -111,18 +114,18 @@ def check_base_url(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc.lower()}"
 
 
-def check_worker_token(token: str) -> str:
-    """A Canvas access token: printable, no whitespace, bounded length."""
+def check_worker_token(token: str, field: str = "token") -> str:
+    """A Canvas access token (or developer-key secret): printable, no whitespace, bounded."""
     # Canvas tokens are far longer; a short one would be all but shown by ``token_last4``.
     if not MIN_WORKER_TOKEN_LENGTH <= len(token) <= MAX_WORKER_TOKEN_LENGTH:
         raise ValidationFailedError(
-            "token",
+            field,
             f"must be {MIN_WORKER_TOKEN_LENGTH} to {MAX_WORKER_TOKEN_LENGTH} characters long",
         )
     if not token.isascii() or not token.isprintable():
-        raise ValidationFailedError("token", "must be a printable ASCII Canvas token")
+        raise ValidationFailedError(field, "must be printable ASCII, as Canvas issues it")
     if any(ch.isspace() for ch in token):
-        raise ValidationFailedError("token", "must not contain whitespace")
+        raise ValidationFailedError(field, "must not contain whitespace")
     return token
 
 
@@ -476,6 +479,113 @@ class ManagementService:
             )
         return credential
 
+    async def create_oauth_credential(
+        self,
+        actor: Actor,
+        *,
+        upstream: str,
+        name: str,
+        developer_key_id: str,
+        developer_key_secret: str,
+        key_scopes: Sequence[str] | None = None,
+        canvas_user_id: str | None = None,
+        expires_at: datetime | None = None,
+        notes: str | None = None,
+    ) -> WorkerCredential:
+        """Store a Canvas developer key (its secret encrypted) as a worker credential.
+
+        It is unusable (``503 credential_unavailable``) until the worker user authorises it
+        once in a browser (``services.worker_oauth``, docs/interfaces.md#oauth-worker-credentials).
+        ``key_scopes``, the key's scope list as set in Canvas, is checked now and makes client
+        grants outside it a warning when they are saved.
+        """
+        check_name(name)
+        if not _DEVELOPER_KEY_ID.fullmatch(developer_key_id):
+            raise ValidationFailedError(
+                "developer_key_id",
+                "is the developer key's Client ID as Canvas shows it: digits (and '~' "
+                "between a shard and a local id), at most 100 characters",
+            )
+        check_worker_token(developer_key_secret, "developer_key_secret")
+        scopes = None
+        if key_scopes is not None:
+            try:
+                scopes = sorted(set(Grant.compile(list(key_scopes)).scope_strings()))
+            except ScopeError as exc:
+                raise ValidationFailedError("key_scopes", str(exc)) from exc
+        now = utcnow()
+        async with self._write("credential") as session:
+            target = await upstreams.get(session, upstream)
+            credential_id = new_id("cred")
+            credential = WorkerCredential(
+                id=credential_id,
+                name=name,
+                upstream_id=target.id,
+                token_last4="",
+                canvas_user_id=canvas_user_id,
+                canvas_user_name=None,
+                notes=notes,
+                enabled=True,
+                expires_at=expires_at,
+                created_at=now,
+                rotated_at=None,
+                updated_at=now,
+                kind=OAUTH,
+                unavailable_reason="not_authorized",
+            )
+            # No access token yet: an empty one, sealed, until the worker user authorises.
+            credential = await credentials.add(session, credential, self._seal("", credential_id))
+            await oauth_grants.add(
+                session,
+                credential_id,
+                developer_key_id=developer_key_id,
+                secret=SealedToken(
+                    *self._keyring.encrypt(
+                        developer_key_secret.encode(),
+                        purpose=DEVELOPER_KEY_PURPOSE,
+                        record_id=credential_id,
+                    )
+                ),
+                key_scopes=scopes,
+            )
+            await self._event(
+                session,
+                actor,
+                "credential.create",
+                credential,
+                name=name,
+                upstream=target.name,
+                kind=OAUTH,
+                developer_key_id=developer_key_id,
+                key_scopes=scopes,
+                canvas_user_id=canvas_user_id,
+                expires_at=expires_at.isoformat() if expires_at else None,
+            )
+        return credential
+
+    async def oauth_grants(self) -> dict[str, OAuthGrant]:
+        """Every OAuth credential's developer key and grant state (no secret), by id."""
+        async with self._sessions() as session:
+            return await oauth_grants.all_grants(session)
+
+    async def key_scope_warnings(self, client: Client) -> list[str]:
+        """The client's scopes its credential's developer key does not list (Canvas refuses).
+
+        Only for an OAuth credential whose key's scope list was recorded.
+        """
+        async with self._sessions() as session:
+            grant = await oauth_grants.find(session, client.credential_id)
+        if grant is None or grant.key_scopes is None:
+            return []
+        listed = set(grant.key_scopes)
+        return [
+            f"scope {scope!r} is not among the scopes of developer key {grant.developer_key_id}: "
+            "Canvas will refuse these calls (401) whatever the grant says; add it to the key "
+            "in Canvas and to the credential's recorded scopes, or drop it from the grant"
+            for scope in client.scopes
+            if scope not in listed
+        ]
+
     async def _whoami(self, base_url: str, token: str) -> CanvasUser:
         if self._forwarder is not None:
             return await whoami(self._forwarder, base_url, token)
@@ -516,6 +626,12 @@ class ManagementService:
         would change what every client of this credential can reach.
         """
         check_worker_token(token)
+        async with self._sessions() as session:
+            if (await credentials.get(session, ref)).kind == OAUTH:
+                raise ConflictError(
+                    f"credential {ref!r} is renewed through its developer key: it holds no "
+                    "manual token to replace; re-authorise it (broker credentials authorize)"
+                )
         user: CanvasUser | None = None
         if verify:
             async with self._sessions() as session:

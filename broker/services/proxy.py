@@ -27,6 +27,7 @@ Every refusal is audited before it is answered; if its event cannot be committed
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -65,6 +66,7 @@ if TYPE_CHECKING:
     from broker.services.canvas_capacity import CanvasCapacity
     from broker.services.ratelimit import RateLimitService
     from broker.services.tokens import Authorized, TokenService
+    from broker.services.worker_oauth import WorkerOAuthService
     from broker.upstream import UpstreamResponse
 
 logger = logging.getLogger(__name__)
@@ -142,8 +144,10 @@ class ProxyService:
         metrics: Metrics,
         *,
         canvas: CanvasCapacity,
+        oauth: WorkerOAuthService | None = None,
     ) -> None:
         self._context = context
+        self._oauth = oauth
         self._settings = context.settings
         self._tokens = tokens
         self._audit = audit
@@ -284,6 +288,11 @@ class ProxyService:
         sent_at = time.perf_counter()
         try:
             response = await self._context.forwarder.send(request.method, target, headers, body)
+            if authorized.renewed and rules.canvas_rejected_credential(
+                response.status, response.headers
+            ):
+                response = await self._after_rejection(call, target, headers, body, response)
+                authorized = call.authorized or authorized
         except UpstreamError as exc:
             return self._failed(call, exc, upstream_status=None)
         self._metrics.upstream_latency.observe(time.perf_counter() - sent_at)
@@ -308,6 +317,38 @@ class ProxyService:
             relayed = [(k, v) for k, v in relayed if k != b"content-length"]
             relayed.append((b"content-length", str(len(payload)).encode()))
         return Relay(response.status, relayed, payload, None, response)
+
+    async def _after_rejection(
+        self,
+        call: Call,
+        target: str,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        rejected: UpstreamResponse,
+    ) -> UpstreamResponse:
+        """Canvas refused an OAuth credential's access token (docs/interfaces.md, OAuth).
+
+        A refresh regenerates the access token in place, so the token this process cached
+        dies the moment another process renews it, a second before the revocation epoch
+        tells this one. If the stored token is newer, the call is sent once more with it:
+        Canvas refused it at authentication, so it acted on nothing. Otherwise the token
+        itself is refused (the developer key disabled, access revoked): a refresh is started
+        at once, which makes the credential unavailable if Canvas refuses that too.
+        """
+        authorized = call.authorized
+        if authorized is None or self._oauth is None:  # pragma: no cover - admitted first
+            return rejected
+        fresh = await self._oauth.current_token(authorized.credential_id)
+        if fresh is None or fresh == authorized.worker_token:
+            self._oauth.canvas_rejected(authorized.credential_id)
+            return rejected
+        await rejected.read()
+        rejected.release()
+        renewed = dataclasses.replace(authorized, worker_token=fresh)
+        call.authorized = renewed
+        resent = [(k, v) for k, v in headers if k != b"authorization"]
+        resent.append((b"authorization", renewed.bearer))
+        return await self._context.forwarder.send(call.request.method, target, resent, body)
 
     def finish(
         self, call: Call, relay: Relay, *, sent: int | None, reason: str | None = None

@@ -34,6 +34,7 @@ from broker.services.tokens import WORKER_TOKEN_PURPOSE
 from broker.storage import credentials
 from broker.storage.audit_chain import HEAD, HEAD_ID
 from broker.storage.database import ping, schema_problem, schema_revision
+from broker.storage.models import utcnow
 
 if TYPE_CHECKING:
     from broker.context import ProcessContext
@@ -47,6 +48,9 @@ class Readiness:
 
     checks: dict[str, str] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    # Credentials refused until an admin acts: shown, but no reason to take the replica out
+    # of service (every replica refuses them alike, and the other credentials still work).
+    unavailable_credentials: list[dict[str, str]] = field(default_factory=list)
 
     @property
     def ready(self) -> bool:
@@ -74,6 +78,10 @@ async def check_readiness(context: ProcessContext) -> Readiness:
                 result.fail("schema", "not_at_head", f"BROKER_DATABASE_URL {problem}")
                 return result
             sample = await credentials.sealed_sample(session)
+            result.unavailable_credentials = [
+                {"name": name, "reason": reason, "action": _ACTIONS.get(reason, "")}
+                for name, reason in await credentials.unavailable(session, utcnow())
+            ]
     except Exception:
         logger.warning("readiness: the database cannot be read", exc_info=True)
         if "database" not in result.checks:
@@ -97,6 +105,14 @@ async def check_readiness(context: ProcessContext) -> Readiness:
 
 
 HUB_PROBE_SECONDS = 1.0
+
+_ACTIONS = {
+    "not_authorized": "authorise it once: broker credentials authorize NAME",
+    "refresh_refused": "Canvas refused to renew it (developer key disabled or access revoked): "
+    "check the key in Canvas, then broker credentials authorize NAME",
+    "token_expired": "its access token could not be renewed in time: check that Canvas is "
+    "reachable; broker credentials get NAME shows the last refresh error",
+}
 
 
 async def hub_problem(context: ProcessContext) -> str | None:

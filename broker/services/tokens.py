@@ -40,6 +40,7 @@ from broker.services.revocation import CacheEpoch, bump_revocation_epoch
 from broker.storage import clients, credentials, proxy_tokens, upstreams, used_assertions
 from broker.storage.models import (
     CLIENT_SECRET,
+    OAUTH,
     PRIVATE_KEY_JWT,
     Client,
     WorkerCredential,
@@ -83,6 +84,7 @@ class Authorized:
     rate_limit: float | None = None
     rate_burst: int | None = None
     canvas_weight: float = 1.0
+    renewed: bool = False  # an OAuth credential's access token, renewed by the broker
     bearer: bytes = field(init=False, repr=False, compare=False)
     worker_token_bytes: bytes = field(init=False, repr=False, compare=False)
 
@@ -479,6 +481,20 @@ class TokenService:
         for ok, reason, message in checks:
             if not ok:
                 raise Refusal(401, reason, message, attribution=_attribution(record))
+        credential = record.credential
+        if credential.unavailable_reason is not None or (
+            credential.token_expires_at is not None and credential.token_expires_at <= now
+        ):
+            # An OAuth credential not (or no longer) authorised, or whose access token could
+            # not be renewed in time (docs/interfaces.md#oauth-worker-credentials): refused
+            # before anything is sent, rather than forwarded to fail at Canvas.
+            raise Refusal(
+                503,
+                "credential_unavailable",
+                "the broker's Canvas credential for this client cannot be used until an admin "
+                "re-authorises it; nothing was sent to Canvas",
+                attribution=_attribution(record),
+            )
         try:
             worker_token = self._decrypt(
                 record.credential.token_key_id,
@@ -520,8 +536,13 @@ class TokenService:
             rate_limit=client.rate_limit,
             rate_burst=client.rate_burst,
             canvas_weight=client.canvas_weight,
+            renewed=record.credential.kind == OAUTH,
         )
-        expiries = [record.token.expires_at, record.credential.expires_at]
+        expiries = [
+            record.token.expires_at,
+            record.credential.expires_at,
+            record.credential.token_expires_at,
+        ]
         usable_until = min(e.timestamp() for e in expiries if e is not None)
         return authorized, usable_until
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 
 from broker.domain import WorkerCredential
 from broker.storage import models
@@ -50,6 +50,9 @@ def record(row: models.WorkerCredential) -> WorkerCredential:
         created_at=row.created_at,
         rotated_at=row.rotated_at,
         updated_at=row.updated_at,
+        kind=row.kind,
+        token_expires_at=row.token_expires_at,
+        unavailable_reason=row.unavailable_reason,
     )
 
 
@@ -88,6 +91,9 @@ async def add(
         created_at=credential.created_at,
         rotated_at=credential.rotated_at,
         updated_at=credential.updated_at,
+        kind=credential.kind,
+        token_expires_at=credential.token_expires_at,
+        unavailable_reason=credential.unavailable_reason,
     )
     session.add(row)
     await session.flush()
@@ -125,6 +131,32 @@ async def replace_token(
     row.rotated_at = row.updated_at = at
     await session.flush()
     return record(row)
+
+
+async def unavailable(session: AsyncSession, now: datetime) -> list[tuple[str, str]]:
+    """(name, reason) of every enabled credential whose calls are refused until an admin acts."""
+    credential = models.WorkerCredential
+    rows = await session.execute(
+        select(credential.name, credential.unavailable_reason)
+        .where(
+            credential.enabled.is_(True),
+            or_(credential.unavailable_reason.is_not(None), credential.token_expires_at <= now),
+        )
+        .order_by(credential.name)
+    )
+    return [(row.name, row.unavailable_reason or "token_expired") for row in rows]
+
+
+async def sealed_token(session: AsyncSession, credential_id: str) -> SealedToken | None:
+    """The credential's sealed token as stored now (a renewed OAuth access token)."""
+    row = (
+        await session.execute(
+            select(
+                models.WorkerCredential.token_key_id, models.WorkerCredential.token_ciphertext
+            ).where(models.WorkerCredential.id == credential_id)
+        )
+    ).first()
+    return None if row is None else SealedToken(row.token_key_id, row.token_ciphertext)
 
 
 async def sealed_not_under(session: AsyncSession, key_id: str) -> dict[str, SealedToken]:

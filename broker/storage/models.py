@@ -90,6 +90,11 @@ class Upstream(Base):
     updated_at: Mapped[datetime]
 
 
+# Kinds of worker credential.
+MANUAL = "manual"
+OAUTH = "oauth"
+
+
 class WorkerCredential(Base):
     """A Canvas access token of a restricted worker user, encrypted at rest."""
 
@@ -110,6 +115,57 @@ class WorkerCredential(Base):
     created_at: Mapped[datetime]
     rotated_at: Mapped[datetime | None]
     updated_at: Mapped[datetime]
+    # "manual" (an admin stored the token) or "oauth" (a developer key's grant: the token
+    # above is then Canvas's current short-lived access token, renewed by the broker).
+    kind: Mapped[str] = mapped_column(String(16), default=MANUAL, server_default=MANUAL)
+    # When the stored token itself stops working at Canvas (an OAuth access token's expiry).
+    token_expires_at: Mapped[datetime | None]
+    # Set when the credential cannot be used until an admin acts (not yet authorised, or
+    # Canvas refused a refresh): calls are refused with 503 credential_unavailable.
+    unavailable_reason: Mapped[str | None] = mapped_column(String(64))
+
+
+class OAuthGrant(Base):
+    """An OAuth worker credential's developer key and refresh token, both encrypted.
+
+    ``lease_holder``/``lease_until`` make a refresh happen once across every process and
+    replica: a refresher takes the lease with one conditional UPDATE, talks to Canvas, and
+    stores the new access token (docs/interfaces.md#oauth-worker-credentials).
+    """
+
+    __tablename__ = "credential_oauth"
+
+    credential_id: Mapped[str] = mapped_column(ForeignKey("credentials.id"), primary_key=True)
+    developer_key_id: Mapped[str] = mapped_column(String(100))
+    secret_ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
+    secret_key_id: Mapped[str] = mapped_column(String(40))
+    refresh_ciphertext: Mapped[bytes | None] = mapped_column(LargeBinary)
+    refresh_key_id: Mapped[str | None] = mapped_column(String(40))
+    # The developer key's scope list as the admin recorded it (JSON list), or null.
+    key_scopes: Mapped[list[str] | None] = mapped_column(JSON)
+    authorized_at: Mapped[datetime | None]
+    refreshed_at: Mapped[datetime | None]
+    # When the current access token should be renewed (a margin before it expires).
+    refresh_due_at: Mapped[datetime | None]
+    refresh_error: Mapped[str | None] = mapped_column(String(255))
+    lease_holder: Mapped[str | None] = mapped_column(String(64))
+    lease_until: Mapped[datetime | None]
+
+
+class OAuthState(Base):
+    """One authorisation in progress: its ``state`` (keyed hash) and PKCE verifier (sealed)."""
+
+    __tablename__ = "oauth_states"
+
+    state_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    credential_id: Mapped[str] = mapped_column(ForeignKey("credentials.id"), index=True)
+    verifier_ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
+    verifier_key_id: Mapped[str] = mapped_column(String(40))
+    redirect_uri: Mapped[str] = mapped_column(String(500))
+    created_by: Mapped[str | None] = mapped_column(String(100))
+    created_at: Mapped[datetime]
+    expires_at: Mapped[datetime]
+    used_at: Mapped[datetime | None]
 
 
 # How a client authenticates at the token endpoint.

@@ -94,6 +94,13 @@ async def world(env: BrokerEnv) -> World:
     spare = await env.http.post(
         f"{V1}/admin-keys", headers=env.admin(), json={"name": "spare", "role": "auditor"}
     )
+    developer_key = {"client_id": "10000000000001", "client_secret": "k" * 64}
+    oauth = await env.http.post(
+        f"{V1}/credentials",
+        headers=env.admin(),
+        json={"upstream": "sim", "name": "oauth-worker", "developer_key": developer_key},
+    )
+    assert oauth.status_code == 201, oauth.text
     keys = (await env.http.get(f"{V1}/admin-keys", headers=env.admin())).json()
     [admin_key_id] = [k["id"] for k in keys if k["name"] == "test-admin"]
     return World(client_id, secret, token, listed["id"], spare.json()["id"], admin_key_id)
@@ -104,6 +111,8 @@ def concrete(template: str, world: World) -> str:
     refs = {"upstreams": "sim", "credentials": "worker", "clients": world.client_id}
     resource = template.removeprefix(f"{V1}/").split("/")[0]
     path = template.replace("{token_id}", world.token_id).replace("{key_id}", world.spare_key_id)
+    if template.endswith("/authorize"):
+        refs["credentials"] = "oauth-worker"  # only an OAuth credential is authorised
     if "{ref}" in path:
         path = path.replace("{ref}", refs[resource])
     assert "{" not in path, f"no test value for a parameter of {template}"
@@ -128,6 +137,7 @@ MUTATION_REQUESTS: dict[tuple[str, str], tuple[dict[str, Any] | None, str]] = {
         {"token": ROTATED_WORKER_TOKEN},
         "credential.rotate",
     ),
+    ("POST", f"{V1}/credentials/{{ref}}/authorize"): (None, "credential.authorize_start"),
     ("POST", f"{V1}/credentials/{{ref}}/disable"): (None, "credential.disable"),
     ("POST", f"{V1}/credentials/{{ref}}/enable"): (None, "credential.enable"),
     ("POST", f"{V1}/clients"): (
