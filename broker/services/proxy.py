@@ -338,8 +338,8 @@ class ProxyService:
         authorized = call.authorized
         if authorized is None or self._oauth is None:  # pragma: no cover - admitted first
             return rejected
-        fresh = await self._oauth.current_token(authorized.credential_id)
-        if fresh is None or fresh == authorized.worker_token:
+        fresh = await self._oauth.renewed_token(authorized.credential_id, authorized.worker_token)
+        if fresh is None:
             self._oauth.canvas_rejected(authorized.credential_id)
             return rejected
         await rejected.read()

@@ -67,6 +67,9 @@ RETRY_AFTER_FAULT: Final = timedelta(seconds=15)
 REJECTED_REFRESH_INTERVAL: Final = 10.0
 """After Canvas rejects an access token, refresh at once, but at most this often (seconds)."""
 
+RENEWAL_WAIT: Final = 2.0
+"""How long a call Canvas refused waits for a refresh in progress elsewhere (seconds)."""
+
 MAX_SLEEP: Final = 30.0
 MIN_SLEEP: Final = 0.2
 _FORM: Final = [
@@ -435,19 +438,31 @@ class WorkerOAuthService:
         except (SQLAlchemyError, OSError, BrokerError):
             logger.exception("refreshing credential %s after Canvas rejected it", credential_id)
 
-    async def current_token(self, credential_id: str) -> str | None:
-        """The credential's stored access token now (after another process renewed it)."""
-        try:
-            async with self._sessions() as session:
-                sealed = await credentials.sealed_token(session, credential_id)
-        except (SQLAlchemyError, OSError, TimeoutError):
-            return None
-        if sealed is None:
-            return None
-        try:
-            return self._open(sealed, WORKER_TOKEN_PURPOSE, credential_id)
-        except DecryptionError:
-            return None
+    async def renewed_token(self, credential_id: str, rejected: str) -> str | None:
+        """The credential's stored access token if it is newer than ``rejected``, else None.
+
+        Canvas regenerates the token when it answers a refresh, a moment before the refresher
+        has stored the new one: while a refresh lease is live, this waits for it (at most
+        ``RENEWAL_WAIT`` seconds).
+        """
+        deadline = time.monotonic() + RENEWAL_WAIT
+        while True:
+            try:
+                async with self._sessions() as session:
+                    sealed = await credentials.sealed_token(session, credential_id)
+                    leased = await oauth_grants.leased(session, credential_id, self._clock())
+                token = (
+                    None
+                    if sealed is None
+                    else self._open(sealed, WORKER_TOKEN_PURPOSE, credential_id)
+                )
+            except (SQLAlchemyError, OSError, TimeoutError, DecryptionError):
+                return None
+            if token is not None and token != rejected:
+                return token
+            if not leased or time.monotonic() > deadline:
+                return None
+            await asyncio.sleep(0.05)
 
     # The refresher ----------------------------------------------------------------------------
 

@@ -185,6 +185,16 @@ async def take_lease(
     return bool(getattr(result, "rowcount", 0) == 1)
 
 
+async def leased(session: AsyncSession, credential_id: str, now: datetime) -> bool:
+    """Whether a refresher holds a live lease on the credential (a refresh in progress)."""
+    until = await session.scalar(
+        select(models.OAuthGrant.lease_until).where(
+            models.OAuthGrant.credential_id == credential_id
+        )
+    )
+    return until is not None and until > now
+
+
 async def store_tokens(
     session: AsyncSession,
     credential_id: str,
