@@ -28,7 +28,8 @@ from starlette.middleware import Middleware
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from broker.sim.data import ADMIN_USER_ID, Assignment, Course, JSONObject, User
+from broker.sim.auth import Authenticated, Refused, authenticate, check_scopes
+from broker.sim.data import Assignment, Course, JSONObject, User
 from broker.sim.pagination import (
     link_header,
     page_links,
@@ -171,6 +172,8 @@ class ApiCall:
     """The effective user: the token's owner, or whom it masquerades as."""
     base_url: str
     """`scheme://host` as Rails would build it for this request."""
+    auth: Authenticated
+    """The token that authenticated the call (its record, key and owner)."""
 
     def path_param(self, name: str) -> str:
         """Return a path parameter of the matched route."""
@@ -264,10 +267,11 @@ class _CanvasApi:
             return self._finish(request, response, 0.0, state.throttle.full)
         merged = params.merged
         token = _bearer_token(headers) or merged.get("access_token")
-        if not isinstance(token, str) or token not in state.tokens:
-            challenge = {"WWW-Authenticate": 'Bearer realm="canvas-lms"'}
-            response = error_response(headers, 401, UNAUTHENTICATED_MESSAGE, challenge)
+        auth = authenticate(state, token if isinstance(token, str) else None)
+        if isinstance(auth, Refused):
+            response = json_response(headers, auth.body, auth.status_code, auth.headers)
             return self._finish(request, response, 0.0, state.throttle.full)
+        assert isinstance(token, str)  # noqa: S101 - authenticate refuses anything else
         # Charged on arrival, settled once answered (broker/sim/throttle.py).
         method, path = request.method, request.url.path
         admission = state.throttle.admit(token, method, path, state.clock())
@@ -280,16 +284,20 @@ class _CanvasApi:
             else:
                 if state.latency > 0:
                     await asyncio.sleep(state.latency)
-                response, user = self._run(request, handler, merged)
+                response, user = self._run(request, handler, merged, auth)
         finally:
             cost, remaining = state.throttle.settle(admission, method, path, state.clock())
         return self._finish(request, response, cost, remaining, user)
 
     def _run(
-        self, request: Request, handler: Handler, merged: dict[str, Any]
+        self, request: Request, handler: Handler, merged: dict[str, Any], auth: Authenticated
     ) -> tuple[Response, User | None]:
         headers = request.headers
-        user = self.state.data.users[ADMIN_USER_ID]
+        method = request.scope.get(ORIGINAL_METHOD_SCOPE_KEY, request.method)
+        refusal = check_scopes(auth, method, raw_path_of(request.scope))
+        if refusal is not None:
+            return json_response(headers, refusal.body, refusal.status_code), None
+        user = self.state.data.users[auth.user_id]
         masquerade = merged.get("as_user_id")
         if masquerade is not None:
             found = self.state.data.find_user(str(masquerade))
@@ -298,7 +306,7 @@ class _CanvasApi:
             user = found
         base_url = request_base_url(request.url.scheme, headers, request.scope.get("server"))
         try:
-            response = handler(ApiCall(request, merged, user, base_url))
+            response = handler(ApiCall(request, merged, user, base_url, auth))
         except _SimError as exc:
             response = error_response(headers, exc.status_code, exc.message)
         return response, user
