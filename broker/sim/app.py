@@ -28,8 +28,9 @@ from starlette.middleware import Middleware
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
 
+from broker.sim.access_tokens import AccessTokensApi
 from broker.sim.auth import Authenticated, Refused, authenticate, check_scopes
-from broker.sim.data import Assignment, Course, JSONObject, User
+from broker.sim.oauth import OAuthProvider
 from broker.sim.pagination import (
     link_header,
     page_links,
@@ -44,6 +45,8 @@ from broker.sim.state import ReceivedRequest, SimState
 if TYPE_CHECKING:
     from starlette.requests import Request
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+    from broker.sim.data import Assignment, Course, JSONObject, User
 
 __all__ = ["RackLayer", "ReceivedRequest", "SimState", "create_sim_app"]
 
@@ -247,6 +250,8 @@ class _CanvasApi:
 
     def __init__(self, state: SimState) -> None:
         self.state = state
+        self.oauth = OAuthProvider(state)
+        self.access_tokens = AccessTokensApi(state)
 
     # --- the per-call pipeline -------------------------------------------------------------
 
@@ -507,8 +512,44 @@ class _CanvasApi:
             ("/login/session_token", self.session_token, "POST"),
             ("/api/graphql", self.graphql, "POST"),
         ]
-        return [
+        tokens = "/api/v1/users/{user_id}/tokens"
+        table += [
+            (tokens, self.access_tokens.create, "POST"),
+            (f"{tokens}/{{token_id}}", self.access_tokens.show, "GET"),
+            (f"{tokens}/{{token_id}}", self.access_tokens.update, "PUT"),
+            (f"{tokens}/{{token_id}}", self.access_tokens.delete, "DELETE"),
+        ]
+        api = [
             Route(path, self.endpoint(handler), methods=[method]) for path, handler, method in table
+        ]
+        return api + self.oauth_routes()
+
+    # --- the OAuth2 provider (broker/sim/oauth.py) -------------------------------------------
+
+    def oauth_routes(self) -> list[Route]:
+        """`/login/oauth2/auth`, the consent form's `/login/oauth2/accept`, and the token URL."""
+
+        def merged(request: Request) -> dict[str, Any]:
+            return dict(request.scope[PARAMS_SCOPE_KEY].merged)
+
+        async def auth(request: Request) -> Response:
+            return self.oauth.auth(request.headers, merged(request))
+
+        async def accept(request: Request) -> Response:
+            return self.oauth.accept(merged(request))
+
+        async def token(request: Request) -> Response:
+            return self.oauth.token(request.headers, merged(request))
+
+        async def logout(request: Request) -> Response:
+            value = _bearer_token(request.headers) or merged(request).get("access_token")
+            return self.oauth.logout(request.headers, value if isinstance(value, str) else None)
+
+        return [
+            Route("/login/oauth2/auth", auth, methods=["GET"]),
+            Route("/login/oauth2/accept", accept, methods=["POST"]),
+            Route("/login/oauth2/token", token, methods=["POST"]),
+            Route("/login/oauth2/token", logout, methods=["DELETE"]),
         ]
 
 

@@ -19,9 +19,9 @@ if TYPE_CHECKING:
     from broker.sim.credentials import AccessToken, DeveloperKey
     from broker.sim.state import SimState
 
-INVALID_TOKEN: Final = "Invalid access token."
-EXPIRED_TOKEN: Final = "Expired access token."
-REVOKED_TOKEN: Final = "Revoked access token."
+INVALID_TOKEN: Final = "Invalid access token."  # noqa: S105 - a message, not a secret
+EXPIRED_TOKEN: Final = "Expired access token."  # noqa: S105
+REVOKED_TOKEN: Final = "Revoked access token."  # noqa: S105
 INSUFFICIENT_SCOPES: Final = "Insufficient scopes on access token."
 BEARER_CHALLENGE: Final = {"WWW-Authenticate": 'Bearer realm="canvas-lms"'}
 
@@ -50,7 +50,7 @@ class Refused:
         return dict(BEARER_CHALLENGE) if self.challenge else {}
 
 
-def _refused(message: str, **extra: Any) -> Refused:
+def _refused(message: str, **extra: str | None) -> Refused:
     return Refused(401, {"errors": [{"message": message, **extra}]}, challenge=True)
 
 

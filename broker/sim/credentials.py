@@ -14,8 +14,10 @@ from __future__ import annotations
 import secrets
 import string
 from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
+
+if TYPE_CHECKING:
+    from datetime import datetime
 
 TOKEN_SIZE: Final = 64
 """`AccessToken::TOKEN_SIZE`: access and refresh tokens are 64 characters."""

@@ -1,4 +1,4 @@
-"""Developer-key scope enforcement, as Canvas matches a request against a token's scopes.
+r"""Developer-key scope enforcement, as Canvas matches a request against a token's scopes.
 
 Independent of the broker's own matcher (`broker/core/scopes.py`) on purpose: the simulator is
 what the broker is checked against.

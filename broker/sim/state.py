@@ -198,8 +198,10 @@ class SimState:
         )
 
     def regenerate(self, record: AccessToken) -> None:
-        """Give a token a new value (the old one stops working at once); an OAuth token's clock
-        restarts (`AccessToken#generate_token(true)`)."""
+        """Give a token a new value; the old one stops working at once.
+
+        An OAuth token's one-hour clock restarts (`AccessToken#generate_token(true)`).
+        """
         if record.plain:
             self.tokens.discard(record.value)
         record.value = new_token_value()
@@ -225,7 +227,11 @@ class SimState:
         """The undeleted record holding refresh token `value` (`authenticate_refresh_token`)."""
         for record in self.access_tokens.values():
             refresh = record.refresh_token
-            if refresh is not None and not record.deleted and secrets.compare_digest(refresh, value):
+            if (
+                refresh is not None
+                and not record.deleted
+                and secrets.compare_digest(refresh, value)
+            ):
                 return record
         return None
 
