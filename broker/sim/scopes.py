@@ -36,12 +36,20 @@ _GLOB = re.compile(r"\*[^/)]+")
 
 
 @lru_cache(maxsize=4096)
-def route_pattern(route: str) -> re.Pattern[str]:
-    """Compile a scope's route path (`/api/v1/courses/:course_id`) into Canvas's regex."""
+def route_pattern(route: str) -> re.Pattern[str] | None:
+    """Compile a scope's route path (`/api/v1/courses/:course_id`) into Canvas's regex.
+
+    None when the result is not a valid regex: Canvas's `:[^/)]+` also swallows a `(` right
+    after a parameter (`:id(/x)`), leaving an unbalanced `)`; Ruby would raise there, and such
+    a scope grants nothing here. No scope Canvas offers has that shape.
+    """
     pattern = _PARAM.sub("[^/]+", route)
     pattern = _GLOB.sub(".+", pattern)
     pattern = pattern.replace("(", "(?:").replace(")", "|)")
-    return re.compile(f"^{pattern}(?:\\.[^/]+|)$")
+    try:
+        return re.compile(f"^{pattern}(?:\\.[^/]+|)$")
+    except re.error:
+        return None
 
 
 def scope_method(method: str) -> str:
@@ -61,7 +69,8 @@ def scopes_allow(scopes: Iterable[str], method: str, raw_path: str) -> bool:
     if raw_path in ALWAYS_ALLOWED_PATHS:
         return True
     routes = routes_for_method(scopes, scope_method(method))
-    return any(route_pattern(route).match(raw_path) for route in routes)
+    patterns = (route_pattern(route) for route in routes)
+    return any(p is not None and p.match(raw_path) for p in patterns)
 
 
 def missing_scopes(requested: Iterable[str], granted: Iterable[str]) -> list[str]:
