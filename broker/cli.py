@@ -330,13 +330,23 @@ def canvas_sim(
     token: Annotated[
         list[str] | None, typer.Option(help="a valid Canvas token (repeatable)")
     ] = None,
+    developer_key: Annotated[
+        list[str] | None,
+        typer.Option(help="CLIENT_ID:SECRET[:REDIRECT_URI], an OAuth developer key (repeatable)"),
+    ] = None,
 ) -> None:
     """Run the Canvas simulator alone."""
-    from broker.sim.server import run_sim  # noqa: PLC0415
+    from broker.sim.server import parse_developer_key, run_sim  # noqa: PLC0415
 
     tokens = set(token or ["sim-token"])
+    try:
+        client_ids = [parse_developer_key(spec)[0] for spec in developer_key or []]
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--developer-key") from None
     say(f"Canvas simulator on http://{host}:{port}; valid tokens: {', '.join(sorted(tokens))}")
-    run_sim(host, port, tokens)
+    if client_ids:
+        say(f"developer keys (client ids): {', '.join(client_ids)}")
+    run_sim(host, port, tokens, developer_key)
 
 
 @app.command()

@@ -28,7 +28,9 @@ from starlette.middleware import Middleware
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from broker.sim.data import ADMIN_USER_ID, Assignment, Course, JSONObject, User
+from broker.sim.access_tokens import AccessTokensApi
+from broker.sim.auth import Authenticated, Refused, authenticate, check_scopes
+from broker.sim.oauth import OAuthProvider
 from broker.sim.pagination import (
     link_header,
     page_links,
@@ -43,6 +45,8 @@ from broker.sim.state import ReceivedRequest, SimState
 if TYPE_CHECKING:
     from starlette.requests import Request
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+    from broker.sim.data import Assignment, Course, JSONObject, User
 
 __all__ = ["RackLayer", "ReceivedRequest", "SimState", "create_sim_app"]
 
@@ -171,6 +175,8 @@ class ApiCall:
     """The effective user: the token's owner, or whom it masquerades as."""
     base_url: str
     """`scheme://host` as Rails would build it for this request."""
+    auth: Authenticated
+    """The token that authenticated the call (its record, key and owner)."""
 
     def path_param(self, name: str) -> str:
         """Return a path parameter of the matched route."""
@@ -244,6 +250,8 @@ class _CanvasApi:
 
     def __init__(self, state: SimState) -> None:
         self.state = state
+        self.oauth = OAuthProvider(state)
+        self.access_tokens = AccessTokensApi(state)
 
     # --- the per-call pipeline -------------------------------------------------------------
 
@@ -264,10 +272,11 @@ class _CanvasApi:
             return self._finish(request, response, 0.0, state.throttle.full)
         merged = params.merged
         token = _bearer_token(headers) or merged.get("access_token")
-        if not isinstance(token, str) or token not in state.tokens:
-            challenge = {"WWW-Authenticate": 'Bearer realm="canvas-lms"'}
-            response = error_response(headers, 401, UNAUTHENTICATED_MESSAGE, challenge)
+        auth = authenticate(state, token if isinstance(token, str) else None)
+        if isinstance(auth, Refused):
+            response = json_response(headers, auth.body, auth.status_code, auth.headers)
             return self._finish(request, response, 0.0, state.throttle.full)
+        assert isinstance(token, str)  # noqa: S101 - authenticate refuses anything else
         # Charged on arrival, settled once answered (broker/sim/throttle.py).
         method, path = request.method, request.url.path
         admission = state.throttle.admit(token, method, path, state.clock())
@@ -280,16 +289,20 @@ class _CanvasApi:
             else:
                 if state.latency > 0:
                     await asyncio.sleep(state.latency)
-                response, user = self._run(request, handler, merged)
+                response, user = self._run(request, handler, merged, auth)
         finally:
             cost, remaining = state.throttle.settle(admission, method, path, state.clock())
         return self._finish(request, response, cost, remaining, user)
 
     def _run(
-        self, request: Request, handler: Handler, merged: dict[str, Any]
+        self, request: Request, handler: Handler, merged: dict[str, Any], auth: Authenticated
     ) -> tuple[Response, User | None]:
         headers = request.headers
-        user = self.state.data.users[ADMIN_USER_ID]
+        method = request.scope.get(ORIGINAL_METHOD_SCOPE_KEY, request.method)
+        refusal = check_scopes(auth, method, raw_path_of(request.scope))
+        if refusal is not None:
+            return json_response(headers, refusal.body, refusal.status_code), None
+        user = self.state.data.users[auth.user_id]
         masquerade = merged.get("as_user_id")
         if masquerade is not None:
             found = self.state.data.find_user(str(masquerade))
@@ -298,7 +311,7 @@ class _CanvasApi:
             user = found
         base_url = request_base_url(request.url.scheme, headers, request.scope.get("server"))
         try:
-            response = handler(ApiCall(request, merged, user, base_url))
+            response = handler(ApiCall(request, merged, user, base_url, auth))
         except _SimError as exc:
             response = error_response(headers, exc.status_code, exc.message)
         return response, user
@@ -499,8 +512,44 @@ class _CanvasApi:
             ("/login/session_token", self.session_token, "POST"),
             ("/api/graphql", self.graphql, "POST"),
         ]
-        return [
+        tokens = "/api/v1/users/{user_id}/tokens"
+        table += [
+            (tokens, self.access_tokens.create, "POST"),
+            (f"{tokens}/{{token_id}}", self.access_tokens.show, "GET"),
+            (f"{tokens}/{{token_id}}", self.access_tokens.update, "PUT"),
+            (f"{tokens}/{{token_id}}", self.access_tokens.delete, "DELETE"),
+        ]
+        api = [
             Route(path, self.endpoint(handler), methods=[method]) for path, handler, method in table
+        ]
+        return api + self.oauth_routes()
+
+    # --- the OAuth2 provider (broker/sim/oauth.py) -------------------------------------------
+
+    def oauth_routes(self) -> list[Route]:
+        """`/login/oauth2/auth`, the consent form's `/login/oauth2/accept`, and the token URL."""
+
+        def merged(request: Request) -> dict[str, Any]:
+            return dict(request.scope[PARAMS_SCOPE_KEY].merged)
+
+        async def auth(request: Request) -> Response:
+            return self.oauth.auth(request.headers, merged(request))
+
+        async def accept(request: Request) -> Response:
+            return self.oauth.accept(merged(request))
+
+        async def token(request: Request) -> Response:
+            return self.oauth.token(request.headers, merged(request))
+
+        async def logout(request: Request) -> Response:
+            value = _bearer_token(request.headers) or merged(request).get("access_token")
+            return self.oauth.logout(request.headers, value if isinstance(value, str) else None)
+
+        return [
+            Route("/login/oauth2/auth", auth, methods=["GET"]),
+            Route("/login/oauth2/accept", accept, methods=["POST"]),
+            Route("/login/oauth2/token", token, methods=["POST"]),
+            Route("/login/oauth2/token", logout, methods=["DELETE"]),
         ]
 
 

@@ -36,10 +36,29 @@ class SimServer(BackgroundServer):
         self.state = state
 
 
-def run_sim(host: str, port: int, tokens: set[str]) -> None:
-    """Serve a fresh simulator in the foreground until interrupted, accepting `tokens`."""
+def parse_developer_key(spec: str) -> tuple[str, str, list[str]]:
+    """Read `CLIENT_ID:SECRET[:REDIRECT_URI]` (the redirect URI may itself contain colons)."""
+    client_id, _, rest = spec.partition(":")
+    secret, _, redirect_uri = rest.partition(":")
+    if not client_id.isdigit() or not secret:
+        raise ValueError("a developer key is CLIENT_ID:SECRET[:REDIRECT_URI], the id numeric")
+    return client_id, secret, [redirect_uri] if redirect_uri else []
+
+
+def run_sim(
+    host: str, port: int, tokens: set[str], developer_keys: list[str] | None = None
+) -> None:
+    """Serve a fresh simulator in the foreground until interrupted, accepting `tokens`.
+
+    Each of `developer_keys` (`CLIENT_ID:SECRET[:REDIRECT_URI]`) is registered with no scopes
+    enforced.
+    """
+    state = SimState(tokens=set(tokens))
+    for spec in developer_keys or []:
+        client_id, secret, redirect_uris = parse_developer_key(spec)
+        state.add_developer_key(client_id, secret, redirect_uris)
     config = uvicorn.Config(
-        create_sim_app(SimState(tokens=set(tokens))),
+        create_sim_app(state),
         host=host,
         port=port,
         log_level="warning",
