@@ -22,7 +22,7 @@ from tests.support.canvas_oauth_stub import StubServer, StubState
 from tests.support.env import bearer
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Iterator
+    from collections.abc import Iterator
 
     from tests.support.env import BrokerEnv
 
@@ -38,7 +38,7 @@ def stub() -> Iterator[StubServer]:
 
 
 @pytest.fixture
-async def oauth(env: BrokerEnv, stub: StubServer) -> AsyncIterator[dict[str, Any]]:
+async def oauth(env: BrokerEnv, stub: StubServer) -> dict[str, Any]:
     """An upstream on the stub, an OAuth credential on it (not authorised) and a client."""
     created = await env.http.post(
         f"{V1}/upstreams", headers=env.admin(), json={"name": "stub", "base_url": stub.base_url}
@@ -59,7 +59,7 @@ async def oauth(env: BrokerEnv, stub: StubServer) -> AsyncIterator[dict[str, Any
     )
     assert response.status_code == 201, response.text
     client_id, secret = await env.client("oauth-job", scopes=SCOPES, credential="bot")
-    yield {"credential": response.json(), "client_id": client_id, "secret": secret}
+    return {"credential": response.json(), "client_id": client_id, "secret": secret}
 
 
 async def authorize(env: BrokerEnv, stub: StubServer) -> httpx.Response:

@@ -137,6 +137,7 @@ class CanvasOAuthStub:
 
     async def _token(self, form: dict[str, str], send: Send) -> None:
         state = self.state
+        body: dict[str, object]
         with state.lock:
             state.token_requests.append({k: v for k, v in form.items() if k == "grant_type"})
             if (
