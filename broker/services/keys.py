@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING
 from broker.requestid import current_request_id
 from broker.services.audit import add_events, admin_event
 from broker.services.tokens import WORKER_TOKEN_PURPOSE
-from broker.storage import credentials, revocation_epoch
+from broker.services.worker_oauth import DEVELOPER_KEY_PURPOSE, REFRESH_TOKEN_PURPOSE
+from broker.storage import credentials, oauth_grants, revocation_epoch
 from broker.storage.credentials import SealedToken
 from broker.storage.models import utcnow
 
@@ -41,6 +42,17 @@ async def reencrypt_credentials(
                 *keyring.encrypt(plaintext, purpose=WORKER_TOKEN_PURPOSE, record_id=credential_id)
             )
             await credentials.reseal(session, credential_id, resealed, at=utcnow())
+        # OAuth credentials' developer-key secrets and refresh tokens move with them.
+        grants = await oauth_grants.sealed_not_under(session, keyring.primary_id)
+        for credential_id, (secret, refresh) in grants.items():
+            await oauth_grants.reseal(
+                session,
+                credential_id,
+                _resealed(keyring, secret, DEVELOPER_KEY_PURPOSE, credential_id),
+                None
+                if refresh is None
+                else _resealed(keyring, refresh, REFRESH_TOKEN_PURPOSE, credential_id),
+            )
         await revocation_epoch.bump(session)
         await add_events(
             session,
@@ -52,7 +64,15 @@ async def reencrypt_credentials(
                 details={
                     "primary_key_id": keyring.primary_id,
                     "credentials_reencrypted": len(stale),
+                    "oauth_grants_reencrypted": len(grants),
                 },
             ),
         )
     return len(stale)
+
+
+def _resealed(keyring: Keyring, sealed: SealedToken, purpose: str, record_id: str) -> SealedToken:
+    plaintext = keyring.decrypt(
+        sealed.key_id, sealed.ciphertext, purpose=purpose, record_id=record_id
+    )
+    return SealedToken(*keyring.encrypt(plaintext, purpose=purpose, record_id=record_id))

@@ -335,3 +335,47 @@ async def take_state(
         redirect_uri=row.redirect_uri,
         created_by=row.created_by,
     )
+
+
+async def sealed_not_under(
+    session: AsyncSession, key_id: str
+) -> dict[str, tuple[SealedToken, SealedToken | None]]:
+    """Developer-key secrets and refresh tokens not both sealed under ``key_id``, by credential."""
+    grant = models.OAuthGrant
+    rows = await session.scalars(
+        select(grant).where(
+            or_(
+                grant.secret_key_id != key_id,
+                and_(grant.refresh_key_id.is_not(None), grant.refresh_key_id != key_id),
+            )
+        )
+    )
+    return {
+        row.credential_id: (
+            SealedToken(row.secret_key_id, row.secret_ciphertext),
+            None
+            if row.refresh_key_id is None or row.refresh_ciphertext is None
+            else SealedToken(row.refresh_key_id, row.refresh_ciphertext),
+        )
+        for row in rows
+    }
+
+
+async def reseal(
+    session: AsyncSession,
+    credential_id: str,
+    secret: SealedToken,
+    refresh: SealedToken | None,
+) -> None:
+    """Store the same developer-key secret and refresh token sealed anew (key rotation)."""
+    values: dict[str, object] = {
+        "secret_key_id": secret.key_id,
+        "secret_ciphertext": secret.ciphertext,
+    }
+    if refresh is not None:
+        values |= {"refresh_key_id": refresh.key_id, "refresh_ciphertext": refresh.ciphertext}
+    await session.execute(
+        update(models.OAuthGrant)
+        .where(models.OAuthGrant.credential_id == credential_id)
+        .values(**values)
+    )

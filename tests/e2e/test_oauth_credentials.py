@@ -16,6 +16,8 @@ import httpx
 import pytest
 
 from broker.core.worker_oauth import challenge_of
+from broker.keyring import Keyring
+from broker.services.keys import reencrypt_credentials
 from broker.services.revocation import CacheEpoch
 from broker.services.worker_oauth import WorkerOAuthService
 from tests.support.canvas_oauth_stub import StubServer, StubState
@@ -318,3 +320,16 @@ async def test_a_bad_developer_key_is_refused_when_saved(
     assert field in response.text
     listed = (await env.http.get(f"{V1}/credentials", headers=env.admin())).json()
     assert [c["name"] for c in listed] == ["worker"]
+
+
+async def test_key_rotation_reseals_the_developer_key_and_refresh_token(
+    env: BrokerEnv, stub: StubServer, oauth: dict[str, Any]
+) -> None:
+    assert (await authorize(env, stub)).status_code == 200
+    rotated = env.context.keyring.with_new_primary()
+    assert await reencrypt_credentials(env.context.sessions, rotated) >= 1
+    # Only the new key from now on: what was sealed under the old one must have moved.
+    only_new = Keyring(rotated.primary_id, {rotated.primary_id: rotated.keys[rotated.primary_id]})
+    later = WorkerOAuthService(env.context.sessions, only_new, CacheEpoch(), env.context.forwarder)
+    assert await later.refresh(oauth["credential"]["id"], force=True) == "refreshed"
+    assert stub.state.refreshes == 1
