@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import secrets
 import signal
 import sys
@@ -19,7 +20,11 @@ import uvicorn
 from broker import bootstrap
 from broker.app import create_app
 from broker.config import Settings
+from broker.core.worker_oauth import CALLBACK_PATH
+from broker.services.canvas_identity import verifying_forwarder
 from broker.services.management import ManagementService
+from broker.services.revocation import CacheEpoch
+from broker.services.worker_oauth import WorkerOAuthService
 from broker.serving import BackgroundServer, RequestTargetProtocol
 from broker.sim.server import SimServer
 from broker.sim.state import SimState
@@ -46,6 +51,17 @@ class DemoSetup:
     client_secret: str
     auditor_key: str
     admin_key: str
+    oauth_client_id: str
+    oauth_client_secret: str
+    authorization_url: str
+
+
+@dataclass(frozen=True)
+class DemoKey:
+    """The simulator's developer key the demo's OAuth credential is authorised through."""
+
+    client_id: str
+    secret: str
 
 
 def _err(text: str) -> None:
@@ -53,9 +69,10 @@ def _err(text: str) -> None:
 
 
 async def _provision(
-    settings: Settings, keyring: Keyring, sim_url: str, worker_token: str
+    settings: Settings, keyring: Keyring, sim_url: str, worker_token: str, key: DemoKey
 ) -> DemoSetup:
     database = Database(settings.async_database_url, pool=False)
+    forwarder = verifying_forwarder(settings)
     try:
         service = ManagementService(database.sessions, keyring, settings)
         actor = bootstrap.LOCAL
@@ -78,9 +95,30 @@ async def _provision(
             scopes=DEMO_SCOPES,
             constraints=DEMO_CONSTRAINTS,
         )
-        if secret is None:  # pragma: no cover - a client_secret client always gets one
-            raise RuntimeError("the demo client was created without a secret")
+        # The same grant through a developer key: Canvas (the simulator) enforces its scopes
+        # too, and the access token is renewed hourly (docs/interfaces.md#oauth-worker-credentials).
+        await service.create_oauth_credential(
+            actor,
+            upstream="demo-canvas",
+            name="demo-oauth-worker",
+            developer_key_id=key.client_id,
+            developer_key_secret=key.secret,
+            key_scopes=DEMO_SCOPES,
+            notes="authorised once through the simulator's consent page",
+        )
+        oauth_client, oauth_secret = await service.create_client(
+            actor,
+            name="grade-export-oauth",
+            credential="demo-oauth-worker",
+            scopes=DEMO_SCOPES,
+            constraints=DEMO_CONSTRAINTS,
+        )
+        authorizing = WorkerOAuthService(database.sessions, keyring, CacheEpoch(), forwarder)
+        started = await authorizing.start(None, "demo-oauth-worker", settings.public_base or "")
+        if secret is None or oauth_secret is None:  # pragma: no cover - always given one
+            raise RuntimeError("a demo client was created without a secret")
     finally:
+        await forwarder.aclose()
         await database.aclose()
     return DemoSetup(
         broker_url=settings.public_base or "",
@@ -88,6 +126,9 @@ async def _provision(
         client_secret=secret,
         auditor_key=auditor_key,
         admin_key=admin_key,
+        oauth_client_id=oauth_client.id,
+        oauth_client_secret=oauth_secret,
+        authorization_url=started.url,
     )
 
 
@@ -145,6 +186,18 @@ def instructions(setup: DemoSetup) -> str:
           print("refused:", exc)
       PY
 
+    An OAuth worker credential too: the simulator's developer key, whose scopes Canvas itself
+    enforces behind the broker's check. Authorise it once, as the worker user would: open
+
+      {setup.authorization_url}
+
+    in a browser and press Authorize (the link works once, for ten minutes; for a new one:
+    BROKER_ADMIN_KEY={setup.admin_key} {broker} credentials authorize demo-oauth-worker).
+    Then client 'grade-export-oauth' calls through it, its access token renewed by the broker:
+
+      BROKER_CLIENT_ID={setup.oauth_client_id} BROKER_CLIENT_SECRET={setup.oauth_client_secret} \
+        {broker} token
+
     Management API docs: {u}/broker/v1/docs   Admin key (demo only): {setup.admin_key}
     Press Ctrl-C to stop.
     """)
@@ -177,9 +230,41 @@ def _check(setup: DemoSetup, sim: SimServer) -> int:
         "Canvas received only the allowed call": reached == ["/api/v1/courses/1201/assignments"],
         "audit shows both decisions": sorted(e["decision"] for e in events) == ["allow", "deny"],
     }
+    steps.update(_check_oauth(setup, sim))
     for step, ok in steps.items():
         _err(f"  [{'ok' if ok else 'FAILED'}] {step}")
     return 0 if all(steps.values()) else 1
+
+
+def _check_oauth(setup: DemoSetup, sim: SimServer) -> dict[str, bool]:
+    """Authorise the OAuth credential as a browser would, then call through it."""
+    u = setup.broker_url
+    with httpx.Client(timeout=10) as browser:
+        page = browser.get(setup.authorization_url)
+        found = re.search(r'name="request_id" value="([^"]+)"', page.text)
+        consent = browser.post(
+            f"{sim.base_url}/login/oauth2/accept",
+            data={"request_id": found.group(1) if found else "", "user_id": "1", "authorize": "1"},
+        )
+        callback = browser.get(consent.headers.get("location", f"{u}/none"))
+        minted = browser.post(
+            f"{u}/broker/v1/oauth/token",
+            data={"grant_type": "client_credentials"},
+            auth=(setup.oauth_client_id, setup.oauth_client_secret),
+        )
+        token = minted.json().get("access_token", "")
+        sim.state.received.clear()
+        allowed = browser.get(
+            f"{u}/api/v1/courses/1201/assignments?per_page=3",
+            headers={"Authorization": f"Bearer {token}"},
+        )
+    sent = sim.state.received[-1].header("authorization") if sim.state.received else None
+    return {
+        "OAuth credential authorised once in the consent page": callback.status_code == 200,  # noqa: PLR2004
+        "its call forwarded with Canvas's short-lived access token": allowed.status_code == 200  # noqa: PLR2004
+        and sent is not None
+        and sent.removeprefix("Bearer ") not in sim.state.tokens,  # not the manual token
+    }
 
 
 def run_demo(*, port: int, workdir: Path | None, check: bool) -> int:
@@ -234,7 +319,15 @@ def _run_demo(directory: Path, *, port: int, check: bool) -> int:
     bootstrap.migrate(settings, keyring)
     worker_token = "sim-worker-" + secrets.token_urlsafe(16)
     with SimServer(SimState(tokens={worker_token})) as sim:
-        setup = asyncio.run(_provision(settings, keyring, sim.base_url, worker_token))
+        registered = sim.state.add_developer_key(
+            secret=secrets.token_urlsafe(32),
+            redirect_uris=[f"{settings.public_base}{CALLBACK_PATH}"],
+            scopes=DEMO_SCOPES,
+            require_scopes=True,
+            name="broker demo",
+        )
+        key = DemoKey(registered.client_id, registered.secret)
+        setup = asyncio.run(_provision(settings, keyring, sim.base_url, worker_token, key))
         # Storing the credential asked Canvas who the token is; the check counts from here.
         sim.state.received.clear()
         app = create_app(settings)
