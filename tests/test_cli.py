@@ -96,7 +96,7 @@ def test_demo_check_runs_the_printed_flow(tmp_path: Path) -> None:
         _env(tmp_path),
     )
     assert result.returncode == 0, result.stderr
-    assert result.stderr.count("[ok]") == 7  # the manual credential's five steps, the OAuth one's two
+    assert result.stderr.count("[ok]") == 7  # five manual, two OAuth
     assert "FAILED" not in result.stderr
 
 
