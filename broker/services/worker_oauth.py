@@ -208,14 +208,14 @@ class WorkerOAuthService:
                 "replayed": "that authorisation link was already used",
                 "expired": "that authorisation link expired",
             }[pending]
-            await self._refused_callback(None, why, reason=pending)
+            await self._refused_callback(None, why, cause=pending)
             raise AuthorizationRefusedError(
                 f"{why}; run `broker credentials authorize` again for a new link"
             )
         credential_id = pending.credential_id
         if error is not None or not code:
             what = "the worker user declined" if error == "access_denied" else "Canvas sent no code"
-            await self._refused_callback(credential_id, what, reason=error or "no_code")
+            await self._refused_callback(credential_id, what, cause=error or "no_code")
             raise AuthorizationRefusedError(f"{what}; nothing was stored")
         async with self._sessions() as session:
             grant = await oauth_grants.sealed(session, credential_id)
@@ -251,7 +251,7 @@ class WorkerOAuthService:
             # As with a manual token's rotation: another user would change what every client
             # of this credential can reach. Not stored; a new credential is the way.
             await self._refused_callback(
-                credential_id, f"authorised as Canvas user {answer.user_id}", reason="other_user"
+                credential_id, f"authorised as Canvas user {answer.user_id}", cause="other_user"
             )
             raise AuthorizationRefusedError(
                 f"Canvas authorised user {answer.user_id}, but credential {current.name!r} is "
@@ -275,7 +275,7 @@ class WorkerOAuthService:
         return Authorized(credential)
 
     async def _refused_callback(
-        self, credential_id: str | None, why: str, *, reason: str = "refused"
+        self, credential_id: str | None, why: str, *, cause: str = "refused"
     ) -> None:
         self._count("authorize_refused")
         with contextlib.suppress(SQLAlchemyError, OSError):
@@ -290,7 +290,7 @@ class WorkerOAuthService:
                         decision="deny",
                         reason="authorization_refused",
                         credential_id=credential_id,
-                        details={"why": why, "cause": reason},
+                        details={"why": why, "cause": cause},
                     ),
                 )
 
@@ -323,7 +323,7 @@ class WorkerOAuthService:
                     await oauth_grants.record_failure(
                         session,
                         credential_id,
-                        error="the refresh was interrupted",
+                        problem="the refresh was interrupted",
                         unavailable_reason=None,
                         retry_at=now + RETRY_AFTER_FAULT,
                         at=now,
@@ -376,7 +376,7 @@ class WorkerOAuthService:
             await oauth_grants.record_failure(
                 session,
                 credential_id,
-                error=error,
+                problem=error,
                 unavailable_reason=None,
                 retry_at=now + RETRY_AFTER_FAULT,
                 at=now,
@@ -398,7 +398,7 @@ class WorkerOAuthService:
             await oauth_grants.record_failure(
                 session,
                 credential_id,
-                error=f"Canvas refused the refresh: {answer.status} {answer.error}",
+                problem=f"Canvas refused the refresh: {answer.status} {answer.error}",
                 unavailable_reason=REFRESH_REFUSED,
                 retry_at=None,
                 at=now,

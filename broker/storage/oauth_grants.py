@@ -250,7 +250,7 @@ async def record_failure(
     session: AsyncSession,
     credential_id: str,
     *,
-    error: str,
+    problem: str,
     unavailable_reason: str | None,
     retry_at: datetime | None,
     at: datetime,
@@ -261,7 +261,7 @@ async def record_failure(
     credential is unusable until re-authorised; otherwise it is tried again at ``retry_at``.
     """
     values: dict[str, object] = {
-        "refresh_error": error[:255],
+        "refresh_error": problem[:255],
         "lease_holder": None,
         "lease_until": None,
     }
