@@ -699,10 +699,16 @@ def credentials_update(
     expires_at: Annotated[
         str | None, typer.Option(help="ISO date-time after which it is unusable")
     ] = None,
+    key_scope: Annotated[
+        list[str] | None,
+        typer.Option(help="an OAuth credential's developer-key scope (repeat; replaces them)"),
+    ] = None,
 ) -> None:
     """Change a credential's metadata; only the options given change (the token: `rotate`)."""
     given = {"canvas_user_id": canvas_user_id, "notes": notes}
     body: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
+    if key_scope:
+        body["key_scopes"] = key_scope
     if expires_at is not None:
         body["expires_at"] = utc_time(expires_at).isoformat()
     if not body:

@@ -208,11 +208,18 @@ async def get_credential(ref: str, _: Reader, services: ServicesDep) -> Credenti
 async def update_credential(
     ref: str, body: CredentialUpdate, actor: Admin, services: ServicesDep
 ) -> CredentialOut:
-    """Change a credential's metadata (fields left out are unchanged)."""
-    credential = await services.management.update_credential(
-        actor, ref, **body.model_dump(exclude_unset=True)
-    )
-    return _credential_out(credential, await services.management.upstream_names())
+    """Change a credential's metadata (fields left out are unchanged).
+
+    ``key_scopes`` records an OAuth credential's developer-key scopes anew (after they were
+    changed in Canvas); the next authorisation asks for them.
+    """
+    fields = body.model_dump(exclude_unset=True)
+    key_scopes = fields.pop("key_scopes", None)
+    if key_scopes is not None:
+        credential = await services.management.set_key_scopes(actor, ref, key_scopes)
+    if fields or key_scopes is None:
+        credential = await services.management.update_credential(actor, ref, **fields)
+    return await _credential_view(services, credential)
 
 
 @router.post("/credentials/{ref}/rotate", tags=["credentials"])

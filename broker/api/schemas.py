@@ -127,6 +127,10 @@ class CredentialUpdate(Input):
     canvas_user_id: str | None = None
     expires_at: AwareDatetime | None = None
     notes: str | None = Field(default=None, max_length=2000)
+    key_scopes: list[str] | None = Field(
+        default=None,
+        description="an OAuth credential's developer-key scopes as now set in Canvas",
+    )
 
 
 class CredentialRotate(Input):

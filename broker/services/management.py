@@ -203,6 +203,14 @@ def grant_warnings(client: Client) -> list[str]:
     ]
 
 
+def _key_scopes(key_scopes: Sequence[str]) -> list[str]:
+    """A developer key's scope list: Canvas scope strings, sorted, each once."""
+    try:
+        return sorted(set(Grant.compile(list(key_scopes)).scope_strings()))
+    except ScopeError as exc:
+        raise ValidationFailedError("key_scopes", str(exc)) from exc
+
+
 def check_cidrs(cidrs: Sequence[str]) -> list[str]:
     """Normalised CIDR strings."""
     result = []
@@ -507,12 +515,7 @@ class ManagementService:
                 "between a shard and a local id), at most 100 characters",
             )
         check_worker_token(developer_key_secret, "developer_key_secret")
-        scopes = None
-        if key_scopes is not None:
-            try:
-                scopes = sorted(set(Grant.compile(list(key_scopes)).scope_strings()))
-            except ScopeError as exc:
-                raise ValidationFailedError("key_scopes", str(exc)) from exc
+        scopes = None if key_scopes is None else _key_scopes(key_scopes)
         now = utcnow()
         async with self._write("credential") as session:
             target = await upstreams.get(session, upstream)
@@ -563,6 +566,30 @@ class ManagementService:
             )
         return credential
 
+    async def set_key_scopes(
+        self, actor: Actor, ref: str, key_scopes: Sequence[str]
+    ) -> WorkerCredential:
+        """Record an OAuth credential's developer-key scopes anew; audited old and new."""
+        scopes = _key_scopes(key_scopes)
+        async with self._write("credential") as session:
+            credential = await credentials.get(session, ref)
+            before = await oauth_grants.find(session, credential.id)
+            if before is None:
+                raise ConflictError(
+                    f"credential {credential.name!r} holds a manual token: it has no developer "
+                    "key whose scopes could be recorded"
+                )
+            await oauth_grants.set_key_scopes(session, credential.id, scopes)
+            old = list(before.key_scopes) if before.key_scopes is not None else None
+            await self._event(
+                session,
+                actor,
+                "credential.update",
+                credential,
+                key_scopes={"old": old, "new": scopes},
+            )
+        return credential
+
     async def oauth_grants(self) -> dict[str, OAuthGrant]:
         """Every OAuth credential's developer key and grant state (no secret), by id."""
         async with self._sessions() as session:
@@ -581,7 +608,8 @@ class ManagementService:
         return [
             f"scope {scope!r} is not among the scopes of developer key {grant.developer_key_id}: "
             "Canvas will refuse these calls (401) whatever the grant says; add it to the key "
-            "in Canvas and to the credential's recorded scopes, or drop it from the grant"
+            "in Canvas (then: broker credentials update --key-scope …), or drop it from the "
+            "grant"
             for scope in client.scopes
             if scope not in listed
         ]

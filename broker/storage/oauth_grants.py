@@ -78,6 +78,15 @@ async def add(
     return _grant(row)
 
 
+async def set_key_scopes(session: AsyncSession, credential_id: str, scopes: list[str]) -> None:
+    """Record the developer key's scope list anew."""
+    await session.execute(
+        update(models.OAuthGrant)
+        .where(models.OAuthGrant.credential_id == credential_id)
+        .values(key_scopes=scopes)
+    )
+
+
 async def find(session: AsyncSession, credential_id: str) -> OAuthGrant | None:
     """The credential's grant metadata, if it is an OAuth credential."""
     row = await session.get(models.OAuthGrant, credential_id)

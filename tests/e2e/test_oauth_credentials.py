@@ -342,3 +342,24 @@ async def test_key_rotation_reseals_the_developer_key_and_refresh_token(
     later = WorkerOAuthService(env.context.sessions, only_new, CacheEpoch(), env.context.forwarder)
     assert await later.refresh(oauth["credential"]["id"], force=True) == "refreshed"
     assert stub.state.refreshes == 1
+
+
+async def test_the_key_scopes_can_be_recorded_anew_and_the_change_is_audited(
+    env: BrokerEnv, oauth: dict[str, Any]
+) -> None:
+    wider = [*SCOPES, "url:GET|/api/v1/courses/:course_id/assignments"]
+    response = await env.http.patch(
+        f"{V1}/credentials/bot", headers=env.admin(), json={"key_scopes": wider}
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["oauth"]["key_scopes"] == sorted(wider)
+    [event, *_] = await env.audit(action="credential.update")
+    assert event["details"]["changes"]["key_scopes"] == {"old": SCOPES, "new": sorted(wider)}
+    bad = await env.http.patch(
+        f"{V1}/credentials/bot", headers=env.admin(), json={"key_scopes": ["not a scope"]}
+    )
+    assert bad.status_code == 422
+    manual = await env.http.patch(
+        f"{V1}/credentials/worker", headers=env.admin(), json={"key_scopes": SCOPES}
+    )
+    assert manual.status_code == 409
