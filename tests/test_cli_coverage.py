@@ -29,6 +29,10 @@ COMMANDS: dict[str, tuple[str, ...]] = {
     "rotate_credential_broker_v1_credentials__ref__rotate_post": ("credentials", "rotate"),
     "disable_credential_broker_v1_credentials__ref__disable_post": ("credentials", "disable"),
     "enable_credential_broker_v1_credentials__ref__enable_post": ("credentials", "enable"),
+    "authorize_credential_broker_v1_credentials__ref__authorize_post": (
+        "credentials",
+        "authorize",
+    ),
     "list_clients_broker_v1_clients_get": ("clients", "list"),
     "create_client_broker_v1_clients_post": ("clients", "create"),
     "get_client_broker_v1_clients__ref__get": ("clients", "get"),
@@ -64,6 +68,10 @@ NOT_FOR_ADMINS: dict[str, str] = {
     "revoke_broker_v1_oauth_revoke_post": (
         "RFC 7009: a script revokes its own token with its client credentials; an admin "
         "revokes any token with `broker tokens revoke`"
+    ),
+    "callback_broker_v1_oauth_callback_get": (
+        "the worker user's browser lands there from Canvas; `broker credentials authorize` "
+        "prints the link that leads to it"
     ),
 }
 """API operations that are a script's, not an admin's, and why."""
