@@ -26,6 +26,7 @@ from urllib.parse import urlencode
 from sqlalchemy.exc import SQLAlchemyError
 
 from broker.core import worker_oauth as flow
+from broker.core.request_limits import KeyedBuckets
 from broker.errors import (
     BrokerError,
     ConflictError,
@@ -70,6 +71,10 @@ REJECTED_REFRESH_INTERVAL: Final = 10.0
 RENEWAL_WAIT: Final = 2.0
 """How long a call Canvas refused waits for a refresh in progress elsewhere (seconds)."""
 
+CALLBACK_RATE: Final = 0.5
+"""Callbacks a second one source address may make (a burst of ``CALLBACK_BURST``)."""
+CALLBACK_BURST: Final = 10.0
+
 MAX_SLEEP: Final = 30.0
 MIN_SLEEP: Final = 0.2
 _FORM: Final = [
@@ -83,6 +88,13 @@ class AuthorizationRefusedError(BrokerError):
 
     status = 400
     error = "authorization_refused"
+
+
+class CallbackRateLimitedError(BrokerError):
+    """Too many callbacks from one address: refused before anything is looked up."""
+
+    status = 429
+    error = "too_many_requests"
 
 
 class CanvasTokenEndpointError(BrokerError):
@@ -131,6 +143,9 @@ class WorkerOAuthService:
         self._holder = f"{os.uname().nodename[:40]}:{os.getpid()}:{secrets.token_hex(4)}"
         self._wake = asyncio.Event()
         self._rejected_at: dict[str, float] = {}
+        # The callback is unauthenticated and each refusal is an audit event: a flood of
+        # forged callbacks from one address is cut off before it can fill the log.
+        self._callbacks = KeyedBuckets(CALLBACK_RATE, burst=CALLBACK_BURST)
         self._refreshing: dict[str, asyncio.Task[None]] = {}
 
     # Authorisation --------------------------------------------------------------------------
@@ -194,6 +209,12 @@ class WorkerOAuthService:
         already used, or one expired; and a denial or a code Canvas does not accept. Nothing
         secret is in any message.
         """
+        source = current_request_facts().get("source_ip") or "-"
+        wait = self._callbacks.take(source, time.monotonic())
+        if wait is not None:
+            raise CallbackRateLimitedError(
+                f"too many authorisation callbacks from this address; retry in {wait} s"
+            )
         now = self._clock()
         if not state or len(state) > 200:  # noqa: PLR2004
             await self._refused_callback(None, "the callback carries no state")

@@ -363,3 +363,16 @@ async def test_the_key_scopes_can_be_recorded_anew_and_the_change_is_audited(
         f"{V1}/credentials/worker", headers=env.admin(), json={"key_scopes": SCOPES}
     )
     assert manual.status_code == 409
+
+
+async def test_a_flood_of_forged_callbacks_is_cut_off_before_it_fills_the_audit_log(
+    env: BrokerEnv, oauth: dict[str, Any]
+) -> None:
+    statuses = [
+        (await env.http.get(f"{V1}/oauth/callback?code=x&state=forged-{n}")).status_code
+        for n in range(30)
+    ]
+    assert statuses[:10] == [400] * 10
+    assert set(statuses[12:]) == {429}
+    refusals = await env.audit(action="credential.authorize", decision="deny", limit=100)
+    assert 10 <= len(refusals) <= 12
