@@ -206,7 +206,17 @@ _PAGE_HEADERS = {
 }
 
 
-@router.get("/callback", include_in_schema=True, response_class=HTMLResponse)
+_PAGE_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"description": description, "content": {"text/html": {}}}
+    for status, description in (
+        (400, "the authorisation cannot complete: the page says why"),
+        (429, "too many callbacks from this address"),
+        (502, "Canvas's token endpoint could not be reached"),
+    )
+}
+
+
+@router.get("/callback", response_class=HTMLResponse, responses=_PAGE_ERRORS)
 async def callback(request: Request, services: ServicesDep) -> HTMLResponse:
     """Where Canvas sends the worker user's browser after authorising a developer key.
 

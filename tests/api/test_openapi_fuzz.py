@@ -54,6 +54,8 @@ def error_is_json_with_code_and_message(
 ) -> None:
     """A 4xx or 5xx is a JSON object with a non-empty ``error`` and a non-empty message.
 
+    Or an HTML page, where the schema documents one (the OAuth callback a browser lands on).
+
     The message is ``message`` in the management API and ``error_description`` in the OAuth
     endpoints (RFC 6749 §5.2).
     """
@@ -61,7 +63,15 @@ def error_is_json_with_code_and_message(
     if response.status_code < 400:
         return
     label = f"{case.method} {case.path} answered {response.status_code}"
-    assert response.headers.get("content-type", [""])[0].startswith("application/json"), label
+    content_type = response.headers.get("content-type", [""])[0]
+    if content_type.startswith("text/html"):
+        # A page for a browser (the OAuth callback): only where the schema documents one.
+        responses = case.operation.definition.raw.get("responses", {})
+        documented = responses.get(str(response.status_code), {}).get("content", {})
+        assert "text/html" in documented, label
+        assert "<h1>" in response.text, label
+        return
+    assert content_type.startswith("application/json"), label
     body = response.json()
     assert isinstance(body, dict), label
     assert isinstance(body.get("error"), str), label
