@@ -47,6 +47,11 @@ class WorkerCredential:
     kind: str = "manual"
     token_expires_at: datetime | None = None
     unavailable_reason: str | None = None
+    token_purpose: str | None = None
+    canvas_token_id: str | None = None
+    rotate_every: int | None = None
+    rotate_due_at: datetime | None = None
+    rotate_error: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

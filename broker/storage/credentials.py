@@ -8,6 +8,7 @@ the readiness check that the keyring can decrypt what is stored.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Final
 
 from sqlalchemy import func, or_, select, update
@@ -18,12 +19,28 @@ from broker.storage.lookup import apply, row_by_ref, rows_by_name
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
-    from datetime import datetime
 
+    from sqlalchemy import ColumnElement
     from sqlalchemy.ext.asyncio import AsyncSession
 
 UPDATABLE: Final = frozenset(
-    {"notes", "expires_at", "canvas_user_id", "canvas_user_name", "enabled", "updated_at"}
+    {
+        "notes",
+        "expires_at",
+        "canvas_user_id",
+        "canvas_user_name",
+        "enabled",
+        "updated_at",
+        "rotate_every",
+        "rotate_due_at",
+    }
+)
+_LIFECYCLE: Final = (
+    "token_purpose",
+    "canvas_token_id",
+    "rotate_every",
+    "rotate_due_at",
+    "rotate_error",
 )
 
 
@@ -53,7 +70,20 @@ def record(row: models.WorkerCredential) -> WorkerCredential:
         kind=row.kind,
         token_expires_at=row.token_expires_at,
         unavailable_reason=row.unavailable_reason,
+        **{name: getattr(row, name) for name in _LIFECYCLE},
     )
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRecord:
+    """What Canvas's Access Tokens API says of a manual token: its id, expiry and purpose.
+
+    All None when Canvas did not say (the token stored unverified, or the API not answering).
+    """
+
+    canvas_token_id: str | None = None
+    expires_at: datetime | None = None
+    purpose: str | None = None
 
 
 async def get(session: AsyncSession, ref: str) -> WorkerCredential:
@@ -94,6 +124,7 @@ async def add(
         kind=credential.kind,
         token_expires_at=credential.token_expires_at,
         unavailable_reason=credential.unavailable_reason,
+        **{name: getattr(credential, name) for name in _LIFECYCLE},
     )
     session.add(row)
     await session.flush()
@@ -118,16 +149,28 @@ async def replace_token(
     last4: str,
     at: datetime,
     canvas_user: tuple[str, str | None] | None = None,
+    canvas_record: TokenRecord | None = None,
 ) -> WorkerCredential:
     """Store a new worker token (a rotation in Canvas): sealed, its last four, rotated ``at``.
 
     ``canvas_user`` (id, name), when the new token was verified, replaces the recorded user.
+    ``canvas_record`` is the new token's record in Canvas (unknown if None): the old token's
+    expiry, purpose and id no longer apply. The next scheduled rotation is due
+    ``rotate_every`` after ``at``, and a rotation lease held is released.
     """
     row = await row_by_ref(session, models.WorkerCredential, ref, "credential")
     row.token_key_id, row.token_ciphertext = token.key_id, token.ciphertext
     row.token_last4 = last4
     if canvas_user is not None:
         row.canvas_user_id, row.canvas_user_name = canvas_user
+    facts = canvas_record or TokenRecord()
+    row.canvas_token_id = facts.canvas_token_id
+    row.token_expires_at = facts.expires_at
+    row.token_purpose = facts.purpose
+    every = row.rotate_every
+    row.rotate_due_at = None if every is None else at + timedelta(seconds=every)
+    row.rotate_error = None
+    row.rotate_lease_holder = row.rotate_lease_until = None
     row.rotated_at = row.updated_at = at
     await session.flush()
     return record(row)
@@ -200,3 +243,103 @@ async def sealed_sample(session: AsyncSession) -> dict[str, SealedToken]:
         ).where(models.WorkerCredential.id.in_(first))
     )
     return {row.id: SealedToken(row.token_key_id, row.token_ciphertext) for row in rows}
+
+
+# Scheduled rotation of manual tokens (services.manual_tokens) ----------------------------------
+
+
+def _schedulable() -> list[ColumnElement[bool]]:
+    credential = models.WorkerCredential
+    return [
+        credential.enabled.is_(True),
+        credential.kind == models.MANUAL,
+        credential.rotate_every.is_not(None),
+        credential.rotate_due_at.is_not(None),
+    ]
+
+
+async def rotation_due(session: AsyncSession, now: datetime) -> list[str]:
+    """Enabled manual credentials whose scheduled rotation is due at ``now``, by id."""
+    rows = await session.scalars(
+        select(models.WorkerCredential.id).where(
+            *_schedulable(), models.WorkerCredential.rotate_due_at <= now
+        )
+    )
+    return list(rows)
+
+
+async def next_rotation(session: AsyncSession) -> datetime | None:
+    """The earliest scheduled rotation of an enabled manual credential."""
+    due: datetime | None = await session.scalar(
+        select(func.min(models.WorkerCredential.rotate_due_at)).where(*_schedulable())
+    )
+    return due
+
+
+async def take_rotation_lease(
+    session: AsyncSession,
+    credential_id: str,
+    *,
+    holder: str,
+    now: datetime,
+    until: datetime,
+    due_by: datetime | None,
+) -> bool:
+    """Take the credential's rotation lease if nobody holds a live one; True if taken.
+
+    One conditional UPDATE (as ``oauth_grants.take_lease``): of every process and replica
+    trying at once exactly one succeeds. With ``due_by`` only if the rotation is due by then,
+    so a process that lost the race sees the next due time and does nothing.
+    """
+    credential = models.WorkerCredential
+    conditions: list[ColumnElement[bool]] = [
+        credential.id == credential_id,
+        or_(credential.rotate_lease_until.is_(None), credential.rotate_lease_until < now),
+    ]
+    if due_by is not None:
+        conditions.append(credential.rotate_due_at <= due_by)
+    result = await session.execute(
+        update(credential)
+        .where(*conditions)
+        .values(rotate_lease_holder=holder, rotate_lease_until=until)
+    )
+    return bool(getattr(result, "rowcount", 0) == 1)
+
+
+async def rotation_leased(session: AsyncSession, credential_id: str, now: datetime) -> bool:
+    """Whether a process holds a live rotation lease on the credential (a rotation under way)."""
+    until = await session.scalar(
+        select(models.WorkerCredential.rotate_lease_until).where(
+            models.WorkerCredential.id == credential_id
+        )
+    )
+    return until is not None and until > now
+
+
+async def release_rotation(
+    session: AsyncSession,
+    credential_id: str,
+    *,
+    holder: str,
+    error: str | None,
+    retry_at: datetime | None,
+) -> None:
+    """Give the lease up without a new token: the rotation failed (``error``), try at ``retry_at``.
+
+    A ``retry_at`` of None keeps the due time as it is.
+    """
+    values: dict[str, object] = {
+        "rotate_lease_holder": None,
+        "rotate_lease_until": None,
+        "rotate_error": None if error is None else error[:255],
+    }
+    if retry_at is not None:
+        values["rotate_due_at"] = retry_at
+    await session.execute(
+        update(models.WorkerCredential)
+        .where(
+            models.WorkerCredential.id == credential_id,
+            models.WorkerCredential.rotate_lease_holder == holder,
+        )
+        .values(**values)
+    )

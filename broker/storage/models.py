@@ -123,6 +123,18 @@ class WorkerCredential(Base):
     # Set when the credential cannot be used until an admin acts (not yet authorised, or
     # Canvas refused a refresh): calls are refused with 503 credential_unavailable.
     unavailable_reason: Mapped[str | None] = mapped_column(String(64))
+    # A manual token's record in Canvas's Access Tokens API, read when it was stored
+    # (docs/interfaces.md#manual-tokens-with-a-lifecycle): its purpose and its id, by which
+    # the broker regenerates it.
+    token_purpose: Mapped[str | None] = mapped_column(String(255))
+    canvas_token_id: Mapped[str | None] = mapped_column(String(40))
+    # An optional rotation schedule (seconds between regenerations) and when the next is due;
+    # the lease makes a scheduled regeneration happen once across processes and replicas.
+    rotate_every: Mapped[int | None] = mapped_column(Integer)
+    rotate_due_at: Mapped[datetime | None]
+    rotate_error: Mapped[str | None] = mapped_column(String(255))
+    rotate_lease_holder: Mapped[str | None] = mapped_column(String(64))
+    rotate_lease_until: Mapped[datetime | None]
 
 
 class OAuthGrant(Base):
