@@ -34,6 +34,7 @@ from broker.services.admin_auth import AdminAuthenticator
 from broker.services.audit import AuditService
 from broker.services.canvas_capacity import CanvasCapacity
 from broker.services.management import ManagementService
+from broker.services.manual_tokens import ManualTokenService
 from broker.services.proxy import ProxyService
 from broker.services.ratelimit import RateLimitService
 from broker.services.readiness import check_readiness, hub_problem
@@ -162,6 +163,10 @@ def create_app(
         refresher = asyncio.get_running_loop().create_task(
             app.state.services.worker_oauth.run(stopping), name="credential-refresher"
         )
+        # Regenerates manual tokens on their schedule, once across processes (a lease too).
+        rotator = asyncio.get_running_loop().create_task(
+            app.state.services.manual_tokens.run(stopping), name="token-rotator"
+        )
         try:
             yield
         finally:
@@ -169,6 +174,8 @@ def create_app(
             # A refresh in flight finishes (its lease released); one stuck is cancelled.
             with contextlib.suppress(asyncio.CancelledError, TimeoutError):
                 await asyncio.wait_for(refresher, 5)
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(rotator, 5)
             if watch is not None:
                 watch.stop()
             if owned:
@@ -213,14 +220,23 @@ def install(app: FastAPI, context: ProcessContext) -> None:
     worker_oauth = WorkerOAuthService(
         context.sessions, context.keyring, context.epoch, context.forwarder, metrics=metrics
     )
+    manual_tokens = ManualTokenService(
+        context.sessions, context.keyring, context.epoch, context.forwarder
+    )
     app.state.services = Services(
         management=ManagementService(
-            context.sessions, context.keyring, context.settings, context.epoch, context.forwarder
+            context.sessions,
+            context.keyring,
+            context.settings,
+            context.epoch,
+            context.forwarder,
+            manual_tokens=manual_tokens,
         ),
         tokens=tokens,
         audit=audit,
         admin_auth=AdminAuthenticator(context.sessions, context.keyring, audit),
         worker_oauth=worker_oauth,
+        manual_tokens=manual_tokens,
     )
     rate_limits = RateLimitService(context.sessions)
     app.state.rate_limits = rate_limits
@@ -228,7 +244,14 @@ def install(app: FastAPI, context: ProcessContext) -> None:
     app.state.canvas_capacity = canvas
     app.state.proxy = ProxyApp(
         ProxyService(
-            context, tokens, audit, rate_limits, metrics, canvas=canvas, oauth=worker_oauth
+            context,
+            tokens,
+            audit,
+            rate_limits,
+            metrics,
+            canvas=canvas,
+            oauth=worker_oauth,
+            manual=manual_tokens,
         )
     )
 

@@ -14,6 +14,7 @@ from broker.requestid import current_request_id, set_request_facts
 from broker.services.admin_auth import AdminAuthenticator
 from broker.services.audit import AuditService
 from broker.services.management import Actor, ManagementService
+from broker.services.manual_tokens import ManualTokenService
 from broker.services.tokens import TokenService
 from broker.services.worker_oauth import WorkerOAuthService
 
@@ -27,6 +28,7 @@ class Services:
     audit: AuditService
     admin_auth: AdminAuthenticator
     worker_oauth: WorkerOAuthService
+    manual_tokens: ManualTokenService
 
 
 def get_services(request: Request) -> Services:

@@ -41,6 +41,8 @@ from broker.domain import Client, OAuthGrant, WorkerCredential
 from broker.errors import ValidationFailedError
 from broker.services.canvas_capacity import CanvasCapacity
 from broker.services.management import ClientChange, grant_warnings, scope_warnings
+from broker.services.manual_tokens import expiry_warnings
+from broker.storage.models import utcnow
 
 ERRORS: dict[int | str, dict[str, object]] = {
     code: {"model": ErrorOut} for code in (400, 401, 403, 404, 409, 422)
@@ -56,6 +58,7 @@ def _credential_out(
     credential: WorkerCredential,
     upstreams: dict[str, str],
     grants: dict[str, OAuthGrant] | None = None,
+    warnings: list[str] | None = None,
 ) -> CredentialOut:
     grant = (grants or {}).get(credential.id)
     return CredentialOut.model_validate(
@@ -63,6 +66,7 @@ def _credential_out(
             **asdict(credential),
             "upstream": upstreams.get(credential.upstream_id),
             "oauth": None if grant is None else asdict(grant),
+            "warnings": [*(warnings or ()), *expiry_warnings(credential, utcnow())],
         }
     )
 
@@ -155,6 +159,7 @@ async def create_credential(
         )
         return await _credential_view(services, credential)
     assert body.token is not None  # noqa: S101 - one of the two, checked above
+    warnings: list[str] = []
     credential = await services.management.create_credential(
         actor,
         upstream=body.upstream,
@@ -164,8 +169,12 @@ async def create_credential(
         expires_at=body.expires_at,
         notes=body.notes,
         verify=body.verify,
+        rotate_every=body.rotate_every,
+        warnings=warnings,
     )
-    return _credential_out(credential, await services.management.upstream_names())
+    return _credential_out(
+        credential, await services.management.upstream_names(), warnings=warnings
+    )
 
 
 @router.post("/credentials/{ref}/authorize", tags=["credentials"])
@@ -226,11 +235,23 @@ async def update_credential(
 async def rotate_credential(
     ref: str, body: CredentialRotate, actor: Admin, services: ServicesDep
 ) -> CredentialOut:
-    """Replace the stored Canvas token, verified with Canvas first unless ``verify`` is false."""
+    """Replace the stored Canvas token, verified with Canvas first unless ``verify`` is false.
+
+    With ``regenerate`` (and no token) Canvas regenerates the stored manual token instead
+    (docs/interfaces.md#manual-tokens-with-a-lifecycle); if it refuses, nothing changes.
+    """
+    warnings: list[str] = []
     credential = await services.management.rotate_credential(
-        actor, ref, token=body.token.get_secret_value(), verify=body.verify
+        actor,
+        ref,
+        token=None if body.token is None else body.token.get_secret_value(),
+        verify=body.verify,
+        regenerate=body.regenerate,
+        warnings=warnings,
     )
-    return _credential_out(credential, await services.management.upstream_names())
+    return _credential_out(
+        credential, await services.management.upstream_names(), warnings=warnings
+    )
 
 
 @router.post("/credentials/{ref}/disable", tags=["credentials"])

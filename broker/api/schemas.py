@@ -119,6 +119,12 @@ class CredentialCreate(Input):
         default=True,
         description="ask Canvas (GET /api/v1/users/self) before storing; false for offline setup",
     )
+    rotate_every: int | str | None = Field(
+        default=None,
+        description="a manual token: regenerate it at Canvas on this schedule (seconds, 30d, "
+        "12h or ISO 8601 such as P30D; at least an hour)",
+        examples=["30d"],
+    )
 
 
 class CredentialUpdate(Input):
@@ -131,15 +137,26 @@ class CredentialUpdate(Input):
         default=None,
         description="an OAuth credential's developer-key scopes as now set in Canvas",
     )
+    rotate_every: int | str | None = Field(
+        default=None,
+        description="regenerate the manual token on this schedule; null removes the schedule",
+    )
 
 
 class CredentialRotate(Input):
-    """Replace the stored Canvas token."""
+    """Replace the stored Canvas token, or have Canvas regenerate it."""
 
-    token: SecretStr
+    token: SecretStr | None = Field(
+        default=None, description="the new Canvas token; leave out with regenerate"
+    )
     verify: bool = Field(
         default=True,
         description="ask Canvas (GET /api/v1/users/self) before storing; false for offline setup",
+    )
+    regenerate: bool = Field(
+        default=False,
+        description="have Canvas regenerate the stored manual token (its Access Tokens API) "
+        "and store the new value; nothing changes if Canvas refuses",
     )
 
 
@@ -160,13 +177,34 @@ class CredentialOut(Output):
     rotated_at: datetime | None
     kind: str = Field(description="manual (a stored token) or oauth (a developer key's grant)")
     token_expires_at: datetime | None = Field(
-        description="when the stored token stops working at Canvas (an OAuth access token)"
+        description="when the stored token stops working at Canvas (an OAuth access token, "
+        "or a manual token's expiry read from Canvas's Access Tokens API)"
+    )
+    token_purpose: str | None = Field(
+        default=None, description="a manual token's purpose, as Canvas records it"
+    )
+    canvas_token_id: str | None = Field(
+        default=None, description="the manual token's id in Canvas's Access Tokens API"
+    )
+    rotate_every: int | None = Field(
+        default=None, description="seconds between scheduled regenerations, or null"
+    )
+    rotate_due_at: datetime | None = Field(
+        default=None, description="when the next scheduled regeneration is due"
+    )
+    rotate_error: str | None = Field(
+        default=None, description="why the last scheduled regeneration failed, or null"
     )
     unavailable_reason: str | None = Field(
         description="why calls are refused with 503 credential_unavailable "
         "(not_authorized, refresh_refused), or null"
     )
     oauth: OAuthGrantOut | None = None
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="what needs an admin: a manual token expiring within 14 days, or one whose "
+        "expiry Canvas did not tell",
+    )
 
 
 class OAuthGrantOut(Output):

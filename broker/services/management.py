@@ -10,6 +10,7 @@ import ipaddress
 import math
 import re
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
 
@@ -33,6 +34,7 @@ from broker.errors import (
 from broker.requestid import current_request_facts, current_request_id
 from broker.services.audit import add_events, admin_event
 from broker.services.canvas_identity import CanvasUser, verifying_forwarder, whoami
+from broker.services.manual_tokens import lookup_warning, parse_rotate_every, read_record
 from broker.services.ratelimit import default_burst
 from broker.services.revocation import CacheEpoch, bump_revocation_epoch
 from broker.services.tokens import WORKER_TOKEN_PURPOSE
@@ -46,17 +48,17 @@ from broker.storage import (
     rate_buckets,
     upstreams,
 )
-from broker.storage.credentials import SealedToken
+from broker.storage.credentials import SealedToken, TokenRecord
 from broker.storage.models import CLIENT_SECRET, OAUTH, PRIVATE_KEY_JWT, utcnow
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
-    from datetime import datetime
 
     from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
     from broker.config import Settings
     from broker.keyring import Keyring
+    from broker.services.manual_tokens import ManualTokenService
     from broker.upstream import Forwarder
 
 ROLES = ("admin", "auditor")
@@ -348,8 +350,12 @@ class ManagementService:
         settings: Settings,
         epoch: CacheEpoch | None = None,
         forwarder: Forwarder | None = None,
+        *,
+        manual_tokens: ManualTokenService | None = None,
     ) -> None:
         self._sessions = sessions
+        # Regenerates manual tokens at Canvas (the running app's; None in local commands).
+        self._manual_tokens = manual_tokens
         self._keyring = keyring
         self._settings = settings
         self._epoch = epoch or CacheEpoch()
@@ -431,19 +437,26 @@ class ManagementService:
         expires_at: datetime | None = None,
         notes: str | None = None,
         verify: bool = True,
+        rotate_every: int | str | None = None,
+        warnings: list[str] | None = None,
     ) -> WorkerCredential:
         """Store a worker user's Canvas token, encrypted; it is never shown again.
 
         With ``verify`` (the default) Canvas is asked who the token belongs to first, and a
-        token it rejects is refused with nothing stored; the user's id and name are recorded.
+        token it rejects is refused with nothing stored; the user's id and name are recorded,
+        and the token's own record (its expiry, purpose and id: ``services.manual_tokens``).
+        Without that record the token is stored all the same, and ``warnings`` (when given)
+        gets a sentence saying so. ``rotate_every`` schedules its regeneration.
         """
         check_name(name)
         check_worker_token(token)
+        every = parse_rotate_every(rotate_every)
         canvas_user_name: str | None = None
+        record = TokenRecord()
         if verify:
             async with self._sessions() as session:
                 base_url = (await upstreams.get(session, upstream)).base_url
-            user = await self._whoami(base_url, token)
+            user, record = await self._verify(base_url, token, warnings)
             if canvas_user_id is not None and canvas_user_id != user.id:
                 raise ValidationFailedError(
                     "canvas_user_id",
@@ -468,6 +481,11 @@ class ManagementService:
                 created_at=now,
                 rotated_at=None,
                 updated_at=now,
+                token_expires_at=record.expires_at,
+                token_purpose=record.purpose,
+                canvas_token_id=record.canvas_token_id,
+                rotate_every=every,
+                rotate_due_at=None if every is None else now + timedelta(seconds=every),
             )
             credential = await credentials.add(
                 session, credential, self._seal(token, credential_id)
@@ -484,7 +502,13 @@ class ManagementService:
                 canvas_user_name=canvas_user_name,
                 verified=verify,
                 expires_at=expires_at.isoformat() if expires_at else None,
+                token_expires_at=_iso(record.expires_at),
+                token_purpose=record.purpose,
+                canvas_token_id=record.canvas_token_id,
+                rotate_every=every,
             )
+        if every is not None and self._manual_tokens is not None:
+            self._manual_tokens.wake()
         return credential
 
     async def create_oauth_credential(
@@ -614,14 +638,32 @@ class ManagementService:
             if scope not in listed
         ]
 
-    async def _whoami(self, base_url: str, token: str) -> CanvasUser:
+    async def _verify(
+        self, base_url: str, token: str, warnings: list[str] | None
+    ) -> tuple[CanvasUser, TokenRecord]:
+        """Who the token is (or a refusal), and its record in Canvas's Access Tokens API.
+
+        A Canvas that does not answer the tokens API still gets the token stored: its record
+        is then unknown, and ``warnings`` says so.
+        """
         if self._forwarder is not None:
-            return await whoami(self._forwarder, base_url, token)
+            return await self._verify_with(self._forwarder, base_url, token, warnings)
         forwarder = verifying_forwarder(self._settings)
         try:
-            return await whoami(forwarder, base_url, token)
+            return await self._verify_with(forwarder, base_url, token, warnings)
         finally:
             await forwarder.aclose()
+
+    async def _verify_with(
+        self, forwarder: Forwarder, base_url: str, token: str, warnings: list[str] | None
+    ) -> tuple[CanvasUser, TokenRecord]:
+        user = await whoami(forwarder, base_url, token)
+        found = await read_record(forwarder, base_url, token)
+        if isinstance(found, str):
+            if warnings is not None:
+                warnings.append(lookup_warning(found))
+            return user, TokenRecord()
+        return user, found
 
     def _seal(self, token: str, credential_id: str) -> SealedToken:
         return SealedToken(
@@ -645,14 +687,34 @@ class ManagementService:
         return {u.id: u.name for u in await self.list_upstreams()}
 
     async def rotate_credential(
-        self, actor: Actor, ref: str, *, token: str, verify: bool = True
+        self,
+        actor: Actor,
+        ref: str,
+        *,
+        token: str | None,
+        verify: bool = True,
+        regenerate: bool = False,
+        warnings: list[str] | None = None,
     ) -> WorkerCredential:
         """Replace the stored Canvas token (for example after regenerating it in Canvas).
 
         With ``verify`` (the default) a token Canvas rejects is refused and the old one kept;
         so is a token of another Canvas user than the one recorded, since swapping the user
         would change what every client of this credential can reach.
+
+        With ``regenerate`` (and no ``token``) Canvas itself is asked to regenerate the stored
+        token (``services.manual_tokens``); if it refuses nothing changes.
         """
+        if regenerate:
+            if token is not None:
+                raise ValidationFailedError(
+                    "token", "give a token or regenerate, not both: regenerate asks Canvas"
+                )
+            return await self._regenerate(actor, ref)
+        if token is None:
+            raise ValidationFailedError(
+                "token", "give the new token, or regenerate: true to have Canvas regenerate it"
+            )
         check_worker_token(token)
         async with self._sessions() as session:
             if (await credentials.get(session, ref)).kind == OAUTH:
@@ -661,11 +723,12 @@ class ManagementService:
                     "manual token to replace; re-authorise it (broker credentials authorize)"
                 )
         user: CanvasUser | None = None
+        record: TokenRecord | None = None
         if verify:
             async with self._sessions() as session:
                 current = await credentials.get(session, ref)
                 base_url = (await upstreams.get(session, current.upstream_id)).base_url
-            user = await self._whoami(base_url, token)
+            user, record = await self._verify(base_url, token, warnings)
             if current.canvas_user_id is not None and current.canvas_user_id != user.id:
                 raise ValidationFailedError(
                     "token",
@@ -682,6 +745,7 @@ class ManagementService:
                 last4=token[-4:],
                 at=utcnow(),
                 canvas_user=(user.id, user.name) if user else None,
+                canvas_record=record,
             )
             await self._event(
                 session,
@@ -692,8 +756,21 @@ class ManagementService:
                 canvas_user_id=credential.canvas_user_id,
                 canvas_user_name=credential.canvas_user_name,
                 verified=verify,
+                regenerated=False,
+                token_expires_at=_iso(credential.token_expires_at),
+                canvas_token_id=credential.canvas_token_id,
             )
         return credential
+
+    async def _regenerate(self, actor: Actor, ref: str) -> WorkerCredential:
+        if self._manual_tokens is None:
+            raise ConflictError(
+                "regenerating a token needs the running broker: use the management API "
+                "(broker credentials rotate NAME --regenerate against the server)"
+            )
+        async with self._sessions() as session:
+            current = await credentials.get(session, ref)
+        return await self._manual_tokens.regenerate(current.id, actor_key_id=actor.key_id)
 
     async def update_credential(
         self,
@@ -704,15 +781,29 @@ class ManagementService:
         notes: str | None = _UNSET,
         expires_at: datetime | None = _UNSET,
         canvas_user_id: str | None = _UNSET,
+        rotate_every: int | str | None = _UNSET,
     ) -> WorkerCredential:
         """Enable/disable a credential or change its metadata.
 
         Disabling makes every proxy token minted through it fail on the next request.
+        ``rotate_every`` (None: no schedule) schedules the manual token's regeneration, the
+        first one ``rotate_every`` from now.
         """
         metadata = {"notes": notes, "expires_at": expires_at, "canvas_user_id": canvas_user_id}
         changes: dict[str, Any] = {k: v for k, v in metadata.items() if v is not _UNSET}
         if enabled is not None:
             changes["enabled"] = enabled
+        if rotate_every is not _UNSET:
+            every = parse_rotate_every(rotate_every)
+            async with self._sessions() as session:
+                if every is not None and (await credentials.get(session, ref)).kind == OAUTH:
+                    raise ValidationFailedError(
+                        "rotate_every", "an OAuth credential is renewed by the broker already"
+                    )
+            changes["rotate_every"] = every
+            changes["rotate_due_at"] = (
+                None if every is None else utcnow() + timedelta(seconds=every)
+            )
         async with self._write("credential") as session:
             credential = await credentials.change(session, ref, {**changes, "updated_at": utcnow()})
             action = {True: "credential.enable", False: "credential.disable"}.get(
@@ -720,6 +811,8 @@ class ManagementService:
                 "credential.update",
             )
             await self._event(session, actor, action, credential, **_printable(changes))
+        if "rotate_every" in changes and self._manual_tokens is not None:
+            self._manual_tokens.wake()
         return credential
 
     # Clients -------------------------------------------------------------------------------
@@ -1134,3 +1227,7 @@ def _subject(target: object) -> dict[str, str]:
 
 def _printable(changes: Mapping[str, Any]) -> dict[str, Any]:
     return {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in changes.items()}
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
