@@ -94,6 +94,7 @@ PROXY_REASONS: Final = frozenset(
         "upstream_disabled",
         "credential_undecryptable",  # written before it became credential_unavailable
         "credential_unavailable",
+        "credential_expired",  # a manual token past its expiry at Canvas
         "token_store_unavailable",
         # The request and the grant (core.admission, core.rules, core.scopes).
         "malformed_request",

@@ -64,6 +64,7 @@ if TYPE_CHECKING:
     from broker.metrics import Metrics
     from broker.services.audit import AuditService, Begun
     from broker.services.canvas_capacity import CanvasCapacity
+    from broker.services.manual_tokens import ManualTokenService
     from broker.services.ratelimit import RateLimitService
     from broker.services.tokens import Authorized, TokenService
     from broker.services.worker_oauth import WorkerOAuthService
@@ -145,9 +146,11 @@ class ProxyService:
         *,
         canvas: CanvasCapacity,
         oauth: WorkerOAuthService | None = None,
+        manual: ManualTokenService | None = None,
     ) -> None:
         self._context = context
         self._oauth = oauth
+        self._manual = manual
         self._settings = context.settings
         self._tokens = tokens
         self._audit = audit
@@ -326,22 +329,36 @@ class ProxyService:
         body: bytes,
         rejected: UpstreamResponse,
     ) -> UpstreamResponse:
-        """Canvas refused an OAuth credential's access token (docs/interfaces.md, OAuth).
+        """Canvas refused a token the broker renews (docs/interfaces.md, OAuth; manual tokens).
 
-        A refresh regenerates the access token in place, so the token this process cached
-        dies the moment another process renews it, a second before the revocation epoch
-        tells this one. If the stored token is newer, the call is sent once more with it:
-        Canvas refused it at authentication, so it acted on nothing. Otherwise the token
-        itself is refused (the developer key disabled, access revoked): a refresh is started
-        at once, which makes the credential unavailable if Canvas refuses that too.
+        A refresh regenerates an OAuth access token in place, and a rotation a manual token,
+        so the token this process cached dies the moment another process renews it, a second
+        before the revocation epoch tells this one. If the stored token is newer, the call is
+        sent once more with it: Canvas refused it at authentication, so it acted on nothing.
+        Otherwise the token itself is refused: for an OAuth credential (the developer key
+        disabled, access revoked) a refresh is started at once, which makes the credential
+        unavailable if Canvas refuses that too.
         """
         authorized = call.authorized
-        if authorized is None or self._oauth is None:  # pragma: no cover - admitted first
+        if authorized is None:  # pragma: no cover - admitted first
             return rejected
-        fresh = await self._oauth.renewed_token(authorized.credential_id, authorized.worker_token)
-        if fresh is None:
-            self._oauth.canvas_rejected(authorized.credential_id)
-            return rejected
+        if authorized.manual:
+            if self._manual is None:
+                return rejected
+            fresh = await self._manual.renewed_token(
+                authorized.credential_id, authorized.worker_token
+            )
+            if fresh is None:
+                return rejected
+        else:
+            if self._oauth is None:  # pragma: no cover - the app always has one
+                return rejected
+            fresh = await self._oauth.renewed_token(
+                authorized.credential_id, authorized.worker_token
+            )
+            if fresh is None:
+                self._oauth.canvas_rejected(authorized.credential_id)
+                return rejected
         await rejected.read()
         rejected.release()
         renewed = dataclasses.replace(authorized, worker_token=fresh)
