@@ -584,16 +584,26 @@ def credentials_create(
         list[str] | None,
         typer.Option(help="a scope of the developer key, as set in Canvas (repeat for each)"),
     ] = None,
+    rotate_every: Annotated[
+        str | None,
+        typer.Option(
+            help="regenerate the token at Canvas on this schedule: seconds, 30d, 12h, 90m or "
+            "ISO 8601 (P30D); at least an hour"
+        ),
+    ] = None,
 ) -> None:
     """Store a worker token, read from BROKER_WORKER_TOKEN or a hidden prompt (never argv).
 
     Canvas is asked who the token belongs to first (GET /api/v1/users/self); a token it
-    rejects is refused and nothing is stored.
+    rejects is refused and nothing is stored. The token's expiry and purpose are read from
+    Canvas's Access Tokens API and shown; --rotate-every has the broker regenerate it.
 
     With --developer-key-id the credential is a Canvas developer key instead (its secret read
     from BROKER_DEVELOPER_KEY_SECRET or a hidden prompt): usable once the worker user has
     authorised it with `broker credentials authorize NAME`, then renewed by the broker.
     """
+    if developer_key_id is not None and rotate_every is not None:
+        fail("--rotate-every is for manual tokens; an OAuth credential is renewed already")
     if developer_key_id is not None:
         key_secret = os.environ.get("BROKER_DEVELOPER_KEY_SECRET") or typer.prompt(
             "the developer key's secret", hide_input=True, err=True
@@ -619,6 +629,7 @@ def credentials_create(
         return
     if key_scope:
         fail("--key-scope goes with --developer-key-id")
+
     secret = os.environ.get("BROKER_WORKER_TOKEN") or typer.prompt(
         "Canvas token of the worker user", hide_input=True, err=True
     )
@@ -630,6 +641,8 @@ def credentials_create(
         "notes": notes,
         "verify": not no_verify,
     }
+    if rotate_every is not None:
+        body["rotate_every"] = rotate_every
     show(api("POST", "/credentials", body=body))
 
 
@@ -664,12 +677,32 @@ def credentials_rotate(
     no_verify: Annotated[
         bool, typer.Option("--no-verify", help="store without asking Canvas (offline setup)")
     ] = False,
+    regenerate: Annotated[
+        bool,
+        typer.Option(
+            "--regenerate",
+            help="have Canvas regenerate the stored token (no token to give); the old one "
+            "stops working at once",
+        ),
+    ] = False,
     yes: Yes = False,
 ) -> None:
     """Replace a stored worker token (read from BROKER_WORKER_TOKEN or a hidden prompt).
 
     The new token is verified with Canvas first; a rejected one leaves the old token in place.
+    With --regenerate Canvas regenerates the stored token through its Access Tokens API and
+    the broker stores the new value; if Canvas refuses, nothing changes.
     """
+    if regenerate:
+        if no_verify:
+            fail("--no-verify does not go with --regenerate: Canvas is asked either way")
+        confirm(
+            f"have Canvas regenerate the token of credential {ref!r} (the old value stops "
+            "working at once)",
+            yes,
+        )
+        show(api("POST", f"/credentials/{ref}/rotate", body={"regenerate": True}))
+        return
     confirm(f"replace the Canvas token stored for credential {ref!r}", yes)
     secret = os.environ.get("BROKER_WORKER_TOKEN") or typer.prompt(
         "new Canvas token", hide_input=True, err=True
@@ -703,12 +736,21 @@ def credentials_update(
         list[str] | None,
         typer.Option(help="an OAuth credential's developer-key scope (repeat; replaces them)"),
     ] = None,
+    rotate_every: Annotated[
+        str | None,
+        typer.Option(
+            help="regenerate the manual token on this schedule (30d, 12h, seconds or ISO "
+            "8601); 'never' removes the schedule"
+        ),
+    ] = None,
 ) -> None:
     """Change a credential's metadata; only the options given change (the token: `rotate`)."""
     given = {"canvas_user_id": canvas_user_id, "notes": notes}
     body: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
     if key_scope:
         body["key_scopes"] = key_scope
+    if rotate_every is not None:
+        body["rotate_every"] = None if rotate_every.strip().lower() == "never" else rotate_every
     if expires_at is not None:
         body["expires_at"] = utc_time(expires_at).isoformat()
     if not body:
