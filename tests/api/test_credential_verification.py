@@ -46,9 +46,13 @@ async def test_create_asks_canvas_who_the_token_is_and_records_the_user(
     env.sim.state.received.clear()
     response = await create(env, NEW_TOKEN)
     assert response.status_code == 201, response.text
-    [asked] = env.sim.state.received
+    # Who the token is, then its own record (expiry, purpose) by its hint: the first five
+    # characters (docs/interfaces.md#manual-tokens-with-a-lifecycle).
+    [asked, record] = env.sim.state.received
     assert (asked.method, asked.raw_path) == ("GET", "/api/v1/users/self")
     assert asked.header("authorization") == f"Bearer {NEW_TOKEN}"
+    assert (record.method, record.raw_path) == ("GET", f"/api/v1/users/self/tokens/{NEW_TOKEN[:5]}")
+    assert record.header("authorization") == f"Bearer {NEW_TOKEN}"
     assert (response.json()["canvas_user_id"], response.json()["canvas_user_name"]) == (
         "1",
         "Grace Hopper",

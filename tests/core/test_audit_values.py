@@ -16,7 +16,8 @@ REASON_ARGUMENTS = {"Refusal": 1, "refuse": 1, "OAuthError": 0}
 ACTION_ARGUMENTS = {"_event": 2, "record_admin": 0, "_token_event": 1}
 # Error codes of the management API and the token endpoint that no event records.
 # Error codes of management answers that no event records: a refused change is not audited
-# (canvas_*: Canvas refusing or not answering a worker token's verification when it is stored).
+# (canvas_*: Canvas refusing or not answering a worker token's verification when it is stored,
+# or its regeneration).
 NOT_REASONS = {
     "conflict",
     "forbidden",
@@ -25,6 +26,7 @@ NOT_REASONS = {
     "invalid_token",
     "canvas_rejected_token",
     "canvas_unreachable",
+    "canvas_refused_regenerate",  # Canvas refusing to regenerate a token: nothing changed
     "too_many_requests",  # the token endpoint's 429; audited as token_rate_limited
 }
 

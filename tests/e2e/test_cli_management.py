@@ -65,8 +65,11 @@ def test_admin_provisions_checks_and_revokes_through_the_cli(
     assert credential.returncode == 0, credential.stderr
     assert json.loads(credential.stdout)["token_last4"] == WORKER_TOKEN[-4:]
     assert WORKER_TOKEN not in credential.stdout + credential.stderr
-    # The token was checked with Canvas before it was stored.
-    assert sim.state.received_paths() == ["/api/v1/users/self"]
+    # The token was checked with Canvas before it was stored, and its record read.
+    assert sim.state.received_paths() == [
+        "/api/v1/users/self",
+        f"/api/v1/users/self/tokens/{WORKER_TOKEN[:5]}",
+    ]
     sim.state.received.clear()
 
     created = cli(
