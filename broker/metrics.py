@@ -129,8 +129,9 @@ class Metrics:
         )
         self.credential_unavailable = Gauge(
             "broker_credential_unavailable",
-            "1 for a worker credential whose calls are refused with 503 credential_unavailable "
-            "until an admin acts (reason: not_authorized, refresh_refused, token_expired)",
+            "1 for a worker credential whose calls are refused (503 credential_unavailable, or "
+            "credential_expired for a manual token) until an admin acts (reason: "
+            "not_authorized, refresh_refused, token_expired, credential_expired)",
             ["credential", "reason"],
             registry=self.registry,
         )
@@ -153,7 +154,7 @@ class Metrics:
             reason = credential.unavailable_reason
             expiry = credential.token_expires_at
             if reason is None and expiry is not None and expiry <= now:
-                reason = "token_expired"
+                reason = "credential_expired" if credential.kind == "manual" else "token_expired"
             if reason is not None:
                 self.credential_unavailable.labels(credential.name, reason).set(1)
             if expiry is not None:

@@ -112,6 +112,8 @@ _ACTIONS = {
     "check the key in Canvas, then broker credentials authorize NAME",
     "token_expired": "its access token could not be renewed in time: check that Canvas is "
     "reachable; broker credentials get NAME shows the last refresh error",
+    "credential_expired": "its manual token expired at Canvas: generate a new one in Canvas and "
+    "store it (BROKER_WORKER_TOKEN=... broker credentials rotate NAME)",
 }
 
 

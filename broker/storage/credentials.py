@@ -180,14 +180,18 @@ async def unavailable(session: AsyncSession, now: datetime) -> list[tuple[str, s
     """(name, reason) of every enabled credential whose calls are refused until an admin acts."""
     credential = models.WorkerCredential
     rows = await session.execute(
-        select(credential.name, credential.unavailable_reason)
+        select(credential.name, credential.unavailable_reason, credential.kind)
         .where(
             credential.enabled.is_(True),
             or_(credential.unavailable_reason.is_not(None), credential.token_expires_at <= now),
         )
         .order_by(credential.name)
     )
-    return [(row.name, row.unavailable_reason or "token_expired") for row in rows]
+    # A manual token past its expiry at Canvas is refused as credential_expired.
+    expired = {models.MANUAL: "credential_expired"}
+    return [
+        (row.name, row.unavailable_reason or expired.get(row.kind, "token_expired")) for row in rows
+    ]
 
 
 async def sealed_token(session: AsyncSession, credential_id: str) -> SealedToken | None:

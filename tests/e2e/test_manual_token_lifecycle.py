@@ -360,6 +360,15 @@ async def test_an_expired_manual_token_is_refused_before_anything_is_sent(
     [warning] = listed["warnings"]
     assert "expired" in warning
     assert "credential_expired" in warning
+    metrics = (await env.http.get("/metrics")).text
+    assert (
+        'broker_credential_unavailable{credential="rotating",reason="credential_expired"} 1.0'
+        in metrics
+    )
+    ready = (await env.http.get("/readyz")).json()
+    [unavailable] = ready["unavailable_credentials"]
+    assert (unavailable["name"], unavailable["reason"]) == ("rotating", "credential_expired")
+    assert "broker credentials rotate NAME" in unavailable["action"]
 
 
 async def test_credentials_list_warns_of_a_token_near_expiry_and_metrics_show_it(
