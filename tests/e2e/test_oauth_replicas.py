@@ -11,10 +11,12 @@ or so, and re-authorising brings them back.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import shutil
 import time
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -214,9 +216,13 @@ def test_two_replicas_refresh_once_per_expiry_stop_with_the_key_and_resume(
         assert calls > 20
         refreshed = key.refresh_count
         assert 4 <= refreshed <= 8, refreshed
+        # The refreshers go on: read the events between two counts (Canvas counts a refresh
+        # a moment before its event is committed).
         events = _refreshes(public, admin)
-        assert len(events) == refreshed
-        assert len({e["time"] for e in events}) == refreshed
+        assert refreshed - 1 <= len(events) <= key.refresh_count, (refreshed, len(events))
+        times = sorted(datetime.fromisoformat(e["time"]) for e in events)
+        gaps = [(later - earlier).total_seconds() for earlier, later in itertools.pairwise(times)]
+        assert min(gaps) > 1, gaps  # each expiry renewed once, by one of the four processes
 
         # The admin disables the developer key in Canvas: every call stops.
         sim.state.disable_developer_key(key.client_id)
