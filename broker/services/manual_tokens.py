@@ -27,7 +27,6 @@ import logging
 import os
 import re
 import secrets
-import time
 from datetime import UTC, datetime, timedelta
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Final
@@ -43,6 +42,7 @@ from broker.errors import (
     ValidationFailedError,
 )
 from broker.requestid import current_request_facts, current_request_id
+from broker.services import renewal
 from broker.services.audit import add_events, admin_event
 from broker.services.revocation import bump_revocation_epoch
 from broker.services.tokens import WORKER_TOKEN_PURPOSE
@@ -80,11 +80,6 @@ LEASE: Final = timedelta(seconds=60)
 RETRY_AFTER_FAILURE: Final = timedelta(minutes=15)
 """When a scheduled regeneration failed, try again this much later."""
 
-RENEWAL_WAIT: Final = 2.0
-"""How long a call Canvas refused waits for a regeneration in progress elsewhere (seconds)."""
-
-MAX_SLEEP: Final = 30.0
-MIN_SLEEP: Final = 0.2
 _MAX_PURPOSE = 255
 _REGENERATE_HINTS: Final[dict[int, str]] = {
     HTTPStatus.UNAUTHORIZED: ": the token is rejected, or may not manage its own tokens",
@@ -443,45 +438,22 @@ class ManualTokenService:
 
         Canvas kills the old value the moment it regenerates, a moment before the rotating
         process has stored the new one: while a rotation lease is live, this waits for it
-        (at most ``RENEWAL_WAIT`` seconds).
+        (``renewal.newer_token``).
         """
-        deadline = time.monotonic() + RENEWAL_WAIT
-        while True:
-            try:
-                async with self._sessions() as session:
-                    sealed = await credentials.sealed_token(session, credential_id)
-                    leased = await credentials.rotation_leased(
-                        session, credential_id, self._clock()
-                    )
-                token = None if sealed is None else self._open(sealed, credential_id)
-            except (SQLAlchemyError, OSError, TimeoutError, DecryptionError):
-                return None
-            if token is not None and token != rejected:
-                return token
-            if not leased or time.monotonic() > deadline:
-                return None
-            await asyncio.sleep(0.05)
+
+        async def read() -> tuple[str | None, bool]:
+            async with self._sessions() as session:
+                sealed = await credentials.sealed_token(session, credential_id)
+                leased = await credentials.rotation_leased(session, credential_id, self._clock())
+            return (None if sealed is None else self._open(sealed, credential_id)), leased
+
+        return await renewal.newer_token(read, rejected)
 
     # The rotation loop -------------------------------------------------------------------------
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Regenerate manual tokens on their schedule until ``stopping`` is set."""
-        while not stopping.is_set():
-            sleep = MAX_SLEEP
-            try:
-                sleep = await self.run_once()
-            except (SQLAlchemyError, OSError, BrokerError) as exc:
-                logger.warning("the token rotation loop could not run: %s", type(exc).__name__)
-            self._wake.clear()
-            waits = {
-                asyncio.ensure_future(stopping.wait()),
-                asyncio.ensure_future(self._wake.wait()),
-            }
-            _done, pending = await asyncio.wait(
-                waits, timeout=sleep, return_when=asyncio.FIRST_COMPLETED
-            )
-            for waiting in pending:
-                waiting.cancel()
+        await renewal.run_loop(self.run_once, stopping, self._wake, "token rotation loop")
 
     async def run_once(self) -> float:
         """Regenerate what is due now (each once across processes); how long to sleep next."""
@@ -498,10 +470,9 @@ class ManualTokenService:
                 )
         async with self._sessions() as session:
             following = await credentials.next_rotation(session)
-        if following is None:
-            return MAX_SLEEP
-        wait = (following - self._clock()).total_seconds()
-        return min(MAX_SLEEP, max(MIN_SLEEP, wait))
+        return renewal.sleep_until(
+            None if following is None else (following - self._clock()).total_seconds()
+        )
 
     # Helpers -------------------------------------------------------------------------------
 

@@ -35,6 +35,7 @@ from broker.errors import (
     UpstreamError,
 )
 from broker.requestid import current_request_facts, current_request_id
+from broker.services import renewal
 from broker.services.audit import add_events, admin_event
 from broker.services.revocation import bump_revocation_epoch
 from broker.services.tokens import WORKER_TOKEN_PURPOSE
@@ -68,15 +69,10 @@ RETRY_AFTER_FAULT: Final = timedelta(seconds=15)
 REJECTED_REFRESH_INTERVAL: Final = 10.0
 """After Canvas rejects an access token, refresh at once, but at most this often (seconds)."""
 
-RENEWAL_WAIT: Final = 2.0
-"""How long a call Canvas refused waits for a refresh in progress elsewhere (seconds)."""
-
 CALLBACK_RATE: Final = 0.5
 """Callbacks a second one source address may make (a burst of ``CALLBACK_BURST``)."""
 CALLBACK_BURST: Final = 10.0
 
-MAX_SLEEP: Final = 30.0
-MIN_SLEEP: Final = 0.2
 _FORM: Final = [
     (b"Content-Type", b"application/x-www-form-urlencoded"),
     (b"Accept", b"application/json"),
@@ -463,48 +459,26 @@ class WorkerOAuthService:
         """The credential's stored access token if it is newer than ``rejected``, else None.
 
         Canvas regenerates the token when it answers a refresh, a moment before the refresher
-        has stored the new one: while a refresh lease is live, this waits for it (at most
-        ``RENEWAL_WAIT`` seconds).
+        has stored the new one: while a refresh lease is live, this waits for it
+        (``renewal.newer_token``).
         """
-        deadline = time.monotonic() + RENEWAL_WAIT
-        while True:
-            try:
-                async with self._sessions() as session:
-                    sealed = await credentials.sealed_token(session, credential_id)
-                    leased = await oauth_grants.leased(session, credential_id, self._clock())
-                token = (
-                    None
-                    if sealed is None
-                    else self._open(sealed, WORKER_TOKEN_PURPOSE, credential_id)
-                )
-            except (SQLAlchemyError, OSError, TimeoutError, DecryptionError):
-                return None
-            if token is not None and token != rejected:
-                return token
-            if not leased or time.monotonic() > deadline:
-                return None
-            await asyncio.sleep(0.05)
+
+        async def read() -> tuple[str | None, bool]:
+            async with self._sessions() as session:
+                sealed = await credentials.sealed_token(session, credential_id)
+                leased = await oauth_grants.leased(session, credential_id, self._clock())
+            token = (
+                None if sealed is None else self._open(sealed, WORKER_TOKEN_PURPOSE, credential_id)
+            )
+            return token, leased
+
+        return await renewal.newer_token(read, rejected)
 
     # The refresher ----------------------------------------------------------------------------
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Renew due access tokens until ``stopping`` is set (one task per process)."""
-        while not stopping.is_set():
-            sleep = MAX_SLEEP
-            try:
-                sleep = await self.run_once()
-            except (SQLAlchemyError, OSError, BrokerError) as exc:
-                logger.warning("the credential refresher could not run: %s", type(exc).__name__)
-            self._wake.clear()
-            waits = {
-                asyncio.ensure_future(stopping.wait()),
-                asyncio.ensure_future(self._wake.wait()),
-            }
-            _done, pending = await asyncio.wait(
-                waits, timeout=sleep, return_when=asyncio.FIRST_COMPLETED
-            )
-            for waiting in pending:
-                waiting.cancel()
+        await renewal.run_loop(self.run_once, stopping, self._wake, "credential refresher")
 
     async def run_once(self) -> float:
         """Renew what is due now; return how long to sleep before the next is due."""
@@ -515,11 +489,10 @@ class WorkerOAuthService:
             await self.refresh(credential_id)
         async with self._sessions() as session:
             following = await oauth_grants.next_refresh(session)
-        if following is None:
-            return MAX_SLEEP
         # Another process may hold the lease: look again shortly after it would be done.
-        wait = (following - self._clock()).total_seconds()
-        return min(MAX_SLEEP, max(MIN_SLEEP, wait))
+        return renewal.sleep_until(
+            None if following is None else (following - self._clock()).total_seconds()
+        )
 
     # Helpers -----------------------------------------------------------------------------
 
