@@ -24,9 +24,7 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import re
-import secrets
 from datetime import UTC, datetime, timedelta
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Final
@@ -312,7 +310,7 @@ class ManualTokenService:
         self._epoch = epoch
         self._forwarder = forwarder
         self._clock = clock
-        self._holder = f"{os.uname().nodename[:40]}:{os.getpid()}:{secrets.token_hex(4)}"
+        self._holder = renewal.holder_id()
         self._wake = asyncio.Event()
 
     def wake(self) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import secrets
 import time
 from typing import TYPE_CHECKING, Final
 
@@ -28,6 +30,11 @@ RENEWAL_WAIT: Final = 2.0
 MAX_SLEEP: Final = 30.0
 """The longest a loop sleeps between looks at what is due (seconds)."""
 MIN_SLEEP: Final = 0.2
+
+
+def holder_id() -> str:
+    """The name this process puts on the leases it takes: host, pid and a random part."""
+    return f"{os.uname().nodename[:40]}:{os.getpid()}:{secrets.token_hex(4)}"
 
 
 def sleep_until(due_in: float | None) -> float:

@@ -15,8 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import secrets
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -136,7 +134,7 @@ class WorkerOAuthService:
         self._forwarder = forwarder
         self._metrics = metrics
         self._clock = clock
-        self._holder = f"{os.uname().nodename[:40]}:{os.getpid()}:{secrets.token_hex(4)}"
+        self._holder = renewal.holder_id()
         self._wake = asyncio.Event()
         self._rejected_at: dict[str, float] = {}
         # The callback is unauthenticated and each refusal is an audit event: a flood of
