@@ -146,6 +146,15 @@ class Settings(BaseSettings):
         description="Client connections a process holds at once (0: the open-file limit less "
         "what the database, the upstream pool and the process need)",
     )
+    console_idle_timeout: int = Field(
+        default=900,
+        description="Seconds a security-console session may sit unused before it ends (sign "
+        "in again)",
+    )
+    console_session_lifetime: int = Field(
+        default=8 * 3600,
+        description="Seconds a security-console session lasts at most, however busy",
+    )
     host: str = Field(default="127.0.0.1", description="Address `broker serve` binds")
     port: int = Field(default=8000, description="Port `broker serve` binds")
 
@@ -199,6 +208,8 @@ class Settings(BaseSettings):
             "BROKER_HEADER_TIMEOUT": 0 < self.header_timeout <= 3600,  # noqa: PLR2004
             "BROKER_KEEPALIVE_TIMEOUT": 0 < self.keepalive_timeout <= 3600,  # noqa: PLR2004
             "BROKER_MAX_CONNECTIONS": 0 <= self.max_connections <= 10**7,
+            "BROKER_CONSOLE_IDLE_TIMEOUT": 0 < self.console_idle_timeout <= 86_400,
+            "BROKER_CONSOLE_SESSION_LIFETIME": 0 < self.console_session_lifetime <= 7 * 86_400,
         }
         for name, ok in checks.items():
             if not ok:

@@ -74,6 +74,8 @@ ACTIONS: Final = frozenset(
         *(f"admin_key.{verb}" for verb in ("create", "revoke", "authenticate", "authorize")),
         "keys.rotate",
         *(f"audit.{verb}" for verb in ("export", "hash", "prune")),
+        # The security console (services.console)
+        *(f"console.{verb}" for verb in ("sign_in", "sign_out", "verify", "csrf")),
     }
 )
 """Every ``action`` an event may have."""
@@ -161,6 +163,9 @@ ADMIN_REASONS: Final = frozenset(
         "invalid_admin_key",
         "read_only_key",
         "audit_chain_broken",
+        # The security console (services.console)
+        "sign_in_rate_limited",
+        "csrf_token_invalid",
         # OAuth credentials (services.worker_oauth)
         "authorization_refused",
         "credential_unavailable",

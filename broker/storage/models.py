@@ -369,6 +369,23 @@ class AuditCheckpoint(Base):
     mac: Mapped[str] = mapped_column(String(64))
 
 
+class ConsoleSession(Base):
+    """A signed-in session of the security console (docs/interfaces.md#security-console).
+
+    Stored as the keyed hash of its id, never the id itself; the admin key it was opened with
+    decides its role on every request, so revoking the key ends the session.
+    """
+
+    __tablename__ = "console_sessions"
+
+    id_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    admin_key_id: Mapped[str] = mapped_column(ForeignKey("admin_keys.id"), index=True)
+    created_at: Mapped[datetime]
+    last_seen_at: Mapped[datetime]
+    expires_at: Mapped[datetime]
+    source_ip: Mapped[str | None] = mapped_column(String(64))
+
+
 class RevocationEpoch(Base):
     """A counter bumped by every change that can make a cached proxy token unusable.
 
