@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///broker.sqlite3"
 MIB = 1024 * 1024
 MAX_PORT = 65535
+DAY = 86_400
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -208,8 +209,8 @@ class Settings(BaseSettings):
             "BROKER_HEADER_TIMEOUT": 0 < self.header_timeout <= 3600,  # noqa: PLR2004
             "BROKER_KEEPALIVE_TIMEOUT": 0 < self.keepalive_timeout <= 3600,  # noqa: PLR2004
             "BROKER_MAX_CONNECTIONS": 0 <= self.max_connections <= 10**7,
-            "BROKER_CONSOLE_IDLE_TIMEOUT": 0 < self.console_idle_timeout <= 86_400,
-            "BROKER_CONSOLE_SESSION_LIFETIME": 0 < self.console_session_lifetime <= 7 * 86_400,
+            "BROKER_CONSOLE_IDLE_TIMEOUT": 0 < self.console_idle_timeout <= DAY,
+            "BROKER_CONSOLE_SESSION_LIFETIME": 0 < self.console_session_lifetime <= 7 * DAY,
         }
         for name, ok in checks.items():
             if not ok:

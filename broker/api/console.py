@@ -128,7 +128,7 @@ def _secured(response: Response) -> Response:
 
 def _https(request: Request) -> bool:
     """Whether the browser reaches the broker over TLS: its public URL says so, or the request."""
-    public = request.app.state.context.settings.public_url
+    public: str | None = request.app.state.context.settings.public_url
     if public:
         return urlsplit(public).scheme == "https"
     return request.url.scheme == "https"
@@ -147,7 +147,9 @@ def _page(
     return _secured(response)
 
 
-def _problem(request: Request, current: ConsoleSession | None, status: int, message: str) -> Response:
+def _problem(
+    request: Request, current: ConsoleSession | None, status: int, message: str
+) -> Response:
     return _page(request, "problem.html", current, status=status, message=message)
 
 
@@ -156,11 +158,13 @@ def _problem(request: Request, current: ConsoleSession | None, status: int, mess
 
 @router.get("")
 async def root_without_slash() -> Response:
+    """The console lives under ``/broker/ui/``."""
     return _secured(RedirectResponse(f"{UI}/", status_code=HTTPStatus.SEE_OTHER))
 
 
 @router.get("/")
 async def home(current: Signed) -> Response:  # noqa: ARG001 - signed in, or redirected
+    """The console opens on the audit log."""
     return _secured(RedirectResponse(f"{UI}/audit", status_code=HTTPStatus.SEE_OTHER))
 
 
@@ -174,6 +178,7 @@ def _safe_next(target: str | None) -> str:
 def _sign_in_page(
     request: Request, status: int = 200, message: str | None = None, next_url: str | None = None
 ) -> Response:
+    """The console opens on the audit log."""
     token = secrets.token_urlsafe(24)
     response = _page(
         request,
@@ -198,11 +203,13 @@ def _sign_in_page(
 
 @router.get("/sign-in")
 async def sign_in_form(request: Request, next: str | None = None) -> Response:  # noqa: A002
+    """The sign-in page, with its form's own CSRF token."""
     return _sign_in_page(request, next_url=next)
 
 
 @router.post("/sign-in")
 async def sign_in(request: Request, console: ConsoleDep) -> Response:
+    """Turn an admin key into a session (the key is not kept)."""
     form = await request.form()
     facts = request_facts(request)
     expected = request.cookies.get(SIGN_IN_COOKIE)
@@ -249,6 +256,7 @@ async def _checked_form(
 
 @router.post("/sign-out")
 async def sign_out(request: Request, current: Signed, console: ConsoleDep) -> Response:
+    """End this browser's session."""
     fields = await _checked_form(request, current, console)
     if isinstance(fields, Response):
         return fields
@@ -310,6 +318,7 @@ async def audit_log(
     services: ServicesDep,
     cursor: str | None = None,
 ) -> Response:
+    """The audit log: the review API's filters, newest first, cursor paging."""
     selection, given, problem = _selection(request)
     events: list[dict[str, Any]] = []
     next_cursor = None
@@ -396,12 +405,13 @@ async def audit_export(
 async def audit_event(
     request: Request, seq: int, current: Signed, services: ServicesDep, console: ConsoleDep
 ) -> Response:
+    """One event, merged with its call's other half, and its place in the chain."""
     found = await console.event(seq) if 0 < seq < 2**63 else None
     if found is None:
-        return _problem(request, current, 404, f"There is no audit event {seq} (pruned, or not yet).")
-    return _page(
-        request, "event.html", current, found=found, names=await _names(services)
-    )
+        return _problem(
+            request, current, 404, f"There is no audit event {seq} (pruned, or not yet)."
+        )
+    return _page(request, "event.html", current, found=found, names=await _names(services))
 
 
 # Integrity ---------------------------------------------------------------------------------
@@ -409,6 +419,7 @@ async def audit_event(
 
 @router.get("/integrity")
 async def integrity(request: Request, current: Signed, console: ConsoleDep) -> Response:
+    """The last verification, the signed head and the retention checkpoints."""
     head, checkpoints = await console.head_and_checkpoints()
     return _page(
         request,
@@ -437,6 +448,7 @@ async def verify_now(request: Request, current: Signed, console: ConsoleDep) -> 
 async def clients_page(
     request: Request, current: Signed, services: ServicesDep, console: ConsoleDep
 ) -> Response:
+    """Every client with its grant, constraints and live tokens; recent admin actions."""
     clients = await services.management.list_clients()
     tokens = await services.management.list_tokens(client=None, include_inactive=False)
     live: dict[str, int] = {}
@@ -458,6 +470,7 @@ async def clients_page(
 async def client_page(
     request: Request, ref: str, current: Signed, services: ServicesDep
 ) -> Response:
+    """One client: its grant and its live tokens."""
     try:
         client = await services.management.get_client(ref)
     except BrokerError as exc:
@@ -475,6 +488,7 @@ async def client_page(
 
 @router.get("/credentials")
 async def credentials_page(request: Request, current: Signed, services: ServicesDep) -> Response:
+    """Worker credentials with their expiry and why one is unavailable."""
     return _page(
         request,
         "credentials.html",
@@ -497,6 +511,7 @@ ACTIONS: Final = {
 async def confirm(
     request: Request, current: Signed, action: str = "", target: str = ""
 ) -> Response:
+    """The confirmation step before an admin's action."""
     if action not in ACTIONS or not target:
         return _problem(request, current, 400, "Nothing to confirm: unknown action or target.")
     return _page(
@@ -505,7 +520,9 @@ async def confirm(
 
 
 @router.post("/actions")
-async def act(request: Request, current: Signed, services: ServicesDep, console: ConsoleDep) -> Response:
+async def act(
+    request: Request, current: Signed, services: ServicesDep, console: ConsoleDep
+) -> Response:
     """Carry out a confirmed action as the signed-in admin, through the management service."""
     fields = await _checked_form(request, current, console)
     if isinstance(fields, Response):
@@ -546,6 +563,7 @@ async def act(request: Request, current: Signed, services: ServicesDep, console:
 
 @router.get("/activity")
 async def activity_page(request: Request, current: Signed, hours: int = 24) -> Response:
+    """Charts of calls, refusals and Canvas capacity, drawn from ``activity.json``."""
     chosen = hours if hours in ACTIVITY_HOURS else 24
     return _page(request, "activity.html", current, hours=chosen, choices=ACTIVITY_HOURS)
 
@@ -558,6 +576,4 @@ async def activity_data(
     chosen = hours if hours in ACTIVITY_HOURS else 24
     names = (await _names(services))["clients"]
     data = await console.activity(chosen, names)
-    return _secured(
-        Response(content=json.dumps(data), media_type="application/json")
-    )
+    return _secured(Response(content=json.dumps(data), media_type="application/json"))

@@ -60,7 +60,9 @@ _CSRF_LABEL: Final = b"broker-console-csrf"
 class SignInRefusedError(Exception):
     """A sign-in the console refused, already audited: why (a reason) and the status."""
 
-    def __init__(self, reason: str, status: int, message: str, retry_after: int | None = None):
+    def __init__(
+        self, reason: str, status: int, message: str, retry_after: int | None = None
+    ) -> None:
         super().__init__(message)
         self.reason = reason
         self.status = status
@@ -141,9 +143,7 @@ class ConsoleService:
         wait = self._attempts.take(source, self._monotonic())
         if wait is not None:
             self._audit.record_later(
-                admin_event(
-                    **facts, action=SIGN_IN, decision="deny", reason="sign_in_rate_limited"
-                )
+                admin_event(**facts, action=SIGN_IN, decision="deny", reason="sign_in_rate_limited")
             )
             raise SignInRefusedError(
                 "sign_in_rate_limited", 429, "too many sign-in attempts; wait", retry_after=wait

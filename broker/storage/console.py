@@ -1,5 +1,6 @@
-"""What the security console stores and reads: its sessions, one event's place in the chain,
-and activity over time. Flushes, never commits.
+"""What the security console stores and reads. Flushes, never commits.
+
+Its sessions, one event's place in the chain, and activity over time.
 
 Contract: docs/interfaces.md#security-console.
 """
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
 
     from sqlalchemy import ColumnElement
     from sqlalchemy.ext.asyncio import AsyncSession
+    from sqlalchemy.orm import InstrumentedAttribute
 
     from broker.audit_filter import AuditFilter
     from broker.core.audit_chain import Checkpoint, Head
@@ -135,7 +137,9 @@ async def event_in_chain(session: AsyncSession, seq: int) -> EventInChain | None
             begin, done = begin_row, row
     else:
         done = await session.scalar(select(AuditEventRow).where(AuditEventRow.completes == seq))
-    previous_mac = await session.scalar(select(AuditEventRow.mac).where(AuditEventRow.seq == seq - 1))
+    previous_mac = await session.scalar(
+        select(AuditEventRow.mac).where(AuditEventRow.seq == seq - 1)
+    )
     has_next = (
         await session.scalar(select(AuditEventRow.seq).where(AuditEventRow.seq == seq + 1))
     ) is not None
@@ -174,7 +178,7 @@ class ActivityRow:
     canvas_cost: float
 
 
-def _epoch_seconds(column: ColumnElement[Any], dialect: str) -> ColumnElement[Any]:
+def _epoch_seconds(column: InstrumentedAttribute[datetime], dialect: str) -> ColumnElement[Any]:
     # Times are stored naive UTC (models.UTCDateTime); both readings count from the epoch.
     if dialect == "postgresql":
         return cast(func.extract("epoch", column), Integer)
@@ -190,9 +194,9 @@ async def activity(
     cost is the ``canvas_request_cost`` a completion records (docs/audit.md#event-fields).
     """
     dialect = session.get_bind().dialect.name
-    bucket = (
-        _epoch_seconds(AuditEventRow.time, dialect) // bucket_seconds * bucket_seconds
-    ).label("bucket")
+    bucket = (_epoch_seconds(AuditEventRow.time, dialect) // bucket_seconds * bucket_seconds).label(
+        "bucket"
+    )
     reason = func.coalesce(Completion.reason, AuditEventRow.reason).label("reason")
     cost = func.coalesce(
         func.sum(cast(Completion.details["canvas_request_cost"].as_float(), Float)), 0.0
@@ -240,4 +244,3 @@ async def newer_than(
         .limit(limit)
     )
     return [merged_event(row[0], row[1]) for row in await session.execute(query)]
-

@@ -14,8 +14,8 @@ import pytest
 from sqlalchemy import select, update
 
 from broker.api.console import CSP, UI
-from broker.core.tokens import SecretKind, generate_secret
 from broker.app import create_app
+from broker.core.tokens import SecretKind, generate_secret
 from broker.services.console import SIGN_IN_BURST
 from broker.storage.models import ConsoleSession, utcnow
 from tests.support.env import bearer
@@ -233,7 +233,9 @@ async def test_an_admin_revokes_a_token_through_the_management_service(
 ) -> None:
     client_id, token, token_id = await live_token(env)
     await sign_in(browser, env.admin_key)
-    confirm = await browser.get(f"{UI}/confirm", params={"action": "revoke_token", "target": token_id})
+    confirm = await browser.get(
+        f"{UI}/confirm", params={"action": "revoke_token", "target": token_id}
+    )
     assert confirm.status_code == 200
 
     done = await browser.post(
