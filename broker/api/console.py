@@ -22,6 +22,7 @@ from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.responses import RedirectResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from jinja2 import StrictUndefined
 from pydantic import ValidationError
 
 from broker.api import audit as audit_api
@@ -59,6 +60,8 @@ PAGE_SIZE: Final = 50
 ACTIVITY_HOURS: Final = (1, 6, 24, 168)
 _HERE = Path(__file__).resolve().parent.parent / "ui"
 templates = Jinja2Templates(directory=str(_HERE / "templates"))
+# A name a template uses but the page did not give is a bug, not an empty string.
+templates.env.undefined = StrictUndefined
 
 router = APIRouter(prefix=UI, include_in_schema=False)
 

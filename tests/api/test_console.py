@@ -334,9 +334,10 @@ async def test_the_log_view_filters_merges_calls_and_links_every_id(
     rows = page.text.count('<tr class="decision-')
     assert rows == 2  # the allowed call (pending + completion) and the refusal
     assert 'class="merged"' in page.text
-    assert f"?client={client_id}" in page.text
-    assert f"?token={token_id}" in page.text
-    assert f"?request_id={refused.headers['x-request-id']}" in page.text
+    assert f'href="{UI}/audit?client={client_id}"' in page.text
+    assert f'href="{UI}/clients/{client_id}"' in page.text
+    assert f'href="{UI}/audit?token={token_id}"' in page.text
+    assert f'href="{UI}/audit?request_id={refused.headers["x-request-id"]}"' in page.text
     bad = await browser.get(f"{UI}/audit", params={"decision": "maybe"})
     assert bad.status_code == 400
     assert 'id="problem"' in bad.text
