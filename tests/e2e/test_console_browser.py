@@ -1,4 +1,6 @@
-"""The security console in a real browser, with the network cut (docs/interfaces.md#security-console).
+"""The security console in a real browser with the network cut.
+
+Contract: docs/interfaces.md#security-console.
 
 One headless chromium (Debian's, driven by Playwright) and one live broker serve the whole
 module; each test opens its own browser context (its own cookies). Every request to anything
@@ -93,7 +95,7 @@ def console(
 
 
 @pytest.fixture(scope="module")
-def browser(console: Console) -> Iterator[Browser]:  # noqa: ARG001 - set up first
+def browser(console: Console) -> Iterator[Browser]:
     # The broker's setup runs its own event loops (asyncio.run): before Playwright's.
     assert CHROMIUM, "BROKER_TEST_REQUIRE_BROWSER is set but chromium is not installed"
     from playwright.sync_api import sync_playwright  # noqa: PLC0415 - only with a browser
@@ -199,15 +201,17 @@ def test_an_admin_revokes_a_clients_tokens_after_confirming(page: Page, console:
 def test_an_auditor_is_offered_no_action_and_refused_one(page: Page, console: Console) -> None:
     sign_in(page, console, console.auditor_key, "/clients")
     assert page.locator("a[href*='confirm?action=']").count() == 0
-    page.goto(
-        f"{console.url}{UI}/confirm?action=revoke_token&target={console.caller.token_id}"
-    )
+    page.goto(f"{console.url}{UI}/confirm?action=revoke_token&target={console.caller.token_id}")
     assert "auditor session" in page.inner_text("#problem")
 
     csrf = page.get_attribute("input[name=csrf_token]", "value")
     response = page.context.request.post(
         f"{console.url}{UI}/actions",
-        form={"action": "revoke_token", "target": console.caller.token_id, "csrf_token": csrf or ""},
+        form={
+            "action": "revoke_token",
+            "target": console.caller.token_id,
+            "csrf_token": csrf or "",
+        },
     )
 
     assert response.status == 403
@@ -217,9 +221,7 @@ def test_an_auditor_is_offered_no_action_and_refused_one(page: Page, console: Co
 
 def test_a_form_with_another_csrf_token_changes_nothing(page: Page, console: Console) -> None:
     sign_in(page, console, console.broker.admin_key, "/clients")
-    page.goto(
-        f"{console.url}{UI}/confirm?action=revoke_token&target={console.caller.token_id}"
-    )
+    page.goto(f"{console.url}{UI}/confirm?action=revoke_token&target={console.caller.token_id}")
     page.eval_on_selector("form.confirm input[name=csrf_token]", "e => { e.value = 'forged'; }")
     page.click("#confirm")
     page.wait_for_selector("#problem")
@@ -257,4 +259,3 @@ def test_activity_charts_and_the_live_tail_draw_in_the_browser(
     row = page.locator(f"#events tbody tr.fresh:has(a[href*='{fresh.headers['x-request-id']}'])")
     row.wait_for()
     assert row.count() == 1
-
