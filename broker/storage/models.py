@@ -295,6 +295,13 @@ class AuditEventRow(Base):
             sqlite_where=text("client_id IS NOT NULL"),
             postgresql_where=text("client_id IS NOT NULL"),
         ),
+        # The console and review follow one request id to its events (bench/README.md).
+        Index(
+            "ix_audit_events_request_id",
+            "request_id",
+            sqlite_where=text("completes IS NULL"),
+            postgresql_where=text("completes IS NULL"),
+        ),
         # Only completion events have ``completes``: index just those (cheaper appends).
         Index(
             "ix_audit_events_completes",

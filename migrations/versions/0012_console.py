@@ -1,4 +1,5 @@
-"""The security console's sessions (stored as keyed hashes of their ids)
+"""The security console's sessions (stored as keyed hashes of their ids), and an index for
+following one request id through the audit log
 
 Revision ID: 0012
 Revises: 0009
@@ -37,9 +38,19 @@ def upgrade() -> None:
         batch_op.create_index(
             batch_op.f("ix_console_sessions_admin_key_id"), ["admin_key_id"], unique=False
         )
+    with op.batch_alter_table("audit_events", schema=None) as batch_op:
+        batch_op.create_index(
+            "ix_audit_events_request_id",
+            ["request_id"],
+            unique=False,
+            sqlite_where=sa.text("completes IS NULL"),
+            postgresql_where=sa.text("completes IS NULL"),
+        )
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("audit_events", schema=None) as batch_op:
+        batch_op.drop_index("ix_audit_events_request_id")
     with op.batch_alter_table("console_sessions", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_console_sessions_admin_key_id"))
     op.drop_table("console_sessions")
