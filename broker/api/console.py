@@ -224,7 +224,9 @@ async def sign_in(request: Request, console: ConsoleDep) -> Response:
             request, 403, "The form had expired; sign in again.", next_url=next_url
         )
     try:
-        signed = await console.sign_in(str(form.get("key") or ""), facts)
+        signed = await console.sign_in(
+            str(form.get("key") or ""), facts, previous=request.cookies.get(COOKIE)
+        )
     except SignInRefusedError as exc:
         response = _sign_in_page(request, exc.status, exc.message, next_url=next_url)
         if exc.retry_after is not None:

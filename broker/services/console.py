@@ -133,11 +133,15 @@ class ConsoleService:
 
     # Sessions ------------------------------------------------------------------------------
 
-    async def sign_in(self, key_text: str, facts: Mapping[str, Any]) -> SignedIn:
+    async def sign_in(
+        self, key_text: str, facts: Mapping[str, Any], *, previous: str | None = None
+    ) -> SignedIn:
         """Open a session for a valid admin key; else ``SignInRefusedError`` (audited).
 
         Attempts are limited per source address before the key is even looked at, so the
-        page cannot be used to guess keys quickly; a refusal never names the key.
+        page cannot be used to guess keys quickly; a refusal never names the key. A session
+        the browser already had (``previous``, its cookie) ends: a sign-in always starts a
+        new session id.
         """
         source = str(facts.get("source_ip") or "")
         wait = self._attempts.take(source, self._monotonic())
@@ -166,6 +170,8 @@ class ConsoleService:
         expires_at = now + self._lifetime
         async with self._sessions.begin() as session:
             await store.end_stale_sessions(session, idle_before=now - self._idle, now=now)
+            if previous:
+                await store.end_sessions(session, self._keyring.secret_hash_candidates(previous))
             await store.add_session(
                 session,
                 id_hash=id_hash,

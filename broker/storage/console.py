@@ -99,6 +99,11 @@ async def end_session(session: AsyncSession, id_hash: str) -> None:
     await session.execute(delete(ConsoleSession).where(ConsoleSession.id_hash == id_hash))
 
 
+async def end_sessions(session: AsyncSession, id_hashes: Sequence[str]) -> None:
+    """Forget the session stored under any of ``id_hashes`` (one per keyring key)."""
+    await session.execute(delete(ConsoleSession).where(ConsoleSession.id_hash.in_(list(id_hashes))))
+
+
 async def end_stale_sessions(session: AsyncSession, *, idle_before: datetime, now: datetime) -> int:
     """Forget every session idle since before ``idle_before`` or past its lifetime."""
     result = await session.execute(

@@ -101,6 +101,18 @@ async def test_signing_in_opens_a_session_whose_id_is_stored_only_as_a_keyed_has
     assert value not in str(event)
 
 
+async def test_signing_in_again_ends_the_browsers_previous_session(
+    env: BrokerEnv, browser: httpx.AsyncClient
+) -> None:
+    await sign_in(browser, env.auditor_key)
+    first = browser.cookies["broker_console"]
+    await sign_in(browser, env.admin_key)
+
+    [stored] = await stored_sessions(env)
+    assert browser.cookies["broker_console"] != first
+    assert stored.id_hash == env.context.keyring.hash_secret(browser.cookies["broker_console"])
+
+
 async def test_the_cookie_is_secure_over_https_or_with_an_https_public_url(
     env: BrokerEnv, monkeypatch: pytest.MonkeyPatch
 ) -> None:
