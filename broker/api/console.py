@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from datetime import UTC, datetime
 from http import HTTPStatus
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Final, Literal
@@ -276,6 +277,20 @@ async def sign_out(request: Request, current: Signed, console: ConsoleDep) -> Re
 _FILTER_PARAMS: Final = {parameter(name): name for name in AuditFilter.model_fields}
 
 
+_TIMES: Final = frozenset({parameter("since"), parameter("until")})
+
+
+def _utc(value: str) -> str:
+    """A time typed without an offset is UTC, as the page shows every time."""
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return value  # the filter's own validation says what is wrong
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.isoformat()
+
+
 def _selection(request: Request) -> tuple[AuditFilter, dict[str, str], str | None]:
     """The filters in the query string, the form's values, and what is wrong with them."""
     given = {
@@ -283,6 +298,7 @@ def _selection(request: Request) -> tuple[AuditFilter, dict[str, str], str | Non
         for key, value in request.query_params.items()
         if key in _FILTER_PARAMS and value.strip()
     }
+    given = {key: _utc(value) if key in _TIMES else value for key, value in given.items()}
     try:
         return AuditFilter.model_validate(given), given, None
     except ValidationError as exc:

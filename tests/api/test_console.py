@@ -350,6 +350,8 @@ async def test_the_log_view_filters_merges_calls_and_links_every_id(
     assert f'href="{UI}/clients/{client_id}"' in page.text
     assert f'href="{UI}/audit?token={token_id}"' in page.text
     assert f'href="{UI}/audit?request_id={refused.headers["x-request-id"]}"' in page.text
+    window = {"kind": "proxy", "since": "2000-01-01T00:00", "until": "2000-01-02"}
+    assert 'class="empty"' in (await browser.get(f"{UI}/audit", params=window)).text  # UTC
     bad = await browser.get(f"{UI}/audit", params={"decision": "maybe"})
     assert bad.status_code == 400
     assert 'id="problem"' in bad.text

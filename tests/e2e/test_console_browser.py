@@ -251,6 +251,10 @@ def test_activity_charts_and_the_live_tail_draw_in_the_browser(
     assert page.locator("#chart-refusals svg rect.bar").count() >= 1
     assert page.locator("#per-client tbody tr").count() >= 1
     shot(page, "activity")
+    page.click("#chart-refusals a.bar-link")  # when refusals spiked: the calls behind a bar
+    page.wait_for_url(re.compile("decision=deny"))
+    assert page.locator("#events tbody tr.decision-deny").count() >= 1
+    assert page.locator("#events tbody tr.decision-allow").count() == 0
 
     page.goto(f"{console.url}{UI}/audit?kind=proxy")
     page.check("#live-tail")

@@ -67,8 +67,19 @@
     return node;
   }
 
-  // A stacked bar chart: one bar per time bucket, one colour per series.
-  function stackedBars(figure, buckets, series) {
+  // The log view of one bar: its series' filter over its bucket's time window.
+  function barLink(filter, start, seconds) {
+    var url = new URL("/broker/ui/audit", window.location.href);
+    Object.keys(filter).forEach(function (key) { url.searchParams.set(key, filter[key]); });
+    var since = new Date(start);
+    url.searchParams.set("since", since.toISOString());
+    url.searchParams.set("until", new Date(since.getTime() + seconds * 1000).toISOString());
+    return url.pathname + url.search;
+  }
+
+  // A stacked bar chart: one bar per time bucket, one colour per series; a bar links to
+  // its calls in the log (``filterOf`` gives a series' filter, or null for none).
+  function stackedBars(figure, buckets, series, seconds, filterOf) {
     var names = Object.keys(series);
     var width = 860, height = 220, left = 48, bottom = 28, top = 10;
     var totals = buckets.map(function (_, i) {
@@ -95,7 +106,14 @@
         var bar = el("rect", { x: left + i * step + 1, y: y, width: Math.max(1, step - 2), height: h,
           fill: PALETTE[n % PALETTE.length], "class": "bar" });
         bar.appendChild(el("title", {}, name + ": " + value + " at " + start.slice(0, 16).replace("T", " ")));
-        svg.appendChild(bar);
+        var filter = filterOf(name);
+        if (filter) {
+          var link = el("a", { href: barLink(filter, start, seconds), "class": "bar-link" });
+          link.appendChild(bar);
+          svg.appendChild(link);
+        } else {
+          svg.appendChild(bar);
+        }
       });
     });
     names.forEach(function (name, n) {
@@ -117,8 +135,15 @@
     fetch(root.getAttribute("data-src"), { credentials: "same-origin" })
       .then(function (response) { return response.json(); })
       .then(function (data) {
-        stackedBars(document.getElementById("chart-calls"), data.buckets, data.calls_per_client);
-        stackedBars(document.getElementById("chart-refusals"), data.buckets, data.refusals_per_reason);
+        stackedBars(document.getElementById("chart-calls"), data.buckets, data.calls_per_client,
+          data.bucket_seconds, function (name) {
+            return name === "(no client)" ? { kind: "proxy" } : { kind: "proxy", client: name };
+          });
+        stackedBars(document.getElementById("chart-refusals"), data.buckets,
+          data.refusals_per_reason, data.bucket_seconds, function (reason) {
+            return reason === "unknown" ? { kind: "proxy", decision: "deny" }
+              : { kind: "proxy", decision: "deny", reason: reason };
+          });
         var body = document.querySelector("#per-client tbody");
         data.clients.forEach(function (client) {
           var row = document.createElement("tr");
