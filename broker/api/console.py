@@ -27,7 +27,7 @@ from jinja2 import StrictUndefined
 from pydantic import ValidationError
 
 from broker.api import audit as audit_api
-from broker.api.deps import Services, get_services, request_facts
+from broker.api.deps import Services, get_services, reject_nul, request_facts
 from broker.audit_filter import ONE_OF, AuditFilter, parameter
 from broker.errors import BrokerError
 from broker.requestid import set_request_facts
@@ -64,7 +64,8 @@ templates = Jinja2Templates(directory=str(_HERE / "templates"))
 # A name a template uses but the page did not give is a bug, not an empty string.
 templates.env.undefined = StrictUndefined
 
-router = APIRouter(prefix=UI, include_in_schema=False)
+# NUL in a parameter is refused up front, as by the APIs: PostgreSQL text cannot hold it.
+router = APIRouter(prefix=UI, include_in_schema=False, dependencies=[Depends(reject_nul)])
 
 
 class SignInNeededError(Exception):
@@ -252,6 +253,8 @@ async def _checked_form(
     """The posted form if its CSRF token is this session's; else the (audited) refusal."""
     form = await request.form()
     fields = {key: str(value) for key, value in form.items()}
+    if any("\x00" in value for value in fields.values()):
+        return _problem(request, current, 400, "The form holds a NUL character; nothing changed.")
     if not same_token(fields.get("csrf_token"), current.csrf_token):
         await console.refuse_form(request_facts(request), current, csrf=True)
         return _problem(

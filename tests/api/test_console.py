@@ -288,6 +288,18 @@ async def _age_sessions(env: BrokerEnv, **columns: Any) -> None:
         await session.execute(update(ConsoleSession).values(**columns))
 
 
+async def test_nul_in_a_parameter_or_a_form_is_refused(
+    env: BrokerEnv, browser: httpx.AsyncClient
+) -> None:
+    await sign_in(browser, env.admin_key)
+    assert (await browser.get(f"{UI}/audit", params={"client": "a\x00b"})).status_code == 400
+    posted = await browser.post(
+        f"{UI}/actions",
+        data={"action": "revoke_token", "target": "t\x00", "csrf_token": await page_csrf(browser)},
+    )
+    assert posted.status_code == 400
+
+
 async def test_an_idle_session_ends(env: BrokerEnv, browser: httpx.AsyncClient) -> None:
     await sign_in(browser, env.auditor_key)
     idle = env.context.settings.console_idle_timeout
