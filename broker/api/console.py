@@ -183,7 +183,7 @@ def _safe_next(target: str | None) -> str:
 def _sign_in_page(
     request: Request, status: int = 200, message: str | None = None, next_url: str | None = None
 ) -> Response:
-    """The console opens on the audit log."""
+    """The sign-in form, with a fresh token of its own, also set as a cookie (double submit)."""
     token = secrets.token_urlsafe(24)
     response = _page(
         request,
@@ -278,8 +278,6 @@ async def sign_out(request: Request, current: Signed, console: ConsoleDep) -> Re
 # The audit log -----------------------------------------------------------------------------
 
 _FILTER_PARAMS: Final = {parameter(name): name for name in AuditFilter.model_fields}
-
-
 _TIMES: Final = frozenset({parameter("since"), parameter("until")})
 
 
@@ -572,7 +570,8 @@ async def act(
             done, back = f"{count} live token(s) revoked.", f"{UI}/clients/{target}"
         elif action == "disable_client":
             change = await management.update_client(current.actor, target, enabled=False)
-            done = f"Client {change.client.name} is disabled ({change.tokens_revoked} revoked)."
+            revoked = change.tokens_revoked
+            done = f"Client {change.client.name} is disabled; {revoked} live token(s) revoked."
             back = f"{UI}/clients/{change.client.id}"
         else:
             credential = await management.update_credential(current.actor, target, enabled=False)
