@@ -336,6 +336,7 @@ class ConsoleService:
         starts = [first + i * width for i in range(BUCKETS)]
         index = {start: i for i, start in enumerate(starts)}
         calls: dict[str, list[int]] = {}
+        costs: dict[str, list[float]] = {}
         refusals: dict[str, list[int]] = {}
         per_client: dict[str, dict[str, Any]] = {}
         for row in rows:
@@ -344,6 +345,9 @@ class ConsoleService:
                 continue
             client = row.client_id or "(no client)"
             calls.setdefault(client, [0] * BUCKETS)[at] += row.calls
+            if row.canvas_cost:
+                spent = costs.setdefault(client, [0.0] * BUCKETS)
+                spent[at] = round(spent[at] + row.canvas_cost, 3)
             totals = per_client.setdefault(
                 client,
                 {
@@ -368,6 +372,9 @@ class ConsoleService:
                 names.get(client, client): series for client, series in sorted(calls.items())
             },
             "refusals_per_reason": dict(sorted(refusals.items())),
+            "canvas_cost_per_client": {
+                names.get(client, client): series for client, series in sorted(costs.items())
+            },
             "clients": sorted(per_client.values(), key=lambda c: (-c["calls"], c["name"])),
         }
 

@@ -460,6 +460,7 @@ async def test_activity_counts_calls_refusals_and_canvas_cost_per_client(
     assert job["refused"] == 1
     assert job["canvas_cost"] > 0
     assert sum(data["calls_per_client"]["job"]) == 2
+    assert sum(data["canvas_cost_per_client"]["job"]) == job["canvas_cost"]
     [(reason, series)] = data["refusals_per_reason"].items()
     assert reason == refused_reason
     assert sum(series) == 1

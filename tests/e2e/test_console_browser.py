@@ -249,6 +249,7 @@ def test_activity_charts_and_the_live_tail_draw_in_the_browser(
     page.wait_for_selector("#activity[data-drawn=true]")
     assert page.locator("#chart-calls svg rect.bar").count() >= 1
     assert page.locator("#chart-refusals svg rect.bar").count() >= 1
+    assert page.locator("#chart-cost svg rect.bar").count() >= 1
     assert page.locator("#per-client tbody tr").count() >= 1
     shot(page, "activity")
     page.click("#chart-refusals a.bar-link")  # when refusals spiked: the calls behind a bar

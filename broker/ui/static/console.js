@@ -91,7 +91,7 @@
     var plot = height - bottom - top;
     var step = (width - left) / buckets.length;
     svg.appendChild(el("line", { x1: left, y1: top + plot, x2: width, y2: top + plot, stroke: "#888" }));
-    svg.appendChild(el("text", { x: left - 6, y: top + 10, "text-anchor": "end", "class": "axis" }, String(max)));
+    svg.appendChild(el("text", { x: left - 6, y: top + 10, "text-anchor": "end", "class": "axis" }, String(Math.round(max * 100) / 100)));
     svg.appendChild(el("text", { x: left - 6, y: top + plot, "text-anchor": "end", "class": "axis" }, "0"));
     svg.appendChild(el("text", { x: left, y: height - 8, "class": "axis" }, buckets[0].slice(0, 16).replace("T", " ")));
     svg.appendChild(el("text", { x: width, y: height - 8, "text-anchor": "end", "class": "axis" },
@@ -143,6 +143,10 @@
           data.refusals_per_reason, data.bucket_seconds, function (reason) {
             return reason === "unknown" ? { kind: "proxy", decision: "deny" }
               : { kind: "proxy", decision: "deny", reason: reason };
+          });
+        stackedBars(document.getElementById("chart-cost"), data.buckets,
+          data.canvas_cost_per_client, data.bucket_seconds, function (name) {
+            return name === "(no client)" ? null : { kind: "proxy", client: name };
           });
         var body = document.querySelector("#per-client tbody");
         data.clients.forEach(function (client) {
