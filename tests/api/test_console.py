@@ -153,6 +153,10 @@ async def test_without_a_session_every_page_sends_the_browser_to_sign_in(
     assert response.headers["location"] == f"{UI}/sign-in?next=%2Fbroker%2Fui%2Fclients%3Fx%3D1"
     posted = await browser.post(f"{UI}/actions", data={"action": "revoke_token", "target": "t"})
     assert posted.status_code == 303
+    bare = await browser.get(UI)
+    assert (bare.status_code, bare.headers["location"]) == (303, f"{UI}/")
+    home = await browser.get(f"{UI}/")
+    assert home.headers["location"].startswith(f"{UI}/sign-in?next=")
 
 
 async def test_a_wrong_key_is_refused_and_audited_without_the_key(
