@@ -79,7 +79,7 @@ class IssuerKeys:
         self._allow_http = settings.workload_allow_loopback_http
         self._timeout = settings.workload_fetch_timeout
         self._transport = transport
-        self._clock = clock
+        self.clock = clock  # replaceable: tests move time on
         self._http: httpx.AsyncClient | None = None
         self._entries: dict[str, _Entry] = {}
         self._failed: dict[str, tuple[float, str]] = {}
@@ -120,7 +120,7 @@ class IssuerKeys:
         ``IssuerUnavailableError`` only when nothing usable is cached.
         """
         entry = self._entries.get(issuer)
-        now = self._clock()
+        now = self.clock()
         if entry is not None and now < entry.fresh_until and has_key(entry.jwks, kid):
             return entry.jwks
         if (
@@ -143,7 +143,7 @@ class IssuerKeys:
                 raise
 
     async def _refresh(self, issuer: str) -> _Entry:
-        now = self._clock()
+        now = self.clock()
         failed = self._failed.get(issuer)
         if failed is not None and now - failed[0] < FAILURE_BACKOFF:
             raise IssuerUnavailableError(failed[1])
