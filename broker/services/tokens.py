@@ -378,7 +378,7 @@ class TokenService:
                 self._keyring,
                 _token_event(
                     audit,
-                    audit.get("action", "token.mint"),
+                    "token.mint",
                     client,
                     token.id,
                     details={
@@ -670,12 +670,15 @@ def _token_event(
     token_id: str,
     **fields: Any,  # noqa: ANN401 - further column values
 ) -> AuditEvent:
-    """A successful token event of ``client`` for ``token_id``."""
+    """A successful token event of ``client`` for ``token_id``.
+
+    An action the request's facts already name wins (a mint by exchange is token.exchange).
+    """
     return new_event(
         **{
             **audit,
             "kind": "token",
-            "action": action,
+            "action": audit.get("action", action),
             "decision": "allow",
             "client_id": client.id,
             "token_id": token_id,
