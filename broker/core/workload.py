@@ -57,7 +57,7 @@ ALGORITHMS: Final = (
     "EdDSA",
 )
 _KEY_TYPES: Final = frozenset({"RSA", "EC", "OKP"})
-LEEWAY: Final = 30  # seconds of clock skew allowed on exp, nbf and iat
+LEEWAY: Final = 30  # seconds of clock skew allowed on nbf and iat
 MAX_POLICIES: Final = 20
 MAX_RULES: Final = 20
 MAX_PATTERN: Final = 500
@@ -397,7 +397,8 @@ def verify_subject_token(
     expires = claims.get("exp")
     if not isinstance(expires, int) or isinstance(expires, bool):
         raise SubjectTokenError("invalid_subject_token", "the subject token has no exp claim")
-    if expires + LEEWAY <= now:
+    # No leeway here: the proxy token may not outlive the platform token.
+    if expires <= now:
         raise SubjectTokenError("subject_token_expired", "the subject token has expired")
     for name in ("nbf", "iat"):
         moment = claims.get(name)

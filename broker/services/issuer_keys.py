@@ -39,7 +39,7 @@ MAX_STALE: Final = 24 * 3600.0
 REFETCH_INTERVAL: Final = 60.0
 FAILURE_BACKOFF: Final = 5.0  # seconds a failed fetch is not retried (requests fail fast)
 MAX_DOCUMENT: Final = 512 * 1024
-_MAX_AGE = re.compile(r"(?:^|,)\s*(?:s-)?max-age\s*=\s*\"?(\d{1,9})\"?\s*(?:,|$)", re.IGNORECASE)
+_MAX_AGE = re.compile(r"(?:^|,)\s*max-age\s*=\s*\"?(\d{1,9})\"?\s*(?:,|$)", re.IGNORECASE)
 
 
 class IssuerUnavailableError(Exception):
@@ -109,7 +109,7 @@ class IssuerKeys:
         """
         lock = self._locks.setdefault(issuer, asyncio.Lock())
         async with lock:
-            entry = await self._refresh(issuer)
+            entry = await self._refresh(issuer, retry_now=True)
         return len(entry.jwks["keys"])
 
     async def keys_for(self, issuer: str, kid: str | None) -> dict[str, list[dict[str, Any]]]:
@@ -142,10 +142,10 @@ class IssuerKeys:
                     return entry.jwks
                 raise
 
-    async def _refresh(self, issuer: str) -> _Entry:
+    async def _refresh(self, issuer: str, *, retry_now: bool = False) -> _Entry:
         now = self.clock()
         failed = self._failed.get(issuer)
-        if failed is not None and now - failed[0] < FAILURE_BACKOFF:
+        if not retry_now and failed is not None and now - failed[0] < FAILURE_BACKOFF:
             raise IssuerUnavailableError(failed[1])
         entry = self._entries.get(issuer)
         if entry is not None:
