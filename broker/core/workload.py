@@ -28,6 +28,8 @@ from joserfc import jwt
 from joserfc.errors import JoseError, SecurityWarning
 from joserfc.jwk import KeySet
 
+from broker.core.assertions import MIN_RSA_BITS, rsa_bits
+
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping, Sequence
 
@@ -365,6 +367,8 @@ def signing_key_set(jwks: Mapping[str, Any]) -> dict[str, list[dict[str, Any]]]:
             continue
         if key.get("use", "sig") != "sig" or {"d", "k"} & set(key):
             continue
+        if key["kty"] == "RSA" and rsa_bits(key.get("n")) < MIN_RSA_BITS:
+            continue  # a weak key an attacker might factor: never trusted
         usable.append(key)
     return {"keys": usable}
 

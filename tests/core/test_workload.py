@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import base64
+
 import pytest
+from joserfc.jwk import RSAKey
 
 from broker.core.workload import (
     ClaimRule,
@@ -10,6 +13,7 @@ from broker.core.workload import (
     check_issuer_url,
     check_policies,
     claim_value,
+    signing_key_set,
 )
 from broker.services.issuer_keys import DEFAULT_FRESH, MAX_FRESH, MIN_FRESH, freshness
 
@@ -103,3 +107,18 @@ def test_nested_claims_are_read_by_path() -> None:
 )
 def test_key_sets_stay_fresh_for_their_bounded_max_age(header: str | None, seconds: float) -> None:
     assert freshness(header) == seconds
+
+
+def test_weak_rsa_and_symmetric_keys_in_an_issuers_set_are_dropped() -> None:
+    modulus = base64.urlsafe_b64encode(b"\xc1" + bytes(127)).rstrip(b"=").decode()
+    weak = {"kty": "RSA", "kid": "weak", "n": modulus, "e": "AQAB"}  # 1,024 bits
+    strong = RSAKey.generate_key(2048, parameters={"kid": "strong"})
+    keys = {
+        "keys": [
+            weak,
+            strong.as_dict(private=False),
+            {"kty": "oct", "k": "c2VjcmV0", "kid": "hmac"},
+            {**strong.as_dict(private=False), "kid": "enc", "use": "enc"},
+        ]
+    }
+    assert [k["kid"] for k in signing_key_set(keys)["keys"]] == ["strong"]
