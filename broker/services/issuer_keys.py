@@ -92,7 +92,6 @@ class IssuerKeys:
                 follow_redirects=False,
                 transport=self._transport,
                 headers={"Accept": "application/json"},
-                trust_env=False,
             )
         return self._http
 
