@@ -164,3 +164,53 @@ def test_keyless_job_fails_closed_when_its_issuer_is_down(
     assert refused.returncode == 1
     assert "temporarily_unavailable" in refused.stderr
     assert sim.state.received == []
+
+
+def test_admin_edits_trust_policies_and_the_allowlist_with_the_cli(
+    live_broker: LiveBroker, tmp_path: Path
+) -> None:
+    admin = {"BROKER_URL": live_broker.url, "BROKER_ADMIN_KEY": live_broker.admin_key}
+    github = "https://token.actions.githubusercontent.com"
+    added = broker_cli("--json", "issuers", "add", github, "--no-verify", env=admin)
+    assert added.returncode == 0, added.stderr
+    client_id, _secret = live_broker.client([SCOPE], {})
+    trusted = broker_cli(
+        "--json",
+        "clients",
+        "trust",
+        client_id,
+        "--issuer",
+        github,
+        "--audience",
+        AUDIENCE,
+        "--claim",
+        f"repository={REPO}",
+        "--claim-pattern",
+        "ref=refs/heads/(main|release)",
+        "--no-verify",
+        env=admin,
+    )
+    assert trusted.returncode == 0, trusted.stderr
+    assert "trust_policies: [] -> " in trusted.stderr
+    [policy] = json.loads(trusted.stdout)["trust_policies"]
+    assert policy["claims"] == {"repository": REPO, "ref": {"pattern": "refs/heads/(main|release)"}}
+
+    too_wide = broker_cli(
+        "clients", "trust", client_id, "--issuer", github, "--audience", AUDIENCE,
+        "--claim-pattern", "sub=.*", "--no-verify", env=admin,
+    )  # fmt: skip
+    assert too_wide.returncode == 1
+    assert "would accept almost anyone" in too_wide.stderr
+
+    untrusted = broker_cli("--json", "clients", "untrust", client_id, "0", env=admin)
+    assert untrusted.returncode == 0, untrusted.stderr
+    assert json.loads(untrusted.stdout)["trust_policies"] == []
+    removed = broker_cli("issuers", "remove", github, "--yes", env=admin)
+    assert removed.returncode == 0, removed.stderr
+    listed = broker_cli("--json", "issuers", "list", env=admin)
+    assert json.loads(listed.stdout) == []
+
+    job = {"BROKER_URL": live_broker.url, "BROKER_CLIENT_ID": client_id}
+    missing = broker_cli("token", "--subject-token-file", str(tmp_path / "absent"), env=job)
+    assert missing.returncode == 1
+    assert "cannot read the subject token" in missing.stderr
