@@ -33,6 +33,7 @@ from broker.requestid import current_request_id, new_request_id
 from broker.services.admin_auth import AdminAuthenticator
 from broker.services.audit import AuditService
 from broker.services.canvas_capacity import CanvasCapacity
+from broker.services.exchange import ExchangeService
 from broker.services.management import ManagementService
 from broker.services.manual_tokens import ManualTokenService
 from broker.services.proxy import ProxyService
@@ -53,7 +54,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 BROKER_PREFIX = "/broker/"
-OPS_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+# Answered by the broker itself, not the proxy: operations and RFC 8414 metadata.
+OPS_PATHS = frozenset(
+    {"/healthz", "/readyz", "/metrics", "/.well-known/oauth-authorization-server"}
+)
 
 
 class BrokerApp:
@@ -192,6 +196,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.include_router(oauth.router)
+    app.include_router(oauth.metadata_router)
     app.include_router(management.router)
     app.include_router(audit.router)
     _add_ops_routes(app)
@@ -231,12 +236,14 @@ def install(app: FastAPI, context: ProcessContext) -> None:
             context.epoch,
             context.forwarder,
             manual_tokens=manual_tokens,
+            issuer_keys=context.issuer_keys,
         ),
         tokens=tokens,
         audit=audit,
         admin_auth=AdminAuthenticator(context.sessions, context.keyring, audit),
         worker_oauth=worker_oauth,
         manual_tokens=manual_tokens,
+        exchange=ExchangeService(context.sessions, tokens, context.issuer_keys),
     )
     rate_limits = RateLimitService(context.sessions)
     app.state.rate_limits = rate_limits

@@ -146,6 +146,16 @@ class Settings(BaseSettings):
         description="Client connections a process holds at once (0: the open-file limit less "
         "what the database, the upstream pool and the process need)",
     )
+    workload_fetch_timeout: float = Field(
+        default=5.0,
+        description="Seconds each request for a workload identity issuer's discovery document "
+        "or keys may take (the whole fetch: twice that)",
+    )
+    workload_allow_loopback_http: bool = Field(
+        default=False,
+        description="Allow plain-http workload identity issuers on a loopback address (tests "
+        "and development only; real issuers are https)",
+    )
     host: str = Field(default="127.0.0.1", description="Address `broker serve` binds")
     port: int = Field(default=8000, description="Port `broker serve` binds")
 
@@ -199,6 +209,7 @@ class Settings(BaseSettings):
             "BROKER_HEADER_TIMEOUT": 0 < self.header_timeout <= 3600,  # noqa: PLR2004
             "BROKER_KEEPALIVE_TIMEOUT": 0 < self.keepalive_timeout <= 3600,  # noqa: PLR2004
             "BROKER_MAX_CONNECTIONS": 0 <= self.max_connections <= 10**7,
+            "BROKER_WORKLOAD_FETCH_TIMEOUT": 0 < self.workload_fetch_timeout <= 60,  # noqa: PLR2004
         }
         for name, ok in checks.items():
             if not ok:

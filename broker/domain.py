@@ -96,6 +96,19 @@ class Client:
     created_at: datetime
     updated_at: datetime
     secret_rotated_at: datetime | None
+    # Workload identities accepted in exchange for a proxy token (core.workload).
+    trust_policies: tuple[Mapping[str, Any], ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrustedIssuer:
+    """An issuer of workload identity tokens on the instance's allowlist."""
+
+    id: str
+    issuer: str
+    description: str | None
+    created_at: datetime
+    created_by: str | None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
