@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -56,7 +56,7 @@ def _call(http: httpx.Client, path: str, token: str, job: Job, started: float) -
     except httpx.HTTPError as exc:
         job.failures.append(repr(exc))
         return
-    error = answer.json().get("error", "") if answer.status_code == 429 else ""  # noqa: PLR2004
+    error = answer.json().get("error", "") if answer.status_code == 429 else ""
     job.answers.append((time.monotonic() - started, answer.status_code, error))
 
 
@@ -100,6 +100,57 @@ def _forwarded(sim: SimServer, path: str, worker_token: str) -> int:
     )
 
 
+def _assert_a_lone_job_spends_the_whole_bucket(replicas: list[str], token: str) -> None:
+    """Alone on its credential, its calls over both replicas and (new connections) every
+    worker: never held back, it spends the bucket until Canvas itself says no."""
+    lone, started = Job(), time.monotonic()
+    for n in range(60):
+        with httpx.Client(base_url=replicas[n % 2], timeout=30) as http:
+            _call(http, ROSTER, token, lone, started)
+        if 403 in lone.statuses():
+            break
+    assert lone.failures == []
+    assert 429 not in lone.statuses(), lone.answers
+    assert 403 in lone.statuses(), lone.answers
+    assert lone.statuses().count(200) >= (600 - 50) // ROSTER_COST - 1
+
+
+def _three_jobs(
+    replica_a: str, replica_b: str, tokens: dict[str, str], admin: dict[str, str]
+) -> tuple[dict[str, Job], dict[str, Any]]:
+    """Greedy (two connections to A, as fast as they go) and two steady (one connection each
+    to B) on one credential; their answers, and the greedy job's record as B shows it."""
+    jobs = {name: Job() for name in COURSES}
+    stop, started = threading.Event(), time.monotonic()
+    threads = [
+        threading.Thread(
+            target=_run,
+            args=(replica_a, COURSES["greedy"], tokens["greedy"], jobs["greedy"], stop),
+            kwargs={"started": started, "rate": 0.0},
+        )
+        for _ in range(2)
+    ] + [
+        threading.Thread(
+            target=_run,
+            args=(replica_b, COURSES[name], tokens[name], jobs[name], stop),
+            kwargs={"started": started, "rate": STEADY_RATE},
+        )
+        for name in ("steady-1", "steady-2")
+    ]
+    for thread in threads:
+        thread.start()
+    try:
+        stop.wait(WARMUP + MEASURED)
+        share = httpx.get(f"{replica_b}{V1}/clients/greedy", headers=admin, timeout=10)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(60)
+    assert share.status_code == 200, share.text
+    record: dict[str, Any] = share.json()
+    return jobs, record
+
+
 def test_two_replicas_of_two_workers_hold_a_greedy_job_back_and_keep_the_steady_ones(
     tmp_path: Path, sim: SimServer, database_url: str
 ) -> None:
@@ -131,45 +182,8 @@ def test_two_replicas_of_two_workers_hold_a_greedy_job_back_and_keep_the_steady_
         }
         lone_token = _client(replica_a, admin, "lone", "lone", "/api/v1/courses/:id/users")
 
-        # Alone on its credential, its calls over both replicas and (new connections) every
-        # worker: never held back, it spends the bucket until Canvas itself says no.
-        lone, started = Job(), time.monotonic()
-        for n in range(60):
-            with httpx.Client(base_url=(replica_a, replica_b)[n % 2], timeout=30) as http:
-                _call(http, ROSTER, lone_token, lone, started)
-            if 403 in lone.statuses():  # noqa: PLR2004
-                break
-        assert lone.failures == []
-        assert 429 not in lone.statuses(), lone.answers  # noqa: PLR2004
-        assert 403 in lone.statuses(), lone.answers  # noqa: PLR2004
-        assert lone.statuses().count(200) >= (600 - 50) // ROSTER_COST - 1
-
-        # Three jobs on one credential: greedy (two connections to A, as fast as they go) and
-        # two steady (one connection each to B).
-        jobs = {name: Job() for name in COURSES}
-        stop, started = threading.Event(), time.monotonic()
-        threads = [
-            threading.Thread(
-                target=_run,
-                args=(replica_a, COURSES["greedy"], tokens["greedy"], jobs["greedy"], stop),
-                kwargs={"started": started, "rate": 0.0},
-            )
-            for _ in range(2)
-        ] + [
-            threading.Thread(
-                target=_run,
-                args=(replica_b, COURSES[name], tokens[name], jobs[name], stop),
-                kwargs={"started": started, "rate": STEADY_RATE},
-            )
-            for name in ("steady-1", "steady-2")
-        ]
-        for thread in threads:
-            thread.start()
-        stop.wait(WARMUP + MEASURED)
-        share = httpx.get(f"{replica_b}{V1}/clients/greedy", headers=admin, timeout=10).json()
-        stop.set()
-        for thread in threads:
-            thread.join(60)
+        _assert_a_lone_job_spends_the_whole_bucket([replica_a, replica_b], lone_token)
+        jobs, share = _three_jobs(replica_a, replica_b, tokens, admin)
     finally:
         for replica in replicas:
             replica.terminate()
@@ -181,7 +195,7 @@ def test_two_replicas_of_two_workers_hold_a_greedy_job_back_and_keep_the_steady_
     greedy = jobs["greedy"]
     # Held back by the broker, with nothing of it forwarded: Canvas saw its admitted calls
     # and the ones it refused itself, not one of the 429s.
-    held = [a for a in greedy.answers if a[1] == 429]  # noqa: PLR2004
+    held = [a for a in greedy.answers if a[1] == 429]
     assert held, "the greedy job was never held back"
     assert {error for _, _, error in held} == {"canvas_capacity"}
     sent = greedy.statuses().count(200) + greedy.statuses().count(403)
@@ -195,9 +209,9 @@ def test_two_replicas_of_two_workers_hold_a_greedy_job_back_and_keep_the_steady_
     greedy_rate = greedy.statuses(*window).count(200) / MEASURED
     assert greedy_rate <= 0.8 * OUTFLOW, greedy_rate
     # Canvas's own 403s that got through: near zero.
-    canvas_403 = sum(job.statuses().count(403) for job in jobs.values())  # noqa: PLR2004
+    canvas_403 = sum(job.statuses().count(403) for job in jobs.values())
     forwarded = sum(_forwarded(sim, path, WORKER_TOKEN) for path in COURSES.values())
     assert canvas_403 <= max(3, 0.02 * forwarded), (canvas_403, forwarded)
     # Replica B never served the greedy job, yet shows its share among three asking jobs.
     assert share["canvas_share"]["asking"] is True, share
-    assert abs(share["canvas_share"]["share"] - 1 / 3) < 0.01, share  # noqa: PLR2004
+    assert abs(share["canvas_share"]["share"] - 1 / 3) < 0.01, share
