@@ -84,6 +84,7 @@ class CanvasCapacity:
         self._wall = wall
         self.holder = holder or renewal.holder_id()
         self._published = False  # whether rows of this process may be in the table
+        self._pruned_at = 0.0
         self._budgets: dict[str, Budget] = {}
         # Labelled metric children, looked up once each: labels() costs more than the update.
         self._costs: dict[str, Any] = {}
@@ -187,7 +188,9 @@ class CanvasCapacity:
             # A process with nothing to say writes nothing, once its rows are withdrawn.
             async with self._sessions.begin() as session:
                 await canvas_demand.publish(session, self.holder, rows)
-                await canvas_demand.prune(session, wall - PRUNE_AFTER)
+                if wall - self._pruned_at > FRESH:
+                    await canvas_demand.prune(session, wall - PRUNE_AFTER)
+                    self._pruned_at = wall
             self._published = bool(rows)
         async with self._sessions() as session:
             others = await canvas_demand.others(session, self.holder, wall - FRESH)
