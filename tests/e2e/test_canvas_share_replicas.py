@@ -17,15 +17,17 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import httpx
+import pytest
 
+from broker.sim.server import SimServer
+from broker.sim.state import SimState
 from broker.sim.throttle import CanvasThrottle
 from tests.support.env import WORKER_TOKEN
 from tests.support.serve import free_port, init, serve, sqlite_env
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
     from pathlib import Path
-
-    from broker.sim.server import SimServer
 
 V1 = "/broker/v1"
 OUTFLOW = 20.0  # units a second, the throttle's and the broker's (BROKER_CANVAS_OUTFLOW)
@@ -37,6 +39,13 @@ MEASURED = 10.0
 COURSES = {"greedy": "/api/v1/courses/1201", "steady-1": "/api/v1/courses/1202"}
 COURSES["steady-2"] = "/api/v1/courses/1203"
 ROSTER = "/api/v1/courses/1201/users"
+
+
+@pytest.fixture
+def sim() -> Iterator[SimServer]:
+    """A simulator of this test's own: it knows a second worker token, for the lone job."""
+    with SimServer(SimState(tokens={WORKER_TOKEN, LONE_TOKEN})) as server:
+        yield server
 
 
 @dataclass
@@ -159,7 +168,6 @@ def test_two_replicas_of_two_workers_hold_a_greedy_job_back_and_keep_the_steady_
         default_cost=1.0,
         costs=(("GET", r"/api/v1/courses/[^/]+/users", ROSTER_COST),),
     )
-    sim.state.tokens.add(LONE_TOKEN)
     env = sqlite_env(tmp_path, BROKER_DATABASE_URL=database_url, BROKER_CANVAS_OUTFLOW=str(OUTFLOW))
     admin = init(env)
     ports = [free_port(), free_port()]
