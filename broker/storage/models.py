@@ -395,8 +395,8 @@ class UsedAssertion(Base):
 class CanvasDemand(Base):
     """One process's demand on a worker credential's Canvas bucket, per client.
 
-    Each process of each replica (``holder``) publishes its rows about once a second and reads
-    the others' fresh ones (docs/proxy-rules.md#canvas-capacity). Times are epoch seconds.
+    Each process of each replica (``holder``) rewrites its rows twice a second and reads the
+    others' fresh ones (docs/proxy-rules.md#canvas-capacity). Times are epoch seconds.
     No foreign keys: a row outlives neither a few seconds nor its process, and a client or
     credential deleted meanwhile must not make a publication fail.
     """
