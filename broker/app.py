@@ -171,6 +171,10 @@ def create_app(
         rotator = asyncio.get_running_loop().create_task(
             app.state.services.manual_tokens.run(stopping), name="token-rotator"
         )
+        # Shares this process's demand on Canvas buckets with the others, twice a second.
+        sharer = asyncio.get_running_loop().create_task(
+            app.state.canvas_capacity.run(stopping), name="canvas-demand-sharer"
+        )
         try:
             yield
         finally:
@@ -180,6 +184,8 @@ def create_app(
                 await asyncio.wait_for(refresher, 5)
             with contextlib.suppress(asyncio.CancelledError, TimeoutError):
                 await asyncio.wait_for(rotator, 5)
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(sharer, 5)
             if watch is not None:
                 watch.stop()
             if owned:
@@ -247,7 +253,7 @@ def install(app: FastAPI, context: ProcessContext) -> None:
     )
     rate_limits = RateLimitService(context.sessions)
     app.state.rate_limits = rate_limits
-    canvas = CanvasCapacity(context.settings, metrics)
+    canvas = CanvasCapacity(context.settings, metrics, context.sessions)
     app.state.canvas_capacity = canvas
     app.state.proxy = ProxyApp(
         ProxyService(

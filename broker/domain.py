@@ -138,6 +138,30 @@ class AdminKey:
 
 
 @dataclass(frozen=True, slots=True)
+class CanvasDemand:
+    """One process's demand on a worker credential's Canvas bucket, for one of its clients.
+
+    What the processes of a broker share (``services.canvas_capacity``): rates in units a
+    second, ``remaining``/``seen_at``/``ceiling`` the process's last sight of the bucket (if
+    any), times in epoch seconds.
+    """
+
+    holder: str
+    credential_id: str
+    client_id: str
+    weight: float
+    asked: float
+    spent: float
+    spent_total: float
+    in_flight: int
+    asking: bool
+    remaining: float | None
+    seen_at: float | None
+    ceiling: float | None
+    updated_at: float
+
+
+@dataclass(frozen=True, slots=True)
 class RateBucket:
     """A client's token bucket: ``tokens`` left after the last allowed call at ``updated_at``.
 

@@ -361,10 +361,16 @@ class CanvasShareOut(Output):
     """A client's part of its worker credential's Canvas rate limit (docs/proxy-rules.md)."""
 
     weight: float
-    share: float = Field(description="fraction of the outflow while capacity is shared")
-    asking: bool = Field(description="called within the sharing window")
-    spent_per_second: float = Field(description="Canvas cost per second, averaged")
-    spent_total: float = Field(description="Canvas cost since this process started")
+    share: float = Field(
+        description="fraction of the outflow while capacity is shared, among the clients "
+        "asking in every process and replica"
+    )
+    asking: bool = Field(description="called within the sharing window, in any process")
+    spent_per_second: float = Field(description="Canvas cost per second, averaged, everywhere")
+    spent_total: float = Field(
+        description="Canvas cost, summed over the processes serving the client now (each "
+        "since it started)"
+    )
     credential_remaining: float | None = Field(
         description="Canvas's remaining capacity for the credential, estimated now"
     )

@@ -419,3 +419,29 @@ class UsedSubjectToken(Base):
 
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
     expires_at: Mapped[datetime] = mapped_column(index=True)
+
+
+class CanvasDemand(Base):
+    """One process's demand on a worker credential's Canvas bucket, per client.
+
+    Each process of each replica (``holder``) rewrites its rows twice a second and reads the
+    others' fresh ones (docs/proxy-rules.md#canvas-capacity). Times are epoch seconds.
+    No foreign keys: a row outlives neither a few seconds nor its process, and a client or
+    credential deleted meanwhile must not make a publication fail.
+    """
+
+    __tablename__ = "canvas_demand"
+
+    holder: Mapped[str] = mapped_column(String(64), primary_key=True)
+    credential_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    client_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    weight: Mapped[float]
+    asked: Mapped[float]
+    spent: Mapped[float]
+    spent_total: Mapped[float]
+    in_flight: Mapped[int]
+    asking: Mapped[bool]
+    remaining: Mapped[float | None]
+    seen_at: Mapped[float | None]
+    ceiling: Mapped[float | None]
+    updated_at: Mapped[float] = mapped_column(index=True)
