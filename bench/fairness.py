@@ -4,6 +4,7 @@ Run by hand (not in CI); see README.md, "Fairness under Canvas's rate limit":
 
     .venv/bin/python bench/fairness.py                        # 30 s per mode, both modes
     .venv/bin/python bench/fairness.py --seconds 10 --no-save # a quick look
+    .venv/bin/python bench/fairness.py --replicas 2 --workers 2   # four processes, one database
 
 It starts the simulator, whose throttle is Canvas's (a leaky bucket of high-water mark 600,
 outflow 10 a second, an up-front cost of 50 while a call is in flight, a cost of 1 for the
@@ -14,6 +15,11 @@ two steady ones (one call every ``1 / --steady-rate`` seconds each, never retryi
 mode it reports each client's admitted calls a second, the calls the broker held back
 (``429 canvas_capacity``), the Canvas ``403`` rate-limit answers that got through, and Jain's
 fairness index among the clients that asked for more than an equal share of the outflow.
+
+With ``--replicas R --workers W`` the broker is R ``broker serve --workers W`` on one SQLite
+file; each job's connections are keep-alive, so they stay on the processes they reached
+first: the greedy job's go to the first replica, the steady jobs' to the last, which is where
+a broker that shared out the outflow per process went wrong.
 """
 
 from __future__ import annotations
@@ -124,12 +130,20 @@ def run_mode(
     seconds: float,
     warmup: float,
     rate: float,
+    replicas: int = 1,
+    workers: int = 1,
 ) -> dict[str, Any]:
-    """One broker, three clients, ``seconds`` of load; the figures."""
+    """One broker (``replicas`` of ``workers`` each), three clients, ``seconds`` of load."""
     home = workdir / ("fair" if fair else "unshared")
     home.mkdir()
     env = {**base_env(home), "BROKER_CANVAS_RESERVE": "200" if fair else "0"}
-    broker = Broker(children, home, env, f"broker-{home.name}")
+    broker = Broker(children, home, env, f"broker-{home.name}", workers=workers)
+    urls, processes = [broker.url], [broker.child]
+    for n in range(1, replicas):
+        url, child = broker.serve(f"broker-{home.name}-{n}")
+        urls.append(url)
+        processes.append(child)
+    greedy_url, steady_url = urls[0], urls[-1]
     broker.post("/broker/v1/upstreams", {"name": "canvas", "base_url": sim_url})
     broker.post(
         "/broker/v1/credentials", {"upstream": "canvas", "name": "worker", "token": WORKER_TOKEN}
@@ -149,11 +163,11 @@ def run_mode(
     stop = threading.Event()
     threads = [
         threading.Thread(
-            target=greedy, args=(broker.url, clients["greedy"], counts["greedy"], stop)
+            target=greedy, args=(greedy_url, clients["greedy"], counts["greedy"], stop)
         )
         for _ in range(GREEDY_THREADS)
     ] + [
-        threading.Thread(target=steady, args=(broker.url, clients[name], counts[name], stop, rate))
+        threading.Thread(target=steady, args=(steady_url, clients[name], counts[name], stop, rate))
         for name in ("steady-1", "steady-2")
     ]
     for thread in threads:
@@ -169,12 +183,15 @@ def run_mode(
     stop.set()
     for thread in threads:
         thread.join(60)
-    children.stop(broker.child)
+    for child in processes:
+        children.stop(child)
     share = OUTFLOW / len(counts)
     wanting = [c for c in counts.values() if c.asked_per_s is None or c.asked_per_s > share]
     per_s = {name: round(c.admitted / elapsed, 2) for name, c in counts.items()}
     return {
         "fair_share": fair,
+        "replicas": replicas,
+        "workers": workers,
         "seconds": round(elapsed, 1),
         "clients": {
             name: {
@@ -200,11 +217,15 @@ def main(argv: list[str] | None = None) -> int:
         "--warmup", type=float, default=30.0, help="load before measuring (bucket filling)"
     )
     parser.add_argument("--steady-rate", type=float, default=5.0, help="calls/s per steady job")
+    parser.add_argument("--replicas", type=int, default=1, help="broker serve processes")
+    parser.add_argument("--workers", type=int, default=1, help="workers of each broker serve")
     parser.add_argument("--results-dir", type=Path, default=BENCH_DIR / "results")
     parser.add_argument("--no-save", action="store_true", help="print only")
     args = parser.parse_args(argv)
     if not 2 <= args.seconds <= 600 or not 0 < args.steady_rate <= 100:
         parser.error("--seconds must be 2 to 600 and --steady-rate above 0, at most 100")
+    if not 1 <= args.replicas <= 8 or not 1 <= args.workers <= 8:
+        parser.error("--replicas and --workers must be 1 to 8")
     workdir = Path(tempfile.mkdtemp(prefix="ctb-fairness-"))
     children = Children(workdir)
     try:
@@ -224,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
                     seconds=args.seconds,
                     warmup=args.warmup,
                     rate=args.steady_rate,
+                    replicas=args.replicas,
+                    workers=args.workers,
                 )
             )
             print(json.dumps(modes[-1]), file=sys.stderr, flush=True)
@@ -240,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(report, indent=2))
     if not args.no_save:
         args.results_dir.mkdir(parents=True, exist_ok=True)
-        path = args.results_dir / f"{datetime.now(UTC):%Y-%m-%d}-fairness.json"
+        shape = "" if args.replicas == args.workers == 1 else f"-{args.replicas}x{args.workers}"
+        path = args.results_dir / f"{datetime.now(UTC):%Y-%m-%d}-fairness{shape}.json"
         path.write_text(json.dumps(report, indent=2) + "\n")
         print(f"saved {path}", file=sys.stderr)
     return 0

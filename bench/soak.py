@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from procs import BenchError, Children, free_port, wait_http
+from procs import BenchError, Child, Children, free_port, wait_http
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
@@ -132,7 +132,9 @@ def memory(pid: int) -> tuple[float, float, int]:
 class Broker:
     """One ``broker serve`` and the admin key, clients and tokens the soak needs."""
 
-    def __init__(self, children: Children, workdir: Path, env: dict[str, str], name: str) -> None:
+    def __init__(
+        self, children: Children, workdir: Path, env: dict[str, str], name: str, workers: int = 1
+    ) -> None:
         self.children, self.workdir, self.env, self.name = children, workdir, env, name
         code, out = children.run(
             f"{name}-init", [sys.executable, "-m", "broker", "init"], timeout=120, env=env
@@ -140,13 +142,27 @@ class Broker:
         if code != 0:
             raise BenchError(f"broker init failed: {out}")
         self.admin = {"Authorization": f"Bearer {out.strip()}"}
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        serve = (
-            f"ulimit -n {OPEN_FILES} && exec {sys.executable} -m broker serve --port {self.port}"
-        )
-        self.child = children.start(name, ["bash", "-c", serve], env=env)
-        wait_http(f"{self.url}/healthz", self.child, START_TIMEOUT_S)
+        self.workers = workers
+        self.url, self.child = self.serve(name)
+
+    def serve(self, name: str) -> tuple[str, Child]:
+        """Start a ``broker serve`` on the same database (another replica); its URL, its child.
+
+        Returns once every worker has started.
+        """
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        serve = f"ulimit -n {OPEN_FILES} && exec {sys.executable} -m broker serve --port {port}"
+        if self.workers > 1:
+            serve += f" --workers {self.workers}"
+        child = self.children.start(name, ["bash", "-c", serve], env=self.env)
+        wait_http(f"{url}/healthz", child, START_TIMEOUT_S)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while child.log.read_text(errors="replace").count("startup complete") < self.workers:
+            if time.monotonic() > deadline or not child.alive():
+                raise BenchError(f"{name}: not every worker started:\n{child.log_tail()}")
+            time.sleep(0.2)
+        return url, child
 
     def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """An admin API call that must succeed."""

@@ -35,6 +35,7 @@ from broker.services.admin_auth import AdminAuthenticator
 from broker.services.audit import AuditService
 from broker.services.canvas_capacity import CanvasCapacity
 from broker.services.console import ConsoleService
+from broker.services.exchange import ExchangeService
 from broker.services.management import ManagementService
 from broker.services.manual_tokens import ManualTokenService
 from broker.services.proxy import ProxyService
@@ -55,7 +56,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 BROKER_PREFIX = "/broker/"
-OPS_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+# Answered by the broker itself, not the proxy: operations and RFC 8414 metadata.
+OPS_PATHS = frozenset(
+    {"/healthz", "/readyz", "/metrics", "/.well-known/oauth-authorization-server"}
+)
 
 
 class BrokerApp:
@@ -169,6 +173,10 @@ def create_app(
         rotator = asyncio.get_running_loop().create_task(
             app.state.services.manual_tokens.run(stopping), name="token-rotator"
         )
+        # Shares this process's demand on Canvas buckets with the others, twice a second.
+        sharer = asyncio.get_running_loop().create_task(
+            app.state.canvas_capacity.run(stopping), name="canvas-demand-sharer"
+        )
         try:
             yield
         finally:
@@ -178,6 +186,8 @@ def create_app(
                 await asyncio.wait_for(refresher, 5)
             with contextlib.suppress(asyncio.CancelledError, TimeoutError):
                 await asyncio.wait_for(rotator, 5)
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(sharer, 5)
             if watch is not None:
                 watch.stop()
             if owned:
@@ -194,6 +204,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.include_router(oauth.router)
+    app.include_router(oauth.metadata_router)
     app.include_router(management.router)
     app.include_router(audit.router)
     install_console(app)
@@ -234,17 +245,19 @@ def install(app: FastAPI, context: ProcessContext) -> None:
             context.epoch,
             context.forwarder,
             manual_tokens=manual_tokens,
+            issuer_keys=context.issuer_keys,
         ),
         tokens=tokens,
         audit=audit,
         admin_auth=AdminAuthenticator(context.sessions, context.keyring, audit),
         worker_oauth=worker_oauth,
         manual_tokens=manual_tokens,
+        exchange=ExchangeService(context.sessions, tokens, context.issuer_keys),
     )
     app.state.console = ConsoleService(context.sessions, context.keyring, context.settings, audit)
     rate_limits = RateLimitService(context.sessions)
     app.state.rate_limits = rate_limits
-    canvas = CanvasCapacity(context.settings, metrics)
+    canvas = CanvasCapacity(context.settings, metrics, context.sessions)
     app.state.canvas_capacity = canvas
     app.state.proxy = ProxyApp(
         ProxyService(

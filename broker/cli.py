@@ -23,6 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from broker import audit_filter, cli_output
 from broker.audit_filter import AuditFilter
 from broker.config import Settings
+from broker.core.workload import TOKEN_EXCHANGE, TOKEN_TYPE_JWT
 from broker.errors import ConfigurationError
 from broker.storage.database import Database
 
@@ -47,6 +48,10 @@ credentials_app = typer.Typer(help="Worker credentials (over HTTP).", no_args_is
 clients_app = typer.Typer(help="Clients and their grants (over HTTP).", no_args_is_help=True)
 keys_app = typer.Typer(help="The keyring (local).", no_args_is_help=True)
 tokens_app = typer.Typer(help="Live proxy tokens (over HTTP).", no_args_is_help=True)
+issuers_app = typer.Typer(
+    help="Workload identity issuers trust policies may name (over HTTP; admins edit).",
+    no_args_is_help=True,
+)
 audit_app = typer.Typer(
     help="The audit log: query, export and hash over HTTP; verify and prune locally.",
     no_args_is_help=True,
@@ -57,6 +62,7 @@ for sub, name in (
     (credentials_app, "credentials"),
     (clients_app, "clients"),
     (tokens_app, "tokens"),
+    (issuers_app, "issuers"),
     (keys_app, "keys"),
     (audit_app, "audit"),
 ):
@@ -392,41 +398,72 @@ def backup(
 def token(
     scope: Annotated[str | None, typer.Option(help="space-separated subset of the grant")] = None,
     expires_in: Annotated[int | None, typer.Option(help="seconds")] = None,
+    subject_token_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="a keyless job: exchange the platform token in this file (a CI ID token, a "
+            "projected service-account token) for client BROKER_CLIENT_ID; no secret"
+        ),
+    ] = None,
 ) -> None:
-    """For scripts: mint a proxy token from BROKER_URL/BROKER_CLIENT_ID/BROKER_CLIENT_SECRET."""
-    env = {
-        name: os.environ.get(name)
-        for name in ("BROKER_URL", "BROKER_CLIENT_ID", "BROKER_CLIENT_SECRET")
-    }
+    """For scripts: mint a proxy token from BROKER_URL/BROKER_CLIENT_ID/BROKER_CLIENT_SECRET.
+
+    With --subject-token-file, BROKER_CLIENT_SECRET is not used: the platform's token is
+    exchanged (RFC 8693) under the client's trust policies.
+    """
+    names = ["BROKER_URL", "BROKER_CLIENT_ID"]
+    if subject_token_file is None:
+        names.append("BROKER_CLIENT_SECRET")
+    env = {name: os.environ.get(name) or "" for name in names}
     missing = [name for name, value in env.items() if not value]
     if missing:
         fail(f"set {', '.join(missing)}")
     form = {"grant_type": "client_credentials"}
+    auth: tuple[str, str] | None = (env["BROKER_CLIENT_ID"], env.get("BROKER_CLIENT_SECRET", ""))
+    if subject_token_file is not None:
+        form = {
+            "grant_type": TOKEN_EXCHANGE,
+            "client_id": env["BROKER_CLIENT_ID"],
+            "subject_token": _subject_token(subject_token_file),
+            "subject_token_type": TOKEN_TYPE_JWT,
+        }
+        auth = None
     if scope:
         form["scope"] = scope
     if expires_in is not None:
         form["expires_in"] = str(expires_in)
     try:
         response = httpx.post(
-            f"{env['BROKER_URL'].rstrip('/')}/broker/v1/oauth/token",  # type: ignore[union-attr]
+            f"{env['BROKER_URL'].rstrip('/')}/broker/v1/oauth/token",
             data=form,
-            auth=(env["BROKER_CLIENT_ID"] or "", env["BROKER_CLIENT_SECRET"] or ""),
+            auth=auth,
             timeout=30,
         )
     except httpx.HTTPError as exc:
-        fail(_unreachable(env["BROKER_URL"] or "", exc))
+        fail(_unreachable(env["BROKER_URL"], exc))
     body = _json(response)
     if not isinstance(body.get("access_token" if response.is_success else "error"), str):
-        fail(_not_a_broker(response, env["BROKER_URL"] or ""))
+        fail(_not_a_broker(response, env["BROKER_URL"]))
     if response.status_code != 200:  # noqa: PLR2004
         hint = (
             " (BROKER_CLIENT_ID and BROKER_CLIENT_SECRET were refused: check them)"
-            if response.status_code == 401  # noqa: PLR2004
+            if response.status_code == 401 and subject_token_file is None  # noqa: PLR2004
             else ""
         )
         fail(f"{body.get('error')}: {body.get('error_description')}{hint}")
     say(f"token expires in {body['expires_in']} s; scope: {body['scope']}")
     typer.echo(body["access_token"])
+
+
+def _subject_token(path: Path) -> str:
+    """The platform token in ``path``, without surrounding whitespace; exit if unreadable."""
+    try:
+        value = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        fail(f"cannot read the subject token from {path}: {type(exc).__name__}")
+    if not value:
+        fail(f"{path} is empty: the platform wrote no token there")
+    return value
 
 
 # Management over HTTP -----------------------------------------------------------------------
@@ -801,12 +838,38 @@ def clients_create(
         Path | None,
         typer.Option(help="public JWK Set file: the client uses private_key_jwt, no secret"),
     ] = None,
+    trust_issuer: Annotated[
+        str | None,
+        typer.Option(help="keyless: the workload identity issuer whose tokens it accepts"),
+    ] = None,
+    trust_audience: Annotated[
+        str | None, typer.Option(help="keyless: the aud the platform token must name")
+    ] = None,
+    claim: Annotated[
+        list[str] | None, typer.Option(help="keyless: claim=exact value (repeatable)")
+    ] = None,
+    claim_pattern: Annotated[
+        list[str] | None,
+        typer.Option(help="keyless: claim=regex the whole value must match (repeatable)"),
+    ] = None,
+    verify: Annotated[
+        bool, typer.Option(help="check the issuer answers now (--no-verify: offline setup)")
+    ] = True,
 ) -> None:
     """Create a client; its JSON goes to stderr and the secret alone to stdout.
 
     With --jwks-file the client authenticates with signed assertions (private_key_jwt) and
-    no secret exists: the client id alone goes to stdout.
+    no secret exists: the client id alone goes to stdout. So too with --trust-issuer: a
+    keyless client (workload_identity) that exchanges its platform's tokens under one trust
+    policy (add more with `broker clients trust`).
     """
+    policies = []
+    if trust_issuer is not None:
+        if jwks_file is not None:
+            fail("give --jwks-file or --trust-issuer, not both", 2)
+        policies = [_trust_policy(trust_issuer, trust_audience, claim, claim_pattern)]
+    elif trust_audience or claim or claim_pattern:
+        fail("--trust-audience, --claim and --claim-pattern need --trust-issuer", 2)
     key_set = None
     if jwks_file is not None:
         try:
@@ -828,15 +891,24 @@ def clients_create(
             "rate_limit": rate_limit,
             "rate_burst": burst,
             "canvas_weight": canvas_weight,
-            "auth_method": "private_key_jwt" if key_set is not None else "client_secret",
+            "auth_method": "private_key_jwt"
+            if key_set is not None
+            else ("workload_identity" if policies else "client_secret"),
             "jwks": key_set,
+            "trust_policies": policies,
+            "verify": verify,
         },
     )
     secret = created.pop("client_secret")
     _warn(created.pop("warnings", []))
     if secret is None:
         cli_output.render(created, as_json=OUTPUT["json"], err=True)
-        say("client_id (private_key_jwt: sign assertions with your private key) follows")
+        how = (
+            "keyless: `broker token --subject-token-file FILE`"
+            if policies
+            else "private_key_jwt: sign assertions with your private key"
+        )
+        say(f"client_id ({how}) follows")
         typer.echo(created["client_id"])
         return
     cli_output.render(created, as_json=OUTPUT["json"], err=True)
@@ -1007,6 +1079,59 @@ def _shown(value: Any) -> str:  # noqa: ANN401 - any JSON value
     return json.dumps(value, separators=(", ", ": "))
 
 
+def _trust_policy(
+    issuer: str,
+    audience: str | None,
+    exact: list[str] | None,
+    patterns: list[str] | None,
+) -> dict[str, Any]:
+    """A trust policy from command-line options."""
+    if not audience:
+        fail("--trust-audience is required: the aud the job requests its token for", 2)
+    claims: dict[str, Any] = {}
+    for items, as_rule in ((exact, str), (patterns, lambda v: {"pattern": v})):
+        for item in items or []:
+            name, sep, value = item.partition("=")
+            if not sep or not name or not value:
+                fail(f"claim rule {item!r} must look like sub=repo:org/repo:ref:refs/heads/main")
+            if name in claims:
+                fail(f"claim {name!r} has two rules", 2)
+            claims[name] = as_rule(value)
+    if not claims:
+        fail("give at least one --claim or --claim-pattern (pin sub or the repository)", 2)
+    return {"issuer": issuer, "audience": audience, "claims": claims}
+
+
+@clients_app.command("trust")
+def clients_trust(
+    ref: str,
+    issuer: Annotated[str, typer.Option(help="the workload identity issuer (its iss)")],
+    audience: Annotated[str, typer.Option(help="the aud the platform token must name")],
+    claim: Annotated[list[str] | None, typer.Option(help="claim=exact value (repeatable)")] = None,
+    claim_pattern: Annotated[
+        list[str] | None, typer.Option(help="claim=regex the whole value must match")
+    ] = None,
+    verify: Annotated[
+        bool, typer.Option(help="check the issuer answers now (--no-verify: offline setup)")
+    ] = True,
+) -> None:
+    """Add a trust policy: tokens from ISSUER with these claims may be exchanged."""
+    new = _trust_policy(issuer, audience, claim, claim_pattern)
+    current = api("GET", f"/clients/{ref}")
+    _update_client(ref, {"trust_policies": [*current["trust_policies"], new], "verify": verify})
+
+
+@clients_app.command("untrust")
+def clients_untrust(
+    ref: str, index: Annotated[int, typer.Argument(help="the policy's position, from 0")]
+) -> None:
+    """Remove one trust policy (by its position in `broker clients get`)."""
+    policies = api("GET", f"/clients/{ref}")["trust_policies"]
+    if not 0 <= index < len(policies):
+        fail(f"the client has {len(policies)} trust policies; there is no {index}", 2)
+    _update_client(ref, {"trust_policies": policies[:index] + policies[index + 1 :]})
+
+
 @clients_app.command("check")
 def clients_check(ref: str, method: str, path: str) -> None:
     """Would METHOD PATH be allowed for this client? Exit 0 if allowed, 1 if not."""
@@ -1150,6 +1275,47 @@ def tokens_introspect(
         fail(_not_a_broker(response, url))
     show(answer)
     raise typer.Exit(0 if answer["active"] else 1)
+
+
+@issuers_app.command("add")
+def issuers_add(
+    issuer: Annotated[str, typer.Argument(help="issuer URL exactly as its tokens' iss")],
+    description: Annotated[str | None, typer.Option()] = None,
+    verify: Annotated[
+        bool, typer.Option(help="fetch its discovery document now (--no-verify: offline)")
+    ] = True,
+) -> None:
+    """Trust a workload identity issuer (GitHub Actions, GitLab, a Kubernetes cluster)."""
+    show(
+        api(
+            "POST",
+            "/trusted-issuers",
+            body={"issuer": issuer, "description": description, "verify": verify},
+        )
+    )
+
+
+@issuers_app.command("list")
+def issuers_list() -> None:
+    """The trusted workload identity issuers."""
+    show(api("GET", "/trusted-issuers"))
+
+
+@issuers_app.command("remove")
+def issuers_remove(
+    ref: Annotated[str, typer.Argument(help="the entry's id or the issuer URL")],
+    yes: Yes = False,
+) -> None:
+    """Stop trusting an issuer: exchanges of its tokens are refused at once."""
+    entries = api("GET", "/trusted-issuers")
+    found = [e for e in entries if ref in {e["id"], e["issuer"]}]
+    if not found:
+        fail(f"no trusted issuer {ref!r} (see `broker issuers list`)")
+    confirm(f"stop trusting {found[0]['issuer']}", yes)
+    removed = api("POST", f"/trusted-issuers/{found[0]['id']}/remove")
+    if removed["clients"]:
+        say(f"clients whose trust policies name it: {', '.join(removed['clients'])}")
+    show(removed)
 
 
 @admin_key_app.command("list")

@@ -156,6 +156,16 @@ class Settings(BaseSettings):
         default=8 * 3600,
         description="Seconds a security-console session lasts at most, however busy",
     )
+    workload_fetch_timeout: float = Field(
+        default=5.0,
+        description="Seconds each request for a workload identity issuer's discovery document "
+        "or keys may take (the whole fetch: twice that)",
+    )
+    workload_allow_loopback_http: bool = Field(
+        default=False,
+        description="Allow plain-http workload identity issuers on a loopback address (tests "
+        "and development only; real issuers are https)",
+    )
     host: str = Field(default="127.0.0.1", description="Address `broker serve` binds")
     port: int = Field(default=8000, description="Port `broker serve` binds")
 
@@ -211,6 +221,7 @@ class Settings(BaseSettings):
             "BROKER_MAX_CONNECTIONS": 0 <= self.max_connections <= 10**7,
             "BROKER_CONSOLE_IDLE_TIMEOUT": 0 < self.console_idle_timeout <= DAY,
             "BROKER_CONSOLE_SESSION_LIFETIME": 0 < self.console_session_lifetime <= 7 * DAY,
+            "BROKER_WORKLOAD_FETCH_TIMEOUT": 0 < self.workload_fetch_timeout <= 60,  # noqa: PLR2004
         }
         for name, ok in checks.items():
             if not ok:

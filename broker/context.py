@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from broker.keyring import Keyring, KeyringReloader, load_keyring
 from broker.services.audit_hub import RemoteAuditWriter
 from broker.services.audit_writer import AuditWriter, EventWriter
+from broker.services.issuer_keys import IssuerKeys
 from broker.services.revocation import CacheEpoch
 from broker.storage.database import Database
 from broker.upstream import Forwarder, HttpForwarder
@@ -24,7 +25,8 @@ class ProcessContext:
     """What every request handler shares.
 
     Settings, the database (its engines), keys (and what keeps them current after a key
-    rotation), the upstream pool, the audit writer and the revocation epoch.
+    rotation), the upstream pool, the audit writer, the revocation epoch and the cache of
+    workload identity issuers' keys.
     """
 
     settings: Settings
@@ -34,6 +36,7 @@ class ProcessContext:
     audit_writer: EventWriter
     epoch: CacheEpoch
     keys: KeyringReloader
+    issuer_keys: IssuerKeys
 
     @property
     def engine(self) -> AsyncEngine:
@@ -81,6 +84,7 @@ class ProcessContext:
             ),
             epoch=CacheEpoch(settings.epoch_file, database=database, on_change=keys.reload),
             keys=keys,
+            issuer_keys=IssuerKeys(settings),
             forwarder=forwarder
             or HttpForwarder(
                 connect_timeout=settings.upstream_connect_timeout,
@@ -94,4 +98,5 @@ class ProcessContext:
         await self.audit_writer.aclose()
         await self.epoch.aclose()
         await self.forwarder.aclose()
+        await self.issuer_keys.aclose()
         await self.database.aclose()

@@ -96,6 +96,19 @@ class Client:
     created_at: datetime
     updated_at: datetime
     secret_rotated_at: datetime | None
+    # Workload identities accepted in exchange for a proxy token (core.workload).
+    trust_policies: tuple[Mapping[str, Any], ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrustedIssuer:
+    """An issuer of workload identity tokens on the instance's allowlist."""
+
+    id: str
+    issuer: str
+    description: str | None
+    created_at: datetime
+    created_by: str | None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -122,6 +135,30 @@ class AdminKey:
     created_at: datetime
     revoked_at: datetime | None
     created_by: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class CanvasDemand:
+    """One process's demand on a worker credential's Canvas bucket, for one of its clients.
+
+    What the processes of a broker share (``services.canvas_capacity``): rates in units a
+    second, ``remaining``/``seen_at``/``ceiling`` the process's last sight of the bucket (if
+    any), times in epoch seconds.
+    """
+
+    holder: str
+    credential_id: str
+    client_id: str
+    weight: float
+    asked: float
+    spent: float
+    spent_total: float
+    in_flight: int
+    asking: bool
+    remaining: float | None
+    seen_at: float | None
+    ceiling: float | None
+    updated_at: float
 
 
 @dataclass(frozen=True, slots=True)

@@ -113,6 +113,12 @@ class Metrics:
             ["credential", "client"],
             registry=self.registry,
         )
+        self.canvas_sync_failures = Counter(
+            "broker_canvas_share_sync_failures",
+            "Rounds in which this process could not share its Canvas demand with the other "
+            "processes and replicas (database down or slow); it retries every half second",
+            registry=self.registry,
+        )
         self.canvas_throttled = Counter(
             "broker_canvas_throttled",
             "Calls Canvas itself refused with its rate-limit 403 (relayed as sent)",

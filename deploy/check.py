@@ -1,7 +1,11 @@
 """Check the deployment artefacts with what runs here (no Docker engine in CI).
 
 - every YAML file parses; Kubernetes documents have apiVersion/kind/metadata.name;
-- every BROKER_* variable the compose file, manifests and Dockerfile set is a real setting;
+- every BROKER_* variable the compose file, manifests and Dockerfile set is a real setting
+  (or a variable the `broker` command reads, such as BROKER_URL);
+- a projected service-account token (a keyless job's) names an audience, so it is not an
+  API-server token, and lives at least Kubernetes' minimum of 600 s; a container that runs
+  `broker token --subject-token-file F` mounts such a token at F and sets no client secret;
 - the containers run the `broker` commands that exist (`serve`, `init --no-admin-key`);
 - the Dockerfile installs requirements.txt with --require-hashes, and every other pip install
   or pip wheel in it passes --no-deps;
@@ -21,6 +25,7 @@ import sys
 import zipfile
 from email.parser import Parser
 from pathlib import Path
+from typing import Any
 
 import yaml
 from lock_files import Lock, read_lock  # beside this script: run as deploy/check.py
@@ -28,11 +33,12 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from broker.cli import app as cli_app
-from broker.config import Settings
+from broker.config import CLIENT_VARIABLES, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCK = "requirements.txt"  # the runtime lock, which the image installs
-SETTINGS = {f"BROKER_{name.upper()}" for name in Settings.model_fields}
+SETTINGS = {f"BROKER_{name.upper()}" for name in Settings.model_fields} | CLIENT_VARIABLES
+MIN_PROJECTED_SECONDS = 600  # the shortest expirationSeconds Kubernetes accepts
 COMMANDS = {
     command.name or command.callback.__name__.replace("_", "-")
     for command in cli_app.registered_commands
@@ -77,11 +83,63 @@ def check_kubernetes(problems: list[str]) -> None:
             )
             if not document.get("metadata", {}).get("name"):
                 problems.append(f"{path.name}: a {document.get('kind')} has no metadata.name")
-            spec = document.get("spec", {})
-            template = spec.get("template", {}).get("spec", {})
-            for container in template.get("containers", []):
-                check_args(container.get("args"), f"{path.name} {container['name']}", problems)
+            for pod in pod_specs(document):
+                for container in pod.get("containers", []):
+                    where = f"{path.name} {container['name']}"
+                    check_args(container.get("args"), where, problems)
+                check_projected_tokens(pod, path.name, problems)
         check_env_names(path.read_text(), path.name, problems)
+
+
+def pod_specs(document: dict[str, Any]) -> list[dict[str, Any]]:
+    """The pod templates of a workload: a Deployment's or Job's, or a CronJob's job's."""
+    spec = document.get("spec") or {}
+    job = (spec.get("jobTemplate") or {}).get("spec") or {}
+    templates = [spec.get("template"), job.get("template")]
+    return [t["spec"] for t in templates if isinstance(t, dict) and t.get("spec")]
+
+
+def check_projected_tokens(pod: dict[str, Any], where: str, problems: list[str]) -> None:
+    """Projected tokens name an audience; a keyless exchange reads a mounted one."""
+    tokens: dict[str, str] = {}
+    for volume in pod.get("volumes", []):
+        for source in (volume.get("projected") or {}).get("sources", []):
+            token = source.get("serviceAccountToken")
+            if token is None:
+                continue
+            tokens[volume["name"]] = str(token.get("path", ""))
+            if not token.get("audience"):
+                problems.append(
+                    f"{where}: projected token {volume['name']} has no audience (it would "
+                    "be an API-server token; name the broker's URL)"
+                )
+            lifetime = token.get("expirationSeconds", 3600)
+            if not isinstance(lifetime, int) or lifetime < MIN_PROJECTED_SECONDS:
+                problems.append(
+                    f"{where}: projected token {volume['name']} expirationSeconds must be at "
+                    f"least {MIN_PROJECTED_SECONDS}"
+                )
+    for container in pod.get("containers", []):
+        words = " ".join(
+            str(w) for w in [*container.get("command", []), *container.get("args", [])]
+        )
+        files = re.findall(r"--subject-token-file[ =]+[\"']?([^\s\"')]+)", words)
+        mounted = {
+            f"{mount['mountPath'].rstrip('/')}/{tokens[mount['name']]}"
+            for mount in container.get("volumeMounts", [])
+            if mount.get("name") in tokens
+        }
+        problems.extend(
+            f"{where} {container['name']}: --subject-token-file {file} is no mounted "
+            "projected service-account token"
+            for file in files
+            if file not in mounted
+        )
+        names = {variable.get("name") for variable in container.get("env", [])}
+        if files and "BROKER_CLIENT_SECRET" in names:
+            problems.append(
+                f"{where} {container['name']}: a keyless job must not carry BROKER_CLIENT_SECRET"
+            )
 
 
 def instructions(text: str) -> list[tuple[str, str]]:

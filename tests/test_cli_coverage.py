@@ -61,6 +61,9 @@ COMMANDS: dict[str, tuple[str, ...]] = {
     "verify_audit_broker_v1_audit_verify_get": ("audit", "verify"),
     "hash_audit_value_broker_v1_audit_hash_post": ("audit", "hash"),
     "prune_audit_broker_v1_audit_prune_post": ("audit", "prune"),
+    "add_trusted_issuer_broker_v1_trusted_issuers_post": ("issuers", "add"),
+    "list_trusted_issuers_broker_v1_trusted_issuers_get": ("issuers", "list"),
+    "remove_trusted_issuer_broker_v1_trusted_issuers__ref__remove_post": ("issuers", "remove"),
 }
 """API operationId -> the ``broker`` command that performs it."""
 

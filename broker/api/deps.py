@@ -13,6 +13,7 @@ from broker.errors import BadRequestError
 from broker.requestid import current_request_id, set_request_facts
 from broker.services.admin_auth import AdminAuthenticator
 from broker.services.audit import AuditService
+from broker.services.exchange import ExchangeService
 from broker.services.management import Actor, ManagementService
 from broker.services.manual_tokens import ManualTokenService
 from broker.services.tokens import TokenService
@@ -29,6 +30,7 @@ class Services:
     admin_auth: AdminAuthenticator
     worker_oauth: WorkerOAuthService
     manual_tokens: ManualTokenService
+    exchange: ExchangeService
 
 
 def get_services(request: Request) -> Services:

@@ -27,6 +27,9 @@ from broker.api.schemas import (
     CredentialRotate,
     CredentialUpdate,
     ErrorOut,
+    IssuerCreate,
+    IssuerOut,
+    IssuerRemoved,
     PolicyCheck,
     PolicyDecision,
     RevokedCount,
@@ -405,6 +408,35 @@ async def revoke_token_value(body: TokenValue, actor: Admin, services: ServicesD
 async def revoke_token(token_id: str, actor: Admin, services: ServicesDep) -> TokenOut:
     """Revoke one proxy token; it fails on its very next use."""
     return TokenOut.model_validate(await services.management.revoke_token(actor, token_id))
+
+
+# Trusted issuers ----------------------------------------------------------------------------
+
+
+@router.post("/trusted-issuers", status_code=status.HTTP_201_CREATED, tags=["trusted-issuers"])
+async def add_trusted_issuer(body: IssuerCreate, actor: Admin, services: ServicesDep) -> IssuerOut:
+    """Put a workload identity issuer on the allowlist trust policies may name (admins only).
+
+    Unless ``verify`` is false its discovery document and keys are fetched first; an issuer
+    that does not answer is a 422 and nothing is saved.
+    """
+    entry = await services.management.add_issuer(
+        actor, issuer=body.issuer, description=body.description, verify=body.verify
+    )
+    return IssuerOut.model_validate(entry)
+
+
+@router.get("/trusted-issuers", tags=["trusted-issuers"])
+async def list_trusted_issuers(_: Reader, services: ServicesDep) -> list[IssuerOut]:
+    """The issuers whose workload identity tokens trust policies may accept."""
+    return [IssuerOut.model_validate(e) for e in await services.management.list_issuers()]
+
+
+@router.post("/trusted-issuers/{ref}/remove", tags=["trusted-issuers"])
+async def remove_trusted_issuer(ref: str, actor: Admin, services: ServicesDep) -> IssuerRemoved:
+    """Take an issuer (by id or URL) off the allowlist: its tokens are refused at once."""
+    entry, affected = await services.management.remove_issuer(actor, ref)
+    return IssuerRemoved(**IssuerOut.model_validate(entry).model_dump(), clients=affected)
 
 
 # Admin keys ---------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """OAuth 2.0 endpoints for scripts.
 
-Client credentials (RFC 6749 §4.4), revocation (RFC 7009) and introspection (RFC 7662, for
-admin keys).
+Client credentials (RFC 6749 §4.4), token exchange of a platform's identity token (RFC 8693,
+and the RFC 7523 JWT bearer grant), revocation (RFC 7009), introspection (RFC 7662, for admin
+keys) and the authorization server metadata (RFC 8414).
 """
 
 from __future__ import annotations
@@ -17,7 +18,15 @@ from fastapi.responses import HTMLResponse, JSONResponse
 
 from broker.api.deps import Reader, ServicesDep, request_facts
 from broker.api.schemas import ErrorOut, OAuthErrorOut
+from broker.core.assertions import ALGORITHMS as ASSERTION_ALGORITHMS
 from broker.core.assertions import ASSERTION_TYPE
+from broker.core.workload import ALGORITHMS as WORKLOAD_ALGORITHMS
+from broker.core.workload import (
+    JWT_BEARER,
+    SUBJECT_TOKEN_TYPES,
+    TOKEN_EXCHANGE,
+    TOKEN_TYPE_ACCESS_TOKEN,
+)
 from broker.errors import BrokerError, OAuthError
 from broker.requestid import set_request_facts
 
@@ -32,6 +41,7 @@ OAUTH_ERRORS: dict[int | str, dict[str, object]] = {
     400: {"model": OAuthErrorOut},
     401: {"model": OAuthErrorOut},
     429: {"model": OAuthErrorOut},
+    503: {"model": OAuthErrorOut},
 }
 ADMIN_KEY_ERRORS: dict[int | str, dict[str, object]] = {
     401: {"model": ErrorOut},
@@ -82,12 +92,19 @@ def _client_credentials(request: Request, form: FormData) -> tuple[str, str]:
 
 
 async def _authenticated_client(
-    request: Request, services: ServicesDep, audit: dict[str, Any]
+    request: Request,
+    services: ServicesDep,
+    audit: dict[str, Any],
+    parsed: FormData | None = None,
 ) -> tuple[Client, FormData]:
-    """Parse the form and authenticate the client within the limits; every refusal is audited."""
-    services.tokens.admit_source(audit)
+    """Parse the form and authenticate the client within the limits; every refusal is audited.
+
+    ``parsed`` is a form the caller already read (after admitting the source).
+    """
+    if parsed is None:
+        services.tokens.admit_source(audit)
     try:
-        form = await _form(request)
+        form = parsed if parsed is not None else await _form(request)
         assertion = _client_assertion(request, form)
         if assertion is None:
             client_id, secret = _client_credentials(request, form)
@@ -135,15 +152,32 @@ def _grant_type_problem(form: FormData) -> OAuthError | None:
     if grant_type is None:
         return OAuthError("invalid_request", "grant_type is required")
     if grant_type != "client_credentials":
-        return OAuthError("unsupported_grant_type", "only client_credentials is supported")
+        return OAuthError(
+            "unsupported_grant_type",
+            f"grant_type must be client_credentials, {TOKEN_EXCHANGE} or {JWT_BEARER}",
+        )
     return None
 
 
 @router.post("/token", responses=OAUTH_ERRORS)
 async def token(request: Request, services: ServicesDep) -> JSONResponse:
-    """Exchange client credentials for a short-lived proxy token."""
+    """Mint a short-lived proxy token: for client credentials, or for a platform's token.
+
+    ``grant_type=client_credentials`` with client authentication, or a keyless job's
+    ``urn:ietf:params:oauth:grant-type:token-exchange`` (RFC 8693) or
+    ``urn:ietf:params:oauth:grant-type:jwt-bearer`` (RFC 7523) with ``client_id`` and the
+    platform's identity token (docs/interfaces.md#workload-identity-token-exchange).
+    """
     audit = request_facts(request)
-    client, form = await _authenticated_client(request, services, audit)
+    services.tokens.admit_source(audit)
+    try:
+        form = await _form(request)
+    except OAuthError as exc:
+        await services.tokens.refuse(audit, exc.error, status=exc.status)
+        raise
+    if _field(form, "grant_type") in {TOKEN_EXCHANGE, JWT_BEARER}:
+        return await _exchange(request, services, form, audit)
+    client, form = await _authenticated_client(request, services, audit, form)
     problem = _grant_type_problem(form)
     if problem is not None:
         await services.tokens.refuse(
@@ -165,6 +199,80 @@ async def token(request: Request, services: ServicesDep) -> JSONResponse:
         },
         headers=NO_STORE,
     )
+
+
+async def _exchange(
+    request: Request, services: ServicesDep, form: FormData, audit: dict[str, Any]
+) -> JSONResponse:
+    """Token exchange or JWT bearer: the platform token stands in for client authentication."""
+    grant_type = _field(form, "grant_type") or ""
+    try:
+        subject_token = _subject_token(request, form, grant_type)
+    except OAuthError as exc:
+        await services.tokens.refuse(
+            {**audit, "action": "token.exchange"},
+            exc.error,
+            status=exc.status,
+            details={"grant_type": grant_type},
+        )
+        raise
+    minted = await services.exchange.exchange(
+        grant_type=grant_type,
+        subject_token=subject_token,
+        client_id=_field(form, "client_id"),
+        scope=_field(form, "scope"),
+        expires_in=_field(form, "expires_in"),
+        audit=audit,
+    )
+    body: dict[str, Any] = {
+        "access_token": minted.access_token,
+        "token_type": "Bearer",
+        "expires_in": minted.expires_in,
+        "scope": minted.scope,
+    }
+    if grant_type == TOKEN_EXCHANGE:
+        body["issued_token_type"] = TOKEN_TYPE_ACCESS_TOKEN  # RFC 8693 §2.2.1
+    return JSONResponse(body, headers=NO_STORE)
+
+
+def _subject_token(request: Request, form: FormData, grant_type: str) -> str:
+    """The platform token of an exchange request, its parameters checked."""
+    if (
+        request.headers.get("authorization") is not None
+        or _field(form, "client_secret") is not None
+        or _field(form, "client_assertion") is not None
+    ):
+        raise OAuthError(
+            "invalid_request",
+            "the platform token authenticates this request: send client_id, and no client "
+            "secret or assertion",
+        )
+    if grant_type == JWT_BEARER:
+        assertion = _field(form, "assertion")
+        if not assertion:
+            raise OAuthError("invalid_request", "assertion is required (the platform's token)")
+        return assertion
+    if _field(form, "actor_token") is not None or _field(form, "actor_token_type") is not None:
+        raise OAuthError("invalid_request", "delegation (actor_token) is not supported")
+    requested = _field(form, "requested_token_type")
+    if requested not in {None, TOKEN_TYPE_ACCESS_TOKEN}:
+        raise OAuthError(
+            "invalid_request", f"requested_token_type must be {TOKEN_TYPE_ACCESS_TOKEN}"
+        )
+    for name in ("audience", "resource"):
+        target = _field(form, name)
+        if target is not None and target not in _audiences(request):
+            # RFC 8693 §2.2.2: a target this server cannot issue a token for.
+            raise OAuthError("invalid_target", f"{name} must name this broker, or be left out")
+    subject_token = _field(form, "subject_token")
+    if not subject_token:
+        raise OAuthError("invalid_request", "subject_token is required (the platform's token)")
+    if _field(form, "subject_token_type") not in SUBJECT_TOKEN_TYPES:
+        raise OAuthError(
+            "invalid_request",
+            f"subject_token_type must be one of {', '.join(SUBJECT_TOKEN_TYPES)}",
+        )
+    return subject_token
 
 
 @router.post("/revoke", responses=OAUTH_ERRORS)
@@ -241,3 +349,39 @@ async def callback(request: Request, services: ServicesDep) -> HTMLResponse:
     )
     page = _PAGE.format(title="Authorised", message=html.escape(message))
     return HTMLResponse(page, headers=_PAGE_HEADERS)
+
+
+metadata_router = APIRouter(tags=["oauth"])
+METADATA_PATH = "/.well-known/oauth-authorization-server"
+
+
+@metadata_router.get(METADATA_PATH)
+async def authorization_server_metadata(request: Request) -> JSONResponse:
+    """RFC 8414 metadata: the token endpoint, its grants and client authentication methods.
+
+    ``none`` is the authentication of a keyless job: its platform's token stands in for it
+    (docs/interfaces.md#authorization-server-metadata).
+    """
+    base = request.app.state.context.settings.public_base
+    if base is None:
+        base = f"{request.url.scheme}://{request.url.netloc}"
+    methods = ["client_secret_basic", "client_secret_post", "private_key_jwt"]
+    return JSONResponse(
+        {
+            "issuer": base,
+            "token_endpoint": f"{base}{router.prefix}/token",
+            "revocation_endpoint": f"{base}{router.prefix}/revoke",
+            "introspection_endpoint": f"{base}{router.prefix}/introspect",
+            "grant_types_supported": ["client_credentials", TOKEN_EXCHANGE, JWT_BEARER],
+            # RFC 8414 §2 requires the member; there is no authorization endpoint.
+            "response_types_supported": [],
+            "token_endpoint_auth_methods_supported": [*methods, "none"],
+            "token_endpoint_auth_signing_alg_values_supported": list(ASSERTION_ALGORITHMS),
+            "revocation_endpoint_auth_methods_supported": methods,
+            "introspection_endpoint_auth_methods_supported": ["bearer"],
+            "subject_token_types_supported": list(SUBJECT_TOKEN_TYPES),
+            "subject_token_signing_alg_values_supported": list(WORKLOAD_ALGORITHMS),
+            "service_documentation": f"{base}/broker/v1/docs",
+        },
+        headers={"Cache-Control": "public, max-age=3600"},
+    )

@@ -227,6 +227,39 @@ class AuthorizationOut(Output):
     credential: CredentialOut
 
 
+class ClaimPattern(Input):
+    """A claim rule by regular expression: the whole value must match (never a prefix)."""
+
+    pattern: str = Field(examples=["refs/heads/release/[0-9.]+"])
+
+
+class TrustPolicy(Input):
+    """A workload identity whose platform tokens the client accepts (docs/grants.md)."""
+
+    issuer: str = Field(
+        examples=["https://token.actions.githubusercontent.com"],
+        description="the token's iss exactly; must be on the trusted-issuers list",
+    )
+    audience: str = Field(
+        examples=["https://broker.example.edu"],
+        description="a value the token's aud must hold (the audience the job asks for)",
+    )
+    claims: dict[str, str | ClaimPattern] = Field(
+        examples=[{"sub": "repo:org/repo:ref:refs/heads/main", "environment": "production"}],
+        description="claim rules, all of which must hold: an exact value, or "
+        '{"pattern": …}; nested claims as "kubernetes.io/namespace"; one rule must pin an '
+        "identity claim (sub, repository, project_path, kubernetes.io/serviceaccount/name…)",
+    )
+
+
+class TrustPolicyOut(Output):
+    """A stored trust policy."""
+
+    issuer: str
+    audience: str
+    claims: dict[str, str | dict[str, str]]
+
+
 class ClientCreate(Input):
     """Create a client with a grant."""
 
@@ -262,13 +295,24 @@ class ClientCreate(Input):
         "remaining capacity is under BROKER_CANVAS_RESERVE (docs/proxy-rules.md#canvas-capacity)",
         examples=[1.0],
     )
-    auth_method: Literal["client_secret", "private_key_jwt"] = Field(
+    auth_method: Literal["client_secret", "private_key_jwt", "workload_identity"] = Field(
         default="client_secret",
-        description="client_secret (a secret is issued) or private_key_jwt (RFC 7523: the "
-        "script signs assertions with its own key; no secret exists)",
+        description="client_secret (a secret is issued), private_key_jwt (RFC 7523: the "
+        "script signs assertions with its own key; no secret exists) or workload_identity "
+        "(no secret: tokens only in exchange for a platform's token, under trust_policies)",
     )
     jwks: dict[str, Any] | None = Field(
         default=None, description="public JWK Set verifying assertions; private_key_jwt only"
+    )
+    trust_policies: list[TrustPolicy] = Field(
+        default_factory=list,
+        description="workload identities whose platform tokens this client accepts in "
+        "exchange for a proxy token (docs/interfaces.md#workload-identity-token-exchange)",
+    )
+    verify: bool = Field(
+        default=True,
+        description="fetch each trust policy's issuer's discovery document now; false for "
+        "offline setup",
     )
     description: str | None = Field(default=None, max_length=2000)
 
@@ -302,6 +346,14 @@ class ClientUpdate(Input):
     jwks: dict[str, Any] | None = Field(
         default=None, description="replace the public JWK Set (private_key_jwt clients)"
     )
+    trust_policies: list[TrustPolicy] | None = Field(
+        default=None, description="replace the trust policies; [] removes them all"
+    )
+    verify: bool = Field(
+        default=True,
+        description="fetch the discovery document of each issuer a new trust policy names; "
+        "false for offline setup",
+    )
     description: str | None = Field(default=None, max_length=2000)
 
 
@@ -309,10 +361,16 @@ class CanvasShareOut(Output):
     """A client's part of its worker credential's Canvas rate limit (docs/proxy-rules.md)."""
 
     weight: float
-    share: float = Field(description="fraction of the outflow while capacity is shared")
-    asking: bool = Field(description="called within the sharing window")
-    spent_per_second: float = Field(description="Canvas cost per second, averaged")
-    spent_total: float = Field(description="Canvas cost since this process started")
+    share: float = Field(
+        description="fraction of the outflow while capacity is shared, among the clients "
+        "asking in every process and replica"
+    )
+    asking: bool = Field(description="called within the sharing window, in any process")
+    spent_per_second: float = Field(description="Canvas cost per second, averaged, everywhere")
+    spent_total: float = Field(
+        description="Canvas cost, summed over the processes serving the client now (each "
+        "since it started)"
+    )
     credential_remaining: float | None = Field(
         description="Canvas's remaining capacity for the credential, estimated now"
     )
@@ -342,6 +400,9 @@ class ClientOut(Output):
     )
     auth_method: str
     jwks: dict[str, Any] | None
+    trust_policies: list[TrustPolicyOut] = Field(
+        default_factory=list, description="workload identities accepted in exchange"
+    )
     description: str | None
     enabled: bool
     created_at: datetime
@@ -383,7 +444,9 @@ class ClientUpdated(ClientSaved):
 class ClientWithSecret(ClientSaved):
     """A client with its secret: returned once, at creation or rotation."""
 
-    client_secret: str | None = Field(description="null for private_key_jwt clients")
+    client_secret: str | None = Field(
+        description="null for private_key_jwt and workload_identity clients"
+    )
 
 
 class SecretRotate(Input):
@@ -591,3 +654,35 @@ class AuditPruneOut(BaseModel):
         description="seq of the admin event recording this prune (null for a dry run)"
     )
     dry_run: bool = Field(default=False, description="true: nothing was changed")
+
+
+class IssuerCreate(Input):
+    """Put a workload identity issuer on the allowlist."""
+
+    issuer: str = Field(
+        examples=["https://token.actions.githubusercontent.com"],
+        description="the issuer URL exactly as its tokens' iss names it (https)",
+    )
+    description: str | None = Field(default=None, max_length=2000)
+    verify: bool = Field(
+        default=True,
+        description="fetch its discovery document and keys now; false for offline setup",
+    )
+
+
+class IssuerOut(Output):
+    """An issuer on the allowlist."""
+
+    id: str
+    issuer: str
+    description: str | None
+    created_at: datetime
+    created_by: str | None = Field(description="the admin key that added it")
+
+
+class IssuerRemoved(IssuerOut):
+    """An issuer taken off the allowlist, and the clients whose policies name it."""
+
+    clients: list[str] = Field(
+        description="clients with a trust policy for this issuer: refused until it is back"
+    )

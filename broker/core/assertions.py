@@ -71,7 +71,7 @@ def public_key_set(value: Mapping[str, Any]) -> dict[str, list[dict[str, Any]]]:
             )
         if kty in _CURVES and key.get("crv") not in _CURVES[kty]:
             raise InvalidKeySetError(f"key {index}: unsupported curve {key.get('crv')!r}")
-        if kty == "RSA" and _rsa_bits(key.get("n")) < MIN_RSA_BITS:
+        if kty == "RSA" and rsa_bits(key.get("n")) < MIN_RSA_BITS:
             raise InvalidKeySetError(f"key {index}: RSA keys need at least {MIN_RSA_BITS} bits")
         public.append({m: key[m] for m in _PUBLIC_MEMBERS[kty] if m in key})
     try:
@@ -81,7 +81,7 @@ def public_key_set(value: Mapping[str, Any]) -> dict[str, list[dict[str, Any]]]:
     return {"keys": public}
 
 
-def _rsa_bits(modulus: object) -> int:
+def rsa_bits(modulus: object) -> int:
     """Bit length of a JWK's base64url modulus (0 if unreadable), checked before importing."""
     if not isinstance(modulus, str):
         return 0

@@ -44,6 +44,7 @@ ACTIONS: Final = frozenset(
         "proxy",
         "proxy.complete",
         "token.mint",
+        "token.exchange",  # a platform's token exchanged for a proxy token (services.exchange)
         "token.revoke",
         *(f"upstream.{verb}" for verb in ("create", "update", "enable", "disable")),
         *(
@@ -72,6 +73,8 @@ ACTIONS: Final = frozenset(
             )
         ),
         *(f"admin_key.{verb}" for verb in ("create", "revoke", "authenticate", "authorize")),
+        "issuer.add",
+        "issuer.remove",
         "keys.rotate",
         *(f"audit.{verb}" for verb in ("export", "hash", "prune")),
         # The security console (services.console)
@@ -150,6 +153,16 @@ TOKEN_REASONS: Final = frozenset(
         "unknown_token",
         "token_revoked",
         "token_rate_limited",
+        # Token exchange (services.exchange, core.workload).
+        "invalid_target",
+        "invalid_subject_token",
+        "subject_token_expired",
+        "subject_token_replayed",
+        "issuer_not_trusted",
+        "issuer_not_allowed",
+        "issuer_unavailable",
+        "audience_mismatch",
+        "claim_mismatch",
     }
 )
 """Why a token request or a client's revocation was refused or did nothing."""

@@ -1,25 +1,59 @@
 """Canvas's rate limit per worker credential, shared fairly (docs/proxy-rules.md#canvas-capacity).
 
-One :class:`~broker.core.capacity.Budget` per worker credential, in this process's memory. Its
-state comes from the headers Canvas returns (``X-Rate-Limit-Remaining`` is Canvas's own count,
-not a broker estimate), so the processes and replicas of one broker converge on the same view
-without sharing any state; what each one shares out is the outflow among the clients it
-serves itself.
+One :class:`~broker.core.capacity.Budget` per worker credential, in this process's memory: a
+proxied call is decided there, with no database or network round trip. Its sight of the
+bucket comes from the headers Canvas returns (``X-Rate-Limit-Remaining`` is Canvas's own
+count). What the fair share needs from the other processes and replicas, :meth:`sync` shares
+in the background: about twice a second it replaces this process's rows of ``canvas_demand``
+(per credential with activity here and per client: weight, rates asked and spent, calls in
+flight, its last sight of the bucket), reads the other processes' rows written in the last
+:data:`~broker.core.capacity.FRESH` seconds, and merges them into the Budgets. If the
+database cannot be reached, each process falls back to what it sees itself once the merged
+view is older than ``FRESH`` seconds, and the reserve absorbs the difference.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import time
-from typing import TYPE_CHECKING, Any
+from collections import defaultdict
+from typing import TYPE_CHECKING, Any, Final
+
+from sqlalchemy.exc import SQLAlchemyError
 
 from broker.core import admission
-from broker.core.capacity import Budget, ClientShare, Decision, parse_number
+from broker.core.capacity import (
+    FRESH,
+    Budget,
+    ClientShare,
+    Decision,
+    Demand,
+    Sighting,
+    parse_number,
+)
+from broker.domain import CanvasDemand
+from broker.services import renewal
+from broker.storage import canvas_demand
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
     from broker.config import Settings
     from broker.metrics import Metrics
+    from broker.storage.database import Sessions
+
+logger = logging.getLogger(__name__)
+
+SYNC_INTERVAL: Final = 0.5
+"""Seconds between two publications of this process's demand (and reads of the others')."""
+
+SYNC_TIMEOUT: Final = 2.0
+"""The longest one publication and read may take; past it, it is abandoned and retried."""
+
+PRUNE_AFTER: Final = 4 * FRESH
+"""Rows older than this (seconds) belong to processes gone, and any process deletes them."""
 
 
 def _header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> bytes | None:
@@ -33,12 +67,24 @@ class CanvasCapacity:
     """Admits calls by fair share while a credential's Canvas capacity is low; tracks it."""
 
     def __init__(
-        self, settings: Settings, metrics: Metrics, clock: Callable[[], float] = time.monotonic
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        sessions: Sessions | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        holder: str | None = None,
     ) -> None:
         self._reserve = settings.canvas_reserve
         self._outflow = settings.canvas_outflow
         self._metrics = metrics
+        self._sessions = sessions
         self._clock = clock
+        self._wall = wall
+        self.holder = holder or renewal.holder_id()
+        self._published = False  # whether rows of this process may be in the table
+        self._pruned_at = 0.0
         self._budgets: dict[str, Budget] = {}
         # Labelled metric children, looked up once each: labels() costs more than the update.
         self._costs: dict[str, Any] = {}
@@ -104,3 +150,100 @@ class CanvasCapacity:
             return None, None
         now = self._clock()
         return budget.share_of(now, client_id), budget.estimate(now, self._outflow)
+
+    # Sharing with the other processes ---------------------------------------------------------
+
+    def _rows(self, now: float, wall: float) -> list[CanvasDemand]:
+        """The demand of the clients served here as rows, on the wall clock (a common one)."""
+        rows: list[CanvasDemand] = []
+        for credential_id, budget in self._budgets.items():
+            seen = budget.sighting()
+            rows.extend(
+                CanvasDemand(
+                    holder=self.holder,
+                    credential_id=credential_id,
+                    client_id=demand.client_id,
+                    weight=demand.weight,
+                    asked=demand.asked,
+                    spent=demand.spent,
+                    spent_total=demand.spent_total,
+                    in_flight=demand.in_flight,
+                    asking=demand.asking,
+                    remaining=None if seen is None else seen.remaining,
+                    seen_at=None if seen is None else wall - (now - seen.seen_at),
+                    ceiling=None if seen is None else seen.ceiling,
+                    updated_at=wall,
+                )
+                for demand in budget.demand(now)
+            )
+        return rows
+
+    async def sync(self) -> None:
+        """Publish this process's demand, read the other processes', merge them (see module)."""
+        if self._sessions is None:
+            return
+        now, wall = self._clock(), self._wall()
+        rows = self._rows(now, wall)
+        if rows or self._published:
+            # A process with nothing to say writes nothing, once its rows are withdrawn.
+            async with self._sessions.begin() as session:
+                await canvas_demand.publish(session, self.holder, rows)
+                if wall - self._pruned_at > FRESH:
+                    await canvas_demand.prune(session, wall - PRUNE_AFTER)
+                    self._pruned_at = wall
+            self._published = bool(rows)
+        async with self._sessions() as session:
+            others = await canvas_demand.others(session, self.holder, wall - FRESH)
+        self._merge(others, self._clock(), self._wall())
+
+    def _merge(self, rows: Sequence[CanvasDemand], now: float, wall: float) -> None:
+        demands: dict[str, list[Demand]] = defaultdict(list)
+        sightings: dict[str, list[Sighting]] = defaultdict(list)
+        for row in rows:
+            demands[row.credential_id].append(
+                Demand(
+                    client_id=row.client_id,
+                    weight=row.weight,
+                    asked=row.asked,
+                    spent=row.spent,
+                    spent_total=row.spent_total,
+                    in_flight=row.in_flight,
+                    asking=row.asking,
+                )
+            )
+            if row.remaining is not None and row.seen_at is not None:
+                sightings[row.credential_id].append(
+                    Sighting(
+                        remaining=row.remaining,
+                        seen_at=now - max(0.0, wall - row.seen_at),
+                        ceiling=row.remaining if row.ceiling is None else row.ceiling,
+                    )
+                )
+        for credential_id in set(self._budgets) | set(demands):
+            self._budget(credential_id).merge(
+                now, demands.get(credential_id, []), sightings.get(credential_id, [])
+            )
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Share demand every :data:`SYNC_INTERVAL` until ``stopping``; then withdraw it.
+
+        A failure (the database down or slow) is logged and counted, and the next round
+        tries again; it never ends the loop, whose end would leave this process deciding on
+        the others' demand as last merged and then on its own alone, with no word of it.
+        """
+        failing = False
+        while not stopping.is_set():
+            try:
+                await asyncio.wait_for(self.sync(), SYNC_TIMEOUT)
+                failing = False
+            except Exception as exc:  # noqa: BLE001 - see the docstring; logged and counted
+                self._metrics.canvas_sync_failures.inc()
+                if not failing:  # once per outage, not twice a second
+                    logger.warning("Canvas demand could not be shared: %s", type(exc).__name__)
+                failing = True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), SYNC_INTERVAL)
+        if self._sessions is not None and self._published:
+            with contextlib.suppress(SQLAlchemyError, OSError):
+                async with asyncio.timeout(SYNC_TIMEOUT), self._sessions.begin() as session:
+                    await canvas_demand.withdraw(session, self.holder)

@@ -21,7 +21,16 @@ from broker.core.assertions import public_key_set
 from broker.core.catalogue import unfamiliar_scopes
 from broker.core.scopes import Decision, Grant
 from broker.core.tokens import SecretKind, check_secret, generate_secret, new_id
-from broker.domain import AdminKey, Client, OAuthGrant, ProxyToken, Upstream, WorkerCredential
+from broker.core.workload import PolicyError, check_issuer_url, check_policies, issuers_of
+from broker.domain import (
+    AdminKey,
+    Client,
+    OAuthGrant,
+    ProxyToken,
+    TrustedIssuer,
+    Upstream,
+    WorkerCredential,
+)
 from broker.errors import (
     ConflictError,
     InvalidKeySetError,
@@ -34,6 +43,7 @@ from broker.errors import (
 from broker.requestid import current_request_facts, current_request_id
 from broker.services.audit import add_events, admin_event
 from broker.services.canvas_identity import CanvasUser, verifying_forwarder, whoami
+from broker.services.issuer_keys import IssuerKeys, IssuerUnavailableError
 from broker.services.manual_tokens import lookup_warning, parse_rotate_every, read_record
 from broker.services.ratelimit import default_burst
 from broker.services.revocation import CacheEpoch, bump_revocation_epoch
@@ -46,10 +56,17 @@ from broker.storage import (
     oauth_grants,
     proxy_tokens,
     rate_buckets,
+    trusted_issuers,
     upstreams,
 )
 from broker.storage.credentials import SealedToken, TokenRecord
-from broker.storage.models import CLIENT_SECRET, OAUTH, PRIVATE_KEY_JWT, utcnow
+from broker.storage.models import (
+    CLIENT_SECRET,
+    OAUTH,
+    PRIVATE_KEY_JWT,
+    WORKLOAD_IDENTITY,
+    utcnow,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -257,13 +274,15 @@ def check_rate(rate_limit: float | None, rate_burst: int | None) -> tuple[float 
 
 
 def check_auth(auth_method: str, jwks: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """The public key set a client authenticates with, or None for secret clients."""
-    if auth_method == CLIENT_SECRET:
+    """The public key set a client authenticates with, or None for the other methods."""
+    if auth_method in {CLIENT_SECRET, WORKLOAD_IDENTITY}:
         if jwks is not None:
             raise ValidationFailedError("jwks", "only private_key_jwt clients have a key set")
         return None
     if auth_method != PRIVATE_KEY_JWT:
-        raise ValidationFailedError("auth_method", "must be client_secret or private_key_jwt")
+        raise ValidationFailedError(
+            "auth_method", "must be client_secret, private_key_jwt or workload_identity"
+        )
     if jwks is None:
         raise ValidationFailedError("jwks", "private_key_jwt clients need a public JWK Set")
     try:
@@ -311,6 +330,8 @@ def _comparable(name: str, value: Any) -> Any:  # noqa: ANN401 - a field's value
         return {k: sorted(v) for k, v in sorted(value.items())}
     if name == "jwks" and value is not None:
         return dict(value)
+    if name == "trust_policies":
+        return [dict(policy) for policy in value]
     return value
 
 
@@ -352,8 +373,11 @@ class ManagementService:
         forwarder: Forwarder | None = None,
         *,
         manual_tokens: ManualTokenService | None = None,
+        issuer_keys: IssuerKeys | None = None,
     ) -> None:
         self._sessions = sessions
+        # Reads issuers' discovery documents when a policy or an allowlist entry is saved.
+        self._issuer_keys = issuer_keys or IssuerKeys(settings)
         # Regenerates manual tokens at Canvas (the running app's; None in local commands).
         self._manual_tokens = manual_tokens
         self._keyring = keyring
@@ -835,12 +859,16 @@ class ManagementService:
         canvas_weight: float = DEFAULT_CANVAS_WEIGHT,
         auth_method: str = CLIENT_SECRET,
         jwks: Mapping[str, Any] | None = None,
+        trust_policies: Sequence[Mapping[str, Any]] = (),
+        verify: bool = True,
         description: str | None = None,
     ) -> tuple[Client, str | None]:
         """Create a client; returns it and its secret, which is never shown again.
 
         A ``private_key_jwt`` client gets no secret: it proves itself with assertions signed
-        by the private key whose public half is in ``jwks``.
+        by the private key whose public half is in ``jwks``; nor does a ``workload_identity``
+        client, which exchanges its platform's tokens under ``trust_policies``
+        (issuers reachable unless ``verify`` is false).
         """
         check_name(name)
         grant = check_grant(scopes, constraints or {})
@@ -849,10 +877,13 @@ class ManagementService:
         rate_limit, rate_burst = check_rate(rate_limit, rate_burst)
         check_canvas_weight(canvas_weight)
         key_set = check_auth(auth_method, jwks)
-        secret = generate_secret(SecretKind.CLIENT_SECRET) if key_set is None else None
+        policies = self._check_policies(auth_method, trust_policies)
+        secret = generate_secret(SecretKind.CLIENT_SECRET) if auth_method == CLIENT_SECRET else None
         now = utcnow()
         scope_strings = grant.scope_strings()
         constraint_values = {k: sorted(v) for k, v in grant.constraints.items()}
+        async with self._sessions() as session:
+            await self._check_issuers(session, policies, verify=verify)
         async with self._write("client") as session:
             owner = await credentials.get(session, credential)
             client = Client(
@@ -877,6 +908,7 @@ class ManagementService:
                 created_at=now,
                 updated_at=now,
                 secret_rotated_at=None,
+                trust_policies=tuple(policies),
             )
             client = await clients.add(
                 session, client, secret_hash=self._keyring.hash_secret(secret) if secret else None
@@ -900,8 +932,48 @@ class ManagementService:
                 canvas_weight=canvas_weight,
                 auth_method=auth_method,
                 key_ids=_key_ids(key_set),
+                trust_policies=policies,
             )
         return client, secret
+
+    def _check_policies(
+        self, auth_method: str, value: Sequence[Mapping[str, Any]]
+    ) -> list[dict[str, Any]]:
+        """Trust policies as stored, or ``ValidationFailedError`` naming the failing rule."""
+        try:
+            policies = check_policies(
+                [dict(p) for p in value],
+                allow_loopback_http=self._settings.workload_allow_loopback_http,
+            )
+        except PolicyError as exc:
+            raise ValidationFailedError(exc.field, str(exc)) from exc
+        if auth_method == WORKLOAD_IDENTITY and not policies:
+            raise ValidationFailedError(
+                "trust_policies", "a workload_identity client needs at least one trust policy"
+            )
+        return policies
+
+    async def _check_issuers(
+        self, session: AsyncSession, policies: Sequence[Mapping[str, Any]], *, verify: bool
+    ) -> None:
+        """Every issuer is on the allowlist and, unless ``verify`` is false, answers now."""
+        for issuer in issuers_of(policies):
+            if await trusted_issuers.find(session, issuer) is None:
+                raise ValidationFailedError(
+                    "trust_policies",
+                    f"the issuer {issuer} is not on the list of trusted issuers; an admin adds "
+                    "it first (broker issuers add)",
+                )
+            if verify:
+                await self._reach_issuer(issuer, "trust_policies")
+
+    async def _reach_issuer(self, issuer: str, field: str) -> int:
+        try:
+            return await self._issuer_keys.check(issuer)
+        except IssuerUnavailableError as exc:
+            raise ValidationFailedError(
+                field, f"{exc}; fix the URL, or save with verify false (--no-verify) offline"
+            ) from exc
 
     async def list_clients(self) -> list[Client]:
         """All clients by name."""
@@ -926,6 +998,15 @@ class ManagementService:
         """
         rate_limit = fields.pop("rate_limit", _UNSET)
         rate_burst = fields.pop("rate_burst", None)
+        verify = fields.pop("verify", True)
+        if fields.get("trust_policies") is not None:
+            async with self._sessions() as session:
+                current = await clients.get(session, ref)
+                fields["trust_policies"] = self._check_policies(
+                    current.auth_method, fields["trust_policies"]
+                )
+                added = [p for p in fields["trust_policies"] if p not in current.trust_policies]
+                await self._check_issuers(session, added, verify=verify)
         async with self._write("client") as session:
             before = await clients.get(session, ref)
             changes = self._checked_changes(before, fields, rate_limit, rate_burst)
@@ -995,10 +1076,15 @@ class ManagementService:
         secret = generate_secret(SecretKind.CLIENT_SECRET)
         async with self._write("client") as session:
             client = await clients.get(session, ref)
-            if client.auth_method != CLIENT_SECRET:
+            if client.auth_method == PRIVATE_KEY_JWT:
                 raise ConflictError(
                     "this client authenticates with private_key_jwt and has no secret; "
                     "replace its jwks instead"
+                )
+            if client.auth_method != CLIENT_SECRET:
+                raise ConflictError(
+                    "this client exchanges its platform's tokens and has no secret; "
+                    "change its trust_policies instead"
                 )
             client = await clients.replace_secret_hash(
                 session, client.id, self._keyring.hash_secret(secret), at=utcnow()
@@ -1156,6 +1242,72 @@ class ManagementService:
             )
         return key
 
+    # Trusted issuers -----------------------------------------------------------------------
+
+    async def add_issuer(
+        self, actor: Actor, *, issuer: str, description: str | None = None, verify: bool = True
+    ) -> TrustedIssuer:
+        """Put a workload identity issuer on the allowlist (admins only).
+
+        The URL must be https (``BROKER_WORKLOAD_ALLOW_LOOPBACK_HTTP`` allows loopback http)
+        and, unless ``verify`` is false, serve its discovery document and keys now.
+        """
+        try:
+            url = check_issuer_url(
+                issuer, allow_loopback_http=self._settings.workload_allow_loopback_http
+            )
+        except PolicyError as exc:
+            raise ValidationFailedError("issuer", str(exc)) from exc
+        keys = await self._reach_issuer(url, "issuer") if verify else None
+        async with self._write("trusted issuer") as session:
+            if await trusted_issuers.find(session, url) is not None:
+                raise ConflictError(f"the issuer {url} is already trusted")
+            entry = await trusted_issuers.add(
+                session,
+                TrustedIssuer(
+                    id=new_id("iss"),
+                    issuer=url,
+                    description=description,
+                    created_at=utcnow(),
+                    created_by=actor.key_id,
+                ),
+            )
+            await self._event(
+                session,
+                actor,
+                "issuer.add",
+                entry,
+                issuer=url,
+                description=description,
+                verified=verify,
+                signing_keys=keys,
+            )
+        return entry
+
+    async def list_issuers(self) -> list[TrustedIssuer]:
+        """The allowlist, by URL."""
+        async with self._sessions() as session:
+            return await trusted_issuers.all_by_issuer(session)
+
+    async def remove_issuer(self, actor: Actor, ref: str) -> tuple[TrustedIssuer, list[str]]:
+        """Take an issuer off the allowlist: its tokens are refused from the next exchange.
+
+        Trust policies naming it stay (shown by ``clients get``) but match nothing until it
+        is added again; returns the ids of the clients that have such policies.
+        """
+        async with self._write("trusted issuer") as session:
+            entry = await trusted_issuers.get(session, ref)
+            affected = [
+                c.id
+                for c in await clients.all_by_name(session)
+                if entry.issuer in issuers_of(c.trust_policies)
+            ]
+            await trusted_issuers.remove(session, entry.id)
+            await self._event(
+                session, actor, "issuer.remove", entry, issuer=entry.issuer, clients=affected
+            )
+        return entry, affected
+
     # Helpers -------------------------------------------------------------------------------
 
     def _write(self, label: str) -> _WriteTransaction:
@@ -1166,7 +1318,7 @@ class ManagementService:
         session: AsyncSession,
         actor: Actor,
         action: str,
-        target: Upstream | WorkerCredential | Client | ProxyToken | AdminKey,
+        target: Upstream | WorkerCredential | Client | ProxyToken | AdminKey | TrustedIssuer,
         **changes: Any,  # noqa: ANN401
     ) -> None:
         """Chain the action's audit event into its transaction.

@@ -335,7 +335,7 @@ class ManualTokenService:
                     f"credential {current.name!r} is renewed through its developer key; "
                     "it holds no manual token to regenerate"
                 )
-            taken = await credentials.take_rotation_lease(
+            taken = await credentials.ROTATION_LEASE.take(
                 session,
                 current.id,
                 holder=self._holder,
@@ -442,7 +442,8 @@ class ManualTokenService:
         async def read() -> tuple[str | None, bool]:
             async with self._sessions() as session:
                 sealed = await credentials.sealed_token(session, credential_id)
-                leased = await credentials.rotation_leased(session, credential_id, self._clock())
+                lease = credentials.ROTATION_LEASE
+                leased = await lease.live(session, credential_id, self._clock())
             return (None if sealed is None else self._open(sealed, credential_id)), leased
 
         return await renewal.newer_token(read, rejected)

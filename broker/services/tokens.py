@@ -311,8 +311,16 @@ class TokenService:
         scope: str | None,
         expires_in: str | None,
         audit: dict[str, Any],
+        not_after: int | None = None,
+        details: dict[str, Any] | None = None,
     ) -> MintedToken:
-        """Mint a proxy token for an authenticated client (audited either way)."""
+        """Mint a proxy token for an authenticated client (audited either way).
+
+        ``not_after`` (epoch seconds) caps the token's expiry: a token exchanged for a
+        platform token lives no longer than that token
+        (docs/interfaces.md#workload-identity-token-exchange).
+        ``details`` are recorded in the audit event of the mint.
+        """
         try:
             granted = Grant.compile(client.scopes, client.constraints)
             # A blank scope is no scope: the whole grant, as when the parameter is left out.
@@ -328,6 +336,11 @@ class TokenService:
             )
         lifetime = await self._lifetime(client, expires_in, audit)
         now = utcnow()
+        if not_after is not None:
+            lifetime = min(lifetime, not_after - int(now.timestamp()))
+            if lifetime < 1:
+                await self.refuse(audit, "subject_token_expired", status=400, client_id=client.id)
+                raise OAuthError("invalid_grant", "the subject token has expired")
         async with self._sessions() as session:
             credential = await credentials.find(session, client.credential_id)
             upstream = (
@@ -368,7 +381,11 @@ class TokenService:
                     "token.mint",
                     client,
                     token.id,
-                    details={"expires_in": lifetime, "scopes": list(token.scopes)},
+                    details={
+                        "expires_in": lifetime,
+                        "scopes": list(token.scopes),
+                        **(details or {}),
+                    },
                 ),
             )
         return MintedToken(value, token.id, lifetime, " ".join(token.scopes))
@@ -653,12 +670,15 @@ def _token_event(
     token_id: str,
     **fields: Any,  # noqa: ANN401 - further column values
 ) -> AuditEvent:
-    """A successful token event of ``client`` for ``token_id``."""
+    """A successful token event of ``client`` for ``token_id``.
+
+    An action the request's facts already name wins (a mint by exchange is token.exchange).
+    """
     return new_event(
         **{
             **audit,
             "kind": "token",
-            "action": action,
+            "action": audit.get("action", action),
             "decision": "allow",
             "client_id": client.id,
             "token_id": token_id,

@@ -319,7 +319,7 @@ class WorkerOAuthService:
         """
         now = self._clock()
         async with self._sessions.begin() as session:
-            taken = await oauth_grants.take_lease(
+            taken = await oauth_grants.REFRESH_LEASE.take(
                 session,
                 credential_id,
                 holder=self._holder,
@@ -464,7 +464,8 @@ class WorkerOAuthService:
         async def read() -> tuple[str | None, bool]:
             async with self._sessions() as session:
                 sealed = await credentials.sealed_token(session, credential_id)
-                leased = await oauth_grants.leased(session, credential_id, self._clock())
+                lease = oauth_grants.REFRESH_LEASE
+                leased = await lease.live(session, credential_id, self._clock())
             token = (
                 None if sealed is None else self._open(sealed, WORKER_TOKEN_PURPOSE, credential_id)
             )

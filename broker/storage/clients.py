@@ -31,6 +31,7 @@ SETTINGS: Final = (
     "rate_burst",
     "canvas_weight",
     "jwks",
+    "trust_policies",
     "description",
     "enabled",
 )
@@ -64,6 +65,7 @@ def record(row: models.Client) -> Client:
         created_at=row.created_at,
         updated_at=row.updated_at,
         secret_rotated_at=row.secret_rotated_at,
+        trust_policies=tuple(row.trust_policies or ()),
     )
 
 
@@ -75,6 +77,8 @@ def _json(column: str, value: Any) -> Any:  # noqa: ANN401 - a column's value
         return {name: list(values) for name, values in value.items()}
     if column == "jwks" and value is not None:
         return dict(value)
+    if column == "trust_policies":
+        return [dict(policy) for policy in value] or None
     return value
 
 
@@ -114,6 +118,7 @@ async def add(session: AsyncSession, client: Client, *, secret_hash: str | None)
         secret_hash=secret_hash,
         auth_method=client.auth_method,
         jwks=_json("jwks", client.jwks),
+        trust_policies=_json("trust_policies", client.trust_policies),
         scopes=_json("scopes", client.scopes),
         constraints=_json("constraints", client.constraints),
         token_ttl=client.token_ttl,

@@ -15,6 +15,7 @@ from sqlalchemy import func, or_, select, update
 
 from broker.domain import WorkerCredential
 from broker.storage import models
+from broker.storage.leases import Lease
 from broker.storage.lookup import apply, row_by_ref, rows_by_name
 
 if TYPE_CHECKING:
@@ -280,44 +281,13 @@ async def next_rotation(session: AsyncSession) -> datetime | None:
     return due
 
 
-async def take_rotation_lease(
-    session: AsyncSession,
-    credential_id: str,
-    *,
-    holder: str,
-    now: datetime,
-    until: datetime,
-    due_by: datetime | None,
-) -> bool:
-    """Take the credential's rotation lease if nobody holds a live one; True if taken.
-
-    One conditional UPDATE (as ``oauth_grants.take_lease``): of every process and replica
-    trying at once exactly one succeeds. With ``due_by`` only if the rotation is due by then,
-    so a process that lost the race sees the next due time and does nothing.
-    """
-    credential = models.WorkerCredential
-    conditions: list[ColumnElement[bool]] = [
-        credential.id == credential_id,
-        or_(credential.rotate_lease_until.is_(None), credential.rotate_lease_until < now),
-    ]
-    if due_by is not None:
-        conditions.append(credential.rotate_due_at <= due_by)
-    result = await session.execute(
-        update(credential)
-        .where(*conditions)
-        .values(rotate_lease_holder=holder, rotate_lease_until=until)
-    )
-    return bool(getattr(result, "rowcount", 0) == 1)
-
-
-async def rotation_leased(session: AsyncSession, credential_id: str, now: datetime) -> bool:
-    """Whether a process holds a live rotation lease on the credential (a rotation under way)."""
-    until = await session.scalar(
-        select(models.WorkerCredential.rotate_lease_until).where(
-            models.WorkerCredential.id == credential_id
-        )
-    )
-    return until is not None and until > now
+ROTATION_LEASE = Lease(
+    key=models.WorkerCredential.id,
+    holder=models.WorkerCredential.rotate_lease_holder,
+    until=models.WorkerCredential.rotate_lease_until,
+    due=models.WorkerCredential.rotate_due_at,
+)
+"""A manual token's regeneration lease: ``take`` it before asking Canvas."""
 
 
 async def release_rotation(

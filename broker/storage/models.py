@@ -183,6 +183,7 @@ class OAuthState(Base):
 # How a client authenticates at the token endpoint.
 CLIENT_SECRET = "client_secret"  # noqa: S105 - a method name, not a secret
 PRIVATE_KEY_JWT = "private_key_jwt"
+WORKLOAD_IDENTITY = "workload_identity"  # no secret: tokens only by exchange (trust policies)
 
 
 class Client(Base):
@@ -200,6 +201,9 @@ class Client(Base):
     )
     # Public JWK Set verifying private_key_jwt assertions.
     jwks: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # Workload identities whose platform tokens this client accepts in exchange
+    # (core.workload.check_policies); null or empty: none.
+    trust_policies: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
     scopes: Mapped[list[str]] = mapped_column(JSON)
     constraints: Mapped[dict[str, list[str]]] = mapped_column(JSON)
     token_ttl: Mapped[int] = mapped_column(Integer)
@@ -414,3 +418,54 @@ class UsedAssertion(Base):
     client_id: Mapped[str] = mapped_column(ForeignKey("clients.id"), primary_key=True)
     jti: Mapped[str] = mapped_column(String(200), primary_key=True)
     expires_at: Mapped[datetime]
+
+
+class TrustedIssuer(Base):
+    """An issuer of workload identity tokens that trust policies may name (admins only)."""
+
+    __tablename__ = "trusted_issuers"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    issuer: Mapped[str] = mapped_column(String(500), unique=True)
+    description: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime]
+    created_by: Mapped[str | None] = mapped_column(String(40))
+
+
+class UsedSubjectToken(Base):
+    """A platform token's ``jti`` already exchanged, kept until the token expires (replay).
+
+    Keyed by a hash of issuer and ``jti``, so one token is exchanged once whichever client
+    it is presented for, on every replica.
+    """
+
+    __tablename__ = "used_subject_tokens"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    expires_at: Mapped[datetime] = mapped_column(index=True)
+
+
+class CanvasDemand(Base):
+    """One process's demand on a worker credential's Canvas bucket, per client.
+
+    Each process of each replica (``holder``) rewrites its rows twice a second and reads the
+    others' fresh ones (docs/proxy-rules.md#canvas-capacity). Times are epoch seconds.
+    No foreign keys: a row outlives neither a few seconds nor its process, and a client or
+    credential deleted meanwhile must not make a publication fail.
+    """
+
+    __tablename__ = "canvas_demand"
+
+    holder: Mapped[str] = mapped_column(String(64), primary_key=True)
+    credential_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    client_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    weight: Mapped[float]
+    asked: Mapped[float]
+    spent: Mapped[float]
+    spent_total: Mapped[float]
+    in_flight: Mapped[int]
+    asking: Mapped[bool]
+    remaining: Mapped[float | None]
+    seen_at: Mapped[float | None]
+    ceiling: Mapped[float | None]
+    updated_at: Mapped[float] = mapped_column(index=True)

@@ -16,6 +16,7 @@ from sqlalchemy import and_, or_, select, update
 from broker.domain import OAuthGrant
 from broker.storage import models
 from broker.storage.credentials import SealedToken
+from broker.storage.leases import Lease
 
 if TYPE_CHECKING:
     from datetime import datetime
@@ -165,43 +166,13 @@ async def due(session: AsyncSession, now: datetime) -> list[str]:
     return list(rows)
 
 
-async def take_lease(
-    session: AsyncSession,
-    credential_id: str,
-    *,
-    holder: str,
-    now: datetime,
-    until: datetime,
-    due_by: datetime | None,
-) -> bool:
-    """Take the credential's refresh lease if nobody holds a live one; True if taken.
-
-    One conditional UPDATE, so of every process and replica trying at once exactly one
-    succeeds, and no row lock is held across the call to Canvas. With ``due_by`` the lease is
-    taken only if the access token is due for renewal by then (a refresher that lost the race
-    sees the renewed token's later due time and does nothing).
-    """
-    grant = models.OAuthGrant
-    conditions = [
-        grant.credential_id == credential_id,
-        or_(grant.lease_until.is_(None), grant.lease_until < now),
-    ]
-    if due_by is not None:
-        conditions.append(grant.refresh_due_at <= due_by)
-    result = await session.execute(
-        update(grant).where(*conditions).values(lease_holder=holder, lease_until=until)
-    )
-    return bool(getattr(result, "rowcount", 0) == 1)
-
-
-async def leased(session: AsyncSession, credential_id: str, now: datetime) -> bool:
-    """Whether a refresher holds a live lease on the credential (a refresh in progress)."""
-    until = await session.scalar(
-        select(models.OAuthGrant.lease_until).where(
-            models.OAuthGrant.credential_id == credential_id
-        )
-    )
-    return until is not None and until > now
+REFRESH_LEASE = Lease(
+    key=models.OAuthGrant.credential_id,
+    holder=models.OAuthGrant.lease_holder,
+    until=models.OAuthGrant.lease_until,
+    due=models.OAuthGrant.refresh_due_at,
+)
+"""An OAuth credential's refresh lease: ``take`` it before refreshing."""
 
 
 async def store_tokens(

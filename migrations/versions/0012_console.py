@@ -2,7 +2,7 @@
 following one request id through the audit log
 
 Revision ID: 0012
-Revises: 0009
+Revises: 0011
 Create Date: 2026-12-04 19:00:00.000000
 """
 
@@ -13,7 +13,7 @@ from alembic import op
 
 
 revision: str = "0012"
-down_revision: str | None = "0009"
+down_revision: str | None = "0011"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

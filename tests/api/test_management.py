@@ -84,6 +84,7 @@ class World:
     token_id: str
     spare_key_id: str
     admin_key_id: str
+    issuer_id: str = ""
 
 
 @pytest.fixture
@@ -103,12 +104,31 @@ async def world(env: BrokerEnv) -> World:
     assert oauth.status_code == 201, oauth.text
     keys = (await env.http.get(f"{V1}/admin-keys", headers=env.admin())).json()
     [admin_key_id] = [k["id"] for k in keys if k["name"] == "test-admin"]
-    return World(client_id, secret, token, listed["id"], spare.json()["id"], admin_key_id)
+    issuer = await env.http.post(
+        f"{V1}/trusted-issuers",
+        headers=env.admin(),
+        json={"issuer": "https://token.actions.githubusercontent.com", "verify": False},
+    )
+    assert issuer.status_code == 201, issuer.text
+    return World(
+        client_id,
+        secret,
+        token,
+        listed["id"],
+        spare.json()["id"],
+        admin_key_id,
+        issuer.json()["id"],
+    )
 
 
 def concrete(template: str, world: World) -> str:
     """A path template filled in with resources of ``world``."""
-    refs = {"upstreams": "sim", "credentials": "worker", "clients": world.client_id}
+    refs = {
+        "upstreams": "sim",
+        "credentials": "worker",
+        "clients": world.client_id,
+        "trusted-issuers": world.issuer_id,
+    }
     resource = template.removeprefix(f"{V1}/").split("/")[0]
     path = template.replace("{token_id}", world.token_id).replace("{key_id}", world.spare_key_id)
     if template.endswith("/authorize"):
@@ -157,6 +177,11 @@ MUTATION_REQUESTS: dict[tuple[str, str], tuple[dict[str, Any] | None, str]] = {
     ("POST", f"{V1}/admin-keys"): ({"name": "ops", "role": "auditor"}, "admin_key.create"),
     ("POST", f"{V1}/admin-keys/{{key_id}}/revoke"): (None, "admin_key.revoke"),
     ("POST", f"{V1}/audit/prune"): ({"before": "2000-01-01T00:00:00Z"}, "audit.prune"),
+    ("POST", f"{V1}/trusted-issuers"): (
+        {"issuer": "https://gitlab.example.edu", "verify": False},
+        "issuer.add",
+    ),
+    ("POST", f"{V1}/trusted-issuers/{{ref}}/remove"): (None, "issuer.remove"),
 }
 
 

@@ -28,6 +28,8 @@ NOT_REASONS = {
     "canvas_unreachable",
     "canvas_refused_regenerate",  # Canvas refusing to regenerate a token: nothing changed
     "too_many_requests",  # the token endpoint's 429; audited as token_rate_limited
+    "temporarily_unavailable",  # an issuer's keys unreadable; audited as issuer_unavailable
+    "invalid_grant",  # a refused exchange; audited with the rule that failed
 }
 
 

@@ -295,7 +295,7 @@ async def test_a_call_racing_a_rotation_by_another_replica_is_resent_and_succeed
     # token (the old value is dead), but the new one is not stored yet.
     now = _now()
     async with env.context.sessions.begin() as session:
-        assert await credentials.take_rotation_lease(
+        assert await credentials.ROTATION_LEASE.take(
             session,
             created["id"],
             holder="other-replica",
