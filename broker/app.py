@@ -23,6 +23,7 @@ from starlette.routing import Match
 
 from broker import access_log
 from broker.api import audit, management, oauth
+from broker.api.console import install_console
 from broker.api.deps import Services
 from broker.api.proxy import ProxyApp
 from broker.config import Settings
@@ -33,6 +34,7 @@ from broker.requestid import current_request_id, new_request_id
 from broker.services.admin_auth import AdminAuthenticator
 from broker.services.audit import AuditService
 from broker.services.canvas_capacity import CanvasCapacity
+from broker.services.console import ConsoleService
 from broker.services.exchange import ExchangeService
 from broker.services.management import ManagementService
 from broker.services.manual_tokens import ManualTokenService
@@ -205,6 +207,7 @@ def create_app(
     app.include_router(oauth.metadata_router)
     app.include_router(management.router)
     app.include_router(audit.router)
+    install_console(app)
     _add_ops_routes(app)
     _add_docs_routes(app)
     _add_error_handlers(app)
@@ -251,6 +254,7 @@ def install(app: FastAPI, context: ProcessContext) -> None:
         manual_tokens=manual_tokens,
         exchange=ExchangeService(context.sessions, tokens, context.issuer_keys),
     )
+    app.state.console = ConsoleService(context.sessions, context.keyring, context.settings, audit)
     rate_limits = RateLimitService(context.sessions)
     app.state.rate_limits = rate_limits
     canvas = CanvasCapacity(context.settings, metrics, context.sessions)

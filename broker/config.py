@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///broker.sqlite3"
 MIB = 1024 * 1024
 MAX_PORT = 65535
+DAY = 86_400
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -146,6 +147,15 @@ class Settings(BaseSettings):
         description="Client connections a process holds at once (0: the open-file limit less "
         "what the database, the upstream pool and the process need)",
     )
+    console_idle_timeout: int = Field(
+        default=900,
+        description="Seconds a security-console session may sit unused before it ends (sign "
+        "in again)",
+    )
+    console_session_lifetime: int = Field(
+        default=8 * 3600,
+        description="Seconds a security-console session lasts at most, however busy",
+    )
     workload_fetch_timeout: float = Field(
         default=5.0,
         description="Seconds each request for a workload identity issuer's discovery document "
@@ -209,6 +219,8 @@ class Settings(BaseSettings):
             "BROKER_HEADER_TIMEOUT": 0 < self.header_timeout <= 3600,  # noqa: PLR2004
             "BROKER_KEEPALIVE_TIMEOUT": 0 < self.keepalive_timeout <= 3600,  # noqa: PLR2004
             "BROKER_MAX_CONNECTIONS": 0 <= self.max_connections <= 10**7,
+            "BROKER_CONSOLE_IDLE_TIMEOUT": 0 < self.console_idle_timeout <= DAY,
+            "BROKER_CONSOLE_SESSION_LIFETIME": 0 < self.console_session_lifetime <= 7 * DAY,
             "BROKER_WORKLOAD_FETCH_TIMEOUT": 0 < self.workload_fetch_timeout <= 60,  # noqa: PLR2004
         }
         for name, ok in checks.items():

@@ -231,7 +231,15 @@ def check_wheel_requirements(wheel: Path, lock: Lock, problems: list[str]) -> No
 def check_wheel(wheel: Path, problems: list[str]) -> None:
     """The wheel the image installs carries the package, entry point and every migration."""
     names = set(zipfile.ZipFile(wheel).namelist())
-    required = ("broker/app.py", "broker/migrations/env.py", "broker/migrations/script.py.mako")
+    required = (
+        "broker/app.py",
+        "broker/migrations/env.py",
+        "broker/migrations/script.py.mako",
+        # The security console's pages and assets (broker/api/console.py serves them).
+        "broker/ui/templates/base.html",
+        "broker/ui/static/console.js",
+        "broker/ui/static/console.css",
+    )
     problems.extend(f"{wheel.name} lacks {r}" for r in required if r not in names)
     migrations = {n for n in names if n.startswith("broker/migrations/versions/")}
     versions = (ROOT / "migrations" / "versions").glob("*.py")

@@ -77,6 +77,8 @@ ACTIONS: Final = frozenset(
         "issuer.remove",
         "keys.rotate",
         *(f"audit.{verb}" for verb in ("export", "hash", "prune")),
+        # The security console (services.console)
+        *(f"console.{verb}" for verb in ("sign_in", "sign_out", "verify", "csrf")),
     }
 )
 """Every ``action`` an event may have."""
@@ -174,6 +176,9 @@ ADMIN_REASONS: Final = frozenset(
         "invalid_admin_key",
         "read_only_key",
         "audit_chain_broken",
+        # The security console (services.console)
+        "sign_in_rate_limited",
+        "csrf_token_invalid",
         # OAuth credentials (services.worker_oauth)
         "authorization_refused",
         "credential_unavailable",

@@ -299,6 +299,13 @@ class AuditEventRow(Base):
             sqlite_where=text("client_id IS NOT NULL"),
             postgresql_where=text("client_id IS NOT NULL"),
         ),
+        # The console and review follow one request id to its events (bench/README.md).
+        Index(
+            "ix_audit_events_request_id",
+            "request_id",
+            sqlite_where=text("completes IS NULL"),
+            postgresql_where=text("completes IS NULL"),
+        ),
         # Only completion events have ``completes``: index just those (cheaper appends).
         Index(
             "ix_audit_events_completes",
@@ -371,6 +378,23 @@ class AuditCheckpoint(Base):
     created_at: Mapped[datetime]
     mac_key: Mapped[str] = mapped_column(String(40))
     mac: Mapped[str] = mapped_column(String(64))
+
+
+class ConsoleSession(Base):
+    """A signed-in session of the security console (docs/interfaces.md#security-console).
+
+    Stored as the keyed hash of its id, never the id itself; the admin key it was opened with
+    decides its role on every request, so revoking the key ends the session.
+    """
+
+    __tablename__ = "console_sessions"
+
+    id_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    admin_key_id: Mapped[str] = mapped_column(ForeignKey("admin_keys.id"), index=True)
+    created_at: Mapped[datetime]
+    last_seen_at: Mapped[datetime]
+    expires_at: Mapped[datetime]
+    source_ip: Mapped[str | None] = mapped_column(String(64))
 
 
 class RevocationEpoch(Base):
