@@ -5,7 +5,9 @@ Contract: docs/interfaces.md#security-console.
 One headless chromium (Debian's, driven by Playwright) and one live broker serve the whole
 module; each test opens its own browser context (its own cookies). Every request to anything
 but the loopback is aborted, and a Content-Security-Policy violation fails the test. The
-tests save the screenshots the README shows (docs/images/console-*.png).
+tests take the screenshots the README shows (docs/images/console-*.png): into a temporary
+directory, or into the directory BROKER_TEST_SCREENSHOTS names, which is how they are
+refreshed (``BROKER_TEST_SCREENSHOTS=docs/images ./dev test tests/e2e/test_console_browser.py``).
 Skipped without chromium, unless BROKER_TEST_REQUIRE_BROWSER is set (as CI sets it).
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import tempfile
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -40,7 +43,10 @@ if TYPE_CHECKING:
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 TIMEOUT_MS = 20_000
-IMAGES = Path(__file__).resolve().parents[2] / "docs" / "images"
+IMAGES = Path(
+    os.environ.get("BROKER_TEST_SCREENSHOTS")
+    or Path(tempfile.gettempdir()) / f"broker-console-screenshots-{os.getuid()}"
+)
 COURSE = "/api/v1/courses/1201"
 
 pytestmark = pytest.mark.skipif(
