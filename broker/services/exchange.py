@@ -25,6 +25,7 @@ from broker.core.workload import (
     LEEWAY,
     SubjectTokenError,
     TrustPolicy,
+    VerifiedSubject,
     read_unverified,
     verify_subject_token,
 )
@@ -34,6 +35,8 @@ from broker.storage import clients, trusted_issuers
 from broker.storage.models import utcnow
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
     from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
     from broker.services.issuer_keys import IssuerKeys
@@ -144,13 +147,6 @@ class ExchangeService:
             "policy": verified.policy_index,
             "claims": verified.matched,
         }
-        if verified.jti is not None and not await self._remember(
-            issuer, verified.jti, verified.expires_at
-        ):
-            await self._tokens.refuse(
-                audit, "subject_token_replayed", status=400, client_id=client.id, details=details
-            )
-            raise OAuthError(error, "this subject token (its jti) was already exchanged")
         return await self._tokens.mint(
             client,
             scope=scope,
@@ -158,7 +154,38 @@ class ExchangeService:
             audit=audit,
             not_after=verified.expires_at,
             details=details,
+            before_issue=self._jti_spender(verified, audit, client.id, details, error),
         )
+
+    def _jti_spender(
+        self,
+        verified: VerifiedSubject,
+        audit: dict[str, Any],
+        client_id: str,
+        details: dict[str, Any],
+        error: str,
+    ) -> Callable[[], Awaitable[None]]:
+        """What the mint runs once every other check has passed: spend the token's ``jti``.
+
+        Spent there rather than before the mint, so a request refused for its scope or
+        lifetime leaves the platform token usable; a replayed ``jti`` is refused, audited.
+        """
+
+        async def spend() -> None:
+            jti = verified.jti
+            if jti is not None and not await self._remember(
+                verified.issuer, jti, verified.expires_at
+            ):
+                await self._tokens.refuse(
+                    audit,
+                    "subject_token_replayed",
+                    status=400,
+                    client_id=client_id,
+                    details=details,
+                )
+                raise OAuthError(error, "this subject token (its jti) was already exchanged")
+
+        return spend
 
     async def _remember(self, issuer: str, jti: str, expires_at: int) -> bool:
         """Record a used ``jti`` of ``issuer``; False if it was used before."""

@@ -49,7 +49,7 @@ from broker.storage.models import (
 from broker.storage.queries import TokenRecord, find_token
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Awaitable, Callable, Sequence
 
     from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -313,13 +313,17 @@ class TokenService:
         audit: dict[str, Any],
         not_after: int | None = None,
         details: dict[str, Any] | None = None,
+        before_issue: Callable[[], Awaitable[None]] | None = None,
     ) -> MintedToken:
         """Mint a proxy token for an authenticated client (audited either way).
 
         ``not_after`` (epoch seconds) caps the token's expiry: a token exchanged for a
         platform token lives no longer than that token
         (docs/interfaces.md#workload-identity-token-exchange).
-        ``details`` are recorded in the audit event of the mint.
+        ``details`` are recorded in the audit event of the mint. ``before_issue`` runs once
+        every check has passed, just before the token is stored; it may refuse (audited, by
+        raising ``OAuthError``): the exchange spends the platform token's ``jti`` there, so a
+        request refused for its scope or its client's settings does not use the token up.
         """
         try:
             granted = Grant.compile(client.scopes, client.constraints)
@@ -357,6 +361,8 @@ class TokenService:
         if upstream is None or not upstream.enabled:
             await self.refuse(audit, "upstream_disabled", status=400, client_id=client.id)
             raise OAuthError("unauthorized_client", "the client's upstream (Canvas) is disabled")
+        if before_issue is not None:
+            await before_issue()
         async with self._sessions.begin() as session:
             value = generate_secret(SecretKind.PROXY_TOKEN)
             token = await proxy_tokens.add(

@@ -389,6 +389,20 @@ async def test_replayed_jti_is_refused(env: BrokerEnv, issuer: OIDCIssuer) -> No
     await assert_refused(env, await exchange(env, second, token), "subject_token_replayed")
 
 
+async def test_a_refused_scope_does_not_use_the_platform_token_up(
+    env: BrokerEnv, issuer: OIDCIssuer
+) -> None:
+    client_id = await ready(env, issuer)
+    token = github_token(issuer)
+    wider = await exchange(env, client_id, token, scope="url:GET|/api/v1/users/:id")
+    assert wider.status_code == 400, wider.text
+    assert wider.json()["error"] == "invalid_scope"
+    # The jti is spent only by a token actually minted: the same platform token still works,
+    # once.
+    assert (await exchange(env, client_id, token)).status_code == 200
+    await assert_refused(env, await exchange(env, client_id, token), "subject_token_replayed")
+
+
 async def test_issuer_off_the_allowlist_is_refused(env: BrokerEnv, issuer: OIDCIssuer) -> None:
     client_id = await ready(env, issuer)
     [entry] = (await env.http.get(f"{V1}/trusted-issuers", headers=env.auditor())).json()
