@@ -84,8 +84,9 @@ class _Static(StaticFiles):
 
 def install_console(app: FastAPI) -> None:
     """Add the console's pages, its assets and its redirect to sign-in."""
-    app.include_router(router)
+    # The assets first: the router ends with a page for every other path under the console.
     app.mount(f"{UI}/static", _Static(directory=str(_HERE / "static")), name="console-static")
+    app.include_router(router)
 
     @app.exception_handler(SignInNeededError)
     async def sign_in_needed(request: Request, _exc: SignInNeededError) -> Response:
@@ -600,3 +601,12 @@ async def activity_data(
     names = (await _names(services))["clients"]
     data = await console.activity(chosen, names)
     return _secured(Response(content=json.dumps(data), media_type="application/json"))
+
+
+# Last: any other page under the console --------------------------------------------------
+
+
+@router.get("/{rest:path}")
+async def no_such_page(request: Request, current: Signed, rest: str) -> Response:  # noqa: ARG001
+    """A page of the console's own for a mistyped or stale link, not the API's JSON error."""
+    return _problem(request, current, HTTPStatus.NOT_FOUND, "There is no such page in the console.")

@@ -145,6 +145,20 @@ async def test_every_page_has_the_strict_content_security_policy(
     assert asset.headers["content-security-policy"] == CSP
 
 
+async def test_a_page_that_does_not_exist_is_the_consoles_own_404(
+    env: BrokerEnv, browser: httpx.AsyncClient
+) -> None:
+    await sign_in(browser, env.auditor_key)
+    page = await browser.get(f"{UI}/no/such/page")
+    assert page.status_code == 404
+    assert page.headers["content-type"].startswith("text/html")
+    assert page.headers["content-security-policy"] == CSP
+    assert "no such page" in page.text
+    # The assets are still served, and a missing one is a plain 404.
+    assert (await browser.get(f"{UI}/static/console.css")).status_code == 200
+    assert (await browser.get(f"{UI}/static/nothing.js")).status_code == 404
+
+
 async def test_without_a_session_every_page_sends_the_browser_to_sign_in(
     browser: httpx.AsyncClient,
 ) -> None:
