@@ -17,6 +17,7 @@ from broker.app import create_app
 from broker.config import Settings
 from broker.keyring import parse_keys_setting
 from broker.serving import BackgroundServer
+from tests.conftest import HEALTHY_BOUND
 from tests.support.env import WORKER_TOKEN
 
 if TYPE_CHECKING:
@@ -110,7 +111,12 @@ class LiveBroker:
 def serve_live_broker(database_url: str, sim: SimServer, **overrides: Any) -> Iterator[LiveBroker]:
     """Serve a broker on ``database_url`` with settings overridden, its upstream the simulator."""
     keys = "k1:" + base64.b64encode(secrets.token_bytes(32)).decode()
-    settings = Settings(**{"database_url": database_url, "keys": keys, **overrides})
+    # The healthy bound, as the in-process fixtures have it (tests.conftest.HEALTHY_BOUND): a
+    # loaded CI host can stall a live broker's event loop for seconds; the tests of the bound
+    # pass their own.
+    settings = Settings(
+        **{"database_url": database_url, "keys": keys, "audit_timeout": HEALTHY_BOUND, **overrides}
+    )
     admin_key = bootstrap.create_admin_key(
         settings, parse_keys_setting(keys), name="e2e-admin", role="admin"
     )
