@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from broker.errors import AuditStoreUnavailableError, AuditWriteError, WriteLockBusy
+from broker.services.deadline import settled
 from broker.services.group_commit import AuditHealth, GroupCommit, Retained
 from broker.storage.audit_chain import (
     ChainKey,
@@ -178,13 +179,17 @@ async def bounded_wait(
     if bound is None:
         return await future
     try:
-        async with asyncio.timeout(bound):
-            return await future
-    except TimeoutError:
+        finished = await settled(future, bound)  # the bound as this process could run
+    except asyncio.CancelledError:
+        future.cancel()
+        raise
+    if not finished:
+        future.cancel()
         health.failed("an audit commit ran past BROKER_AUDIT_TIMEOUT")
         raise AuditStoreUnavailableError(
             "the audit event was not committed within BROKER_AUDIT_TIMEOUT"
-        ) from None
+        )
+    return future.result()
 
 
 class ChainCommitter:

@@ -7,7 +7,10 @@ import time
 
 import pytest
 
+from broker.errors import AuditStoreUnavailableError
+from broker.services.audit_writer import bounded_wait
 from broker.services.deadline import within
+from broker.services.group_commit import AuditHealth
 
 
 async def test_the_result_comes_back_within_the_bound() -> None:
@@ -54,3 +57,53 @@ async def test_a_failure_after_the_bound_is_not_left_unretrieved() -> None:
 
     gc.collect()
     assert unhandled == []
+
+
+async def test_a_lookup_answering_just_after_the_process_stalled_is_not_refused() -> None:
+    # The process stalls past the bound (a paused VM, a stopped process; here the loop held
+    # by a blocking sleep) and the work answers 10 ms after it resumes. Before, its timer had
+    # already expired and a healthy lookup was refused 503 token_store_unavailable.
+    async def answers_after_the_stall() -> int:
+        await asyncio.sleep(0)
+        time.sleep(0.5)  # noqa: ASYNC251 - the stall under test
+        await asyncio.sleep(0.01)
+        return 7
+
+    assert await within(answers_after_the_stall(), 0.2) == 7
+
+
+async def test_a_store_silent_after_a_stall_is_refused_within_one_more_bound() -> None:
+    async def stalls_then_hangs() -> None:
+        await asyncio.sleep(0)
+        time.sleep(0.5)  # noqa: ASYNC251 - the stall under test
+        await asyncio.sleep(30)
+
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        await within(stalls_then_hangs(), 0.2)
+    assert 0.65 < time.monotonic() - started < 1.5  # the stall, one more bound, no more
+
+
+async def test_a_pending_event_committed_just_after_a_stall_is_not_refused() -> None:
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[int] = loop.create_future()
+
+    def stall_then_commit() -> None:
+        time.sleep(0.5)  # the process stalls past the bound
+        loop.call_later(0.02, future.set_result, 42)  # then the commit lands at once
+
+    loop.call_soon(stall_then_commit)
+    health = AuditHealth()
+    assert await bounded_wait(future, 0.2, health) == 42
+    assert health.failure is None
+
+
+async def test_a_pending_event_not_committed_within_the_bound_is_refused_and_cancelled() -> None:
+    future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    health = AuditHealth()
+    started = time.monotonic()
+    with pytest.raises(AuditStoreUnavailableError):
+        await bounded_wait(future, 0.1, health)
+    assert time.monotonic() - started < 0.5
+    assert future.cancelled()  # a commit landing later records the call as abandoned
+    assert health.failure is not None
