@@ -494,7 +494,7 @@ class AuditWriter:
                     self._cond.wait()
                 if not self._handed:
                     return
-                batch = self._handed.popleft()
+                batch = self._take_handed()
             with self._busy:
                 self.health.committing_since = time.monotonic()
                 try:
@@ -502,6 +502,19 @@ class AuditWriter:
                 finally:
                     self.health.committing_since = None
             self._resolve(batch, results)
+
+    def _take_handed(self) -> list[_Item]:
+        """Every batch handed so far, as one (at most ``max_batch`` events), in order.
+
+        While a commit runs, the loop goes on and hands a batch each turn, often of one or
+        two events; committed one by one they would each cost a transaction and an fsync
+        (at 32 connections, 2.4 events per commit and 0.9 ms each, the thread became the
+        bottleneck). Held: ``_cond``.
+        """
+        batch = self._handed.popleft()
+        while self._handed and len(batch) + len(self._handed[0]) <= self._max_batch:
+            batch.extend(self._handed.popleft())
+        return batch
 
     def _commit(self, batch: list[_Item], *, wait: bool = True) -> list[int | BaseException]:
         events = [item.event for item in batch if item.event is not None]

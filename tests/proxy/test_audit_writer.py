@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import func, select, update
 
 from broker.services.audit import new_event
-from broker.storage.models import AuditEventRow, RevocationEpoch
+from broker.storage.models import AuditEventRow, AuditHead, RevocationEpoch
 from tests.proxy.support import make_caller
 from tests.support.env import AUDIT_HUB
 
@@ -119,6 +119,28 @@ async def test_the_requests_of_one_loop_turn_share_one_commit(env: BrokerEnv) ->
     seqs = await asyncio.gather(*(writer.write(_event(f"r{n}")) for n in range(5)))
     assert commits == [(threading.current_thread().name if on_sqlite else "audit-writer", 5)]
     assert sorted(seqs) == list(range(seqs[0], seqs[0] + 5))
+
+
+@IN_PROCESS_WRITER
+async def test_batches_handed_while_a_commit_waits_share_the_next_commit(env: BrokerEnv) -> None:
+    # The chain head is locked (SQLite: the write lock too), so the first commit waits in
+    # the writer's thread while the loop hands it one batch per turn. Those batches are
+    # committed together, in order, not in a transaction (and an fsync) each.
+    writer = env.context.audit_writer
+    await writer.write(_event("warm"))
+    commits: list[tuple[str, int]] = []
+    writer.observe = lambda _s, events: commits.append((threading.current_thread().name, events))
+    async with asyncio.timeout(10):
+        async with env.context.sessions.begin() as session:
+            await session.execute(update(AuditHead).values(last_seq=AuditHead.last_seq))
+            writes = []
+            for n in range(6):
+                writes.append(asyncio.create_task(writer.write(_event(f"t{n}"))))
+                await asyncio.sleep(0.02)  # a loop turn (and more) per write
+            assert not any(write.done() for write in writes)
+        seqs = [await write for write in writes]
+    assert commits == [("audit-writer", 1), ("audit-writer", 5)]
+    assert seqs == list(range(seqs[0], seqs[0] + 6))
 
 
 async def test_a_lone_request_never_waits_on_the_loop_for_a_held_write_lock(
