@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from broker.errors import AuditStoreUnavailableError, AuditWriteError, WriteLockBusy
-from broker.services.deadline import settled
+from broker.services.deadline import Deadline
 from broker.services.group_commit import AuditHealth, GroupCommit, Retained
 from broker.storage.audit_chain import (
     ChainKey,
@@ -178,18 +178,19 @@ async def bounded_wait(
     """
     if bound is None:
         return await future
+    # The bound as this process could run (a stall is not the store's fault).
+    deadline = Deadline(asyncio.get_running_loop(), bound, future.cancel)
     try:
-        finished = await settled(future, bound)  # the bound as this process could run
+        return await future
     except asyncio.CancelledError:
-        future.cancel()
-        raise
-    if not finished:
-        future.cancel()
+        if not deadline.fired:
+            raise  # the caller was cancelled
         health.failed("an audit commit ran past BROKER_AUDIT_TIMEOUT")
         raise AuditStoreUnavailableError(
             "the audit event was not committed within BROKER_AUDIT_TIMEOUT"
-        )
-    return future.result()
+        ) from None
+    finally:
+        deadline.cancel()
 
 
 class ChainCommitter:

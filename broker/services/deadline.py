@@ -20,7 +20,7 @@ import asyncio
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 if TYPE_CHECKING:
-    from collections.abc import Coroutine
+    from collections.abc import Callable, Coroutine
 
 T = TypeVar("T")
 
@@ -54,18 +54,60 @@ async def within(work: Coroutine[Any, Any, T], seconds: float | None) -> T:
     return task.result()
 
 
+class Deadline:
+    """Calls ``expire`` once ``seconds`` of time this process could run have passed.
+
+    The timer is due at the bound; if it runs at least ``STALL`` late, the process stalled
+    and the timer is set once more for the time lost (at most one more bound). One timer
+    handle and no task: it sits on the path of every proxied call (``bounded_wait``).
+    """
+
+    __slots__ = ("_deadline", "_expire", "_extended", "_handle", "_loop", "_seconds", "fired")
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, seconds: float, expire: Callable[[], object]
+    ) -> None:
+        self._loop = loop
+        self._seconds = seconds
+        self._expire = expire
+        self._extended = False
+        self.fired = False
+        """Whether ``expire`` was called."""
+        self._deadline = loop.time() + seconds
+        self._handle = loop.call_at(self._deadline, self._due)
+
+    def cancel(self) -> None:
+        """Never call ``expire`` (the wait is over)."""
+        self._handle.cancel()
+
+    def _due(self) -> None:
+        late = self._loop.time() - self._deadline
+        if late >= STALL and not self._extended:
+            self._extended = True
+            self._handle = self._loop.call_later(min(late, self._seconds), self._due)
+            return
+        self.fired = True
+        self._expire()
+
+
 async def settled(future: asyncio.Future[Any], seconds: float) -> bool:
     """Whether ``future`` is done within ``seconds`` of time this process could run.
 
-    It is neither cancelled nor awaited past that (the caller decides); see the module's
-    docstring for the time a stalled process lost.
+    It is neither cancelled nor awaited past that (the caller decides); see ``Deadline``.
     """
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + seconds
-    done, _pending = await asyncio.wait({future}, timeout=seconds)
-    if done:
+    if future.done():
         return True
-    late = loop.time() - deadline
-    if late >= STALL:
-        done, _pending = await asyncio.wait({future}, timeout=min(late, seconds))
-    return bool(done)
+    waiter = asyncio.get_running_loop().create_future()
+
+    def wake(_done: object = None) -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    future.add_done_callback(wake)
+    deadline = Deadline(asyncio.get_running_loop(), seconds, wake)
+    try:
+        await waiter
+    finally:
+        deadline.cancel()
+        future.remove_done_callback(wake)
+    return future.done()
