@@ -25,7 +25,6 @@ Contract: docs/audit.md#the-hmac-chain.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
 import operator
@@ -175,7 +174,7 @@ def event_mac(key: bytes, prev_mac: str, content: bytes) -> str:
 def head_mac(key: bytes, last_seq: int, last_mac: str) -> str:
     """MAC of the head record: the newest event's seq and MAC."""
     message = f"head\x00{last_seq}\x00{last_mac}".encode()
-    return hmac.new(key, message, hashlib.sha256).hexdigest()
+    return hmac.digest(key, message, "sha256").hex()
 
 
 def checkpoint_mac(key: bytes, checkpoint: Checkpoint) -> str:
@@ -185,7 +184,7 @@ def checkpoint_mac(key: bytes, checkpoint: Checkpoint) -> str:
         f"{checkpoint.events_pruned}\x00{checkpoint.incomplete_pruned}\x00"
         f"{_time_text('created_at', checkpoint.created_at)}"
     ).encode()
-    return hmac.new(key, message, hashlib.sha256).hexdigest()
+    return hmac.digest(key, message, "sha256").hex()
 
 
 @dataclass(frozen=True)
