@@ -183,8 +183,9 @@ async def bounded_wait(
     try:
         return await future
     except asyncio.CancelledError:
-        if not deadline.fired:
-            raise  # the caller was cancelled
+        caller = asyncio.current_task()
+        if not deadline.fired or (caller is not None and caller.cancelling()):
+            raise  # the caller was cancelled (perhaps in the same turn the bound passed)
         health.failed("an audit commit ran past BROKER_AUDIT_TIMEOUT")
         raise AuditStoreUnavailableError(
             "the audit event was not committed within BROKER_AUDIT_TIMEOUT"

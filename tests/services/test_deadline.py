@@ -107,3 +107,18 @@ async def test_a_pending_event_not_committed_within_the_bound_is_refused_and_can
     assert time.monotonic() - started < 0.5
     assert future.cancelled()  # a commit landing later records the call as abandoned
     assert health.failure is not None
+
+
+async def test_a_caller_cancelled_as_the_bound_passes_is_cancelled_not_refused() -> None:
+    # The caller is cancelled (a client gone, a shutdown) in the very turn its bound passes,
+    # just after the bound cancelled the future: the cancellation must reach the caller, not
+    # turn into a refusal it would go on to answer.
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[int] = loop.create_future()
+    waiting = asyncio.create_task(bounded_wait(future, 0.05, AuditHealth()))
+    await asyncio.sleep(0)  # the wait has begun: its bound is due in 0.05 s
+    loop.call_later(0.051, waiting.cancel)  # due in the same turn, just after the bound
+    loop.call_later(0.01, time.sleep, 0.08)  # both come due while the loop is held
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert future.cancelled()
