@@ -34,6 +34,8 @@ LOGGER_NAME: Final = "broker.access"
 REDACTED: Final = "[redacted]"
 CLIENT_KEY: Final = "broker.client_id"
 """Scope key under which the proxy leaves the id of the client its token named."""
+ANSWER_KEY: Final = "broker.answer"
+"""Scope key under which the proxy leaves its answer's request id and status (None if none)."""
 
 logger = logging.getLogger(LOGGER_NAME)
 

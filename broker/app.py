@@ -62,6 +62,11 @@ OPS_PATHS = frozenset(
 )
 
 
+def _proxied(path: str) -> bool:
+    """Whether a request for ``path`` goes to the proxy (every path not the broker's own)."""
+    return not path.startswith(BROKER_PREFIX) and path not in OPS_PATHS
+
+
 class BrokerApp:
     """The ASGI application: Canvas paths go straight to the proxy, the rest to FastAPI.
 
@@ -90,6 +95,16 @@ class BrokerApp:
             await self._route(scope, receive, send)
             return
         started = time.perf_counter()
+        if _proxied(scope["path"]):
+            # The proxy leaves its answer's request id and status in the scope: no wrapper
+            # around every message it sends.
+            try:
+                proxy: ProxyApp = self.api.state.proxy
+                await proxy(scope, receive, send)
+            finally:
+                request_id, status = scope.get(access_log.ANSWER_KEY, (None, None))
+                self._log(scope, request_id, status, started)
+            return
         seen: dict[str, Any] = {}
 
         async def observed(message: Message) -> None:
@@ -103,20 +118,24 @@ class BrokerApp:
         try:
             await self._route(scope, receive, observed)
         finally:
-            access_log.write(
-                access_log.line(
-                    scope,
-                    request_id=seen.get("request_id"),
-                    status=seen.get("status"),
-                    duration_ms=(time.perf_counter() - started) * 1000,
-                    sensitive=self.api.state.context.settings.sensitive_query_keys,
-                )
+            self._log(scope, seen.get("request_id"), seen.get("status"), started)
+
+    def _log(
+        self, scope: Scope, request_id: str | None, status: int | None, started: float
+    ) -> None:
+        access_log.write(
+            access_log.line(
+                scope,
+                request_id=request_id,
+                status=status,
+                duration_ms=(time.perf_counter() - started) * 1000,
+                sensitive=self.api.state.context.settings.sensitive_query_keys,
             )
+        )
 
     async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            path: str = scope["path"]
-            if not path.startswith(BROKER_PREFIX) and path not in OPS_PATHS:
+            if _proxied(scope["path"]):
                 proxy: ProxyApp = self.api.state.proxy
                 await proxy(scope, receive, send)
                 return

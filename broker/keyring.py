@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from broker.core.digest import mac
 from broker.errors import ConfigurationError, DecryptionError
 
 if TYPE_CHECKING:
@@ -211,12 +212,12 @@ def _aad(purpose: str, record_id: str) -> bytes:
 
 
 def _audit_hmac(key: bytes, value: str) -> str:
-    digest = hmac.digest(_subkey(key, "audit-hmac"), value.encode(), "sha256").hex()
+    digest = mac(_subkey(key, "audit-hmac")).hexdigest(value.encode())
     return f"hmac-sha256:{digest[:32]}"
 
 
 def _keyed_hash(key: bytes, value: str) -> str:
-    return hmac.digest(_subkey(key, "secret-hash"), value.encode(), "sha256").hex()
+    return mac(_subkey(key, "secret-hash")).hexdigest(value.encode())
 
 
 def _decode_key(setting: str, key_id: str, text: str) -> bytes:

@@ -13,7 +13,7 @@ import json
 import logging
 from typing import TYPE_CHECKING, Final
 
-from broker.access_log import CLIENT_KEY
+from broker.access_log import ANSWER_KEY, CLIENT_KEY
 from broker.core import admission
 from broker.core.admission import ProxyRequest
 from broker.errors import Refusal, UpstreamError
@@ -46,6 +46,7 @@ class ProxyApp:
             # log line (no request data in it) to the audit event.
             logger.exception("the proxy failed on request %s", call.request_id)
             if not call.answered:
+                call.answered, call.status = True, 500
                 await send_error(
                     send, call.request_id, 500, "internal_error", "the broker failed this call"
                 )
@@ -53,6 +54,7 @@ class ProxyApp:
             service.end(call)
             # For the access line BrokerApp writes (broker/access_log.py).
             scope[CLIENT_KEY] = call.event.client_id
+            scope[ANSWER_KEY] = (call.request_id, call.status)
 
     async def _handle(self, call: Call, receive: Receive, send: Send) -> None:
         service = self.service
@@ -113,7 +115,7 @@ async def relay_response(service: ProxyService, call: Call, relay: Relay, send: 
     """Send Canvas's answer on, then record the outcome (whatever happened on the way)."""
     sent: int | None = None
     reason: str | None = None
-    call.answered = True
+    call.answered, call.status = True, relay.status
     try:
         await send(
             {"type": "http.response.start", "status": relay.status, "headers": relay.headers}
@@ -141,7 +143,7 @@ async def relay_response(service: ProxyService, call: Call, relay: Relay, send: 
 
 async def send_refusal(send: Send, call: Call, refused: Refused) -> None:
     """Answer a refusal in Canvas's error shape."""
-    call.answered = True
+    call.answered, call.status = True, refused.status
     await send_error(
         send,
         refused.request_id,

@@ -26,11 +26,12 @@ Contract: docs/audit.md#the-hmac-chain.
 from __future__ import annotations
 
 import hmac
-import json
 import operator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final
+
+from broker.core.digest import json_encoder, mac
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -69,7 +70,7 @@ CHAINED_FIELDS: Final = (
 )
 _FLOAT_FIELDS: Final = ("duration_ms",)
 _TIME_FIELDS: Final = ("time", "completed_at")
-_ENCODE: Final = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode
+_ENCODE: Final = json_encoder(separators=(",", ":"), sort_keys=True)
 
 
 def _time_text(name: str, value: object) -> str:
@@ -168,13 +169,12 @@ def canonical(event: AuditEvent | Mapping[Any, Any]) -> bytes:
 
 def event_mac(key: bytes, prev_mac: str, content: bytes) -> str:
     """HMAC-SHA256 of an event's predecessor MAC and its canonical content, as hex."""
-    return hmac.digest(key, b"event\x00" + prev_mac.encode() + b"\x00" + content, "sha256").hex()
+    return mac(key).hexdigest(b"event\x00" + prev_mac.encode() + b"\x00" + content)
 
 
 def head_mac(key: bytes, last_seq: int, last_mac: str) -> str:
     """MAC of the head record: the newest event's seq and MAC."""
-    message = f"head\x00{last_seq}\x00{last_mac}".encode()
-    return hmac.digest(key, message, "sha256").hex()
+    return mac(key).hexdigest(f"head\x00{last_seq}\x00{last_mac}".encode())
 
 
 def checkpoint_mac(key: bytes, checkpoint: Checkpoint) -> str:

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, NamedTuple
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
@@ -55,6 +55,7 @@ FRESH: Final = 5.0
 
 _MAX_RETRY_AFTER: Final = 60
 _IDLE: Final = 1e-3  # a rate below this (units a second) is no demand worth publishing
+_exp = math.exp
 
 
 @dataclass(slots=True)
@@ -65,10 +66,14 @@ class _Decayed:
     at: float = 0.0
 
     def _aged(self, now: float) -> float:
-        return self.value * math.exp(-max(0.0, now - self.at) / WINDOW)
+        elapsed = now - self.at
+        return self.value * _exp(-elapsed / WINDOW) if elapsed > 0 else self.value
 
     def add(self, now: float, amount: float) -> None:
-        self.value = max(0.0, self._aged(now) + amount)
+        # On every call (twice): the ageing written out rather than called.
+        elapsed = now - self.at
+        value = (self.value * _exp(-elapsed / WINDOW) if elapsed > 0 else self.value) + amount
+        self.value = value if value > 0 else 0.0
         self.at = now
 
     def rate(self, now: float) -> float:
@@ -89,9 +94,12 @@ class _Client:
         return 1.0 if self.mean_cost is None else self.mean_cost
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """Whether a call may go to Canvas now; when not, how long the client should wait."""
+class Decision(NamedTuple):
+    """Whether a call may go to Canvas now; when not, how long the client should wait.
+
+    A named tuple rather than a frozen dataclass: one is made on every proxied call, and a
+    tuple is built in one step where a frozen dataclass sets each field through ``object``.
+    """
 
     allowed: bool
     estimate: float  # the cost counted for the call until Canvas says what it cost
@@ -215,6 +223,8 @@ class Budget:
             or estimate is None
             or estimate >= reserve
         ):
+            return self._allow(now, client, cost)
+        if len(self.clients) == 1 and not self._fresh(now):  # alone here, none known elsewhere
             return self._allow(now, client, cost)
         wants = self._wants(now)
         if len(wants) <= 1:  # alone on the credential, across every process

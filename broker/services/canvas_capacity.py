@@ -56,11 +56,21 @@ PRUNE_AFTER: Final = 4 * FRESH
 """Rows older than this (seconds) belong to processes gone, and any process deletes them."""
 
 
-def _header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+_COST: Final = b"x-request-cost"
+_REMAINING: Final = b"x-rate-limit-remaining"
+
+
+def _cost_and_remaining(headers: Sequence[tuple[bytes, bytes]]) -> tuple[bytes | None, ...]:
+    """``X-Request-Cost`` and ``X-Rate-Limit-Remaining`` (the first of each), in one pass."""
+    cost = remaining = None
     for key, value in headers:
-        if key.lower() == name:
-            return value
-    return None
+        name = key.lower()
+        if name == _COST:
+            if cost is None:
+                cost = value
+        elif name == _REMAINING and remaining is None:
+            remaining = value
+    return cost, remaining
 
 
 class CanvasCapacity:
@@ -118,8 +128,8 @@ class CanvasCapacity:
         budget = self._budget(credential_id)
         cost = remaining = None
         if headers is not None:
-            cost = parse_number(_header(headers, b"x-request-cost"))
-            remaining = parse_number(_header(headers, b"x-rate-limit-remaining"))
+            cost_text, remaining_text = _cost_and_remaining(headers)
+            cost, remaining = parse_number(cost_text), parse_number(remaining_text)
         now = self._clock()
         budget.settle(now, client_id, decision, cost=cost, remaining=remaining)
         if cost is not None and cost > 0:

@@ -121,6 +121,7 @@ class Call:
     begun: Begun | None = None
     capacity: Decision | None = None  # admitted against Canvas's capacity, not yet settled
     answered: bool = False  # the response has started: no other answer can follow
+    status: int | None = None  # the status of the answer's head, once it is being sent
     finished: bool = False  # the outcome is recorded
 
     def elapsed_ms(self) -> float:
@@ -299,7 +300,8 @@ class ProxyService:
         except UpstreamError as exc:
             return self._failed(call, exc, upstream_status=None)
         self._metrics.upstream_latency.observe(time.perf_counter() - sent_at)
-        relayed = relayed_headers(self._rewriter(call), response.headers)
+        rewriter = self._rewriter(call)
+        relayed = relayed_headers(rewriter, response.headers)
         leaked = rules.header_carrying(relayed, authorized.worker_token_bytes)
         if leaked is not None:
             return self._exposed(call, response, leaked)
@@ -312,9 +314,7 @@ class ProxyService:
             # Nothing has been sent yet, so the client can still get a proper answer.
             response.release()
             return self._failed(call, exc, upstream_status=response.status)
-        rewritten = rewrite_json(
-            self._rewriter(call), payload, header(response.headers, b"content-encoding")
-        )
+        rewritten = rewrite_json(rewriter, payload, header(response.headers, b"content-encoding"))
         if rewritten is not None:
             payload = rewritten
             relayed = [(k, v) for k, v in relayed if k != b"content-length"]

@@ -10,7 +10,6 @@ order in which events were chained.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, fields, replace
 from datetime import datetime
 from itertools import compress, repeat
@@ -33,6 +32,7 @@ from broker.core.audit_chain import (
     event_mac,
     head_mac,
 )
+from broker.core.digest import json_encoder
 from broker.errors import UnsealedLogError
 from broker.storage.models import AuditCheckpoint, AuditEventRow, AuditHead, utcnow
 
@@ -47,6 +47,7 @@ CHECKPOINTS: Final = cast("Table", AuditCheckpoint.__table__)
 HEAD_ID: Final = 1
 PENDING: Final = "pending"
 _READ_CHUNK: Final = 2000
+_DETAILS_TEXT: Final = json_encoder(separators=(", ", ": "), sort_keys=False)  # json.dumps's text
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,7 @@ class ChainStatements:
         converters: dict[str, Callable[[Any], Any]] = {
             "time": time,
             "completed_at": time,
-            "details": json.dumps,
+            "details": _DETAILS_TEXT,
         }
         # (position in CHAINED_FIELDS, converter) for the columns whose canonical value is not
         # what the column stores.
