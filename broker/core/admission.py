@@ -59,7 +59,8 @@ __all__ = [
 _PRINTABLE: Final = re.compile(rb"[\x20-\x5b\x5d-\x7e]*")
 _QUERY: Final = re.compile(rb"[\x21-\x7e]*")
 _HEADER_NAME: Final = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_HEADER_VALUE_BAD: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_HEADER_NAMES: Final = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+(?:\n[!#$%&'*+.^_`|~0-9A-Za-z-]+)*")
+_HEADER_VALUE_BAD: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # tab is allowed
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,9 +107,18 @@ def admit_target(request: ProxyRequest) -> str:
         raise Refusal(
             400, "malformed_request", "the query string must be percent-encoded printable ASCII"
         )
-    for name, value in request.headers:
-        if not _HEADER_NAME.fullmatch(name) or _HEADER_VALUE_BAD.search(value):
-            raise Refusal(400, "malformed_request", f"header {name[:100]!r} is not valid HTTP")
+    headers = request.headers
+    # Every name and value in one pass each (they are checked on every call): joined by a byte
+    # no name may hold (a name holding it shows in the count) and by one every value may.
+    names = b"\n".join([name for name, _ in headers])
+    if (
+        names.count(b"\n") != len(headers) - 1
+        or (headers and not _HEADER_NAMES.fullmatch(names))
+        or _HEADER_VALUE_BAD.search(b"\t".join([value for _, value in headers]))
+    ):
+        for name, value in headers:
+            if not _HEADER_NAME.fullmatch(name) or _HEADER_VALUE_BAD.search(value):
+                raise Refusal(400, "malformed_request", f"header {name[:100]!r} is not valid HTTP")
     return path
 
 

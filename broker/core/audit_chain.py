@@ -69,7 +69,6 @@ CHAINED_FIELDS: Final = (
     "completed_at",
 )
 _FLOAT_FIELDS: Final = ("duration_ms",)
-_TIME_FIELDS: Final = ("time", "completed_at")
 _ENCODE: Final = json_encoder(separators=(",", ":"), sort_keys=True)
 
 
@@ -82,7 +81,8 @@ def _time_text(name: str, value: object) -> str:
     return value.isoformat(timespec="microseconds")
 
 
-_TIME_POSITIONS: Final = tuple(CHAINED_FIELDS.index(name) for name in _TIME_FIELDS)
+_AT: Final = CHAINED_FIELDS.index("time")
+_COMPLETED_AT: Final = CHAINED_FIELDS.index("completed_at")
 _FLOAT_POSITIONS: Final = tuple(CHAINED_FIELDS.index(name) for name in _FLOAT_FIELDS)
 
 
@@ -147,9 +147,14 @@ def canonical_values(event: AuditEvent | Mapping[Any, Any]) -> list[Any]:
         values = event.values()
     else:
         values = [event.get(name) for name in CHAINED_FIELDS]
-    for position in _TIME_POSITIONS:
-        if values[position] is not None:
-            values[position] = _time_text(CHAINED_FIELDS[position], values[position])
+    at, completed = values[_AT], values[_COMPLETED_AT]
+    if at is not None:
+        values[_AT] = _time_text("time", at)
+    if completed is not None:
+        # A complete event's completed_at is usually its time: the same text, made once.
+        values[_COMPLETED_AT] = (
+            values[_AT] if completed is at else _time_text("completed_at", completed)
+        )
     for position in _FLOAT_POSITIONS:
         number = values[position]
         if number is not None:

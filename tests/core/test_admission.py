@@ -50,6 +50,38 @@ def test_admit_target_refuses_what_no_server_would_pass_on(
     assert refused(caught) == expected
 
 
+GOOD = [(b"host", b"canvas.test"), (b"user-agent", b"job/1\tx"), (b"accept", b"*/*")]
+
+
+@pytest.mark.parametrize(
+    ("headers", "bad"),
+    [
+        pytest.param([], None, id="none"),
+        pytest.param(GOOD, None, id="good"),
+        pytest.param([*GOOD, (b"x\nb", b"1")], b"x\nb", id="newline-in-a-name"),
+        pytest.param([(b"a\nb", b"1")], b"a\nb", id="lone-name-looking-like-two"),
+        pytest.param([*GOOD, (b"", b"1")], b"", id="empty-name"),
+        pytest.param([(b"a:b", b"1"), *GOOD], b"a:b", id="colon-in-a-name"),
+        pytest.param([*GOOD[:1], (b"x-job", b"a\x00"), *GOOD[1:]], b"x-job", id="nul-in-a-value"),
+        pytest.param([(b"x-job", b"a\nb"), *GOOD], b"x-job", id="newline-in-a-value"),
+        pytest.param([(b"x-job", b"\x7f")], b"x-job", id="del-in-a-value"),
+        pytest.param([(b"x-a", b"ok"), (b"x b", b"ok"), (b"x-c", b"\r")], b"x b", id="first-bad"),
+    ],
+)
+def test_admit_target_checks_every_header_name_and_value(
+    headers: list[tuple[bytes, bytes]], bad: bytes | None
+) -> None:
+    # Names and values are checked joined (broker/core/admission.py): joining must neither
+    # hide a bad one nor refuse good ones, and the refusal names the first bad header.
+    if bad is None:
+        assert admission.admit_target(request(headers)) == ASSIGNMENTS.decode()
+        return
+    with pytest.raises(Refusal) as caught:
+        admission.admit_target(request(headers))
+    assert refused(caught) == (400, "malformed_request")
+    assert repr(bad) in caught.value.message
+
+
 def test_bearer_token_reads_the_one_authorization_header() -> None:
     assert admission.bearer_token(request([(b"authorization", b"Bearer  cbt_x ")])) == "cbt_x"
     assert admission.bearer_token(request([(b"authorization", b"bearer cbt_x")])) == "cbt_x"
