@@ -752,8 +752,20 @@ def bench_targets(
 # Main -----------------------------------------------------------------------------------------
 
 
+def unused_stem(directory: Path, stem: str) -> str:
+    """``stem``, or ``stem-2``, ``stem-3``, ... : the first with neither a .json nor a .md file.
+
+    A second run on the same day keeps the first run's results rather than replacing them.
+    """
+    candidate, number = stem, 1
+    while (directory / f"{candidate}.json").exists() or (directory / f"{candidate}.md").exists():
+        number += 1
+        candidate = f"{stem}-{number}"
+    return candidate
+
+
 def save(run: Run, results: dict[str, Any], table: str) -> None:
-    """``<results-dir>/<date>-<db>[-w<N>[-<M>]].json`` and ``.md``."""
+    """``<results-dir>/<date>-<db>[-w<N>[-<M>]][-<n>].json`` and ``.md``."""
     directory = run.options.results_dir
     if directory is None:
         return
@@ -761,6 +773,7 @@ def save(run: Run, results: dict[str, Any], table: str) -> None:
     stem = f"{datetime.now(UTC):%Y-%m-%d}-{run.database_label}"
     if run.options.workers != (1,):
         stem += "-w" + "-".join(str(count) for count in run.options.workers)
+    stem = unused_stem(directory, stem)
     (directory / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
     (directory / f"{stem}.md").write_text(table)
     say(f"results written to {directory / stem}.json and .md")

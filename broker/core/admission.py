@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, NamedTuple
 
 from broker.core import rules
 from broker.core.net import address_allowed
@@ -63,8 +63,7 @@ _HEADER_NAMES: Final = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+(?:\n[!#$%&'*+.^
 _HEADER_VALUE_BAD: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # tab is allowed
 
 
-@dataclass(frozen=True, slots=True)
-class ProxyRequest:
+class ProxyRequest(NamedTuple):
     """One request exactly as the client sent it: method, target and head.
 
     ``raw_path`` and ``query`` are the request target's bytes split at the first ``?``;

@@ -18,12 +18,14 @@ from __future__ import annotations
 import hashlib
 import json
 from functools import lru_cache
-from json.encoder import c_make_encoder, encode_basestring_ascii
+from json.encoder import encode_basestring_ascii
 from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+# The C encoder json itself builds for every one-shot encode (absent without the _json module).
+_C_ENCODER: Final = getattr(json.encoder, "c_make_encoder", None)
 _BLOCK: Final = 64  # SHA-256's block size in bytes
 _INNER_PAD: Final = bytes(byte ^ 0x36 for byte in range(256))
 _OUTER_PAD: Final = bytes(byte ^ 0x5C for byte in range(256))
@@ -59,10 +61,10 @@ def mac(key: bytes) -> Mac:
 def json_encoder(*, separators: tuple[str, str], sort_keys: bool) -> Callable[[object], str]:
     """``json.JSONEncoder(separators=..., sort_keys=..., ensure_ascii=True).encode``, prebuilt."""
     standard = json.JSONEncoder(separators=separators, sort_keys=sort_keys, ensure_ascii=True)
-    if c_make_encoder is None:  # pragma: no cover - CPython always has the C encoder
+    if _C_ENCODER is None:  # pragma: no cover - CPython always has the C encoder
         return standard.encode
     item_separator, key_separator = separators
-    chunks = c_make_encoder(
+    chunks = _C_ENCODER(
         None,  # no table of containers being encoded: shared by every thread
         standard.default,
         encode_basestring_ascii,

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 from broker.core.audit_chain import (
     GENESIS,
@@ -82,8 +82,7 @@ async def add_events(session: AsyncSession, keyring: Keyring, *events: AuditEven
     await session.run_sync(lambda sync: chain.append(sync.connection(), key, list(events)))
 
 
-@dataclass(frozen=True, slots=True)
-class Begun:
+class Begun(NamedTuple):
     """A committed pending event: its seq and what it recorded."""
 
     seq: int

@@ -31,7 +31,7 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, TypeVar
+from typing import TYPE_CHECKING, Final, NamedTuple, TypeVar
 
 from broker.core import admission, capacity, rules
 from broker.core.audit_chain import AuditEvent
@@ -92,8 +92,7 @@ class Refused:
     headers: tuple[tuple[bytes, bytes], ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
-class Relay:
+class Relay(NamedTuple):
     """Canvas's answer as it goes to the client.
 
     ``body`` is the whole body when the broker read it (a JSON list whose pagination URLs it

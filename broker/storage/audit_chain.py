@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from datetime import datetime
 from itertools import compress, repeat
 from operator import is_not
-from typing import TYPE_CHECKING, Any, ClassVar, Final, cast
+from typing import TYPE_CHECKING, Any, ClassVar, Final, NamedTuple, cast
 
 from sqlalchemy import delete, exists, func, insert, select, update
 
@@ -173,8 +173,7 @@ def _lock_head(dbapi: Any, sql: ChainStatements) -> Head:  # noqa: ANN401 - a DB
     return Head(last_seq=int(row[0]), last_mac=str(row[1]), mac_key=None, mac=None)
 
 
-@dataclass(frozen=True, slots=True)
-class Prepared:
+class Prepared(NamedTuple):
     """An event ready to chain: its canonical content and the values it sets, as stored.
 
     ``shape`` holds the positions in ``CHAINED_FIELDS`` of the fields that are not NULL and
