@@ -441,9 +441,10 @@ class ManualTokenService:
 
         async def read() -> tuple[str | None, bool]:
             async with self._sessions() as session:
-                sealed = await credentials.sealed_token(session, credential_id)
+                # The lease before the token (renewal.newer_token says why).
                 lease = credentials.ROTATION_LEASE
                 leased = await lease.live(session, credential_id, self._clock())
+                sealed = await credentials.sealed_token(session, credential_id)
             return (None if sealed is None else self._open(sealed, credential_id)), leased
 
         return await renewal.newer_token(read, rejected)

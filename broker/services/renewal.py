@@ -77,6 +77,12 @@ async def newer_token(
     ``read`` answers the stored token and whether a renewal lease is live. Canvas kills the
     old token the moment it answers a renewal, a moment before the renewer has stored the new
     one: while a lease is live, this waits for it, at most ``RENEWAL_WAIT`` seconds.
+
+    ``read`` must read the lease first, then the token. The renewer stores the token and
+    releases the lease in one transaction, but on PostgreSQL (read committed) each statement
+    sees the latest commit: read token first, a renewal committing between the two reads
+    gives the old token with no lease, and the call is refused although the new token is
+    stored. Read lease first, a lease seen released means the new token is there to read.
     """
     deadline = time.monotonic() + RENEWAL_WAIT
     while True:

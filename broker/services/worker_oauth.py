@@ -463,9 +463,10 @@ class WorkerOAuthService:
 
         async def read() -> tuple[str | None, bool]:
             async with self._sessions() as session:
-                sealed = await credentials.sealed_token(session, credential_id)
+                # The lease before the token (renewal.newer_token says why).
                 lease = oauth_grants.REFRESH_LEASE
                 leased = await lease.live(session, credential_id, self._clock())
+                sealed = await credentials.sealed_token(session, credential_id)
             token = (
                 None if sealed is None else self._open(sealed, WORKER_TOKEN_PURPOSE, credential_id)
             )

@@ -11,7 +11,7 @@ import asyncio
 import itertools
 import json
 import time
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -23,6 +23,9 @@ from broker.keyring import Keyring
 from broker.services.keys import reencrypt_credentials
 from broker.services.revocation import CacheEpoch
 from broker.services.worker_oauth import WorkerOAuthService
+from broker.storage import credentials, oauth_grants
+from broker.storage.leases import Lease
+from broker.storage.models import utcnow
 from tests.support.canvas_oauth_stub import StubServer, StubState
 from tests.support.env import bearer
 
@@ -217,6 +220,58 @@ async def test_one_refresh_per_expiry_across_processes(
     times = sorted(datetime.fromisoformat(e["time"]) for e in events)
     gaps = [(later - earlier).total_seconds() for earlier, later in itertools.pairwise(times)]
     assert min(gaps) > 0.5, gaps  # each expiry renewed once, by one of the four processes
+
+
+async def test_a_refresh_committed_between_the_two_reads_of_a_refused_call_is_used(
+    env: BrokerEnv, stub: StubServer, oauth: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Canvas refused the cached token; the broker reads the refresh lease, then the stored
+    # token (renewal.newer_token). A refresh elsewhere commits its token and releases its
+    # lease between those two reads: the new token must be found, not the call refused. On
+    # PostgreSQL each statement sees the latest commit, so the order of the reads decides.
+    assert (await authorize(env, stub)).status_code == 200
+    credential_id = oauth["credential"]["id"]
+    old = await refresher(env).renewed_token(credential_id, "not-the-stored-token")
+    assert old is not None
+    elsewhere = refresher(env)
+    now = utcnow()
+    async with env.context.sessions.begin() as session:
+        assert await oauth_grants.REFRESH_LEASE.take(
+            session,
+            credential_id,
+            holder=elsewhere._holder,
+            now=now,
+            until=now + timedelta(seconds=30),
+            due_by=None,
+        )
+    reads: list[str] = []
+    real_live, real_token = Lease.live, credentials.sealed_token
+
+    async def committed_after_the_first_read() -> None:
+        if len(reads) == 1:
+            # Canvas answers elsewhere's refresh; it stores the token and releases the lease.
+            await elsewhere._refresh_leased(credential_id, now)
+
+    async def live(self: Lease, *args: Any) -> bool:
+        answer = await real_live(self, *args)
+        reads.append("lease")
+        await committed_after_the_first_read()
+        return answer
+
+    async def sealed_token(*args: Any) -> Any:
+        answer = await real_token(*args)
+        reads.append("token")
+        await committed_after_the_first_read()
+        return answer
+
+    monkeypatch.setattr(Lease, "live", live)
+    monkeypatch.setattr(credentials, "sealed_token", sealed_token)
+    fresh = await refresher(env).renewed_token(credential_id, old)
+    assert reads[:2] == ["lease", "token"]
+    assert stub.state.refreshes == 1
+    assert fresh is not None
+    assert fresh != old
+    assert stub.state.live == {fresh}  # the token Canvas holds live now
 
 
 async def test_a_token_renewed_by_another_replica_is_used_at_once(
