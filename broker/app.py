@@ -99,8 +99,7 @@ class BrokerApp:
             # The proxy leaves its answer's request id and status in the scope: no wrapper
             # around every message it sends.
             try:
-                proxy: ProxyApp = self.api.state.proxy
-                await proxy(scope, receive, send)
+                await self._proxy(scope, receive, send)
             finally:
                 request_id, status = scope.get(access_log.ANSWER_KEY, (None, None))
                 self._log(scope, request_id, status, started)
@@ -120,6 +119,10 @@ class BrokerApp:
         finally:
             self._log(scope, seen.get("request_id"), seen.get("status"), started)
 
+    async def _proxy(self, scope: Scope, receive: Receive, send: Send) -> None:
+        proxy: ProxyApp = self.api.state.proxy
+        await proxy(scope, receive, send)
+
     def _log(
         self, scope: Scope, request_id: str | None, status: int | None, started: float
     ) -> None:
@@ -136,8 +139,7 @@ class BrokerApp:
     async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             if _proxied(scope["path"]):
-                proxy: ProxyApp = self.api.state.proxy
-                await proxy(scope, receive, send)
+                await self._proxy(scope, receive, send)
                 return
             request_id = new_request_id()
 

@@ -60,7 +60,9 @@ _COST: Final = b"x-request-cost"
 _REMAINING: Final = b"x-rate-limit-remaining"
 
 
-def _cost_and_remaining(headers: Sequence[tuple[bytes, bytes]]) -> tuple[bytes | None, ...]:
+def _cost_and_remaining(
+    headers: Sequence[tuple[bytes, bytes]],
+) -> tuple[bytes | None, bytes | None]:
     """``X-Request-Cost`` and ``X-Rate-Limit-Remaining`` (the first of each), in one pass."""
     cost = remaining = None
     for key, value in headers:
