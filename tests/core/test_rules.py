@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from typing import TYPE_CHECKING
+from urllib.parse import unquote_to_bytes
 
 import pytest
 from hypothesis import given, settings
@@ -25,6 +26,7 @@ from broker.core.rules import (
     check_query_pairs,
     forward_request_headers,
     forward_response_headers,
+    header_carrying,
     redact_pairs,
     redact_query,
 )
@@ -1142,3 +1144,49 @@ def test_the_redaction_shortcut_redacts_as_reading_every_pair(parts: list[str]) 
     assert redact_query(query, lambda v: f"<{v}>", keys) == redact_pairs(
         query, lambda v: f"<{v}>", keys
     )
+
+
+SECRET = b"worker-token-0001"
+
+
+@pytest.mark.parametrize(
+    ("headers", "named"),
+    [
+        ([(b"content-type", b"application/json")], None),
+        ([(b"location", b"https://x.invalid/?access_token=worker-token-0001")], b"location"),
+        ([(b"link", b"<https://x.invalid/?t=worker%2Dtoken%2D0001>")], b"link"),
+        ([(b"link", b"<https://x.invalid/?t=worker%2Dtoken>"), (b"x-a", SECRET)], b"x-a"),
+        ([(b"x-a", b"100%"), (b"x-b", b"worker-token-000")], None),
+    ],
+)
+def test_the_header_carrying_the_worker_token_is_named(
+    headers: list[tuple[bytes, bytes]], named: bytes | None
+) -> None:
+    assert header_carrying(headers, SECRET) == named
+
+
+@settings(max_examples=500)
+@given(
+    st.lists(
+        st.tuples(
+            st.binary(max_size=2),
+            st.lists(st.sampled_from([b"tok%", b"tok", b"%", b"%25", b"%74", b"ok", b"x"])).map(
+                b"".join
+            ),
+        ),
+        max_size=4,
+    )
+)
+def test_header_carrying_finds_what_a_membership_test_finds(
+    headers: list[tuple[bytes, bytes]],
+) -> None:
+    secret = b"tok%"
+    expected = next(
+        (
+            name
+            for name, value in headers
+            if secret in value or (b"%" in value and secret in unquote_to_bytes(value))
+        ),
+        None,
+    )
+    assert header_carrying(headers, secret) == expected
