@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import math
+import time
+from bisect import bisect_left
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from broker import serving
 from broker.serving import ConnectionStats
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Callable, Iterable
     from datetime import datetime
 
     from prometheus_client import Metric
@@ -34,7 +38,7 @@ class Metrics:
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
 
     def __post_init__(self) -> None:
-        self.requests = Counter(
+        self.requests = LoopCounter(
             "broker_proxy_requests",
             "Proxied requests by client id ('-' when no token named one) and outcome "
             "(allow, a refusal reason, or an upstream failure)",
@@ -43,14 +47,14 @@ class Metrics:
         )
         self.registry.register(_Refusals(self.requests))
         self.registry.register(_Connections())
-        self._counted: dict[tuple[str, str], Counter] = {}
-        self.upstream_latency = Histogram(
+        self._counted: dict[tuple[str, str], _Value] = {}
+        self.upstream_latency = LoopHistogram(
             "broker_upstream_latency_seconds",
             "Time from forwarding to the upstream's response head",
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
-        self.audit_latency = Histogram(
+        self.audit_latency = LoopHistogram(
             "broker_audit_write_seconds",
             "Time to durably commit an audit event",
             buckets=_AUDIT_BUCKETS,
@@ -93,14 +97,14 @@ class Metrics:
             "(each one a 503 credential_unavailable)",
             registry=self.registry,
         )
-        self.canvas_remaining = Gauge(
+        self.canvas_remaining = LoopGauge(
             "broker_canvas_capacity_remaining",
             "Canvas's remaining rate-limit capacity per worker credential, as last reported "
             "(X-Rate-Limit-Remaining) and aged by the outflow",
             ["credential"],
             registry=self.registry,
         )
-        self.canvas_cost = Counter(
+        self.canvas_cost = LoopCounter(
             "broker_canvas_request_cost",
             "Canvas rate-limit cost (X-Request-Cost) of the client's proxied calls",
             ["client"],
@@ -224,7 +228,7 @@ class _Refusals(Collector):
     once and the two can never disagree.
     """
 
-    def __init__(self, requests: Counter) -> None:
+    def __init__(self, requests: LoopCounter) -> None:
         self._requests = requests
 
     def describe(self) -> Iterable[Metric]:
@@ -327,3 +331,149 @@ class _Connections(Collector):
                 value=stats.head_timeouts,
             ),
         ]
+
+
+# prometheus_client's own text for a bucket bound ("0.005", "1.0", "+Inf"); untyped there.
+_go_float: Callable[[float], str] = floatToGoString
+
+# --- Metrics of every proxied call -------------------------------------------------------
+#
+# prometheus_client takes a lock per update, and its histogram finds the bucket in a Python
+# loop: about 42,000 instructions per proxied call for five updates (bench/README.md,
+# "Cheaper per-call work"). The metrics updated on every call are plain numbers instead,
+# updated on the event loop's thread only (every proxied call and every scrape run there, so
+# nothing races), and turned into the same families, samples and ``_created`` series as
+# prometheus_client's at scrape time. The other metrics change rarely and stay as they are.
+
+
+class _Value:
+    """One series' number and when it was created."""
+
+    __slots__ = ("created", "value")
+
+    def __init__(self) -> None:
+        self.value = 0.0
+        self.created = time.time()
+
+    def inc(self, amount: float = 1.0) -> None:
+        """Add ``amount`` (a counter: never negative)."""
+        if amount < 0:
+            raise ValueError("counters can only be incremented by non-negative amounts")
+        self.value += amount
+
+    def set(self, value: float) -> None:
+        """Set the value (a gauge)."""
+        self.value = float(value)
+
+
+class _Labelled(Collector):
+    """A counter or gauge with labels, exposed as prometheus_client's ``Counter``/``Gauge``."""
+
+    def __init__(
+        self,
+        kind: type[CounterMetricFamily | GaugeMetricFamily],
+        name: str,
+        documentation: str,
+        labelnames: tuple[str, ...],
+        registry: CollectorRegistry,
+    ) -> None:
+        self._kind = kind
+        self._name = name
+        self._documentation = documentation
+        self._labelnames = labelnames
+        self._series: dict[tuple[str, ...], _Value] = {}
+        registry.register(self)
+
+    def labels(self, **values: str) -> _Value:
+        """The series of these label values (created at zero on first use)."""
+        if values.keys() != set(self._labelnames):
+            raise ValueError(f"{self._name} takes the labels {', '.join(self._labelnames)}")
+        key = tuple(str(values[name]) for name in self._labelnames)
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = _Value()
+        return series
+
+    def describe(self) -> Iterable[Metric]:
+        """The family this collector yields (no samples)."""
+        return [self._family()]
+
+    def collect(self) -> Iterable[Metric]:
+        """Every series now."""
+        family = self._family()
+        for key, series in list(self._series.items()):
+            if isinstance(family, CounterMetricFamily):
+                family.add_metric(key, series.value, created=series.created)
+            else:
+                family.add_metric(key, series.value)
+        return [family]
+
+    def _family(self) -> CounterMetricFamily | GaugeMetricFamily:
+        return self._kind(self._name, self._documentation, labels=self._labelnames)
+
+
+class LoopCounter(_Labelled):
+    """A labelled counter updated on the event loop (``labels(...).inc(amount)``)."""
+
+    def __init__(
+        self, name: str, documentation: str, labelnames: list[str], registry: CollectorRegistry
+    ) -> None:
+        super().__init__(CounterMetricFamily, name, documentation, tuple(labelnames), registry)
+
+
+class LoopGauge(_Labelled):
+    """A labelled gauge updated on the event loop (``labels(...).set(value)``)."""
+
+    def __init__(
+        self, name: str, documentation: str, labelnames: list[str], registry: CollectorRegistry
+    ) -> None:
+        super().__init__(GaugeMetricFamily, name, documentation, tuple(labelnames), registry)
+
+
+class LoopHistogram(Collector):
+    """A histogram without labels updated on the event loop (``observe(amount)``).
+
+    An observation lands in the first bucket whose bound is at least the amount, as in
+    prometheus_client, found by ``bisect`` in C.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        buckets: tuple[float, ...],
+        registry: CollectorRegistry,
+    ) -> None:
+        bounds = [float(bound) for bound in buckets]
+        if bounds != sorted(bounds) or len(set(bounds)) != len(bounds):
+            raise ValueError("histogram buckets must be distinct and in increasing order")
+        if not bounds or bounds[-1] != math.inf:
+            bounds.append(math.inf)
+        self._name = name
+        self._documentation = documentation
+        self._bounds = bounds
+        self._counts = [0] * len(bounds)
+        self._sum = 0.0
+        self._created = time.time()
+        registry.register(self)
+
+    def observe(self, amount: float) -> None:
+        """Count one observation."""
+        self._counts[bisect_left(self._bounds, amount)] += 1
+        self._sum += amount
+
+    def describe(self) -> Iterable[Metric]:
+        """The family this collector yields (no samples)."""
+        return [HistogramMetricFamily(self._name, self._documentation)]
+
+    def collect(self) -> Iterable[Metric]:
+        """Cumulative buckets, count, sum and creation time now."""
+        family = HistogramMetricFamily(self._name, self._documentation)
+        cumulative = 0
+        buckets: list[tuple[str, float]] = []
+        for bound, count in zip(self._bounds, self._counts, strict=True):
+            cumulative += count
+            buckets.append((_go_float(bound), float(cumulative)))
+        family.add_metric([], buckets, self._sum)
+        family.add_sample(f"{self._name}_created", {}, self._created)
+        return [family]
