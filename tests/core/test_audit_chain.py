@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from hypothesis import given
@@ -17,6 +17,7 @@ from broker.core.audit_chain import (
     Head,
     Link,
     canonical,
+    canonical_values,
     checkpoint_mac,
     checkpoint_sound,
     event_mac,
@@ -203,6 +204,35 @@ def test_without_its_checkpoint_a_pruned_log_is_missing_its_start() -> None:
 def test_canonical_content_needs_aware_times() -> None:
     with pytest.raises(TypeError):
         canonical({**event(1), "time": datetime(2026, 1, 1)})  # noqa: DTZ001
+
+
+@given(
+    st.lists(
+        st.datetimes(
+            min_value=datetime(1, 1, 1, 12),  # noqa: DTZ001 - hypothesis adds the zone
+            max_value=datetime(9999, 12, 30),  # noqa: DTZ001
+            timezones=st.sampled_from([UTC, timezone(timedelta(hours=-5)), UTC]),
+        ),
+        min_size=1,
+        max_size=5,
+    )
+)
+def test_time_text_is_utc_iso_text_with_microseconds(times: list[datetime]) -> None:
+    # Several in a row: the text up to the seconds is remembered from the time before.
+    for at in times:
+        expected = at.astimezone(UTC).isoformat(timespec="microseconds")
+        assert canonical_values({**event(1), "time": at})[0] == expected
+
+
+def test_time_text_follows_each_part_of_the_time_that_changes() -> None:
+    at = datetime(2026, 11, 8, 3, 30, 15, 250, tzinfo=UTC)
+    # Each time after ``at`` differs from it in one part only, and is followed by ``at`` again.
+    walk = [at, at.replace(microsecond=0)]
+    for part in ("microsecond", "second", "minute", "hour", "day", "month", "year"):
+        walk += [at.replace(**{part: getattr(at, part) + 1}), at]
+    for moment in walk:
+        expected = moment.isoformat(timespec="microseconds")
+        assert canonical_values({**event(1), "time": moment})[0] == expected
 
 
 def test_canonical_content_treats_integral_and_float_durations_alike() -> None:
