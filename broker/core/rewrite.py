@@ -309,7 +309,8 @@ def rewritable_json(headers: list[tuple[bytes, bytes]]) -> bool:
     """
     content_type = header(headers, b"content-type") or b""
     encoding = header(headers, b"content-encoding")
-    if b"json" not in content_type.lower() or (encoding is not None and not _gzip(encoding)):
+    # ``find``, not ``in``, on every relayed answer (see rules.header_carrying).
+    if content_type.lower().find(b"json") < 0 or (encoding is not None and not _gzip(encoding)):
         return False
     length = header(headers, b"content-length")
     return length is not None and length.isdigit() and int(length) <= REWRITE_LIMIT
@@ -326,9 +327,9 @@ def rewrite_json(rewriter: Rewriter, payload: bytes, encoding: bytes | None) -> 
     actually changes is compressed again; every other body keeps its exact bytes.
     """
     if encoding is None:
-        return rewriter.json_body(payload) if b'"pagination"' in payload else None
+        return rewriter.json_body(payload) if payload.find(b'"pagination"') >= 0 else None
     plain = _gunzip(payload, REWRITE_LIMIT)
-    if plain is None or b'"pagination"' not in plain:
+    if plain is None or plain.find(b'"pagination"') < 0:
         return None
     rewritten = rewriter.json_body(plain)
     return None if rewritten is None else gzip.compress(rewritten, compresslevel=6, mtime=0)
