@@ -210,9 +210,10 @@ def stored(sql: ChainStatements, content: bytes, values: list[Any]) -> Prepared:
     for index, convert in sql.converted:
         if values[index] is not None:
             values[index] = convert(values[index])
-    # In C, not a Python loop over thirty values: the positions of the values that are set.
-    shape = tuple(compress(_POSITIONS, map(is_not, values, repeat(None))))
-    return Prepared(content, tuple(compress(values, map(is_not, values, repeat(None)))), shape)
+    # In C, not a Python loop over thirty values: which values are set, found once, gives
+    # their positions (the shape) and the values.
+    present = list(map(is_not, values, repeat(None)))
+    return Prepared(content, tuple(compress(values, present)), tuple(compress(_POSITIONS, present)))
 
 
 def append_raw(
