@@ -165,7 +165,7 @@ class _Wiring:
     """What ``BrokerApp`` reads on every request, set by ``install``.
 
     Plain attributes: starlette's ``State`` answers every read through ``__getattr__``, after
-    a failed ordinary lookup (three per proxied call; bench/README.md, "Cheaper per-call work").
+    a failed ordinary lookup (three per proxied call; bench/README.md, "Costs CPython hides").
     """
 
     proxy: ProxyApp | None = None

@@ -340,7 +340,7 @@ _go_float: Callable[[float], str] = floatToGoString
 #
 # prometheus_client takes a lock per update, and its histogram finds the bucket in a Python
 # loop: about 42,000 instructions per proxied call for five updates (bench/README.md,
-# "Cheaper per-call work"). The metrics updated on every call are plain numbers instead,
+# "Costs CPython hides"). The metrics updated on every call are plain numbers instead,
 # updated on the event loop's thread only (every proxied call and every scrape run there, so
 # nothing races), and turned into the same families, samples and ``_created`` series as
 # prometheus_client's at scrape time. The other metrics change rarely and stay as they are.

@@ -76,8 +76,8 @@ class _Seconds:
     """The ISO text of a UTC time up to its seconds, for the last second asked (one entry).
 
     ``isoformat`` costs about 1.2 µs, twice per proxied call; the events of one second share
-    this part, and only the microseconds are formatted for each (bench/README.md, "Cheaper
-    per-call work").
+    this part, and only the microseconds are formatted for each (bench/README.md, "Costs
+    CPython hides").
     """
 
     def __init__(self) -> None:

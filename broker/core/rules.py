@@ -597,7 +597,7 @@ def header_carrying(headers: Sequence[tuple[bytes, bytes]], secret: bytes) -> by
     Searched with ``find``, not ``in``: on CPython 3.11, ``bytes in bytes`` first tries the
     needle as an integer and builds and discards a ``TypeError`` (``_Py_bytes_contains`` in
     Objects/bytes_methods.c). This runs twice per response header of every relayed call
-    (bench/README.md, "Cheaper per-call work").
+    (bench/README.md, "Costs CPython hides").
     """
     for name, value in headers:
         if value.find(secret) >= 0 or (
