@@ -37,6 +37,7 @@ ROSTER_COST = 30.0
 DRAINED_WITHIN = 30.0  # seconds: the greedy job takes the bucket from 600 to the reserve (200)
 SETTLE = 1.0  # seconds after the greedy job is first held back, before measuring
 MEASURED = 8.0
+SHARING_ROUND = 1.0  # seconds: twice the interval at which processes share their demand
 COURSES = {"greedy": "/api/v1/courses/1201", "steady-1": "/api/v1/courses/1202"}
 COURSES["steady-2"] = "/api/v1/courses/1203"
 ROSTER = "/api/v1/courses/1201/users"
@@ -128,6 +129,19 @@ def _assert_a_lone_job_spends_the_whole_bucket(replicas: list[str], token: str) 
     assert lone.statuses().count(200) >= (600 - 50) // ROSTER_COST - 1
 
 
+def _await_asking(url: str, admin: dict[str, str], name: str) -> None:
+    """Until the process answering at ``url`` counts client ``name`` as asking (at most 10 s),
+    then one more sharing round, so every process of that replica has merged the demand."""
+    for _ in range(100):
+        got = httpx.get(f"{url}{V1}/clients/{name}", headers=admin, timeout=10)
+        assert got.status_code == 200, got.text
+        if got.json()["canvas_share"]["asking"]:
+            time.sleep(SHARING_ROUND)
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"replica {url} never saw {name} asking")
+
+
 def _three_jobs(
     replica_a: str, replica_b: str, tokens: dict[str, str], admin: dict[str, str]
 ) -> tuple[dict[str, Job], dict[str, Any], tuple[float, float]]:
@@ -136,14 +150,7 @@ def _three_jobs(
     window measured: from a moment after the greedy job was first held back (or the bound)."""
     jobs = {name: Job() for name in COURSES}
     stop, started = threading.Event(), time.monotonic()
-    threads = [
-        threading.Thread(
-            target=_run,
-            args=(replica_a, COURSES["greedy"], tokens["greedy"], jobs["greedy"], stop),
-            kwargs={"started": started, "rate": 0.0},
-        )
-        for _ in range(2)
-    ] + [
+    steady = [
         threading.Thread(
             target=_run,
             args=(replica_b, COURSES[name], tokens[name], jobs[name], stop),
@@ -151,9 +158,25 @@ def _three_jobs(
         )
         for name in ("steady-1", "steady-2")
     ]
-    for thread in threads:
+    greedy = [
+        threading.Thread(
+            target=_run,
+            args=(replica_a, COURSES["greedy"], tokens["greedy"], jobs["greedy"], stop),
+            kwargs={"started": started, "rate": 0.0},
+        )
+        for _ in range(2)
+    ]
+    threads = steady + greedy
+    for thread in steady:
         thread.start()
     try:
+        # The greedy job arrives while the steady ones run, once replica A knows they ask.
+        # Demand is shared twice a second (docs/proxy-rules.md#canvas-capacity): a greedy
+        # job started in the same moment drains the bucket from the reserve to Canvas's own
+        # refusals in about 0.2 s, before its processes can know it is not alone.
+        _await_asking(replica_a, admin, "steady-1")
+        for thread in greedy:
+            thread.start()
         held_at = None
         while held_at is None and time.monotonic() - started < DRAINED_WITHIN:
             stop.wait(0.1)
